@@ -1,0 +1,1 @@
+"""Acquisition: plans, engine, writers, QC, journal."""

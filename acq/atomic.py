@@ -1,0 +1,56 @@
+"""Atomic, never-overwriting file writes (temporary name, fsync, rename)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+class FileExists(FileExistsError):
+    pass
+
+
+def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Write ``data`` (bytes, or a callable that writes to the temp path) to
+    ``path`` atomically. Refuses to replace an existing file unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExists(f"{path} exists; refusing to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = Path(tmp)
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)          # fails if path appeared meanwhile: never clobbers
+            tmp.unlink()
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Device abstraction layer: interfaces, real drivers, simulators (devices.sim)."""

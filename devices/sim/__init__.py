@@ -1,0 +1,1 @@
+"""The simulated GCIB-SEM: physics, specimen, wafer, stage, instrument emulators."""
