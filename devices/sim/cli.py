@@ -1,12 +1,9 @@
 """`python main.py sim frame`: one simulated frame at a chosen aberration."""
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-import numpy as np
 import typer
 
 from devices.setup_config import ConfigError, load_setup
@@ -20,10 +17,10 @@ def frame(
     out: Path = typer.Option(..., "--out", help="output TIFF (must not exist)"),
     specimen: Optional[List[Path]] = typer.Option(None, "--specimen", help="grayscale texture(s); repeat for slices"),
     defocus_um: float = typer.Option(0.0, "--defocus-um", help="wd − wd_focus"),
-    stig: Optional[List[float]] = typer.Option(None, "--stig", help="SX SY relative to the stig baseline"),
+    stig: Tuple[float, float] = typer.Option((0.0, 0.0), "--stig", help="SX SY relative to the stig baseline"),
     dwell_ns: float = typer.Option(100.0, "--dwell-ns", min=10, max=100000),
     pixel_nm: float = typer.Option(4.0, "--pixel-nm", min=0.1, max=100000),
-    size: Optional[List[int]] = typer.Option(None, "--size", help="W H"),
+    size: Tuple[int, int] = typer.Option((1024, 768), "--size", help="W H"),
     seed: int = typer.Option(0, "--seed", help="same seed = same field of view and noise"),
     texture_pixel_nm: Optional[float] = typer.Option(None, "--texture-pixel-nm", help="texture pixel size; default 1:1"),
     config: Path = typer.Option(DEFAULT_CONFIG, "--config"),
@@ -32,11 +29,7 @@ def frame(
     parameters in the metadata (ImageDescription, JSON)."""
     from devices.sim.render_cli import render_frame_to_tiff   # torch-free, but heavy: import late
 
-    stig = list(stig or [0.0, 0.0])
-    size = list(size or [1024, 768])
-    if len(stig) != 2:
-        raise typer.BadParameter("give two values: --stig SX SY", param_hint="--stig")
-    if len(size) != 2 or not all(16 <= v <= 8192 for v in size):
+    if not all(16 <= v <= 8192 for v in size):
         raise typer.BadParameter("give two values in 16..8192: --size W H", param_hint="--size")
     if out.exists():
         typer.echo(f"error: {out} exists; refusing to overwrite", err=True)

@@ -41,8 +41,8 @@ def render_frame(world: SimWorld, *, defocus_m: float, stig: tuple[float, float]
     t0 = time.perf_counter()
     img = render(world, center, pixel_m, (size[1], size[0]), rotation_rad, ab, current, dwell_s, rng)
     md = {
-        "simulated": True, "seed": seed, "defocus_um": defocus_m * 1e6, "stig": list(stig),
-        "dwell_ns": dwell_s * 1e9, "pixel_size_nm": pixel_m * 1e9, "frame_size": list(size),
+        "simulated": True, "seed": seed, "defocus_um": round(defocus_m * 1e6, 6), "stig": list(stig),
+        "dwell_ns": round(dwell_s * 1e9, 6), "pixel_size_nm": round(pixel_m * 1e9, 6), "frame_size": list(size),
         "probe_current_a": current, "center_m": list(center), "render_s": time.perf_counter() - t0,
         "scan_time_s": optics.scan_time(size[0], size[1], dwell_s, world.mp.flyback_s),
         "electrons_per_nm2": electron_dose_per_nm2(current, dwell_s, pixel_m),

@@ -9,6 +9,7 @@ import numpy as np
 
 from devices import errors
 from devices.interfaces import Capability, Stage, StagePosition
+from devices.sim.faults import EXCEPTIONS
 from devices.sim.world import SimWorld
 
 MAX_FOCUS_SHIFT_M = 25e-6
@@ -24,6 +25,7 @@ class SimStage(Stage):
         self.approach_from_below = approach_from_below
         self._rng = np.random.default_rng(world.params.seed + 202)
         self._last_dir = np.ones(2)     # direction of the last approach per xy axis
+        self._commanded = np.array([world.stage_actual.x, world.stage_actual.y])
         self._connected = False
         self.moves = 0
         travel = world.safety.stage
@@ -50,7 +52,9 @@ class SimStage(Stage):
             v = getattr(target, axis)
             if not lo <= v <= hi:
                 raise errors.LimitViolation(f"stage.{axis}", v, f"[{lo}, {hi}]", device=self.name)
-        fault = self.world.faults.check(self.name, "move_to")
+        fault = self.world.faults.draw(self.name, "move_to")
+        if fault not in (None, "move_failure"):        # a stage that stops short is verified below
+            raise EXCEPTIONS[fault](f"injected fault ({fault})", device=self.name, operation="move_to")
         start = self.world.stage_actual
         if self.approach_from_below:
             # overshoot below the target on axes moving down, then come up: no backlash
@@ -66,23 +70,25 @@ class SimStage(Stage):
 
     def _travel(self, start: StagePosition, target: StagePosition, stop_short: bool = False) -> StagePosition:
         w = self.world
-        d = np.array([target.x - start.x, target.y - start.y])
+        cmd = np.array([target.x, target.y])
+        d = cmd - self._commanded
+        moving = np.abs(d) > 0
         dist = float(np.hypot(*d))
         dt = max(abs(d).max(initial=0.0), abs(target.z - start.z)) / (self.p.speed_mm_s * 1e-3) + self.p.settle_s
         # backlash: an axis that arrives moving down lags behind by the backlash
-        direction = np.where(d < 0, -1.0, np.where(d > 0, 1.0, self._last_dir))
-        self._last_dir = direction
-        lag = np.where(direction < 0, self.p.backlash_um * 1e-6, 0.0)
-        err = self._rng.normal(0.0, self.p.repeatability_um * 1e-6, size=2) if dist > 0 else np.zeros(2)
-        x, y = target.x + lag[0] + err[0], target.y + lag[1] + err[1]
+        self._last_dir = np.where(moving, np.sign(d), self._last_dir)
+        lag = np.where(self._last_dir < 0, self.p.backlash_um * 1e-6, 0.0)
+        err = self._rng.normal(0.0, self.p.repeatability_um * 1e-6, size=2)
+        new = np.where(moving, cmd + lag + err, [start.x, start.y])
         if stop_short:
-            x, y = (start.x + x) / 2, (start.y + y) / 2
+            new = (np.array([start.x, start.y]) + new) / 2
+        self._commanded = cmd
         with w.lock:
             if dist > 0:
                 shift = self._rng.normal(0.0, self.p.z_shift_um_per_cm * 1e-6 * math.sqrt(dist / 1e-2))
                 w.stage_focus_shift_m = float(np.clip(w.stage_focus_shift_m + shift,
                                                       -MAX_FOCUS_SHIFT_M, MAX_FOCUS_SHIFT_M))
-            w.stage_actual = target.with_(x=x, y=y)
+            w.stage_actual = target.with_(x=float(new[0]), y=float(new[1]))
         w.clock.sleep(dt)
         self.moves += 1
         return w.stage_actual
