@@ -37,7 +37,9 @@ def render_frame(world: SimWorld, *, defocus_m: float, stig: tuple[float, float]
     current = world.sem.probe_current_a if current_a is None else current_a
     ab = optics.Aberration(defocus_m, stig[0], stig[1])
     center = location_for_seed(seed)
-    rng = np.random.default_rng([seed, 11])
+    # independent shot noise per aberration (a real ±Δz pair is two scans), still reproducible
+    key = [int(round(v * 1e3)) & 0xFFFFFFFF for v in (defocus_m * 1e6, stig[0], stig[1], dwell_s * 1e9)]
+    rng = np.random.default_rng([seed, 11, *key])
     t0 = time.perf_counter()
     img = render(world, center, pixel_m, (size[1], size[0]), rotation_rad, ab, current, dwell_s, rng)
     md = {

@@ -1,0 +1,1 @@
+"""Autofocus and stigmation: methods that estimate WD and stigmator corrections from images."""
