@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 import typer
 
 from .sections import SectionFormatError, atomic_write_text, centers_array, load_sections
-from .tour import SOLVERS, fast_tsp_available, order_sections
+from .tour import SOLVERS, default_solver, fast_tsp_available, order_sections
 
 app = typer.Typer(help="Wafer planning: order sections to minimise stage travel.", no_args_is_help=True)
 
@@ -36,7 +36,7 @@ def order_cmd(
     start_um: Optional[Tuple[float, float]] = typer.Option(
         None, "--start-um", help="Current stage position X Y in µm [default: 0 0]."),
     solver: Optional[List[str]] = typer.Option(
-        None, "--solver", help=f"Solver to run; repeat for several. One of {', '.join(SOLVERS)} [default: fast]."),
+        None, "--solver", help=f"Solver to run; repeat for several. One of {', '.join(SOLVERS)} [default: fast_tsp if installed, else fast]."),
     seed: int = typer.Option(0, help="Random seed (fast, sa)."),
     time_limit_s: Optional[float] = typer.Option(None, "--time-limit-s", help="Per-solver time cap in seconds."),
     force: bool = typer.Option(False, "--force", help="Overwrite JSON_OUT if it exists."),
@@ -44,7 +44,7 @@ def order_cmd(
     """Order the sections as an open path from the stage position and compare solvers.
 
     The output's "default" is the solver with the shortest path (first listed on ties)."""
-    solvers = list(dict.fromkeys(solver or ["fast"]))  # de-duplicate, keep order
+    solvers = list(dict.fromkeys(solver or [default_solver()]))  # de-duplicate, keep order
     bad = [s for s in solvers if s not in SOLVERS]
     if bad:
         raise typer.BadParameter(f"unknown solver(s) {bad}; choose from {', '.join(SOLVERS)}", param_hint="--solver")
