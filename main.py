@@ -25,6 +25,8 @@ def _mount() -> None:
     from devices.sim.cli import app as sim_app
     app.add_typer(devices_app, name="devices")
     app.add_typer(sim_app, name="sim")
+    from acq.cli import run as acq_run
+    app.command("run", help="Run an acquisition plan (or --resume one).")(acq_run)
     try:
         from wafer.cli import app as wafer_app
         app.add_typer(wafer_app, name="wafer")

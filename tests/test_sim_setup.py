@@ -2,6 +2,7 @@
 real transport, and the simulated loops closed (dose chain, ion milling)."""
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,13 @@ def test_multimeter_reads_the_specimen_current_through_the_preamp(sim_config):
         s.sem.set_blanked(True)
         assert abs(s.multimeter.read_voltage()) < 1e-3
         s.sem.set_blanked(False)
-        v = s.multimeter.read_voltage()
-        current = s.current_preamp.voltage_to_current(v)
+        # the SR570 takes its new gain asynchronously (listen-only serial): poll briefly
+        deadline = time.monotonic() + 3.0
+        while True:
+            current = s.current_preamp.voltage_to_current(s.multimeter.read_voltage())
+            if current == pytest.approx(s.world.specimen_current_a(), rel=1e-3) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert current == pytest.approx(s.world.specimen_current_a(), rel=1e-3)
         assert 0.5e-9 < current < 1e-9
 

@@ -58,8 +58,9 @@ class SimStage(Stage):
         start = self.world.stage_actual
         if self.approach_from_below:
             # overshoot below the target on axes moving down, then come up: no backlash
+            # (compared with the commanded position: that is what sets the motor's direction)
             below = {a: getattr(target, a) - self.p.backlash_um * 2e-6
-                     for a in ("x", "y") if getattr(target, a) < getattr(start, a)}
+                     for i, a in enumerate(("x", "y")) if getattr(target, a) < self._commanded[i]}
             if below:
                 self._travel(start, target.with_(**below))
                 start = self.world.stage_actual
@@ -82,7 +83,7 @@ class SimStage(Stage):
         new = np.where(moving, cmd + lag + err, [start.x, start.y])
         if stop_short:
             new = (np.array([start.x, start.y]) + new) / 2
-        self._commanded = cmd
+        self._commanded = new if stop_short else cmd      # a stage that stopped short is where it stopped
         with w.lock:
             if dist > 0:
                 shift = self._rng.normal(0.0, self.p.z_shift_um_per_cm * 1e-6 * math.sqrt(dist / 1e-2))

@@ -1,0 +1,182 @@
+"""Autofocus as a plan step: a registry of methods and the classical sweep.
+
+A method is ``fn(setup, request) -> AutofocusResult``: it may acquire frames
+and change wd/stig while it works, and returns the wd/stig it proposes. The
+engine applies the proposal through the safety guard (step clamped to
+``safety.max_autofocus_step_*``, windows enforced), so no method can take
+the microscope out of its windows. DeepFocus plugs in with
+``register_autofocus("deepfocus", fn)``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from devices.interfaces import Capability
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AutofocusRequest:
+    center_um: tuple[float, float]
+    pixel_size_m: float
+    frame_size: tuple[int, int]
+    dwell_s: float
+    sweep_range_m: float = 30e-6
+    sweep_steps: int = 7
+    cycle: int = 0
+    section: int = 0
+    grid: Optional[int] = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class AutofocusResult:
+    wd_m: float
+    stig: tuple[float, float]
+    ok: bool = True
+    message: str = ""
+    score: Optional[float] = None
+    frames: int = 0
+
+
+AutofocusMethod = Callable[[object, AutofocusRequest], AutofocusResult]
+AUTOFOCUS_METHODS: dict[str, AutofocusMethod] = {}
+# modules that register further methods when imported (optional: absent is fine)
+PLUGIN_MODULES = ("autofocus.engine_adapter",)      # DeepFocus, MAPFoSt, Nelder-Mead variants
+
+
+def register_autofocus(name: str, fn: Optional[AutofocusMethod] = None):
+    """Register ``fn`` under ``name`` (usable as a decorator)."""
+    def add(f):
+        AUTOFOCUS_METHODS[name] = f
+        return f
+    return add(fn) if fn is not None else add
+
+
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the plug-in modules once (they may be heavy: models)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in PLUGIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+        except Exception as e:       # a broken plug-in must not stop plans that do not use it
+            log.warning("autofocus plug-in %s failed to load: %s", mod, e)
+
+
+# ------------------------------------------------------------------ methods
+@register_autofocus("none")
+def _none(setup, req: AutofocusRequest) -> AutofocusResult:
+    return AutofocusResult(setup.sem.working_distance(), tuple(setup.sem.stig()), message="no autofocus")
+
+
+@register_autofocus("sem_builtin")
+def _builtin(setup, req: AutofocusRequest) -> AutofocusResult:
+    sem = setup.sem
+    if not Capability.AUTOFOCUS & getattr(sem, "capabilities", Capability.NONE):
+        return AutofocusResult(sem.working_distance(), tuple(sem.stig()), ok=False,
+                               message="this SEM has no built-in autofocus (Capability.AUTOFOCUS)")
+    sem.run_autofocus()
+    return AutofocusResult(sem.working_distance(), tuple(sem.stig()), message="SEM built-in autofocus")
+
+
+def sharpness(image: np.ndarray) -> float:
+    """Normalised gradient energy: large for a sharp image, independent of brightness."""
+    f = image.astype(np.float32)
+    gx = np.diff(f, axis=1)
+    gy = np.diff(f, axis=0)
+    m = float(f.mean()) or 1.0
+    return float((np.mean(gx * gx) + np.mean(gy * gy)) / (m * m))
+
+
+def peak_of(offsets: np.ndarray, scores: np.ndarray) -> float:
+    """Offset of the sharpness maximum: a parabola through log(score) around
+    the best sample (a Gaussian peak is a parabola in log); the best sample
+    itself when the fit has no maximum inside the sampled range."""
+    k = int(np.argmax(scores))
+    lo, hi = max(0, k - 2), min(len(scores), k + 3)
+    x, y = offsets[lo:hi], np.log(np.maximum(scores[lo:hi], 1e-12))
+    if len(x) >= 3:
+        a, b, _ = np.polyfit(x, y, 2)
+        if a < 0:
+            top = -b / (2 * a)
+            if offsets[lo] <= top <= offsets[hi - 1]:
+                return float(top)
+    return float(offsets[k])
+
+
+@register_autofocus("sweep")
+def sweep(setup, req: AutofocusRequest) -> AutofocusResult:
+    """Acquire at a few wd offsets, fit a parabola, repeat on a narrower range.
+
+    Three passes (range, range/3, range/9) reach a ~µm focus from tens of µm
+    off with a few small frames. Every wd set goes through the guarded SEM,
+    so a sweep that would leave the wd window raises LimitViolation."""
+    sem = setup.sem
+    wd0 = sem.working_distance()
+    stig = tuple(sem.stig())
+    sem.set_pixel_size(req.pixel_size_m)
+    sem.set_frame_size(*req.frame_size)
+    sem.set_dwell_time(req.dwell_s)
+    sem.set_blanked(False)
+    centre, half, frames, best = wd0, req.sweep_range_m, 0, 0.0
+    try:
+        for steps in (req.sweep_steps, 5, 5):
+            offsets = np.linspace(-half, half, steps)
+            scores = []
+            for off in offsets:
+                sem.set_working_distance(centre + float(off))
+                scores.append(sharpness(sem.acquire_frame().image))
+                frames += 1
+            scores = np.asarray(scores)
+            centre += peak_of(offsets, scores)
+            best = float(scores.max())
+            half /= 3.0
+    except BaseException:
+        sem.set_working_distance(wd0)       # a failed sweep leaves the focus where it was
+        raise
+    sem.set_working_distance(wd0)           # the engine applies the result (clamped)
+    return AutofocusResult(centre, stig, score=best, frames=frames,
+                           message=f"sweep: wd {wd0 * 1e3:.4f} -> {centre * 1e3:.4f} mm")
+
+
+def request_for(ev) -> AutofocusRequest:
+    st = ev.step
+    return AutofocusRequest(center_um=ev.center_um, pixel_size_m=st.pixel_size_nm * 1e-9,
+                            frame_size=tuple(st.frame_size), dwell_s=st.dwell_ns * 1e-9,
+                            sweep_range_m=st.sweep_range_um * 1e-6, sweep_steps=st.sweep_steps,
+                            cycle=ev.cycle, section=ev.section, grid=ev.grid, options=dict(st.options))
+
+
+def run_autofocus(setup, ev) -> tuple[AutofocusResult, float, tuple[float, float]]:
+    """Run the event's method and apply its proposal, clamped to the maximum
+    autofocus step. Returns (result, wd set, stig set)."""
+    if ev.step.method not in AUTOFOCUS_METHODS:
+        load_plugins()
+    method = AUTOFOCUS_METHODS[ev.step.method]
+    sem = setup.sem
+    wd_before, stig_before = sem.working_distance(), tuple(sem.stig())
+    res = method(setup, request_for(ev))
+    if not res.ok:
+        return res, wd_before, stig_before
+    d_wd, d_stig = setup.guard.clamp_autofocus_step(
+        res.wd_m - wd_before, (res.stig[0] - stig_before[0], res.stig[1] - stig_before[1]))
+    wd = wd_before + d_wd
+    stig = (stig_before[0] + d_stig[0], stig_before[1] + d_stig[1])
+    sem.set_working_distance(wd)            # guarded: LimitViolation outside the window
+    if stig != stig_before:
+        sem.set_stig(*stig)
+    return res, wd, stig

@@ -1,0 +1,77 @@
+"""Per-operation retries and reconnection, shared by the steps.
+
+A retried operation must be safe to repeat (a frame grab, a verified stage
+move, a setpoint). Limit violations and interlocks are never retried: they
+are decisions, not glitches.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, TypeVar
+
+from devices.errors import CommunicationError, DeviceError, DeviceTimeout, InterlockError, LimitViolation
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ROLES = ("sem", "stage", "ion_gun", "waveform_generator", "multimeter", "current_preamp")   # driver names = roles
+
+
+class StepFailed(DeviceError):
+    """An operation failed on every try."""
+
+    def __init__(self, what: str, cause: Exception, tries: int):
+        self.cause = cause
+        self.tries = tries
+        super().__init__(f"{what} failed after {tries} tr{'y' if tries == 1 else 'ies'}: {cause}",
+                         device=getattr(cause, "device", ""), operation=what)
+
+
+def reconnect(setup, role: Optional[str]) -> bool:
+    """Close and reopen the device playing ``role`` (a sticky disconnect only
+    clears this way). Returns whether it is connected again."""
+    dev = getattr(setup, role, None) if role else None
+    if dev is None:
+        return False
+    try:
+        dev.close()
+    except Exception as e:                  # the old session may be dead already
+        log.info("closing %s before reconnect: %s", role, e)
+    try:
+        dev.connect()
+        return True
+    except DeviceError as e:
+        log.warning("reconnecting %s failed: %s", role, e)
+        return False
+
+
+def role_of(err: Exception, default: Optional[str] = None) -> Optional[str]:
+    dev = getattr(err, "device", "")
+    return dev if dev in ROLES else default
+
+
+def with_retries(ctx, what: str, tries: int, fn: Callable[[], T], *, role: Optional[str] = None,
+                 reconnect_on_error: bool = True, on_retry: Optional[Callable[[], None]] = None) -> T:
+    """Call ``fn`` up to ``tries`` times. Between tries: a warning Incident,
+    a reconnect of the failing device after a communication error, and a
+    back-off on the setup clock."""
+    last: Optional[Exception] = None
+    for attempt in range(1, tries + 1):
+        try:
+            return fn()
+        except (LimitViolation, InterlockError):
+            raise
+        except DeviceError as e:
+            last = e
+            if attempt == tries:
+                break
+            ctx.incident("warning", "retry", f"{what}: try {attempt}/{tries} failed ({e}); retrying",
+                         {"operation": what, "error": type(e).__name__, "attempt": attempt})
+            r = role_of(e, role)
+            if reconnect_on_error and isinstance(e, CommunicationError) and not isinstance(e, DeviceTimeout):
+                if reconnect(ctx.setup, r):
+                    ctx.devices_reconnected(r)
+            ctx.clock.sleep(ctx.plan.retries.backoff_s)
+            if on_retry is not None:
+                on_retry()
+    raise StepFailed(what, last, tries)

@@ -1,0 +1,129 @@
+"""Data writers: OME-TIFF tiles, ASAP MIPmaps, Render tile specs, TrakEM2
+import lists, per-section OME-Zarr, optional Render push, and the manifest.
+
+Contract with the engine (acq/stream.py dispatches, one thread per writer,
+documents in order): ``writer.handle(doc) -> list[WrittenFile]`` returns only
+when what it wrote is durable (fsynced, renamed into place, listed in
+OUTDIR/manifest.jsonl); documents a writer does not need give ``[]``.
+``flush()`` and ``close()`` end a run. A WrittenFile is os.PathLike and
+str() gives its path, so it can be journalled like a path.
+
+Per TileEvent: OME-TIFF -> [tile], MIPmaps -> [3 levels], tile specs and
+TrakEM2 -> [] (they write on SectionDone), OME-Zarr -> [] (it pastes into
+memory and writes the plane on SectionDone; after a crash it re-pastes from
+the OME-TIFFs, so a tile is safe once the OME-TIFF writer has returned).
+
+A re-acquired tile must carry a new ``version`` (next_version() tells which
+on a resumed run): names derive from (section, cycle, tile_id, version) and an
+existing file is never replaced. Replaying the very same document is harmless
+(the same bytes are found and accepted); different bytes under an existing
+name raise FileExists.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from acq.writers.layout import next_version, read_tile_header, tile_relpath
+from acq.writers.manifest import Manifest, WrittenFile, read_manifest, verify_manifest
+
+__all__ = ["WrittenFile", "WriterOptions", "RenderPushOptions", "make_writers", "verify_manifest",
+           "read_manifest", "next_version", "read_tile_header", "tile_relpath", "options_from_plan"]
+
+
+class RenderPushOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str
+    port: int = Field(..., ge=1, le=65535)
+    owner: str
+    project: str
+    stack: str = Field(..., description="base name; one stack per section: {stack}_s{section:04d}")
+    client_scripts: Optional[str] = None
+    retries: int = Field(4, ge=1, le=20)
+    backoff_s: float = Field(0.5, ge=0)
+
+
+class WriterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ome_tiff: bool = True
+    mipmaps: bool = True
+    mipmap_levels: int = Field(3, ge=1, le=10)
+    render_tilespecs: bool = True
+    trakem2: bool = True
+    ome_zarr: bool = True
+    zarr_levels: int = Field(3, ge=1, le=8)
+    zarr_chunk: int = Field(1024, ge=64, le=8192, description="chunk edge (px), multiple of 2**(zarr_levels-1)")
+    zarr_slice_um: float = Field(0.05, gt=0, description="z scale of the OME-Zarr: material removed per cycle")
+    zarr_cache_mb: int = Field(512, ge=0, description="chunks held in memory until their plane is done")
+    image_url_root: Optional[str] = Field(
+        None, description="URL prefix replacing OUTDIR in tile-spec imageUrls (Render server's mount)")
+    render_push: Optional[RenderPushOptions] = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        derived = [n for n in ("mipmaps", "render_tilespecs", "trakem2") if getattr(self, n)]
+        if self.render_push is not None:
+            derived.append("render_push")
+        if derived and not self.ome_tiff:
+            raise ValueError(f"{', '.join(derived)} point at the OME-TIFF tiles: ome_tiff must be on")
+        if self.zarr_chunk % (2 ** (self.zarr_levels - 1)):
+            raise ValueError("zarr_chunk must be a multiple of 2**(zarr_levels-1)")
+        return self
+
+
+_PLAN_NAMES = {"ome_tiff", "mipmaps", "render_tilespecs", "trakem2", "ome_zarr"}
+
+
+def options_from_plan(writers: list[str], options: dict[str, dict] | None = None) -> WriterOptions:
+    """Plan style (a list of writer names + per-writer option dicts) to
+    WriterOptions, e.g. (["ome_tiff", "ome_zarr"], {"ome_zarr": {"zarr_levels": 4}})."""
+    options = options or {}
+    unknown = set(writers) - _PLAN_NAMES - {"render_push"}
+    if unknown:
+        raise ValueError(f"unknown writers {sorted(unknown)}; known: {sorted(_PLAN_NAMES | {'render_push'})}")
+    kw: dict = {n: n in writers for n in _PLAN_NAMES}
+    for name, opts in options.items():
+        if name == "render_push":
+            continue
+        kw.update(opts)
+    if "render_push" in writers:
+        kw["render_push"] = options.get("render_push") or {}
+    return WriterOptions(**kw)
+
+
+def make_writers(out_dir: Path, options: WriterOptions | None = None) -> list:
+    """The writers for ``options``, all sharing one manifest in ``out_dir``.
+    Order matters only for readability: each runs in its own thread."""
+    from acq.writers.mipmaps import MipmapWriter
+    from acq.writers.ome_tiff import OmeTiffWriter
+    from acq.writers.ome_zarr import OmeZarrWriter
+    from acq.writers.tilespecs import TileSpecWriter
+    from acq.writers.trakem2 import TrakEM2Writer
+
+    options = options or WriterOptions()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out_dir)
+    writers: list = []
+    if options.ome_tiff:
+        writers.append(OmeTiffWriter(out_dir, manifest))
+    if options.mipmaps:
+        writers.append(MipmapWriter(out_dir, manifest, options.mipmap_levels))
+    levels = options.mipmap_levels if options.mipmaps else 0
+    if options.render_tilespecs:
+        writers.append(TileSpecWriter(out_dir, manifest, levels, options.image_url_root))
+    if options.trakem2:
+        writers.append(TrakEM2Writer(out_dir, manifest))
+    if options.ome_zarr:
+        writers.append(OmeZarrWriter(out_dir, manifest, options.zarr_levels, options.zarr_chunk,
+                                     options.zarr_slice_um, cache_mb=options.zarr_cache_mb))
+    if options.render_push is not None:
+        from acq.writers.render_push import RenderPushWriter
+        rp = options.render_push
+        writers.append(RenderPushWriter(
+            out_dir, host=rp.host, port=rp.port, owner=rp.owner, project=rp.project, stack=rp.stack,
+            client_scripts=rp.client_scripts, mipmap_levels=levels, url_root=options.image_url_root,
+            slice_nm=options.zarr_slice_um * 1e3, retries=rp.retries, backoff_s=rp.backoff_s))
+    return writers

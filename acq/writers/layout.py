@@ -1,0 +1,177 @@
+"""Where the writers put things, and the small per-tile record they share.
+
+Every writer derives its paths from here so that the OME-TIFF, its MIPmaps,
+the Render tile specs and the TrakEM2 lists always agree on a file's name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OME_NS = "acq/tile-metadata/v1"          # MapAnnotation namespace holding the JSON header
+META_KEY = "acq.tile"                     # its key
+
+_TILE_NAME = re.compile(r"^(?P<tid>.+)_v(?P<ver>\d+)\.ome\.tif$")
+
+
+def tile_relpath(section: int, cycle: int, tile_id: str, version: int) -> str:
+    return f"tiles/{section:04d}/{cycle:04d}/{tile_id}_v{version}.ome.tif"
+
+
+def mipmap_relpath(level: int, level0_rel: str, prefix: str = "mipmaps") -> str:
+    # ASAP layout: {prefix}/{level}/{level-0 path relative to the data root}
+    return f"{prefix}/{level}/{level0_rel}"
+
+
+def render_tile_id(tile_id: str, version: int) -> str:
+    return tile_id if version == 0 else f"{tile_id}_v{version}"
+
+
+def to_jsonable(obj: Any) -> Any:
+    """json.dumps default: numpy scalars/arrays, paths, tuples from dataclasses."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def dumps(obj: Any, **kw) -> str:
+    return json.dumps(obj, default=to_jsonable, **kw)
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    """What tile specs and import lists need of a tile (no pixels)."""
+    tile_id: str
+    version: int
+    cycle: int
+    section_id: int
+    grid_id: int
+    row: int
+    col: int
+    width: int
+    height: int
+    pixel_size_m: float
+    stage_x_m: float
+    stage_y_m: float
+    rotation_deg: float
+
+    @property
+    def rel_path(self) -> str:
+        return tile_relpath(self.section_id, self.cycle, self.tile_id, self.version)
+
+    @property
+    def center_px(self) -> tuple[float, float]:
+        """The stage position (= the frame centre) in stage pixels."""
+        return self.stage_x_m / self.pixel_size_m, self.stage_y_m / self.pixel_size_m
+
+    def frame_topleft_px(self, rotation_deg: float | None = None) -> tuple[float, float]:
+        """Top-left corner in the SECTION frame: stage pixels turned by
+        -rotation_deg (the tile's own by default), where the grid's tiles are
+        axis-aligned. Convention (as the simulator and the engine use it):
+        image pixel (col j, row i) lies at centre + R(rotation) @ (j - w/2, i - h/2)
+        in stage pixels, R = [[cos, -sin], [sin, cos]]; at 0 deg +x stage = +col."""
+        th = math.radians(self.rotation_deg if rotation_deg is None else rotation_deg)
+        c, s = math.cos(th), math.sin(th)
+        x, y = self.center_px
+        return c * x + s * y - self.width / 2.0, -s * x + c * y - self.height / 2.0
+
+    @classmethod
+    def from_header(cls, h: dict) -> "TileRecord":
+        shape = h["shape"]
+        return cls(tile_id=h["tile_id"], version=int(h["version"]), cycle=int(h["cycle"]),
+                   section_id=int(h["section_id"]), grid_id=int(h["grid_id"]),
+                   row=int(h["row"]), col=int(h["col"]), width=int(shape[1]), height=int(shape[0]),
+                   pixel_size_m=float(h["pixel_size_m"]), stage_x_m=float(h["stage"]["x"]),
+                   stage_y_m=float(h["stage"]["y"]), rotation_deg=float(h.get("rotation_deg") or 0.0))
+
+    @classmethod
+    def from_doc(cls, doc) -> "TileRecord":
+        return cls.from_header(doc.header())
+
+
+def read_tile_header(path: Path) -> dict:
+    """The JSON header embedded in one of our OME-TIFFs (reads the XML only)."""
+    import tifffile
+    with tifffile.TiffFile(path) as tf:
+        xml = tf.ome_metadata or ""
+    m = re.search(r'<M K="%s">(.*?)</M>' % re.escape(META_KEY), xml, re.S)
+    if not m:
+        raise ValueError(f"{path}: no {META_KEY} annotation")
+    from xml.sax.saxutils import unescape
+    return json.loads(unescape(m.group(1), {"&quot;": '"', "&apos;": "'"}))
+
+
+def latest_versions(out_dir: Path, section: int, cycle: int) -> dict[str, int]:
+    """tile_id -> highest version on disk for one section and cycle."""
+    folder = Path(out_dir) / f"tiles/{section:04d}/{cycle:04d}"
+    best: dict[str, int] = {}
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _TILE_NAME.match(p.name)
+            if m:
+                v = int(m["ver"])
+                if v > best.get(m["tid"], -1):
+                    best[m["tid"]] = v
+    return best
+
+
+def next_version(out_dir: Path, section: int, cycle: int, tile_id: str) -> int:
+    """Version a re-acquisition of ``tile_id`` must carry (for the engine on resume)."""
+    return latest_versions(out_dir, section, cycle).get(tile_id, -1) + 1
+
+
+class SectionTiles:
+    """Latest TileRecord per tile, per (section, cycle); refills from disk after a restart."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self._by_key: dict[tuple[int, int], dict[str, TileRecord]] = {}
+
+    def add(self, doc) -> TileRecord:
+        rec = TileRecord.from_doc(doc)
+        tiles = self._by_key.setdefault((rec.section_id, rec.cycle), {})
+        old = tiles.get(rec.tile_id)
+        if old is None or rec.version >= old.version:       # a re-acquisition supersedes
+            tiles[rec.tile_id] = rec
+        return rec
+
+    def resolve(self, section: int, cycle: int, tile_ids) -> list[TileRecord]:
+        """The latest version of every tile of this section and cycle: those in
+        memory, those named in ``tile_ids`` and those on disk (the OME-TIFF
+        writer's folder is the truth after a restart or a late re-acquisition).
+        Tiles not in memory, or newer on disk, are read back from their
+        OME-TIFF header, which only touches the file's XML."""
+        tiles = self._by_key.setdefault((section, cycle), {})
+        on_disk = latest_versions(self.out_dir, section, cycle)
+        for tid in sorted(set(tile_ids) - set(tiles) - set(on_disk)):
+            log.warning("section %d cycle %d: tile %s has no file; left out", section, cycle, tid)
+        for tid, ver in on_disk.items():
+            if tid not in tiles or tiles[tid].version < ver:
+                p = self.out_dir / tile_relpath(section, cycle, tid, ver)
+                try:
+                    tiles[tid] = TileRecord.from_header(read_tile_header(p))
+                except (OSError, ValueError) as e:      # not one of ours, or unreadable: say so
+                    log.error("cannot read %s: %s", p, e)
+        return [tiles[t] for t in sorted(tiles)]
+
+    def forget(self, section: int, cycle: int) -> None:
+        self._by_key.pop((section, cycle), None)
+
+    def pending(self) -> list[tuple[int, int]]:
+        """(section, cycle) with tiles seen since their last SectionDone."""
+        return sorted(k for k, v in self._by_key.items() if v)

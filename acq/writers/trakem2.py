@@ -1,0 +1,119 @@
+"""TrakEM2 'Import from text file' lists.
+
+Two files, both tab-separated ``path<TAB>x<TAB>y<TAB>z`` (absolute path, x/y in
+pixels, z = cycle):
+
+* trakem2/{section:04d}/{cycle:04d}_import.txt - one per section and cycle,
+  written once on SectionDone (write-once, like every data file);
+* trakem2/{section:04d}_import.txt - the whole section so far, the per-cycle
+  files concatenated; it is a derived index, so it is rebuilt (new temp file,
+  fsync, rename over the old one) after every cycle (manifest kind
+  ``trakem2_index``, the only file this package replaces).
+
+x/y are pixels in the section frame (stage pixels turned by -rotation_deg,
+where the grid is axis-aligned as TrakEM2 places tiles unrotated) minus a
+per-section origin (the floor of the smallest top-left corner of the
+section's first listed cycle), kept in trakem2/{section:04d}_origin.json so
+that later cycles and resumed runs share the frame; later tiles may get small
+negative x/y, which TrakEM2 accepts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+from acq.atomic import atomic_write
+from acq.writers.layout import SectionTiles
+from acq.writers.manifest import Manifest, WrittenFile
+
+_CYCLE_FILE = re.compile(r"^(\d+)_import(?:\.(\d+))?\.txt$")
+
+
+class TrakEM2Writer:
+    kind = "trakem2"
+
+    def __init__(self, out_dir: Path, manifest: Manifest):
+        self.out_dir = Path(out_dir)
+        self.manifest = manifest
+        self.tiles = SectionTiles(out_dir)
+        self._origins: dict[int, tuple[int, int]] = {}
+
+    def _origin(self, section: int, records) -> tuple[tuple[int, int], list]:
+        if section in self._origins:
+            return self._origins[section], []
+        rel = f"trakem2/{section:04d}_origin.json"
+        p = self.out_dir / rel
+        batch: list[dict] = []
+        if p.exists():
+            d = json.loads(p.read_text())
+        else:
+            d = {"x_px": math.floor(min(r.frame_topleft_px()[0] for r in records)),
+                 "y_px": math.floor(min(r.frame_topleft_px()[1] for r in records)),
+                 "pixel_size_m": records[0].pixel_size_m, "rotation_deg": records[0].rotation_deg}
+            self.manifest.write_once(rel, json.dumps(d).encode(), self.kind, batch=batch)
+        self._origins[section] = (int(d["x_px"]), int(d["y_px"]))
+        return self._origins[section], batch
+
+    def handle(self, doc) -> list[WrittenFile]:
+        kind = getattr(doc, "kind", None)
+        if kind == "tile":
+            self.tiles.add(doc)
+        elif kind == "section_done":
+            return self._write(doc.section_id, doc.cycle, doc.tile_ids)
+        elif kind == "stop":                # planes left open: aborted, or re-acquired late
+            return [f for sec, cyc in self.tiles.pending() for f in self._write(sec, cyc, [])]
+        return []
+
+    def _write(self, sec: int, cyc: int, tile_ids) -> list[WrittenFile]:
+        records = self.tiles.resolve(sec, cyc, tile_ids)
+        self.tiles.forget(sec, cyc)
+        if not records:
+            return []
+        (ox, oy), batch = self._origin(sec, records)
+        lines = []
+        for r in records:
+            x, y = r.frame_topleft_px()
+            path = (self.out_dir / r.rel_path).resolve()
+            lines.append(f"{path}\t{x - ox:.3f}\t{y - oy:.3f}\t{float(r.cycle):.1f}\n")
+        out = [self._write_cycle(sec, cyc, "".join(lines).encode(), batch)]
+        out.append(self._rebuild_index(sec, batch))
+        self.manifest.append(batch)
+        return out
+
+    def _write_cycle(self, sec: int, cyc: int, data: bytes, batch: list) -> WrittenFile:
+        # a later SectionDone with other content (late re-acquisition) gets a revision
+        sha = hashlib.sha256(data).hexdigest()
+        rev = 0
+        while True:
+            name = f"{cyc:04d}_import.txt" if rev == 0 else f"{cyc:04d}_import.{rev}.txt"
+            rel = f"trakem2/{sec:04d}/{name}"
+            p = self.out_dir / rel
+            if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() == sha:
+                return self.manifest.write_once(rel, data, self.kind, batch=batch)
+            rev += 1
+
+    def _rebuild_index(self, sec: int, batch: list) -> WrittenFile:
+        folder = self.out_dir / f"trakem2/{sec:04d}"
+        latest: dict[int, tuple[int, Path]] = {}      # cycle -> (revision, file)
+        for p in folder.iterdir():
+            m = _CYCLE_FILE.match(p.name)
+            if not m:
+                continue
+            cyc, rev = int(m[1]), int(m[2] or 0)
+            if cyc not in latest or rev > latest[cyc][0]:
+                latest[cyc] = (rev, p)
+        data = b"".join(latest[c][1].read_bytes() for c in sorted(latest))
+        rel = f"trakem2/{sec:04d}_import.txt"
+        atomic_write(self.out_dir / rel, data, overwrite=True)
+        batch.append(self.manifest.entry(rel, hashlib.sha256(data).hexdigest(), len(data), "trakem2_index"))
+        return WrittenFile(self.out_dir / rel, "trakem2_index", None)
+
+    def close(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        for sec, cyc in self.tiles.pending():
+            self._write(sec, cyc, [])

@@ -1,0 +1,206 @@
+"""Acquisition engine benchmark on the simulator (time factor 0).
+
+Per-tile software overhead
+    The simulator produces a frame's pixels in ``render_s`` (frame metadata),
+    its stand-in for the beam scan; on the microscope the scan itself takes
+    ``scan_time_s`` (dwell x pixels + flyback). Overhead is everything else
+    the software spends per tile: stage-move commands, frame checks and QC,
+    journal records (fsync), document dispatch and the writers' work not
+    hidden behind the next frame:
+
+        overhead per tile = (first tile's move .. last tile acknowledged by all
+                             writers) / tiles - mean render_s
+        fraction          = overhead per tile / scan_time_s      (reference < 5 %)
+
+    "engine" is the part spent in the engine thread itself (the critical path
+    while writers keep up); the rest is writer work not hidden behind the
+    next frame. The run's fixed start and finish (journal, writer flush and
+    close) are printed apart: they do not grow with the number of tiles.
+
+Writer throughput
+    Tile pixel bytes per second of each writer's own time in ``handle`` (and
+    of all writers together), next to the raw sequential write speed of the
+    same disk measured in the same run (write + fsync of one big file), and
+    the data rate the microscope produces at that tile size.
+
+    .venv/bin/python benchmarks/acquisition.py [--tiles-small 9] [--tiles-large 4] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from acq.engine import Engine  # noqa: E402
+from acq.expand import AcquireTile, MoveStage  # noqa: E402
+from acq.plan import load_plan, writer_options  # noqa: E402
+from acq.writers import make_writers  # noqa: E402
+from devices.factory import build_setup  # noqa: E402
+
+REFERENCE_FRACTION = 0.05
+WRITERS = ["ome_tiff", "mipmaps", "render_tilespecs", "trakem2", "ome_zarr"]
+
+
+def disk_write_speed(folder: Path, size_mb: int = 512) -> float:
+    """MB/s of one sequential write + fsync of ``size_mb`` in ``folder``."""
+    block = os.urandom(8 << 20)
+    path = folder / "disk_speed.tmp"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(max(1, size_mb // 8)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t
+    path.unlink()
+    return max(1, size_mb // 8) * 8 * 1.048576 / dt
+
+
+class TimedWriter:
+    """A writer wrapped to measure its own time on tiles."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, type(inner).__name__
+        self.tile_s = 0.0
+        self.tile_bytes = 0
+
+    def handle(self, doc):
+        t = time.perf_counter()
+        files = self.inner.handle(doc)
+        if doc.kind == "tile":
+            self.tile_s += time.perf_counter() - t
+            self.tile_bytes += doc.image.nbytes
+        return files
+
+    def flush(self):
+        self.inner.flush()
+
+    def close(self):
+        fn = getattr(self.inner, "close", None)
+        if fn is not None:
+            fn()
+
+
+class TimedEngine(Engine):
+    """Engine-thread time per event kind; first tile move and last tile ack."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.busy = defaultdict(float)
+        self.first_tile = self.last_ack = None
+
+    def _execute(self, ev):
+        t = time.perf_counter()
+        if self.first_tile is None and isinstance(ev, MoveStage):
+            self.first_tile = t
+        try:
+            super()._execute(ev)
+        finally:
+            self.busy[type(ev).__name__] += time.perf_counter() - t
+
+    def note_ack(self):
+        self.last_ack = time.perf_counter()
+
+
+def plan_file(folder: Path, frame: tuple[int, int], tiles: int) -> Path:
+    rows = max(1, int(round(tiles ** 0.5)))
+    cols = max(1, -(-tiles // rows))
+    d = {"setup": str(ROOT / "configs" / "sim.yaml"),
+         "output": {"writers": WRITERS, "queue_maxsize": 4},
+         "sections_from": "wafer_truth", "order": [0],
+         "grid_template": {"rows": rows, "cols": cols, "pixel_size_nm": 4, "frame_size": list(frame),
+                           "dwell_ns": 100, "overlap_px": frame[1] // 10, "rotation_deg": 0},
+         "autofocus": {"method": "none"}, "cycles": 1}
+    path = folder / f"plan_{frame[0]}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def run_case(folder: Path, frame: tuple[int, int], tiles: int) -> dict:
+    plan = load_plan(plan_file(folder, frame, tiles))
+    out = folder / f"out_{frame[0]}"
+    setup = build_setup(plan.setup_config)
+    meta: list[dict] = []
+    try:
+        writers = [TimedWriter(w) for w in make_writers(out, writer_options(plan))]
+        engine = TimedEngine(setup, plan, out, writers=writers, on_pause="stop")
+        engine.subscribe(lambda d: d.kind == "tile" and meta.append(
+            {"render_s": d.metadata["render_s"], "scan_s": d.metadata["scan_time_s"], "bytes": d.image.nbytes}))
+        append = engine.journal.append
+
+        def journal_append(rec, **kw):                 # tile_done = every writer acknowledged the tile
+            out_rec = append(rec, **kw)
+            if rec == "tile_done":
+                engine.note_ack()
+            return out_rec
+        engine.journal.append = journal_append
+        t = time.perf_counter()
+        res = engine.run()
+        t_end = time.perf_counter()
+    finally:
+        setup.close()
+    if res.status != "success":
+        raise SystemExit(f"benchmark run failed: {res.reason}")
+    n = len(meta)
+    render = sum(m["render_s"] for m in meta) / n
+    scan = meta[0]["scan_s"]
+    per_tile = (engine.last_ack - engine.first_tile) / n
+    engine_s = (engine.busy[AcquireTile.__name__] + engine.busy[MoveStage.__name__]) / n - render
+    return {"frame": frame, "tiles": n, "wall_per_tile": per_tile, "render": render, "scan": scan,
+            "overhead": per_tile - render, "engine": engine_s, "bytes": meta[0]["bytes"],
+            "writers": {w.name: (w.tile_bytes / 1e6 / w.tile_s if w.tile_s else float("inf"), w.tile_s / n)
+                        for w in writers},
+            "all_writers_s": sum(w.tile_s for w in writers) / n,
+            "start_s": engine.first_tile - t, "finish_s": t_end - engine.last_ack}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiles-small", type=int, default=16)
+    ap.add_argument("--tiles-large", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=None, help="folder on the disk to measure (default: a temp dir)")
+    args = ap.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="acqbench_", dir=args.out))
+    try:
+        disk = disk_write_speed(folder)
+        cases = [run_case(folder, (2048, 1536), args.tiles_small), run_case(folder, (6144, 4608), args.tiles_large)]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"acquisition benchmark (simulator, time factor 0, 100 ns dwell, writers: {', '.join(WRITERS)})")
+    print(f"{'tile':>11} {'n':>3} {'scan s':>8} {'render s':>9} {'wall/tile s':>12} {'overhead ms':>12} "
+          f"{'engine ms':>10} {'overhead/scan':>14} {'reference':>10}")
+    ok = True
+    for c in cases:
+        frac = c["overhead"] / c["scan"]
+        ok &= frac < REFERENCE_FRACTION
+        print(f"{c['frame'][0]}x{c['frame'][1]:<6} {c['tiles']:>3} {c['scan']:>8.3f} {c['render']:>9.3f} "
+              f"{c['wall_per_tile']:>12.3f} {c['overhead'] * 1e3:>12.1f} {c['engine'] * 1e3:>10.1f} "
+              f"{100 * frac:>13.1f}% {'< 5.0%':>10}")
+    for c in cases:
+        print(f"{c['frame'][0]}x{c['frame'][1]}: per run, not per tile: start {c['start_s']:.2f} s "
+              f"(journal, RunStart, devices configured), finish {c['finish_s']:.2f} s (writers flush and close)")
+    print(f"\nraw sequential write (write + fsync, same disk): {disk:8.1f} MB/s")
+    for c in cases:
+        rate = c["bytes"] / 1e6 / c["scan"]
+        allw = c["bytes"] / 1e6 / c["all_writers_s"] if c["all_writers_s"] else float("inf")
+        print(f"{c['frame'][0]}x{c['frame'][1]}: microscope produces {rate:6.1f} MB/s; "
+              f"all writers together {allw:7.1f} MB/s ({allw / disk * 100:5.1f} % of raw disk)")
+        for name, (mbs, s) in c["writers"].items():
+            rate_txt = f"{mbs:8.1f} MB/s" if s * 1e3 >= 1.0 else "metadata only"   # writes no pixels
+            print(f"    {name:16s} {rate_txt:>13s}   {s * 1e3:8.1f} ms/tile")
+    print("\nresult:", "overhead within reference" if ok else "overhead ABOVE reference")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

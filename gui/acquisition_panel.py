@@ -1,0 +1,207 @@
+"""Acquisition: choose or build a plan, start, pause, resume, stop, continue
+a run after a crash; progress per cycle / section / tile with ETA, the step
+under way, why a run is paused and what the operator can do, incidents."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PyQt5.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QProgressBar,
+                             QPushButton, QSplitter, QVBoxLayout, QWidget)
+from PyQt5.QtCore import Qt
+
+from gui.incidents import IncidentList
+from gui.run_progress import pause_advice
+from gui.widgets import Notice
+
+STATE_STYLE = {"running": "background: #2e7d32; color: white;", "paused": "background: #f9a825; color: black;",
+               "stopping": "background: #ef6c00; color: white;", "idle": "background: #607d8b; color: white;",
+               "error": "background: #c62828; color: white;"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class AcquisitionPanel(QWidget):
+    def __init__(self, session, controller, parent=None):
+        super().__init__(parent)
+        self.session, self.ctl = session, controller
+        v = QVBoxLayout(self)
+        v.setContentsMargins(4, 4, 4, 4)
+        # --- plan and output
+        box = QGroupBox("Plan")
+        f = QFormLayout(box)
+        self.plan_label = QLabel("no plan: build one in the wafer workflow or load a file")
+        self.plan_label.setWordWrap(True)
+        row = QHBoxLayout()
+        load = QPushButton("Load plan …")
+        load.clicked.connect(self.load_plan)
+        demo = QPushButton("Demo plan")
+        demo.setToolTip("configs/plans/demo_wafer.yaml")
+        demo.clicked.connect(lambda: self.load_plan(ROOT / "configs" / "plans" / "demo_wafer.yaml"))
+        row.addWidget(load)
+        row.addWidget(demo)
+        row.addStretch(1)
+        f.addRow(self.plan_label)
+        f.addRow(row)
+        self.out_dir = QLineEdit(str(ROOT / "out" / time.strftime("run_%Y%m%d_%H%M%S")))
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse_out)
+        orow = QHBoxLayout()
+        orow.addWidget(self.out_dir, 1)
+        orow.addWidget(browse)
+        f.addRow("Output folder", orow)
+        v.addWidget(box)
+        # --- control
+        row = QHBoxLayout()
+        self.start_button = QPushButton("Start")
+        self.pause_button = QPushButton("Pause")
+        self.resume_button = QPushButton("Resume")
+        self.stop_button = QPushButton("Stop")
+        self.recover_button = QPushButton("Resume run …")
+        self.recover_button.setToolTip("continue a run that stopped or crashed, from its folder's journal")
+        for b, fn in ((self.start_button, self.start), (self.pause_button, self.ctl.pause),
+                      (self.resume_button, self.ctl.resume), (self.stop_button, self.ctl.stop),
+                      (self.recover_button, self.recover)):
+            b.clicked.connect(fn)
+            row.addWidget(b)
+        self.start_button.setStyleSheet("font-weight: bold;")
+        v.addLayout(row)
+        self.state_label = QLabel("IDLE")
+        self.state_label.setAlignment(Qt.AlignCenter)
+        self.state_label.setStyleSheet(STATE_STYLE["idle"] + "font-weight: bold; padding: 4px;")
+        v.addWidget(self.state_label)
+        self.advice = QLabel("")
+        self.advice.setWordWrap(True)
+        self.advice.setStyleSheet("background: #fff8e1; border: 1px solid #f9a825; padding: 4px;")
+        self.advice.setVisible(False)
+        v.addWidget(self.advice)
+        self.notice = Notice()
+        v.addWidget(self.notice)
+        # --- progress
+        box = QGroupBox("Progress")
+        f = QFormLayout(box)
+        self.cycle_bar, self.section_bar, self.tile_bar = QProgressBar(), QProgressBar(), QProgressBar()
+        for b in (self.cycle_bar, self.section_bar, self.tile_bar):
+            b.setFormat("%v / %m")
+            b.setRange(0, 1)
+            b.setValue(0)
+        self.eta = QLabel("ETA –")
+        self.step_label = QLabel("–")
+        self.step_label.setWordWrap(True)
+        f.addRow("Cycle", self.cycle_bar)
+        f.addRow("Section", self.section_bar)
+        f.addRow("Tiles", self.tile_bar)
+        f.addRow("", self.eta)
+        f.addRow("Now", self.step_label)
+        split = QSplitter(Qt.Vertical)
+        split.addWidget(box)
+        self.incidents = IncidentList()
+        split.addWidget(self.incidents)
+        split.setStretchFactor(1, 1)
+        v.addWidget(split, 1)
+        controller.state_changed.connect(self._on_state)
+        controller.step_changed.connect(self.step_label.setText)
+        controller.progress_changed.connect(self._on_progress)
+        controller.plan_changed.connect(self._on_plan)
+        # bound methods, not lambdas: Qt disconnects them when this panel is destroyed
+        controller.error.connect(self._on_error)
+        controller.bridge.incident.connect(self.incidents.add)
+        session.setup_changed.connect(self._on_setup)
+        self._buttons()
+
+    # ------------------------------------------------------------ actions
+    def load_plan(self, path=None) -> bool:
+        path = path or QFileDialog.getOpenFileName(self, "Load plan", str(ROOT / "configs" / "plans"),
+                                                   "Plan (*.yaml *.yml)")[0]
+        if not path:
+            return False
+        self.notice.clear_notice()
+        return self.ctl.load_plan(path)
+
+    def _browse_out(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "Output folder", str(ROOT / "out"))
+        if d:
+            self.out_dir.setText(d)
+
+    def start(self) -> bool:
+        self.notice.clear_notice()
+        self.incidents.clear()
+        out = Path(self.out_dir.text())
+        if out.exists() and any(out.iterdir()):
+            self.notice.show_notice(f"{out} is not empty: choose a new folder, or continue that run with "
+                                    "Resume run …", "warning")
+            return False
+        return self.ctl.start(out)
+
+    def recover(self, folder=None) -> bool:
+        folder = folder or QFileDialog.getExistingDirectory(self, "Run folder to continue", str(ROOT / "out"))
+        if not folder:
+            return False
+        folder = Path(folder)
+        if not (folder / "journal.jsonl").exists():
+            self.notice.show_notice(f"{folder} holds no journal.jsonl: nothing to continue", "warning")
+            return False
+        saved = folder / "gui_plan.yaml"
+        if saved.exists() and not self.ctl.load_plan(saved):
+            return False
+        if self.ctl.plan is None:
+            self.notice.show_notice("load the plan of that run first", "warning")
+            return False
+        self.out_dir.setText(str(folder))
+        return self.ctl.start(folder, resume=True)
+
+    # ------------------------------------------------------------ updates
+    def _on_error(self, text: str) -> None:
+        self.notice.show_notice(text, "error")
+
+    def _on_setup(self, _setup) -> None:
+        self._buttons()
+
+    def _on_plan(self, plan) -> None:
+        secs = plan.sections
+        n = (f"{len(secs)} sections, {sum(len(s.grids) for s in secs)} grids" if secs is not None
+             else "sections from the simulated wafer")
+        extra = [f"autofocus {plan.autofocus.method}"]
+        if plan.mill is not None:
+            extra.append(f"mill {plan.mill.duration_s:g} s")
+        if plan.irradiation is not None:
+            extra.append("irradiation")
+        src = plan.source or "built in the wafer workflow"
+        self.plan_label.setText(f"{src}\n{n}; {plan.n_cycles()} cycle(s); {', '.join(extra)}")
+        self.out_dir.setText(str(ROOT / "out" / time.strftime("run_%Y%m%d_%H%M%S")))
+        self._buttons()
+
+    def _on_state(self, state: str, reason: str) -> None:
+        text = state.upper() + (f" — {reason}" if reason and state != "running" else "")
+        self.state_label.setText(text)
+        self.state_label.setStyleSheet(STATE_STYLE.get(state, "") + "font-weight: bold; padding: 4px;")
+        self.advice.setVisible(state == "paused")
+        if state == "paused":
+            self.advice.setText(f"<b>Paused:</b> {reason}<br>{pause_advice(reason)}")
+            self.step_label.setText("paused (beams blanked)")
+        self._buttons()
+
+    def _on_progress(self) -> None:
+        p = self.ctl.progress
+        if p is None:
+            return
+        self.cycle_bar.setRange(0, max(p.n_cycles, 1))
+        self.cycle_bar.setValue(min(p.cycle + (1 if p.cycle_tiles >= p.tiles_per_cycle else 0), p.n_cycles))
+        self.cycle_bar.setFormat(f"cycle {p.cycle + 1} of {p.n_cycles}")
+        n_sec = p.tiles_per_section.get(p.section, 0) if p.section is not None else 0
+        self.section_bar.setRange(0, max(n_sec, 1))
+        self.section_bar.setValue(min(p.section_tiles, max(n_sec, 1)))
+        self.section_bar.setFormat(f"section {p.section}: %v / %m tiles" if p.section is not None else "–")
+        self.tile_bar.setRange(0, max(p.total, 1))
+        self.tile_bar.setValue(p.done)
+        self.eta.setText(p.eta_text())
+
+    def _buttons(self) -> None:
+        st = self.ctl.state
+        active = self.ctl.running
+        have = self.session.setup is not None and self.ctl.plan is not None
+        self.start_button.setEnabled(have and not active)
+        self.recover_button.setEnabled(self.session.setup is not None and not active)
+        self.pause_button.setEnabled(active and st == "running")
+        self.resume_button.setEnabled(active and st == "paused")
+        self.stop_button.setEnabled(active and st in ("running", "paused"))

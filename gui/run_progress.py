@@ -1,0 +1,84 @@
+"""Progress of a run from its documents: tiles per cycle / section / run and
+the ETA from the tile rate of this session (no Qt, easy to test)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RunProgress:
+    n_cycles: int
+    tiles_per_cycle: int
+    tiles_per_section: dict[int, int]
+    done_before: int = 0                     # tiles journaled done by earlier runs (resume)
+    tiles: int = 0                           # acquired in this run
+    cycle: int = 0
+    section: Optional[int] = None
+    section_tiles: int = 0
+    cycle_tiles: int = 0
+    t0: float = field(default_factory=time.monotonic)
+    t_first: Optional[float] = None
+
+    @classmethod
+    def for_plan(cls, plan, sections, done_before: int = 0) -> "RunProgress":
+        per_section = {s.id: sum(g.rows * g.cols for g in s.grids) for s in sections}
+        return cls(plan.n_cycles(), sum(per_section.values()), per_section, done_before)
+
+    @property
+    def total(self) -> int:
+        return self.n_cycles * self.tiles_per_cycle
+
+    @property
+    def done(self) -> int:
+        return min(self.total, self.done_before + self.tiles)
+
+    def on_tile(self, doc) -> None:
+        if self.t_first is None:
+            self.t_first = time.monotonic()
+        if doc.section_id >= 9999:              # overview tiles are not part of the section count
+            return
+        if doc.cycle != self.cycle:
+            self.cycle, self.cycle_tiles = doc.cycle, 0
+        if doc.section_id != self.section:
+            self.section, self.section_tiles = doc.section_id, 0
+        if doc.version == 0:
+            self.tiles += 1
+            self.cycle_tiles += 1
+            self.section_tiles += 1
+
+    def eta_s(self) -> Optional[float]:
+        """Seconds left at the rate of the tiles acquired so far (None before two tiles)."""
+        if self.tiles < 2 or self.t_first is None:
+            return None
+        rate = (time.monotonic() - self.t_first) / (self.tiles - 1)
+        return rate * max(self.total - self.done, 0)
+
+    def eta_text(self) -> str:
+        s = self.eta_s()
+        if s is None:
+            return "ETA –"
+        h, rem = divmod(int(s + 0.5), 3600)
+        m, sec = divmod(rem, 60)
+        return f"ETA {h}:{m:02d}:{sec:02d}" if h else f"ETA {m}:{sec:02d}"
+
+
+def pause_advice(reason: str) -> str:
+    """What the operator can do, for a pause reason from the engine."""
+    r = reason.lower()
+    if "suspended" in r:
+        return ("The run waits for the condition to clear and resumes by itself. Fix the cause (see the "
+                "incidents), press Resume to retry now, or Stop (continue later with Resume run …).")
+    if "safety window" in r or "refused" in r:
+        return ("A setpoint was outside the setup's safety window. Check the device settings and the plan, "
+                "then Resume; or Stop and correct the plan.")
+    if "consecutive failures" in r:
+        return ("A device kept failing. Check it in the Devices tab (disconnect and connect it again), "
+                "then Resume to retry the step; or Stop and continue later with Resume run ….")
+    if "interrupted" in r and "mill" in r:
+        return ("A mill was interrupted with the ion beam on. Inspect the sections; Resume accepts the mill "
+                "as done, Stop ends the run.")
+    if "operator" in r:
+        return "Paused at your request between two steps (beams blanked). Resume to continue, Stop to end the run."
+    return "The run is paused with the beams blanked. Resume to continue or Stop to end it (it can be resumed)."

@@ -1,0 +1,86 @@
+"""Autofocus panel: MAPFoSt 'run now' on the simulator converges, the plot
+follows each iteration, the microscope ends nearer focus; unavailable
+methods are shown disabled with the reason; no 'run now' during a run."""
+import time
+from pathlib import Path
+
+import pytest
+
+from devices.interfaces import StagePosition
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "sim.yaml"
+
+
+def wait_for(app, pred, timeout=15.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        app.processEvents()
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def win(qapp):
+    from gui.app import build_window, make_app
+    make_app()
+    w = build_window(CONFIG)
+    w.resize(1400, 900)
+    w.show()
+    wait_for(qapp, lambda: w.session.setup is not None)
+    yield w
+    w.shutdown()
+    w.close()
+
+
+def test_mapfost_run_now_converges_and_plots(win, qtbot):
+    setup = win.session.setup
+    sec = setup.world.wafer.sections[0]
+    setup.stage.move_to(StagePosition(x=sec.center_m[0], y=sec.center_m[1]))
+    sem = setup.sem
+    sem.set_working_distance(sem.working_distance() + 6e-6)          # defocus it by 6 µm and add astigmatism
+    sem.set_stig(1.0, -0.8)
+    before = sem.inner.aberration()
+    scan = (sem.pixel_size(), tuple(sem.frame_size()), sem.dwell_time())
+    p = win.autofocus
+    p.method.setCurrentText("mapfost")
+    p.iterations.setValue(4)
+    iterations = []
+    p._iter.record.connect(iterations.append)
+    done = []
+    p.finished.connect(done.append)
+    assert p.run_now()
+    assert not p.run_button.isEnabled()                                # one autofocus at a time
+    qtbot.waitUntil(lambda: bool(done), timeout=60000)
+    res = done[0]
+    assert res["ok"], res["message"]
+    after = sem.inner.aberration()
+    assert abs(after.dz_m) < 0.3 * abs(before.dz_m)
+    assert abs(after.stig_x) < 0.3 * abs(before.stig_x) and abs(after.stig_y) < 0.3 * abs(before.stig_y)
+    assert iterations and iterations[0]["iteration"] == 1             # reported live, one by one
+    xs, ys = p.wd_curve.getData()
+    assert len(xs) == len(res["iterations"]) + 1                      # start + every iteration
+    assert res["status"] in p.result.text() and "→" in p.result.text()
+    assert p.run_button.isEnabled()
+    assert (sem.pixel_size(), tuple(sem.frame_size()), sem.dwell_time()) == scan   # scan settings restored
+
+
+def test_unavailable_methods_are_disabled_with_the_reason(win):
+    model = win.autofocus.method.model()
+    items = {model.item(r).text(): model.item(r) for r in range(model.rowCount())}
+    assert items["mapfost"].isEnabled() and items["sweep"].isEnabled()
+    for name, item in items.items():
+        if not item.isEnabled():
+            assert item.toolTip(), name
+
+
+def test_no_run_now_while_an_acquisition_runs(win):
+    s = win.session
+    s.set_run_active(True)
+    try:
+        assert not win.autofocus.run_button.isEnabled()
+        assert not win.autofocus.run_now()
+    finally:
+        s.set_run_active(False)
+    assert win.autofocus.run_button.isEnabled()
