@@ -11,9 +11,12 @@ class FileExists(FileExistsError):
     pass
 
 
-def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, overwrite: bool = False) -> Path:
+def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, overwrite: bool = False,
+                 link_fallback: bool = False) -> Path:
     """Write ``data`` (bytes, or a callable that writes to the temp path) to
-    ``path`` atomically. Refuses to replace an existing file unless asked."""
+    ``path`` atomically. Refuses to replace an existing file unless asked.
+    ``link_fallback``: where the no-clobber hard link fails (a filesystem without
+    hard links), check for the target and rename instead (best effort: racy)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExists(f"{path} exists; refusing to overwrite")
@@ -34,8 +37,15 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, over
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)          # fails if path appeared meanwhile: never clobbers
-            tmp.unlink()
+            try:
+                os.link(tmp, path)      # fails if path appeared meanwhile: never clobbers
+            except OSError as e:
+                if not link_fallback or isinstance(e, FileExistsError):
+                    raise
+                if path.exists():
+                    raise FileExists(f"{path} exists; refusing to overwrite") from None
+                os.replace(tmp, path)
+            tmp.unlink(missing_ok=True)
         _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -14,12 +14,12 @@ import math
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from acq.qc import QCConfig, QCPolicy
-from devices.setup_config import ConfigError, SetupConfig, format_validation_error, load_setup
+from devices.setup_config import (ConfigError, SetupConfig, format_validation_error, load_setup, read_yaml,
+                                  validate_config)
 
 OVERVIEW_SECTION = 9999        # section id of overview tiles in tile ids; plan sections stay below
 
@@ -290,23 +290,13 @@ def load_plan(path: str | Path, setup_path: str | Path | None = None) -> Plan:
     """Read and validate a plan; ``setup_path`` (``--config``) replaces the
     plan's ``setup``. Raises ConfigError naming field, value and what is allowed."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: plan file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    if setup_path is not None:
+    data = read_yaml(path, "plan file")
+    if setup_path is not None and isinstance(data, dict):  # not a mapping: validate_config says so
         sp = Path(setup_path)
         if not sp.is_file():
             raise ConfigError(f"--config: setup file {str(sp)!r} does not exist")
         data = {**data, "setup": str(sp.resolve())}
-    try:
-        plan = Plan.model_validate(data, context={"base": path.parent})
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+    plan = validate_config(Plan, data, str(path), context={"base": path.parent})
     plan._source = path
     try:
         cfg = load_setup(plan.setup)

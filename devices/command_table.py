@@ -19,10 +19,9 @@ import string
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from devices.setup_config import ConfigError
+from devices.setup_config import load_yaml_model, validate_config
 
 # Operations the driver uses; every table must define all of them.
 REQUIRED_OPERATIONS = (
@@ -220,23 +219,12 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def parse_command_table(data, source: str = "<command table>") -> CommandTable:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return CommandTable.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+    return validate_config(CommandTable, data, source, format_error=_format_error)
 
 
 def load_command_table(path: str | Path) -> CommandTable:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: command table does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    table = parse_command_table(data, str(path))
+    table = load_yaml_model(path, CommandTable, what="command table", format_error=_format_error)
     table.source = path
     return table
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, TypeVar
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -17,6 +17,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 class ConfigError(ValueError):
     """A configuration or plan file is invalid; the message names the field."""
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -258,20 +261,40 @@ def _existing_file(p: Path, info: ValidationInfo, what: str) -> Path:
     return p.resolve()
 
 
-def load_setup(path: str | Path) -> SetupConfig:
-    path = Path(path)
+# ----------------------------------------- loading (also plans, command tables)
+def read_yaml(path: Path, what: str = "configuration file"):
+    """The parsed contents of a YAML file; ConfigError if it is missing or not YAML."""
     if not path.is_file():
-        raise ConfigError(f"{path}: setup file does not exist")
+        raise ConfigError(f"{path}: {what} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def validate_config(model_cls: type[M], data, source: str, *, context: Optional[dict] = None,
+                    format_error: Callable[[ValidationError, str], str] = format_validation_error) -> M:
+    """``model_cls`` validated from ``data``, which must be a mapping; ConfigError
+    (text from ``format_error``) naming field, value and what is allowed."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        cfg = SetupConfig.model_validate(data, context={"base": path.parent})
+        return model_cls.model_validate(data, context=context)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+        raise ConfigError(format_error(e, source)) from None
+
+
+def load_yaml_model(path: str | Path, model_cls: type[M], *, what: str = "configuration file",
+                    context: Optional[dict] = None,
+                    format_error: Callable[[ValidationError, str], str] = format_validation_error) -> M:
+    """read_yaml then validate_config, with the file's path as the source in messages."""
+    path = Path(path)
+    return validate_config(model_cls, read_yaml(path, what), str(path), context=context, format_error=format_error)
+
+
+def load_setup(path: str | Path) -> SetupConfig:
+    path = Path(path)
+    cfg = load_yaml_model(path, SetupConfig, what="setup file", context={"base": path.parent})
     cfg.source = path
     return cfg
 

@@ -50,17 +50,12 @@ def plan_dict(layout: WaferLayout, setup_path: Path, opts: PlanOptions) -> dict:
 
 def build_plan(data: dict, source: str = "GUI plan"):
     """Validate like acq.plan.load_plan; raises ConfigError naming the field."""
-    from pydantic import ValidationError
-
     from acq.plan import Plan, check_against_setup, writer_options
-    from devices.setup_config import ConfigError, format_validation_error, load_setup
+    from devices.setup_config import ConfigError, load_setup, validate_config
 
     if not data.get("sections"):
         raise ConfigError(f"{source}: no section has a grid: create grids first")
-    try:
-        plan = Plan.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+    plan = validate_config(Plan, data, source)
     cfg = load_setup(plan.setup)
     plan._setup_config = cfg
     check_against_setup(plan, cfg, source)

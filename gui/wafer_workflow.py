@@ -24,6 +24,16 @@ def _box(title: str) -> tuple[QGroupBox, QVBoxLayout]:
     return b, QVBoxLayout(b)
 
 
+def _row(*items, stretch: bool = True) -> QHBoxLayout:
+    """A horizontal row of widgets (a str becomes a QLabel), left-aligned unless not ``stretch``."""
+    row = QHBoxLayout()
+    for it in items:
+        row.addWidget(QLabel(it) if isinstance(it, str) else it)
+    if stretch:
+        row.addStretch(1)
+    return row
+
+
 class WaferWorkflow(QScrollArea):
     plan_ready = pyqtSignal(object, dict)          # validated Plan, its data
 
@@ -68,26 +78,19 @@ class WaferWorkflow(QScrollArea):
         v.addWidget(b)
         # --- 2 sections
         b, bl = _box("2  Sections")
-        row = QHBoxLayout()
         self.detect_button = QPushButton("Detect sections")
         self.detect_button.clicked.connect(self.detect)
         self.threshold = spin(0.05, 0.95, 2, 0.5, "", 0.05, width=70)
         self.truth_button = QPushButton("From simulator")
         self.truth_button.setToolTip("the simulated wafer's true sections (simulator only)")
         self.truth_button.clicked.connect(self.sections_from_truth)
-        row.addWidget(self.detect_button)
-        row.addWidget(QLabel("threshold"))
-        row.addWidget(self.threshold)
-        row.addStretch(1)
-        bl.addLayout(row)
-        row = QHBoxLayout()
-        row.addWidget(self.truth_button)
+        bl.addLayout(_row(self.detect_button, "threshold", self.threshold))
+        files = []
         for text, fn in (("Load JSON …", self.load_sections), ("Save JSON …", self.save_sections)):
             bt = QPushButton(text)
             bt.clicked.connect(fn)
-            row.addWidget(bt)
-        row.addStretch(1)
-        bl.addLayout(row)
+            files.append(bt)
+        bl.addLayout(_row(self.truth_button, *files))
         self.sec_status = QLabel("no sections")
         bl.addWidget(self.sec_status)
         v.addWidget(b)
@@ -110,14 +113,10 @@ class WaferWorkflow(QScrollArea):
                                (self.overlap, 0, 4000, 77)):
             s.setRange(lo, hi)
             s.setValue(val)
-        fr = QHBoxLayout()
-        fr.addWidget(self.frame_w)
-        fr.addWidget(QLabel("×"))
-        fr.addWidget(self.frame_h)
         self.dwell = spin(10, 100000, 0, 200, "ns", 50)
         self.margin = spin(0, 1000, 1, 0.0, "µm", 5)
         f.addRow("Tile pixel size", self.tile_pixel)
-        f.addRow("Frame", fr)
+        f.addRow("Frame", _row(self.frame_w, "×", self.frame_h, stretch=False))
         f.addRow("Overlap", self.overlap)
         f.addRow("Dwell", self.dwell)
         f.addRow("Margin around section", self.margin)
@@ -132,16 +131,11 @@ class WaferWorkflow(QScrollArea):
         v.addWidget(b)
         # --- 5 order
         b, bl = _box("5  Imaging order")
-        row = QHBoxLayout()
         self.solver = QComboBox()
         self.solver.addItems(["fast", "nn", "sa"])
         self.order_button = QPushButton("Optimise order")
         self.order_button.clicked.connect(self.optimise_order)
-        row.addWidget(QLabel("solver"))
-        row.addWidget(self.solver)
-        row.addWidget(self.order_button)
-        row.addStretch(1)
-        bl.addLayout(row)
+        bl.addLayout(_row("solver", self.solver, self.order_button))
         self.order_status = QLabel("")
         bl.addWidget(self.order_status)
         v.addWidget(b)

@@ -3,88 +3,33 @@ message path against pyvisa-sim (configs/visa/sim_instruments.yaml)."""
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 from pyvisa import constants
 from pyvisa.errors import VisaIOError, VisaIOWarning
 
-from devices import awg_33522a
 from devices.awg_33522a import Keysight33522A
 from devices.errors import CommunicationError, DeviceError, DeviceTimeout, LimitViolation, NotConnected
 from devices.interfaces import RasterSettings
 from devices.setup_config import FaultRule
 from devices.sim.faults import FaultInjector
 from devices.sim.visa_link import FaultyResource, fault_wrapper, sim_device
+from tests.visa_fakes import NO_ERROR, SIM_YAML, FakeScpi, connect_quietly, install_fake
 
-REPO = Path(__file__).parents[1]
-SIM_YAML = REPO / "configs" / "visa" / "sim_instruments.yaml"
 AWG = "TCPIP0::192.168.0.20::INSTR"
 IDN = "Agilent Technologies,33522A,MY52400123,2.03-1.19-2.00-52-00"
-NO_ERROR = '+0,"No error"'
 RASTER = RasterSettings(x_amplitude_vpp=5.0, y_amplitude_vpp=3.0, x_offset_v=0.5, y_offset_v=-1.0)
 
 
 # ------------------------------------------------------------ fake transport
-class FakeScpi:
-    """Echoes settings like an SCPI instrument: 'HDR value' makes 'HDR?' answer value.
-    ``fixed`` overrides replies; ``errors`` feeds SYST:ERR?; ``fail`` raises on a command."""
-
-    def __init__(self, idn: str = IDN):
-        self.state = {"*IDN?": idn}
-        self.fixed: dict[str, str] = {}
-        self.errors: list[str] = []
-        self.fail: dict[str, Exception] = {}
-        self.log: list[str] = []
-        self.timeout = 2000
-        self.closed = False
-
-    def _maybe_fail(self, cmd):
-        if cmd in self.fail:
-            raise self.fail[cmd]
-
-    def write(self, cmd):
-        self._maybe_fail(cmd)
-        self.log.append(cmd)
-        head, _, arg = cmd.partition(" ")
-        self.state[head + "?"] = arg
-
-    def query(self, cmd):
-        self._maybe_fail(cmd)
-        self.log.append(cmd)
-        if cmd == "SYST:ERR?":
-            return self.errors.pop(0) if self.errors else NO_ERROR
-        return self.fixed.get(cmd, self.state.get(cmd, ""))
-
-    def close(self):
-        self.closed = True
-
-
 @pytest.fixture
 def fake(monkeypatch):
-    res = FakeScpi()
-    opened = {}
-
-    class FakeRM:
-        def __init__(self, library):
-            opened["library"] = library
-
-        def open_resource(self, name, **kwargs):
-            opened.update(name=name, **kwargs)
-            return res
-
-    monkeypatch.setattr(awg_33522a.pyvisa, "ResourceManager", FakeRM)
-    res.opened = opened
-    return res
+    return install_fake(monkeypatch, FakeScpi(IDN))
 
 
 @pytest.fixture
 def awg(fake):
-    drv = Keysight33522A(AWG, visa_library="@fake")
-    drv.connect()
-    fake.log.clear()
-    return drv
+    return connect_quietly(Keysight33522A(AWG, visa_library="@fake"), fake)
 
 
 def test_connect_opens_with_lf_termination_and_parses_idn(fake):
@@ -226,16 +171,7 @@ def test_not_connected():
     drv.close()                                         # harmless
 
 
-# ------------------------------------------------------------ pyvisa-sim
-@pytest.fixture
-def sim_lib(tmp_path):
-    # pyvisa keeps one simulated library (and instrument state) per file path
-    # for the whole process: a private copy gives every test fresh instruments
-    path = tmp_path / "sim_instruments.yaml"
-    shutil.copy(SIM_YAML, path)
-    return f"{path}@sim"
-
-
+# ------------------------------------------------------------ pyvisa-sim (sim_lib: conftest.py)
 def test_sim_file_in_repo_loads():
     drv = Keysight33522A(AWG, visa_library=f"{SIM_YAML}@sim")
     with drv:

@@ -4,88 +4,52 @@ from __future__ import annotations
 
 import itertools
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from pyvisa import constants
 from pyvisa.errors import VisaIOError
 
-from devices import awg_33522a
 from devices.dmm_34465a import Keysight34465A
 from devices.errors import CommunicationError, DeviceError, DeviceTimeout, LimitViolation, NotConnected
 from devices.setup_config import FaultRule
 from devices.sim.faults import FaultInjector
 from devices.sim.visa_link import attach_voltage_source, fault_wrapper, sim_device
+from tests.visa_fakes import NO_ERROR, FakeScpi, connect_quietly, install_fake
 
-REPO = Path(__file__).parents[1]
-SIM_YAML = REPO / "configs" / "visa" / "sim_instruments.yaml"
 DMM = "TCPIP0::192.168.0.21::INSTR"
 IDN = "Keysight Technologies,34465A,MY59000456,A.03.01-03.15-03.01-00.52-04-02"
-NO_ERROR = '+0,"No error"'
 
 
 # ------------------------------------------------------------ fake transport
-class FakeMeter:
-    """Records commands; 'HDR value' makes 'HDR?' answer value; READ? answers
-    ``reading``; ``errors`` feeds SYST:ERR?; ``fail`` raises on a command."""
+class FakeMeter(FakeScpi):
+    """FakeScpi, plus: CONF:VOLT:DC sets the range; READ? answers ``reading``
+    and notes the timeout it was asked with."""
 
     def __init__(self):
-        self.state = {"*IDN?": IDN, "VOLT:DC:RANG:AUTO?": "1"}
-        self.fixed: dict[str, str] = {}
-        self.errors: list[str] = []
-        self.fail: dict[str, Exception] = {}
+        super().__init__(IDN)
+        self.state["VOLT:DC:RANG:AUTO?"] = "1"
         self.reading = "+1.23456789E-01"
-        self.log: list[str] = []
-        self.timeout = 2000
         self.timeout_at_read = None
-        self.closed = False
 
-    def write(self, cmd):
-        if cmd in self.fail:
-            raise self.fail[cmd]
-        self.log.append(cmd)
-        head, _, arg = cmd.partition(" ")
-        self.state["VOLT:DC:RANG?" if head == "CONF:VOLT:DC" else head + "?"] = arg
+    def _echo_key(self, head):
+        return "VOLT:DC:RANG?" if head == "CONF:VOLT:DC" else super()._echo_key(head)
 
-    def query(self, cmd):
-        if cmd in self.fail:
-            raise self.fail[cmd]
-        self.log.append(cmd)
-        if cmd == "SYST:ERR?":
-            return self.errors.pop(0) if self.errors else NO_ERROR
+    def _reply(self, cmd):
         if cmd == "READ?":
             self.timeout_at_read = self.timeout
             return self.reading
-        return self.fixed.get(cmd, self.state.get(cmd, ""))
-
-    def close(self):
-        self.closed = True
+        return super()._reply(cmd)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    res = FakeMeter()
-
-    class FakeRM:
-        def __init__(self, library):
-            pass
-
-        def open_resource(self, name, **kwargs):
-            return res
-
-    # the DMM shares the VISA plumbing (and its pyvisa import) with the AWG module
-    monkeypatch.setattr(awg_33522a.pyvisa, "ResourceManager", FakeRM)
-    return res
+    return install_fake(monkeypatch, FakeMeter())
 
 
 @pytest.fixture
 def dmm(fake):
-    drv = Keysight34465A(DMM, visa_library="@fake")
-    drv.connect()
-    fake.log.clear()
-    return drv
+    return connect_quietly(Keysight34465A(DMM, visa_library="@fake"), fake)
 
 
 def test_idn_must_be_a_34465a(fake):
@@ -188,14 +152,7 @@ def test_errors_translated(dmm, fake):
         dmm.read_voltage()
 
 
-# ------------------------------------------------------------ pyvisa-sim
-@pytest.fixture
-def sim_lib(tmp_path):
-    path = tmp_path / "sim_instruments.yaml"   # fresh simulated instruments per test
-    shutil.copy(SIM_YAML, path)
-    return f"{path}@sim"
-
-
+# ------------------------------------------------------------ pyvisa-sim (sim_lib: conftest.py)
 @pytest.fixture
 def sim_dmm(sim_lib):
     drv = Keysight34465A(DMM, visa_library=sim_lib)

@@ -3,43 +3,14 @@ progress and tile states, pause/resume with the reason shown, stop and
 continue from the journal, the demo plan, and a responsive event loop."""
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PyQt5.QtCore import QTimer
 
 from gui import wafer_commands as cmd
 from gui.plan_builder import PlanOptions, build_plan, plan_dict
 from gui.wafer_model import ACQUIRED, GridSpec
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "sim.yaml"
-
-
-def wait_for(app, pred, timeout=15.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        app.processEvents()
-        time.sleep(0.005)
-
-
-@pytest.fixture(scope="module")
-def win(qapp):
-    from gui.app import build_window, make_app
-    make_app()
-    w = build_window(CONFIG)
-    w.resize(1400, 900)
-    w.show()
-    wait_for(qapp, lambda: w.session.setup is not None)
-    yield w
-    if w.controller.running:
-        w.controller.stop()
-        w.controller.engine.wait(30)
-    w.shutdown()
-    w.close()
+from tests.gui_helpers import ROOT, SIM_CONFIG
 
 
 def small_plan(win, rows=1, cols=2, frame=(256, 256), cycles=1, writers=("ome_tiff",), sections=3):
@@ -51,7 +22,7 @@ def small_plan(win, rows=1, cols=2, frame=(256, 256), cycles=1, writers=("ome_ti
     specs = [GridSpec(s.id, 0, s.center_um, s.angle_deg, rows, cols, 20.0, frame, 0, 200.0)
              for s in lay.ordered_sections()]
     cmd.set_grids(lay, specs)
-    plan = build_plan(plan_dict(lay, CONFIG, PlanOptions(cycles=cycles, writers=list(writers))))
+    plan = build_plan(plan_dict(lay, SIM_CONFIG, PlanOptions(cycles=cycles, writers=list(writers))))
     win.controller.set_plan(plan)
     return plan
 

@@ -1,37 +1,7 @@
 """Autofocus panel: MAPFoSt 'run now' on the simulator converges, the plot
 follows each iteration, the microscope ends nearer focus; unavailable
 methods are shown disabled with the reason; no 'run now' during a run."""
-import time
-from pathlib import Path
-
-import pytest
-
 from devices.interfaces import StagePosition
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "sim.yaml"
-
-
-def wait_for(app, pred, timeout=15.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        app.processEvents()
-        time.sleep(0.005)
-
-
-@pytest.fixture(scope="module")
-def win(qapp):
-    from gui.app import build_window, make_app
-    make_app()
-    w = build_window(CONFIG)
-    w.resize(1400, 900)
-    w.show()
-    wait_for(qapp, lambda: w.session.setup is not None)
-    yield w
-    w.shutdown()
-    w.close()
 
 
 def test_mapfost_run_now_converges_and_plots(win, qtbot):

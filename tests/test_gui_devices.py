@@ -2,41 +2,22 @@
 against the safety windows with a visible reason, stage moves (panel and
 click-to-move on the map), connect/disconnect."""
 import math
-import time
-from pathlib import Path
 
 import pytest
 from PyQt5.QtCore import QPoint, Qt
 from PyQt5.QtWidgets import QPushButton
 
+from tests.gui_helpers import wait_for
+
 pytest.importorskip("pytestqt")
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "sim.yaml"
-
-
-def wait_for(app, pred, timeout=15.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        app.processEvents()
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
-def win(qapp):
-    from gui.app import build_window, make_app
-    make_app()
-    w = build_window(CONFIG)
-    w.resize(1400, 900)
-    w.show()
-    wait_for(qapp, lambda: w.session.setup is not None)
-    w.session.poll()
-    wait_for(qapp, lambda: {"sem", "stage", "ion_gun"} <= set(w.session.last))
-    yield w
-    w.shutdown()
-    w.close()
+def win(win, qapp):
+    """conftest's window, with every device polled once."""
+    win.session.poll()
+    wait_for(qapp, lambda: {"sem", "stage", "ion_gun"} <= set(win.session.last))
+    return win
 
 
 def click(qtbot, button):

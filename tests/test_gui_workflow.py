@@ -1,34 +1,6 @@
 """Wafer workflow on the simulator: overview → sections → review → grids →
 order → plan, each step visible in the panel and on the map, undoable."""
-import time
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "sim.yaml"
-
-
-def wait_for(app, pred, timeout=15.0):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        app.processEvents()
-        time.sleep(0.005)
-
-
-@pytest.fixture(scope="module")
-def win(qapp):
-    from gui.app import build_window, make_app
-    make_app()
-    w = build_window(CONFIG)
-    w.resize(1400, 900)
-    w.show()
-    wait_for(qapp, lambda: w.session.setup is not None)
-    yield w
-    w.shutdown()
-    w.close()
 
 
 def test_overview_of_the_map_view(win, qtbot):

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from acq.atomic import atomic_write
 
 
 class SectionFormatError(ValueError):
@@ -162,44 +163,10 @@ def load_sections(path: str | os.PathLike) -> list[Section]:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` so that readers see the old file or the complete new one, never
-    a partial one: temp file in the same directory, fsync, then rename.
-
-    Without ``overwrite`` the final step is ``os.link``, which fails atomically if
-    the target appeared meanwhile (a plain exists() check would race)."""
-    p = Path(path)
-    if not overwrite and p.exists():
-        raise FileExistsError(f"refusing to overwrite existing file: {p} (pass overwrite=True)")
-    directory = p.parent if str(p.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, p)
-        else:
-            try:
-                os.link(tmp, p)
-            except FileExistsError:
-                raise FileExistsError(f"refusing to overwrite existing file: {p} (pass overwrite=True)") from None
-            except OSError:  # filesystem without hard links: best effort
-                if p.exists():
-                    raise FileExistsError(f"refusing to overwrite existing file: {p}") from None
-                os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return p
+    """Write UTF-8 ``text`` with acq.atomic.atomic_write: readers see the old file or
+    the complete new one; an existing file is kept unless ``overwrite`` (best effort
+    on filesystems without hard links)."""
+    return atomic_write(path, text.encode("utf-8"), overwrite=overwrite, link_fallback=True)
 
 
 def save_sections(sections: Iterable[Section], path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -1,4 +1,5 @@
-"""Where the writers put things, and the small per-tile record they share.
+"""Where the writers put things, the small per-tile record they share, and the
+base of the writers that write per section and cycle (PlaneWriter).
 
 Every writer derives its paths from here so that the OME-TIFF, its MIPmaps,
 the Render tile specs and the TrakEM2 lists always agree on a file's name.
@@ -11,9 +12,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from acq.writers.manifest import WrittenFile
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +179,40 @@ class SectionTiles:
     def pending(self) -> list[tuple[int, int]]:
         """(section, cycle) with tiles seen since their last SectionDone."""
         return sorted(k for k, v in self._by_key.items() if v)
+
+
+class PlaneWriter:
+    """Base of the writers that write a plane's files on its SectionDone, from the
+    latest version of each tile (Render tile specs, TrakEM2 lists). Subclasses set
+    ``self.tiles = SectionTiles(out_dir)`` and implement ``_write_plane``."""
+    tiles: SectionTiles
+
+    def handle(self, doc) -> list[WrittenFile]:
+        kind = getattr(doc, "kind", None)
+        if kind == "tile":
+            self.tiles.add(doc)
+        elif kind == "section_done":
+            return self._write(doc.section_id, doc.cycle, doc.tile_ids)
+        elif kind == "stop":
+            return self._write_pending()
+        return []
+
+    def _write_plane(self, section: int, cycle: int, records: list[TileRecord]) -> list[WrittenFile]:
+        """Write one plane's files (``records`` is never empty); the WrittenFiles."""
+        raise NotImplementedError
+
+    def _write(self, section: int, cycle: int, tile_ids) -> list[WrittenFile]:
+        records = self.tiles.resolve(section, cycle, tile_ids)
+        self.tiles.forget(section, cycle)
+        return self._write_plane(section, cycle, records) if records else []
+
+    def _write_pending(self) -> list[WrittenFile]:
+        """Tiles after the last SectionDone of their plane (an aborted section,
+        a late re-acquisition) still get their files when the run stops."""
+        return [f for sec, cyc in self.tiles.pending() for f in self._write(sec, cyc, [])]
+
+    def flush(self) -> None:
+        self._write_pending()
+
+    def close(self) -> None:
+        pass

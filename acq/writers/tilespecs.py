@@ -22,7 +22,7 @@ from typing import Optional
 
 import renderapi
 
-from acq.writers.layout import SectionTiles, TileRecord, mipmap_relpath, render_tile_id
+from acq.writers.layout import PlaneWriter, SectionTiles, TileRecord, mipmap_relpath, render_tile_id
 from acq.writers.manifest import Manifest, WrittenFile, sha256_file
 
 
@@ -90,7 +90,7 @@ def write_revision(manifest: Manifest, section: int, cycle: int, data: bytes, ki
         rev += 1
 
 
-class TileSpecWriter:
+class TileSpecWriter(PlaneWriter):
     kind = "tilespec"
 
     def __init__(self, out_dir: Path, manifest: Manifest, mipmap_levels: int = 3,
@@ -101,34 +101,9 @@ class TileSpecWriter:
         self.url_root = url_root
         self.tiles = SectionTiles(out_dir)
 
-    def handle(self, doc) -> list[WrittenFile]:
-        kind = getattr(doc, "kind", None)
-        if kind == "tile":
-            self.tiles.add(doc)
-        elif kind == "section_done":
-            return self._write(doc.section_id, doc.cycle, doc.tile_ids)
-        elif kind == "stop":
-            return self._write_pending()
-        return []
-
-    def _write(self, section: int, cycle: int, tile_ids) -> list[WrittenFile]:
-        records = self.tiles.resolve(section, cycle, tile_ids)
-        self.tiles.forget(section, cycle)
-        if not records:
-            return []
+    def _write_plane(self, section: int, cycle: int, records: list[TileRecord]) -> list[WrittenFile]:
         data = encode_specs(tilespec_dicts(records, self.out_dir, self.mipmap_levels, self.url_root))
         batch: list[dict] = []
         wf = write_revision(self.manifest, section, cycle, data, self.kind, batch)
         self.manifest.append(batch)
         return [wf]
-
-    def _write_pending(self) -> list[WrittenFile]:
-        """Tiles after the last SectionDone of their plane (an aborted section,
-        a late re-acquisition) still get their specs when the run stops."""
-        return [f for sec, cyc in self.tiles.pending() for f in self._write(sec, cyc, [])]
-
-    def close(self) -> None:
-        pass
-
-    def flush(self) -> None:
-        self._write_pending()

@@ -26,13 +26,13 @@ import re
 from pathlib import Path
 
 from acq.atomic import atomic_write
-from acq.writers.layout import SectionTiles
+from acq.writers.layout import PlaneWriter, SectionTiles, TileRecord
 from acq.writers.manifest import Manifest, WrittenFile
 
 _CYCLE_FILE = re.compile(r"^(\d+)_import(?:\.(\d+))?\.txt$")
 
 
-class TrakEM2Writer:
+class TrakEM2Writer(PlaneWriter):
     kind = "trakem2"
 
     def __init__(self, out_dir: Path, manifest: Manifest):
@@ -57,21 +57,7 @@ class TrakEM2Writer:
         self._origins[section] = (int(d["x_px"]), int(d["y_px"]))
         return self._origins[section], batch
 
-    def handle(self, doc) -> list[WrittenFile]:
-        kind = getattr(doc, "kind", None)
-        if kind == "tile":
-            self.tiles.add(doc)
-        elif kind == "section_done":
-            return self._write(doc.section_id, doc.cycle, doc.tile_ids)
-        elif kind == "stop":                # planes left open: aborted, or re-acquired late
-            return [f for sec, cyc in self.tiles.pending() for f in self._write(sec, cyc, [])]
-        return []
-
-    def _write(self, sec: int, cyc: int, tile_ids) -> list[WrittenFile]:
-        records = self.tiles.resolve(sec, cyc, tile_ids)
-        self.tiles.forget(sec, cyc)
-        if not records:
-            return []
+    def _write_plane(self, sec: int, cyc: int, records: list[TileRecord]) -> list[WrittenFile]:
         (ox, oy), batch = self._origin(sec, records)
         lines = []
         for r in records:
@@ -110,10 +96,3 @@ class TrakEM2Writer:
         atomic_write(self.out_dir / rel, data, overwrite=True)
         batch.append(self.manifest.entry(rel, hashlib.sha256(data).hexdigest(), len(data), "trakem2_index"))
         return WrittenFile(self.out_dir / rel, "trakem2_index", None)
-
-    def close(self) -> None:
-        pass
-
-    def flush(self) -> None:
-        for sec, cyc in self.tiles.pending():
-            self._write(sec, cyc, [])

@@ -322,38 +322,6 @@ class VirtualWafer:
                 thick[y0:y1, x0:x1][sel] = self.thickness_m if thk is None else thk[sel]
             hits.append((int(k), (x0, y0, x1, y1), local, thk, _pixel_box(tp, x0, y0, x1, y1)))
         return mat, thick, hits, full
-        inv = np.linalg.inv(np.vstack([t, [0, 0, 1]]))[:2]
-        for k in _boxes_hit(self._bbox, corners.min(1), corners.max(1)):
-            sec = self.sections[k]
-            rp = sec.resin_polygon_m @ inv[:, :2].T + inv[:, 2]
-            x0, y0 = max(0, int(math.floor(rp[:, 0].min()))), max(0, int(math.floor(rp[:, 1].min())))
-            x1, y1 = min(w, int(math.ceil(rp[:, 0].max())) + 1), min(h, int(math.ceil(rp[:, 1].max())) + 1)
-            if x1 <= x0 or y1 <= y0:
-                continue
-            local = np.zeros((y1 - y0, x1 - x0), np.uint8)
-            tp = sec.tissue_polygon_m @ inv[:, :2].T + inv[:, 2]
-            for poly, code in ((rp, RESIN), (tp, TISSUE)):
-                v = poly - poly.mean(0)              # cv2 fills both end pixels: pull edges in by 1/2 px
-                poly = poly - 0.5 * v / np.maximum(np.hypot(v[:, :1], v[:, 1:]), 1.0)
-                pts = np.clip(np.round((poly - (x0, y0)) * (1 << _SHIFT)), -2 ** 30, 2 ** 30)   # int32-safe
-                cv2.fillPoly(local, [pts.astype(np.int32)], code, cv2.LINE_8, _SHIFT)
-            sel = local > 0
-            if not sel.any():
-                continue
-            thk = None
-            if self._milled[k] > 0:
-                field, _, fx0, fy0, res = self._field(k)
-                rem = np.maximum(self.thickness_m - self._milled[k] * field, 0).astype(np.float32)
-                m = np.array([[t[0, 0], t[0, 1], t[0, 0] * x0 + t[0, 1] * y0 + t[0, 2] - fx0],
-                              [t[1, 0], t[1, 1], t[1, 0] * x0 + t[1, 1] * y0 + t[1, 2] - fy0]]) / res
-                thk = cv2.warpAffine(rem, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                     borderMode=cv2.BORDER_REPLICATE)
-                local[sel & (thk <= 0)] = SILICON         # milled through: the wafer shows
-            mat[y0:y1, x0:x1][sel] = local[sel]
-            if need_thick:
-                thick[y0:y1, x0:x1][sel] = self.thickness_m if thk is None else thk[sel]
-            hits.append((int(k), (x0, y0, x1, y1), local, thk, _pixel_box(tp, x0, y0, x1, y1)))
-        return mat, thick, hits, full
 
     def materials(self, xs_m, ys_m):
         """(material uint8: 0 vacuum, 1 silicon, 2 resin, 3 tissue; remaining thickness m float32)."""
