@@ -7,6 +7,15 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+_FILE_MODE = 0o666 & ~_umask()      # what open() would give, read once at import
+
+
 class FileExists(FileExistsError):
     pass
 
@@ -23,6 +32,7 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, over
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     tmp = Path(tmp)
+    os.chmod(tmp, _FILE_MODE)        # mkstemp makes 0600; data must stay readable by the pipeline
     try:
         if callable(data):
             os.close(fd)
