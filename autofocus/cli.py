@@ -1,0 +1,113 @@
+"""`python main.py autofocus bench|recalibrate` (mounted by main.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import typer
+
+from devices.setup_config import ConfigError, load_setup
+
+app = typer.Typer(add_completion=False, help="Autofocus: convergence benchmark and DeepFocus recalibration.")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sim.yaml"
+
+
+def _config(path: Path):
+    try:
+        cfg = load_setup(path)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    if cfg.devices.sem.driver != "sim":
+        typer.echo("error: the benchmark scores against the simulator's hidden focus; use a sim setup", err=True)
+        raise typer.Exit(2)
+    return cfg
+
+
+def _specimens(specimen: Optional[List[Path]]) -> list[Path]:
+    for p in specimen or []:
+        if not p.is_file():
+            typer.echo(f"error: --specimen {p}: file does not exist", err=True)
+            raise typer.Exit(2)
+    return list(specimen or [])
+
+
+@app.command()
+def bench(
+    method: Optional[List[str]] = typer.Option(None, "--method", help="repeatable: mapfost, deepfocus, a "
+                                               "DeepFocus variant, sharpness-nm, deepscore-nm, sem-builtin"),
+    specimen: Optional[List[Path]] = typer.Option(None, "--specimen", help="grayscale image(s); default procedural"),
+    locations: int = typer.Option(9, "--locations", min=1, max=100),
+    iterations: int = typer.Option(5, "--iterations", min=1, max=50, help="pair-method iterations (seed: 10)"),
+    nm_iterations: int = typer.Option(30, "--nm-iterations", min=1, max=500, help="Nelder–Mead iterations"),
+    dwell_ns: float = typer.Option(50.0, "--dwell-ns", min=10, max=100000),
+    frame: Tuple[int, int] = typer.Option((1024, 768), "--frame", help="W H (seed: 2048 1536)"),
+    pixel_nm: float = typer.Option(10.0, "--pixel-nm", min=0.5, max=1000),
+    initial: str = typer.Option("seed", "--initial", help="seed: wd ±U(8,12) µm, stig U(-4,-2), U(2,4); "
+                                "large: (30 µm, -6, 6)"),
+    seed: int = typer.Option(0, "--seed"),
+    stop: bool = typer.Option(True, "--stop/--no-stop", help="stop at the threshold (0.2 µm, 0.05) or run "
+                              "every iteration as in the seed's traces"),
+    mapfost_calibration: str = typer.Option("induced", "--mapfost-calibration",
+                                            help="induced (fit on known aberrations) or microscope"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of the convergence traces"),
+    models_dir: Path = typer.Option(Path(__file__).resolve().parents[1] / "models", "--models-dir",
+                                    help="where the DeepFocus/DeepScore models and cards are"),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config"),
+) -> None:
+    """Convergence of autofocus methods from identical starting states on the simulator."""
+    from autofocus.bench import BenchSettings, run_bench
+
+    if initial not in ("seed", "large"):
+        raise typer.BadParameter("seed or large", param_hint="--initial")
+    if mapfost_calibration not in ("induced", "microscope"):
+        raise typer.BadParameter("induced or microscope", param_hint="--mapfost-calibration")
+    if not all(64 <= v <= 8192 for v in frame):
+        raise typer.BadParameter("two values in 64..8192", param_hint="--frame")
+    cfg = _config(config)
+    st = BenchSettings(methods=tuple(method or ("mapfost", "deepfocus")), locations=locations,
+                       iterations=iterations, nm_iterations=nm_iterations, dwell_s=dwell_ns * 1e-9,
+                       frame=(frame[0], frame[1]), pixel_m=pixel_nm * 1e-9, initial=initial, seed=seed,
+                       stop_at_threshold=stop, mapfost_calibration=mapfost_calibration,
+                       specimen=tuple(_specimens(specimen)), models_dir=models_dir)
+    out = run_bench(cfg, st, json_out=json_out, plot_out=plot, progress=typer.echo)
+    if not out["methods"]:
+        typer.echo("no method could run", err=True)
+        raise typer.Exit(1)
+    if json_out:
+        typer.echo(f"wrote {json_out}")
+    if plot:
+        typer.echo(f"wrote {plot}")
+
+
+@app.command()
+def recalibrate(
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config"),
+    locations: int = typer.Option(10, "--locations", min=1, max=100, help="training locations"),
+    aberrations: int = typer.Option(10, "--aberrations", min=1, max=100, help="known aberrations per location"),
+    steps: int = typer.Option(2000, "--steps", min=1, help="fine-tuning steps (seed: 50 000)"),
+    out: Path = typer.Option(Path("models/deepfocus_recal.pt"), "--out"),
+    base_model: str = typer.Option("deepfocus", "--model", help="shipped DeepFocus variant to fine-tune"),
+    test_locations: int = typer.Option(5, "--test-locations", min=1, max=100),
+    iterations: int = typer.Option(5, "--iterations", min=1, max=50),
+    dwell_ns: float = typer.Option(100.0, "--dwell-ns", min=10, max=100000),
+    frame: Tuple[int, int] = typer.Option((1024, 768), "--frame"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+    models_dir: Path = typer.Option(Path(__file__).resolve().parents[1] / "models", "--models-dir"),
+) -> None:
+    """Recalibrate DeepFocus for a second microscope: DeepScore (or sharpness)
+    + Nelder–Mead finds the focus at each location, known aberrations around it
+    are the training pairs, the last three FC layers are fine-tuned."""
+    from autofocus.recalibrate import RecalSettings, run_recalibration
+
+    cfg = _config(config)
+    if out.exists():
+        typer.echo(f"error: {out} exists; refusing to overwrite", err=True)
+        raise typer.Exit(2)
+    st = RecalSettings(locations=locations, aberrations_per_location=aberrations, steps=steps, out=out,
+                       base_model=base_model, test_locations=test_locations, iterations=iterations,
+                       dwell_s=dwell_ns * 1e-9, frame=(frame[0], frame[1]), seed=seed, models_dir=models_dir)
+    report = run_recalibration(cfg, st, progress=typer.echo, json_out=json_out)
+    typer.echo(report["summary"])

@@ -1,0 +1,352 @@
+"""Training samples for DeepFocus / DeepScore from the simulated SEM.
+
+A sample is an aberrated state (Δwd, stig x, stig y) relative to the hidden
+focus baseline at a random specimen location; the pair is rendered at
+Δwd ± perturbation (same field of view, independent shot noise) and the target
+is the correction −aberration (seed ch. 3, "Ground truth generation"). Only
+the patch area is rendered (the renderer pads by the blur itself), so a
+256² pair costs a few ms instead of a 2048×1536 frame.
+
+Specimens: the procedural neuropil (several generator seeds, a few depths)
+and real EM textures when paths are given, at a random texture scale.
+Microscopes: a handful of hidden parameter sets around configs/sim.yaml's
+microscope, so the model is not tied to one α/σ0/stig calibration;
+SECOND_MICROSCOPE is a clearly different one, kept out of training for
+recalibration tests.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from devices.setup_config import MicroscopeParams, Simulation
+from devices.sim import optics
+from devices.sim.render_cli import specimen_world
+from devices.sim.sem import render
+
+BASE_MICROSCOPE = MicroscopeParams(alpha_mrad=3.0, sigma0_nm=1.5, stig_rotation_deg=15.0,
+                                   stig_scale_x_um=3.0, stig_scale_y_um=3.0)
+# Modest spread around the base (first entry drawn most often: it is what the engine runs).
+TRAIN_MICROSCOPES: tuple[MicroscopeParams, ...] = (
+    BASE_MICROSCOPE,
+    BASE_MICROSCOPE.model_copy(update=dict(alpha_mrad=2.8, sigma0_nm=1.0, stig_rotation_deg=13.0)),
+    BASE_MICROSCOPE.model_copy(update=dict(alpha_mrad=3.2, sigma0_nm=2.0, stig_rotation_deg=17.0)),
+    BASE_MICROSCOPE.model_copy(update=dict(alpha_mrad=3.1, sigma0_nm=2.5, stig_scale_x_um=2.85,
+                                           stig_scale_y_um=3.15)),
+    BASE_MICROSCOPE.model_copy(update=dict(alpha_mrad=2.9, sigma0_nm=1.2, stig_scale_x_um=3.15,
+                                           stig_scale_y_um=2.85, stig_rotation_deg=16.0)),
+)
+BASE_WEIGHT = 0.4
+# "Setup B": rotated scan, wider aperture, different stigmator axes and gains.
+SECOND_MICROSCOPE = BASE_MICROSCOPE.model_copy(update=dict(
+    alpha_mrad=4.5, sigma0_nm=2.0, stig_rotation_deg=-30.0, stig_scale_x_um=2.5, stig_scale_y_um=3.5,
+    scan_rotation_offset_deg=90.0))
+
+
+@dataclass
+class DataConfig:
+    patch: int = 256
+    n_patches: int = 1                  # aligned patch pairs per sample (score models: N per aberration)
+    single_image: bool = False          # DeepScore: one image at the aberration, target magnitudes
+    perturbation_um: float = 5.0        # the pair is taken at wd ± this
+    pixel_nm: float = 10.0
+    current_a: float = 1.5e-9
+    dwell_ns: tuple[float, float] = (50.0, 800.0)      # log-uniform
+    # aberration mixture: (probability, wd half-range µm, stig half-range), uniform in each
+    mixture: tuple[tuple[float, float, float], ...] = (
+        (0.35, 20.0, 5.0),      # seed wide range
+        (0.15, 20.0, 0.5),      # seed narrow-stig locations
+        (0.35, 3.0, 0.75),      # near focus: the loop must be precise here
+        (0.15, 32.0, 6.5),      # beyond the seed range: large first steps point the right way
+    )
+    textures: list[str] = field(default_factory=list)
+    texture_pixel_nm: tuple[float, float] = (3.0, 10.0)
+    procedural_seeds: tuple[int, ...] = (1, 2, 3)     # seed 0 (configs/sim.yaml) is held out
+    procedural_slices: tuple[int, ...] = (0, 60)      # 3 µm apart: unrelated neuropil
+    procedural_fraction: float = 0.5                  # when textures are given
+    microscopes: str = "train"          # "train" (the set above), "base", "second" or "broad"
+    stig_norm: str = "l2"               # DeepScore stig target: "l2" (rotation invariant) or "l1" (seed)
+    augment: bool = True
+    aug_p: float = 0.75
+    aug_noise_sd: float = 0.2
+    aug_gamma_sd: float = 0.25
+    aug_contrast_sd: float = 0.25
+    aug_brightness_sd: float = 0.25
+    pair_jitter_nm: float = 1.0         # drift between the two scans
+    # curriculum: the first easy_samples of a stream are drawn at wd ±easy_wd_um,
+    # stig ±easy_stig, dwell in easy_dwell_ns and without augmentation, so a fresh
+    # network finds the directional (stigmation) cue before the noisy, strongly
+    # defocused cases (on such data stig starts to fit after ~100-200 steps of 16);
+    # 0 = off.
+    easy_samples: int = 0
+    easy_tail: float = 0.0              # fraction of easy samples after the curriculum
+    easy_wd_um: float = 5.0
+    easy_stig: float = 3.0
+    easy_dwell_ns: tuple[float, float] = (400.0, 800.0)
+
+    def card(self) -> dict:
+        d = asdict(self)
+        d["textures"] = [Path(t).name for t in self.textures]
+        d["microscope_sets"] = [m.model_dump(include={"alpha_mrad", "sigma0_nm", "stig_rotation_deg",
+                                                     "stig_scale_x_um", "stig_scale_y_um",
+                                                     "scan_rotation_offset_deg"}) for m in _sets(self.microscopes)]
+        return d
+
+
+def _sets(kind: str) -> tuple[MicroscopeParams, ...]:
+    return {"train": TRAIN_MICROSCOPES, "base": (BASE_MICROSCOPE,), "second": (SECOND_MICROSCOPE,),
+            "broad": (BASE_MICROSCOPE,)}[kind]
+
+
+def broad_microscope(rng: np.random.Generator) -> MicroscopeParams:
+    """Wide random microscope for DeepScore, which should not depend on the setup."""
+    return BASE_MICROSCOPE.model_copy(update=dict(
+        alpha_mrad=float(rng.uniform(2.4, 5.0)), sigma0_nm=float(rng.uniform(1.0, 3.0)),
+        stig_rotation_deg=float(rng.uniform(-90, 90)), scan_rotation_offset_deg=float(rng.uniform(0, 180)),
+        stig_scale_x_um=float(rng.uniform(2.3, 3.8)), stig_scale_y_um=float(rng.uniform(2.3, 3.8))))
+
+
+def to_unit(img: np.ndarray) -> np.ndarray:
+    """8-bit grey (0..255) -> float32 in [-1, 1] (seed normalisation)."""
+    return np.asarray(img, np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+
+
+class Augmenter:
+    """Seed augmentations on [-1, 1] inputs, each with probability p. Gamma and
+    brightness/contrast act on the whole sample (both images together: their
+    relative contrast carries blur information); the noise map is i.i.d. per pixel."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        c = self.cfg
+        if rng.random() < c.aug_p:
+            g = float(np.clip(rng.normal(1.0, c.aug_gamma_sd), 0.4, 2.5))
+            u = np.clip((x + 1) * 0.5, 0, 1)
+            x = (u ** g) * 2 - 1
+        if rng.random() < c.aug_p:
+            m = float(x.mean())
+            x = float(rng.normal(1.0, c.aug_contrast_sd)) * (x - m) + m + float(rng.normal(0.0, c.aug_brightness_sd))
+        if rng.random() < c.aug_p:
+            x = x + rng.normal(0.0, c.aug_noise_sd, size=x.shape).astype(np.float32)
+        return x.astype(np.float32, copy=False)
+
+
+class PairSimulator:
+    """Renders aligned image pairs (or single images) at known aberrations."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.worlds = []       # (world, kind, slice depths)
+        sim = Simulation()
+        for s in cfg.procedural_seeds:
+            sp = sim.model_copy(deep=True)
+            sp.specimen.seed = int(s)
+            self.worlds.append((specimen_world(sp, [], None), "procedural"))
+        self.texture_world = None
+        if cfg.textures:
+            self.texture_world = specimen_world(sim, [Path(t) for t in cfg.textures], None)
+            self.n_tex = self.texture_world.specimen.n_slices
+
+    # -------------------------------------------------------------- aberrations
+    def draw_aberration(self, rng: np.random.Generator) -> tuple[float, float, float]:
+        probs = np.array([m[0] for m in self.cfg.mixture], float)
+        _, wd, st = self.cfg.mixture[int(rng.choice(len(probs), p=probs / probs.sum()))]
+        return float(rng.uniform(-wd, wd)), float(rng.uniform(-st, st)), float(rng.uniform(-st, st))
+
+    def draw_microscope(self, rng: np.random.Generator) -> MicroscopeParams:
+        if self.cfg.microscopes == "broad":
+            return broad_microscope(rng)
+        sets = _sets(self.cfg.microscopes)
+        if len(sets) == 1 or rng.random() < BASE_WEIGHT:
+            return sets[0]
+        return sets[int(rng.integers(1, len(sets)))]
+
+    def draw_world(self, rng: np.random.Generator):
+        """A world with its slice chosen and texture scale set for this sample."""
+        c = self.cfg
+        if self.texture_world is not None and (not self.worlds or rng.random() >= c.procedural_fraction):
+            w = self.texture_world
+            w.depth_m = int(rng.integers(self.n_tex)) * w.specimen.slice_thickness_m
+            w.specimen.texture_pixel_size_m = float(rng.uniform(*c.texture_pixel_nm)) * 1e-9
+            return w
+        w, _ = self.worlds[int(rng.integers(len(self.worlds)))]
+        w.depth_m = float(c.procedural_slices[int(rng.integers(len(c.procedural_slices)))]) \
+            * w.specimen.slice_thickness_m
+        return w
+
+    # -------------------------------------------------------------- rendering
+    def render(self, world, mp: MicroscopeParams, center, dz_um: float, stig, dwell_s: float,
+               shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        saved = world.mp
+        world.mp = mp          # render() reads the hidden optics from world.mp
+        try:
+            ab = optics.Aberration(dz_um * 1e-6, float(stig[0]), float(stig[1]))
+            return render(world, center, self.cfg.pixel_nm * 1e-9, shape, 0.0, ab, self.cfg.current_a,
+                          dwell_s, rng)
+        finally:
+            world.mp = saved
+
+    def pair(self, world, mp, center, ab, dwell_s, shape, rng) -> tuple[np.ndarray, np.ndarray]:
+        """(img at wd + Δ, img at wd − Δ) around aberration ab = (Δwd µm, sx, sy)."""
+        d = self.cfg.perturbation_um
+        plus = self.render(world, mp, center, ab[0] + d, ab[1:], dwell_s, shape, rng)
+        j = rng.normal(0.0, self.cfg.pair_jitter_nm * 1e-9, 2)
+        minus = self.render(world, mp, (center[0] + j[0], center[1] + j[1]), ab[0] - d, ab[1:], dwell_s,
+                            shape, rng)
+        return plus, minus
+
+    def sample(self, rng: np.random.Generator, ab=None, mp=None, dwell_ns=None,
+               world=None) -> tuple[np.ndarray, np.ndarray, dict]:
+        """One training sample: x (N, 2, P, P) uint8 pairs (or (N, 1, P, P)) and its target."""
+        c = self.cfg
+        ab = self.draw_aberration(rng) if ab is None else ab
+        mp = self.draw_microscope(rng) if mp is None else mp
+        dwell_ns = math.exp(rng.uniform(*np.log(c.dwell_ns))) if dwell_ns is None else dwell_ns
+        world = self.draw_world(rng) if world is None else world
+        center = tuple(rng.uniform(-20e-6, 20e-6, 2))
+        P, N = c.patch, c.n_patches
+        side = P if N == 1 else int(P * 1.75)      # room for N aligned random offsets
+        if c.single_image:
+            imgs = [self.render(world, mp, center, ab[0], ab[1:], dwell_ns * 1e-9, (side, side), rng)]
+            s = np.hypot(ab[1], ab[2]) if c.stig_norm == "l2" else abs(ab[1]) + abs(ab[2])
+            target = np.array([abs(ab[0]), s], np.float32)
+        else:
+            imgs = list(self.pair(world, mp, center, ab, dwell_ns * 1e-9, (side, side), rng))
+            target = -np.asarray(ab, np.float32)
+        stack = np.stack(imgs)
+        offs = rng.integers(0, side - P + 1, size=(N, 2))
+        x = np.stack([stack[:, r:r + P, q:q + P] for r, q in offs])
+        return x, target, {"ab": ab, "dwell_ns": dwell_ns, "alpha_mrad": mp.alpha_mrad}
+
+
+class SampleStream:
+    """Reproducible batches: x float32 (B, C, P, P) for one patch per sample, or
+    (B, N, C, P, P) for N > 1; y (B, 3) corrections or (B, 2) magnitudes."""
+
+    def __init__(self, cfg: DataConfig, seed: int, augment: Optional[bool] = None,
+                 sim: Optional[PairSimulator] = None):
+        self.cfg = cfg
+        self.sim = sim or PairSimulator(cfg)      # share one: procedural slices take seconds to build
+        self.rng = np.random.default_rng([seed, 0xDF])
+        self.augment = Augmenter(cfg) if (cfg.augment if augment is None else augment) else None
+        self.count = 0
+
+    def raw(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """One unaugmented sample (uint8 x, target, drawn from the easy curriculum)."""
+        c = self.cfg
+        easy = self.count < c.easy_samples or (c.easy_tail > 0 and self.rng.random() < c.easy_tail)
+        self.count += 1
+        if easy:
+            ab = (float(self.rng.uniform(-c.easy_wd_um, c.easy_wd_um)),
+                  *map(float, self.rng.uniform(-c.easy_stig, c.easy_stig, 2)))
+            x, y, _ = self.sim.sample(self.rng, ab=ab, dwell_ns=float(self.rng.uniform(*c.easy_dwell_ns)))
+        else:
+            x, y, _ = self.sim.sample(self.rng)
+        return x, y, easy
+
+    def _prepare(self, x: np.ndarray, easy: bool) -> np.ndarray:
+        x = to_unit(x)
+        if self.augment is not None and not easy:
+            x = self.augment(x, self.rng)
+        return x[0] if self.cfg.n_patches == 1 else x
+
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(b):
+            x, y, easy = self.raw()
+            xs.append(self._prepare(x, easy))
+            ys.append(y)
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+class ReplayPool:
+    """A pool of rendered samples that batches are drawn from (augmented afresh
+    each time), with `refresh` pool entries replaced by new renders per batch.
+
+    Why: rendering is amortised (a 256² pair with margin costs about as much as
+    a training step on this CPU), and revisiting samples under fresh
+    augmentation is what the seed did (320 pairs). The pool starts from the
+    curriculum's easy samples and drifts to the full distribution as entries
+    are replaced."""
+
+    def __init__(self, stream: SampleStream, size: int, refresh: int):
+        self.s, self.refresh = stream, refresh
+        self.pool = [stream.raw() for _ in range(size)]
+
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = self.s.rng
+        for i in rng.integers(0, len(self.pool), self.refresh):
+            self.pool[int(i)] = self.s.raw()
+        pick = rng.integers(0, len(self.pool), b)
+        xs = [self.s._prepare(self.pool[int(i)][0], self.pool[int(i)][2]) for i in pick]
+        ys = [self.pool[int(i)][1] for i in pick]
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+class Prefetcher:
+    """Renders the next batches in a background thread (numpy/FFT release the
+    GIL, so rendering overlaps the training step). One producer, so the batch
+    order, and with it the run, stays reproducible."""
+
+    def __init__(self, stream: SampleStream, batch: int, depth: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.err: Optional[BaseException] = None
+
+        def work():
+            try:
+                while not self._stop.is_set():
+                    item = stream.batch(batch)
+                    while not self._stop.is_set():
+                        try:
+                            self.q.put(item, timeout=0.2)
+                            break
+                        except queue.Full:
+                            pass
+            except BaseException as e:          # surfaced by next()
+                self.err = e
+        self.t = threading.Thread(target=work, daemon=True, name="deepfocus-data")
+        self.t.start()
+
+    def next(self):
+        while True:
+            if self.err is not None:
+                raise self.err
+            try:
+                return self.q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def close(self):
+        self._stop.set()
+        self.t.join(timeout=5)
+
+
+def samples_to_tensors(samples: Sequence, patch: int, n_patches: int, rng: np.random.Generator,
+                       augment: Optional[Augmenter] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random aligned crops from caller-provided (img_plus, img_minus, target) triples
+    (recalibration data): x (B, 2, P, P) or (B, N, 2, P, P), y (B, 3)."""
+    xs, ys = [], []
+    for plus, minus, target in samples:
+        plus, minus = np.asarray(plus), np.asarray(minus)
+        h, w = min(plus.shape[0], minus.shape[0]), min(plus.shape[1], minus.shape[1])
+        if h < patch or w < patch:
+            raise ValueError(f"sample of {h}x{w} px is smaller than the {patch}² patch")
+        offs = np.stack([rng.integers(0, h - patch + 1, n_patches), rng.integers(0, w - patch + 1, n_patches)], 1)
+        x = np.stack([np.stack([plus[r:r + patch, q:q + patch], minus[r:r + patch, q:q + patch]])
+                      for r, q in offs])
+        x = to_unit(x)
+        if augment is not None:
+            x = augment(x, rng)
+        xs.append(x[0] if n_patches == 1 else x)
+        ys.append(np.asarray(target, np.float32))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))

@@ -1,0 +1,196 @@
+"""Inference for shipped DeepFocus / DeepScore models (TorchScript + JSON card).
+
+    p = DeepFocusPredictor("models/deepfocus_patchscore_256.pt")
+    pred = p.predict(img_plus, img_minus, pixel_size_m=10e-9)   # img at wd+Δ, img at wd−Δ
+    wd += pred.d_wd_m; stig = (sx + pred.d_stig[0], sy + pred.d_stig[1])
+
+N aligned patch pairs are cropped at random offsets (a fixed seed sequence
+gives the same offsets every call, as in the seed's benchmark), run as one
+batch, and combined by the softmax-score-weighted mean (patch-score models)
+or the plain mean. Images at another pixel size are resampled to the card's.
+
+CPU path (measured on the 2-core dev box, see the model card "inference"):
+TorchScript frozen with torch.jit.optimize_for_inference (batch norm folded
+into the convolutions), channels-last, torch.inference_mode, the N patches in
+one forward. Half precision / int8 were not used: no native bf16 on the CPU,
+and the FC layers are <5 % of the time, so dynamic int8 gains nothing.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+DEFAULT_MODEL = MODELS_DIR / "deepfocus_patchscore_256.pt"
+DEFAULT_SCORE_MODEL = MODELS_DIR / "deepscore_512.pt"
+
+
+@dataclass
+class Prediction:
+    """Correction to ADD to the current working distance / stigmators."""
+    d_wd_m: float
+    d_stig: tuple[float, float]
+    sd: tuple[float, float, float]          # unweighted s.d. over patches: (wd m, stig x, stig y)
+    per_patch: np.ndarray                   # (N, 3): d_wd (m), d_stig x, d_stig y
+    weights: np.ndarray                     # (N,) sums to 1
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), int))   # (N, 2) row, col
+    time_s: float = 0.0
+
+
+@dataclass
+class ScoreDetail:
+    score: float                            # s_wd + s_stig (seed: minima over patches, summed)
+    s_wd_um: float
+    s_stig: float
+    per_patch: np.ndarray                   # (N, 2)
+    time_s: float = 0.0
+
+
+def load_card(model_path: str | Path) -> dict:
+    p = Path(model_path).with_suffix(".json")
+    if not p.is_file():
+        raise FileNotFoundError(f"model card {p} missing next to {model_path}")
+    return json.loads(p.read_text())
+
+
+def resample(img: np.ndarray, pixel_size_m: float, target_pixel_m: float, tol: float = 0.01) -> np.ndarray:
+    """Rescale an image taken at pixel_size_m to target_pixel_m pixels (area
+    averaging when shrinking, bicubic when enlarging); unchanged within tol."""
+    f = pixel_size_m / target_pixel_m
+    if abs(f - 1.0) <= tol:
+        return img
+    h, w = img.shape
+    size = (max(1, int(round(w * f))), max(1, int(round(h * f))))
+    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
+    out = cv2.resize(np.asarray(img, np.float32), size, interpolation=interp)
+    return np.clip(out, 0, 255)
+
+
+def patch_offsets(shape: tuple[int, int], patch: int, n: int, seed_sequence: Optional[int]) -> np.ndarray:
+    """N random (row, col) origins; the same seed gives the same offsets."""
+    h, w = shape
+    if h < patch or w < patch:
+        raise ValueError(f"image {w}x{h} px (at the model pixel size) is smaller than the {patch}² patch")
+    rng = np.random.default_rng(seed_sequence)
+    return np.stack([rng.integers(0, h - patch + 1, n), rng.integers(0, w - patch + 1, n)], 1)
+
+
+def _to_unit(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+
+
+class _Runner:
+    """Loads a TorchScript model for the fastest measured CPU/GPU path."""
+
+    def __init__(self, model_path: str | Path, device: Optional[str], threads: Optional[int],
+                 optimize: bool = True):
+        self.path = Path(model_path)
+        self.card = load_card(self.path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if threads:
+            torch.set_num_threads(int(threads))
+        m = torch.jit.load(str(self.path), map_location=self.device).eval()
+        if self.device.type == "cpu":
+            m = m.to(memory_format=torch.channels_last)
+        if optimize:
+            m = torch.jit.optimize_for_inference(torch.jit.freeze(m))
+        self.model = m
+        self.patch = int(self.card["patch_size"])
+        self.pixel_m = float(self.card["pixel_size_nm"]) * 1e-9
+        self._lock = threading.Lock()       # one forward at a time (thread pools are shared)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        with self._lock, torch.inference_mode():
+            return self.model(t).float().cpu().numpy()
+
+
+class DeepFocusPredictor:
+    """Corrections from an image pair taken at wd ± perturbation (see card)."""
+
+    def __init__(self, model_path: str | Path, device: Optional[str] = None, threads: Optional[int] = None,
+                 optimize: bool = True):
+        self._r = _Runner(model_path, device, threads, optimize)
+        self.card = self._r.card
+        if self.card.get("kind") == "deepscore":
+            raise ValueError(f"{model_path} is a DeepScore model; use DeepScorePredictor")
+        self.patch = self._r.patch
+        self.pixel_size_m = self._r.pixel_m
+        self.perturbation_m = float(self.card["perturbation_um"]) * 1e-6
+
+    def predict(self, img_plus: np.ndarray, img_minus: np.ndarray, pixel_size_m: float, n_patches: int = 10,
+                seed_sequence: Optional[int] = 0, perturbation_m: Optional[float] = None) -> Prediction:
+        """img_plus at wd + Δ, img_minus at wd − Δ (Δ = card perturbation), aligned.
+
+        seed_sequence: int for a fixed set of patch offsets (reproducible
+        iterations), None for fresh random ones."""
+        t0 = time.perf_counter()
+        if perturbation_m is not None and abs(perturbation_m - self.perturbation_m) > 0.01 * self.perturbation_m:
+            raise ValueError(f"pair taken at ±{perturbation_m * 1e6:.2f} µm, the model was trained at "
+                             f"±{self.perturbation_m * 1e6:.2f} µm")
+        a, b = np.asarray(img_plus), np.asarray(img_minus)
+        if a.shape != b.shape or a.ndim != 2:
+            raise ValueError(f"need two equal 2-D images, got {a.shape} and {b.shape}")
+        a = resample(a, pixel_size_m, self.pixel_size_m)
+        b = resample(b, pixel_size_m, self.pixel_size_m)
+        P = self.patch
+        offs = patch_offsets(a.shape, P, int(n_patches), seed_sequence)
+        x = np.empty((len(offs), 2, P, P), np.float32)
+        for i, (r, c) in enumerate(offs):
+            x[i, 0] = _to_unit(a[r:r + P, c:c + P])
+            x[i, 1] = _to_unit(b[r:r + P, c:c + P])
+        out = self._r.run(x)
+        corr = out[:, :3].astype(np.float64)
+        if out.shape[1] == 4:
+            s = out[:, 3].astype(np.float64)
+            w = np.exp(s - s.max())
+            w /= w.sum()
+        else:
+            w = np.full(len(out), 1.0 / len(out))
+        mean = w @ corr
+        sd = corr.std(axis=0)
+        per = corr.copy()
+        per[:, 0] *= 1e-6
+        return Prediction(d_wd_m=float(mean[0]) * 1e-6, d_stig=(float(mean[1]), float(mean[2])),
+                          sd=(float(sd[0]) * 1e-6, float(sd[1]), float(sd[2])), per_patch=per, weights=w,
+                          offsets=offs, time_s=time.perf_counter() - t0)
+
+
+class DeepScorePredictor:
+    """Aberration magnitude of a single image (lower = sharper); machine
+    independent enough to drive a Nelder–Mead search on an uncalibrated SEM."""
+
+    def __init__(self, model_path: str | Path, device: Optional[str] = None, threads: Optional[int] = None,
+                 optimize: bool = True):
+        self._r = _Runner(model_path, device, threads, optimize)
+        self.card = self._r.card
+        if self.card.get("kind") != "deepscore":
+            raise ValueError(f"{model_path} is not a DeepScore model")
+        self.patch = self._r.patch
+        self.pixel_size_m = self._r.pixel_m
+
+    def score_detail(self, image: np.ndarray, pixel_size_m: float, n_patches: int = 10,
+                     seed_sequence: Optional[int] = 0) -> ScoreDetail:
+        t0 = time.perf_counter()
+        a = resample(np.asarray(image), pixel_size_m, self.pixel_size_m)
+        P = self.patch
+        offs = patch_offsets(a.shape, P, int(n_patches), seed_sequence)
+        x = np.stack([_to_unit(a[r:r + P, c:c + P])[None] for r, c in offs])
+        out = self._r.run(x).astype(np.float64)
+        s_wd, s_st = float(out[:, 0].min()), float(out[:, 1].min())
+        return ScoreDetail(score=s_wd + s_st, s_wd_um=s_wd, s_stig=s_st, per_patch=out,
+                           time_s=time.perf_counter() - t0)
+
+    def score(self, image: np.ndarray, pixel_size_m: float, n_patches: int = 10,
+              seed_sequence: Optional[int] = 0) -> float:
+        """Seed: per score type the minimum over N patches, then the sum."""
+        return self.score_detail(image, pixel_size_m, n_patches, seed_sequence).score

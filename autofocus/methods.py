@@ -1,0 +1,298 @@
+"""One interface for every focus/stigmation correction method.
+
+A *pair* method (MAPFoSt, DeepFocus) turns two frames taken at wd ± Δ into
+a correction to ADD to the current wd/stig. A method without a pair (the
+microscope's own routine) runs on the SEM and reports what it changed; the
+loop (autofocus.loop) then undoes that and applies the change itself, so
+the step clamp and the safety windows hold for every method alike.
+
+Names: "mapfost" (calibrated on the microscope at start-up), "deepfocus"
+(the shipped default model), every shipped DeepFocus variant by its own
+name, "sem-builtin"; the Nelder–Mead searches live in autofocus.nelder_mead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import cv2
+import numpy as np
+
+from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
+                                      estimate_aberration)
+from devices.interfaces import Capability
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS_DIR = ROOT / "models"
+# known aberrations (Δwd µm, stig x, stig y) induced around the focused state to
+# calibrate MAPFoSt: non-zero defocus for the aperture, independent stig pairs
+DEEPFOCUS_KINDS = ("scalar", "patchscore", "pixelscore")       # card "kind" of a DeepFocus model
+CALIBRATION_ABERRATIONS = ((5.0, 0.8, 0.0), (-4.0, 0.0, 0.8), (3.0, -0.6, 0.6), (-6.0, 0.5, -0.5))
+
+
+@dataclass
+class Estimate:
+    d_wd_m: float                                  # correction to ADD to the working distance
+    d_stig: tuple[float, float]                    # correction to ADD to stig x, y
+    sd: Optional[tuple[float, float, float]] = None    # spread over patches (wd m, stig x, stig y)
+    seconds: float = 0.0                           # processing time (images in, correction out)
+    patches: int = 1
+
+
+@runtime_checkable
+class CorrectionMethod(Protocol):
+    name: str
+    needs_pair: bool
+
+    def estimate(self, img_plus: np.ndarray, img_minus: np.ndarray, pixel_size_m: float,
+                 perturbation_m: float) -> Estimate: ...
+
+
+# ----------------------------------------------------------- image metrics
+def sharpness(image: np.ndarray, sigma_px: float = 1.0) -> float:
+    """Tenengrad of a smoothed image over its squared mean (higher = sharper).
+
+    The Gaussian takes out most of the shot noise, which would otherwise add a
+    focus-independent floor that flattens the curve at low dose; dividing by
+    the mean makes it brightness-independent."""
+    f = np.asarray(image, dtype=np.float32)
+    if sigma_px > 0:
+        f = cv2.GaussianBlur(f, (0, 0), sigma_px)
+    gx = cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3)
+    m = float(f.mean()) or 1.0
+    return float(np.mean(gx * gx + gy * gy) / (m * m))
+
+
+def patch_origins(shape: tuple[int, int], patch: int, n: int) -> list[tuple[int, int]]:
+    """n square patches on an even grid (as square as the frame allows)."""
+    h, w = shape
+    if h < patch or w < patch:
+        raise ValueError(f"frame {w}x{h} is smaller than a {patch}² patch")
+    rows = max(1, int(round(math.sqrt(n * h / w))))
+    cols = max(1, math.ceil(n / rows))
+    ys = np.linspace(0, h - patch, rows).round().astype(int) if rows > 1 else [(h - patch) // 2]
+    xs = np.linspace(0, w - patch, cols).round().astype(int) if cols > 1 else [(w - patch) // 2]
+    # a frame that fits fewer patches than asked gives each distinct patch once
+    return list(dict.fromkeys((int(y), int(x)) for y in ys for x in xs))[:n]
+
+
+# ------------------------------------------------------------------ MAPFoSt
+class MapfostMethod:
+    """MAPFoSt (mapfost 4.3.1) on n square patches; median over patches.
+
+    Each patch is estimated separately so that the spread is known; the crop
+    around a patch is a little larger than the patch so that a few pixels of
+    drift between the two frames still leave a full aligned patch."""
+
+    needs_pair = True
+    MARGIN = 16
+
+    def __init__(self, calibration: MapfostCalibration, *, patch_size: int = 512, n_patches: int = 4,
+                 name: str = "mapfost"):
+        self.calibration = calibration
+        self.patch_size = patch_size
+        self.n_patches = n_patches
+        self.name = name
+
+    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m) -> Estimate:
+        t0 = time.perf_counter()
+        ps, m = self.patch_size, self.MARGIN
+        h, w = img_plus.shape
+        crop = min(ps + 2 * m, h, w)
+        ests, why = [], ""
+        for y, x in patch_origins((h, w), crop, self.n_patches):
+            a, b = img_plus[y:y + crop, x:x + crop], img_minus[y:y + crop, x:x + crop]
+            try:
+                ests.append(estimate_aberration(a, b, perturbation_m * 1e6, pixel_size_m * 1e9, self.calibration,
+                                                patch_size=min(ps, crop - m), patches_per_side=1))
+            except (ValueError, RuntimeError) as e:     # featureless patch: the alignment runs away
+                why = str(e)
+        if not ests:
+            raise RuntimeError(f"MAPFoSt: no usable patch ({why})")
+        ests = np.asarray(ests)
+        dz, sx, sy = np.median(ests, axis=0)
+        sd = ests.std(axis=0) if len(ests) > 1 else None
+        return Estimate(-dz * 1e-6, (-sx, -sy),
+                        None if sd is None else (sd[0] * 1e-6, sd[1], sd[2]),
+                        time.perf_counter() - t0, len(ests))
+
+
+def calibrate_mapfost_on_sem(sem, *, perturbation_m: float = 5e-6,
+                             known: Sequence[tuple[float, float, float]] = CALIBRATION_ABERRATIONS,
+                             patch_size: int = 512, patches_per_side: int = 1,
+                             initial: Optional[MapfostCalibration] = None) -> MapfostCalibration:
+    """Calibrate MAPFoSt the way an installation does: the SEM is focused now
+    (by the operator), known aberrations are induced around that state and the
+    aperture, stig scales and stig rotation are fitted to them.
+
+    Every setting goes through ``sem`` (a GuardedSEM refuses values outside
+    the windows); the focused state is restored whatever happens."""
+    wd0, stig0 = sem.working_distance(), tuple(sem.stig())
+
+    def acquire_pair(ab):
+        dz, sx, sy = ab
+        sem.set_stig(stig0[0] + sx, stig0[1] + sy)
+        frames = []
+        for sign in (+1, -1):
+            sem.set_working_distance(wd0 + dz * 1e-6 + sign * perturbation_m)
+            frames.append(sem.acquire_frame().image)
+        return frames[0], frames[1]
+
+    try:
+        return calibrate_mapfost(acquire_pair, known, perturbation_um=perturbation_m * 1e6,
+                                 pixel_size_nm=sem.pixel_size() * 1e9, initial=initial,
+                                 patch_size=min(patch_size, *sem.frame_size()),
+                                 patches_per_side=patches_per_side)
+    finally:
+        sem.set_working_distance(wd0)
+        sem.set_stig(*stig0)
+
+
+# ---------------------------------------------------------------- DeepFocus
+def _card_kind(model: Path) -> Optional[str]:
+    card = model.with_suffix(".json")
+    try:
+        return json.loads(card.read_text()).get("kind") if card.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def deepfocus_variants(models_dir: Path = MODELS_DIR) -> dict[str, Path]:
+    """Shipped DeepFocus models by name (file stem; DeepScore excluded by its card).
+
+    "deepfocus" is the shipped default: models/deepfocus.pt, else the model
+    whose card says "default": true, else the only one."""
+    found: dict[str, Path] = {}
+    default = None
+    for p in sorted(Path(models_dir).glob("*.pt")):
+        if _card_kind(p) not in DEEPFOCUS_KINDS:         # DeepScore, other projects' models, no card
+            continue
+        found[p.stem] = p
+        try:
+            if json.loads(p.with_suffix(".json").read_text()).get("default"):
+                default = default or p
+        except (OSError, ValueError):
+            pass
+    if "deepfocus" not in found:
+        if default is None and len(found) == 1:
+            default = next(iter(found.values()))
+        if default is not None:
+            found["deepfocus"] = default
+    return found
+
+
+def deepscore_model(models_dir: Path = MODELS_DIR) -> Optional[Path]:
+    cands = [p for p in sorted(Path(models_dir).glob("*.pt")) if _card_kind(p) == "deepscore"]
+    return cands[0] if cands else None
+
+
+class DeepFocusMethod:
+    """A DeepFocus model: the same N patch offsets at every call (fixed seed
+    sequence, as in the seed's traces), mean (or score-weighted mean)."""
+
+    needs_pair = True
+
+    def __init__(self, model_path: Path, *, n_patches: int = 10, seed: int = 0, name: Optional[str] = None):
+        from autofocus.inference import DeepFocusPredictor
+        self.model_path = Path(model_path)
+        self.predictor = DeepFocusPredictor(self.model_path)
+        self.n_patches = n_patches
+        self.seed = seed
+        self.name = name or self.model_path.stem
+        trained = getattr(self.predictor, "perturbation_m", None)
+        self.trained_perturbation_m = float(trained) if trained else None
+
+    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m) -> Estimate:
+        if self.trained_perturbation_m and abs(perturbation_m - self.trained_perturbation_m) > 1e-9:
+            raise ValueError(f"{self.name} was trained on ±{self.trained_perturbation_m * 1e6:g} µm pairs, "
+                             f"not ±{perturbation_m * 1e6:g} µm")
+        t0 = time.perf_counter()
+        p = self.predictor.predict(img_plus, img_minus, pixel_size_m, n_patches=self.n_patches,
+                                   seed_sequence=self.seed)
+        sd = getattr(p, "sd", None)
+        if sd is not None:
+            sd = tuple(float(v) for v in np.ravel(sd)[:3])
+        return Estimate(float(p.d_wd_m), (float(p.d_stig[0]), float(p.d_stig[1])), sd,
+                        time.perf_counter() - t0, len(getattr(p, "per_patch", ())) or self.n_patches)
+
+
+# ------------------------------------------------------ SEM's own routine
+class SemBuiltinMethod:
+    """The microscope's own autofocus (Capability.AUTOFOCUS). It changes
+    wd/stig itself; ``run_on`` reports that change and puts the SEM back, so
+    the loop applies it through the same clamp and windows as any method."""
+
+    name = "sem-builtin"
+    needs_pair = False
+
+    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m) -> Estimate:
+        raise TypeError("sem-builtin works on the microscope, not on an image pair: use run_on(sem)")
+
+    def run_on(self, sem) -> Estimate:
+        if not Capability.AUTOFOCUS & getattr(sem, "capabilities", Capability.NONE):
+            raise RuntimeError("this SEM has no built-in autofocus (Capability.AUTOFOCUS)")
+        wd0, stig0 = sem.working_distance(), tuple(sem.stig())
+        t0 = time.perf_counter()
+        try:
+            sem.run_autofocus()
+            wd1, stig1 = sem.working_distance(), tuple(sem.stig())
+        finally:
+            sem.set_working_distance(wd0)
+            sem.set_stig(*stig0)
+        return Estimate(wd1 - wd0, (stig1[0] - stig0[0], stig1[1] - stig0[1]), None, time.perf_counter() - t0, 0)
+
+
+def sem_has_builtin(sem) -> bool:
+    return bool(Capability.AUTOFOCUS & getattr(sem, "capabilities", Capability.NONE))
+
+
+# ------------------------------------------------------------------ factory
+PAIR_METHODS = ("mapfost", "deepfocus")
+SEARCH_METHODS = ("sharpness-nm", "deepscore-nm")
+
+
+def available_methods(models_dir: Path = MODELS_DIR) -> list[str]:
+    names = ["mapfost", *sorted(deepfocus_variants(models_dir)), "sharpness-nm"]
+    if deepscore_model(models_dir) is not None:
+        names.append("deepscore-nm")
+    return names + ["sem-builtin"]
+
+
+def make_pair_method(name: str, *, sem=None, mapfost_calibration: str | MapfostCalibration = "induced",
+                     microscope=None, scan_rotation_rad: float = 0.0, perturbation_m: float = 5e-6,
+                     n_patches: Optional[int] = None, patch_size: int = 512, seed: int = 0,
+                     models_dir: Path = MODELS_DIR):
+    """Build a correction method by name.
+
+    mapfost_calibration: "induced" calibrates on ``sem`` now (it must be in
+    focus), "microscope" maps the simulator's hidden parameters (``microscope``
+    = MicroscopeParams; tests only), or a ready MapfostCalibration."""
+    if name == "mapfost":
+        if isinstance(mapfost_calibration, MapfostCalibration):
+            cal = mapfost_calibration
+        elif mapfost_calibration == "microscope":
+            if microscope is None:
+                raise ValueError("mapfost_calibration='microscope' needs the MicroscopeParams")
+            cal = calibration_from_microscope(microscope, scan_rotation_rad)
+        elif mapfost_calibration == "induced":
+            if sem is None:
+                raise ValueError("calibrating MAPFoSt needs the (focused) SEM")
+            cal = calibrate_mapfost_on_sem(sem, perturbation_m=perturbation_m, patch_size=patch_size)
+        else:
+            raise ValueError(f"mapfost_calibration: 'induced', 'microscope' or a MapfostCalibration, "
+                             f"not {mapfost_calibration!r}")
+        return MapfostMethod(cal, patch_size=patch_size, n_patches=n_patches or 4)
+    if name == "sem-builtin":
+        return SemBuiltinMethod()
+    variants = deepfocus_variants(models_dir)
+    if name in variants:
+        return DeepFocusMethod(variants[name], n_patches=n_patches or 10, seed=seed, name=name)
+    if name.startswith("deepfocus"):
+        raise ValueError(f"no shipped DeepFocus model {name!r} in {models_dir} (have {sorted(variants) or 'none'})")
+    raise ValueError(f"unknown correction method {name!r}; available: {available_methods(models_dir)}")
+

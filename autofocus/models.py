@@ -1,0 +1,274 @@
+"""DeepFocus networks (Schubert, thesis ch. 3): autofocus and autostigmation
+from a pair of images taken at wd ± Δ, and DeepScore, a single-image
+aberration-magnitude regressor used for recalibration.
+
+All DeepFocus models take a patch-pair batch (B, 2, H, W) in [-1, 1]
+(channel 0 = image at wd + Δ, channel 1 = wd − Δ) and treat it as a 3-D
+volume (B, 1, 2, H, W) whose z axis holds the two images, so (1, k, k)
+kernels share weights across the pair. Outputs are corrections to ADD to the
+current setting: (Δwd µm, Δstig x, Δstig y) [, score].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Seed layer table for the image-to-scalar models: (out channels, kernel, pool).
+# Valid convolutions, floor pooling; the same stack serves every input size.
+DEEPFOCUS_CONV = ((20, 5, 2), (30, 5, 2), (40, 4, 2), (50, 4, 2), (60, 2, 2), (70, 1, 2), (70, 1, 1))
+# FC (input, hidden) per patch side, as in the seed
+DEEPFOCUS_FC = {128: (140, 100), 256: (1260, 250), 384: (3500, 250), 512: (6860, 250)}
+DEEPSCORE_CONV = ((20, 3, 2), (30, 3, 2), (40, 3, 2), (50, 3, 2), (60, 3, 2), (70, 3, 2))
+DEEPSCORE_FC = {512: (2520, 250)}
+DROPOUT = 0.1
+# Fixed output scale (Δwd µm, stig x, stig y, score): the targets span ±20 µm
+# and ±5, so the last layer works at unit scale and escapes the predict-the-
+# median plateau within a CPU budget (the seed had 10⁶ GPU steps). A
+# reparametrisation only: outputs stay in µm / stig units.
+OUTPUT_SCALE = (10.0, 2.0, 2.0, 1.0)
+PATCH_SCORE_ALPHA = 0.25
+
+
+class Conv3DBlock(nn.Module):
+    """Seed Conv3D layer with a (1, k, k) kernel: convolution, batch norm, ReLU,
+    max pool (1, p, p), dropout. A z-kernel of 1 applies the same 2-D kernel to
+    each image of the pair, so it runs as a 2-D layer on the pair folded into the
+    batch, (B·2, C, H, W): identical arithmetic (BatchNorm2d over B·2 planes =
+    BatchNorm3d over (B, z)), but ~2x faster on CPU and channels-last capable."""
+
+    def __init__(self, cin: int, cout: int, k: int, pool: int, dropout: float = DROPOUT):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k)
+        self.bn = nn.BatchNorm2d(cout)
+        self.pool = nn.MaxPool2d(pool) if pool > 1 else nn.Identity()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.pool(F.relu(self.bn(self.conv(x)))))
+
+
+def conv_out_side(side: int, table) -> int:
+    for _, k, p in table:
+        side = (side - k + 1) // p
+    return side
+
+
+class PlanarStack(nn.Module):
+    """The Conv3D blocks over (B, Z, H, W); returns flat features in Conv3D
+    order, i.e. (B, C, Z, h, w) flattened."""
+
+    def __init__(self, table, dropout: float = DROPOUT):
+        super().__init__()
+        layers, cin = [], 1
+        for cout, k, p in table:
+            layers.append(Conv3DBlock(cin, cout, k, p, dropout))
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, z, h, w = x.shape
+        f = self.layers(x.reshape(b * z, 1, h, w))
+        f = f.reshape(b, z, f.shape[1], f.shape[2], f.shape[3]).transpose(1, 2)
+        return torch.flatten(f, 1)
+
+
+class DeepFocusNet(nn.Module):
+    """Image-to-scalar DeepFocus; n_out = 3 (corrections) or 4 (+ patch score)."""
+
+    def __init__(self, patch: int, n_out: int = 3, dropout: float = DROPOUT):
+        super().__init__()
+        if patch not in DEEPFOCUS_FC:
+            raise ValueError(f"no seed layer table for {patch}² patches (have {sorted(DEEPFOCUS_FC)})")
+        fc_in, hidden = DEEPFOCUS_FC[patch]
+        side = conv_out_side(patch, DEEPFOCUS_CONV)
+        got = DEEPFOCUS_CONV[-1][0] * 2 * side * side
+        assert got == fc_in, f"conv stack gives {got} features, seed says {fc_in}"
+        self.patch, self.n_out = patch, n_out
+        self.features = PlanarStack(DEEPFOCUS_CONV, dropout)
+        self.fc = nn.Sequential(nn.Linear(fc_in, hidden), nn.ReLU(), nn.Linear(hidden, 50), nn.ReLU(),
+                                nn.Linear(50, n_out))
+        self.register_buffer("out_scale", torch.tensor(OUTPUT_SCALE[:n_out]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x)) * self.out_scale
+
+
+class DeepScoreNet(nn.Module):
+    """Single image (B, 1, H, W) -> (s_wd, s_stig): |Δwd| in µm and the L1 norm
+    |Δstig x| + |Δstig y| (seed: the two absolute stig components are summed)."""
+
+    def __init__(self, patch: int = 512, dropout: float = DROPOUT):
+        super().__init__()
+        fc_in, hidden = DEEPSCORE_FC[patch]
+        side = conv_out_side(patch, DEEPSCORE_CONV)
+        assert DEEPSCORE_CONV[-1][0] * side * side == fc_in
+        self.patch, self.n_out = patch, 2
+        self.features = PlanarStack(DEEPSCORE_CONV, dropout)
+        self.fc = nn.Sequential(nn.Linear(fc_in, hidden), nn.ReLU(), nn.Linear(hidden, 50), nn.ReLU(),
+                                nn.Linear(50, 2))
+        self.register_buffer("out_scale", torch.tensor((10.0, 2.0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x)) * self.out_scale
+
+
+# ------------------------------------------------------------ pixel score
+class PlanarBlock(nn.Module):
+    """Two (1,3,3) same-padded convolutions with group norm (8 groups) + ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(cin, cout, (1, 3, 3), padding=(0, 1, 1)), nn.GroupNorm(8, cout), nn.ReLU(),
+            nn.Conv3d(cout, cout, (1, 3, 3), padding=(0, 1, 1)), nn.GroupNorm(8, cout), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class ResizeConv(nn.Module):
+    """Upsample then convolve (Odena et al. 2016): no checkerboard artefacts."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+
+
+class PixelScoreUNet(nn.Module):
+    """3-D U-Net with 3 planar levels, 32 start filters. Returns per-pixel maps
+    (B, 4, H, W): three corrections and a score; the two z planes of the last
+    32 features are concatenated to 64 channels and projected by 1x1 convs."""
+
+    def __init__(self, patch: int, start: int = 32):
+        super().__init__()
+        if patch % 4:
+            raise ValueError("pixel-score patches must be divisible by 4")
+        self.patch, self.n_out = patch, 4
+        f = start
+        self.enc1, self.enc2, self.bottom = PlanarBlock(1, f), PlanarBlock(f, 2 * f), PlanarBlock(2 * f, 4 * f)
+        self.up2, self.dec2 = ResizeConv(4 * f, 2 * f), PlanarBlock(4 * f, 2 * f)
+        self.up1, self.dec1 = ResizeConv(2 * f, f), PlanarBlock(2 * f, f)
+        self.head = nn.Sequential(nn.Conv2d(2 * f, 20, 1), nn.ReLU(), nn.Conv2d(20, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(1)
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool3d(e1, (1, 2, 2)))
+        b = self.bottom(F.max_pool3d(e2, (1, 2, 2)))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        n, c, z, h, w = d1.shape
+        return self.head(d1.reshape(n, c * z, h, w))
+
+
+class PixelScorePatches(nn.Module):
+    """Export wrapper: per-patch (P, 3) softmax-pixel-weighted corrections, so
+    every shipped DeepFocus model maps (P, 2, H, W) -> (P, 3 or 4)."""
+
+    def __init__(self, net: PixelScoreUNet):
+        super().__init__()
+        self.net = net
+        self.patch, self.n_out = net.patch, 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_weighted(self.net(x))
+
+
+# ------------------------------------------------------------ reductions/losses
+def score_weighted(out: torch.Tensor) -> torch.Tensor:
+    """(B, N, 4) per-patch outputs -> (B, 3): softmax of the N scores as weights."""
+    w = torch.softmax(out[..., 3], dim=-1)
+    return (out[..., :3] * w.unsqueeze(-1)).sum(-2)
+
+
+def pixel_weighted(maps: torch.Tensor) -> torch.Tensor:
+    """(B, 4, H, W) per-pixel maps -> (B, 3): softmax over pixels as weights."""
+    w = torch.softmax(maps[:, 3].flatten(1), dim=1)
+    return torch.einsum("bcp,bp->bc", maps[:, :3].flatten(2), w)
+
+
+def score_loss(mean_pred: torch.Tensor, individual: torch.Tensor, target: torch.Tensor,
+               alpha: float = PATCH_SCORE_ALPHA) -> torch.Tensor:
+    """Seed eq. 3.1: (1 − α)·L1(weighted mean) + L1(individual predictions).
+    individual: (B, N, 3) per patch or (B, 3, H, W) per pixel."""
+    if individual.dim() == 3:
+        ind = F.l1_loss(individual, target.unsqueeze(1).expand_as(individual))
+    else:
+        ind = F.l1_loss(individual, target[:, :, None, None].expand_as(individual))
+    return (1 - alpha) * F.l1_loss(mean_pred, target) + ind
+
+
+def batch_loss(kind: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Loss and (B, 3 or 2) aggregated prediction for one batch.
+
+    x: scalar/deepscore (B, C, H, W); patch- and pixel-score (B, N, 2, H, W)
+    with N aligned patch pairs of one aberration per sample.
+    """
+    if kind in ("scalar", "deepscore"):
+        pred = model(x)
+        return F.l1_loss(pred, target), pred
+    b, n = x.shape[:2]
+    out = model(x.flatten(0, 1))
+    if kind == "patchscore":
+        out = out.view(b, n, 4)
+        pred = score_weighted(out)
+        return score_loss(pred, out[..., :3], target), pred
+    # pixel score: one weighted mean per patch, patches combined by their plain mean
+    per_patch = pixel_weighted(out).view(b, n, 3)
+    pred = per_patch.mean(1)
+    maps = out[:, :3].reshape(b, n, 3, *out.shape[-2:]).transpose(1, 2).flatten(2, 3)
+    return score_loss(pred, maps, target), pred
+
+
+# ------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str                  # "scalar" | "patchscore" | "pixelscore" | "deepscore"
+    patch: int
+    build: Callable[..., nn.Module]        # build(dropout=...) for the image-to-scalar kinds
+
+    @property
+    def n_inputs(self) -> int:
+        return 1 if self.kind == "deepscore" else 2
+
+
+def _register() -> dict[str, Variant]:
+    v: dict[str, Variant] = {}
+    for p in DEEPFOCUS_FC:
+        v[f"deepfocus-{p}"] = Variant(f"deepfocus-{p}", "scalar", p, lambda p=p, **kw: DeepFocusNet(p, 3, **kw))
+        v[f"deepfocus-patchscore-{p}"] = Variant(f"deepfocus-patchscore-{p}", "patchscore", p,
+                                                 lambda p=p, **kw: DeepFocusNet(p, 4, **kw))
+    for p in (128, 256, 384):
+        v[f"deepfocus-pixelscore-{p}"] = Variant(f"deepfocus-pixelscore-{p}", "pixelscore", p,
+                                                 lambda p=p, **kw: PixelScoreUNet(p))
+    v["deepscore-512"] = Variant("deepscore-512", "deepscore", 512, lambda **kw: DeepScoreNet(512, **kw))
+    return v
+
+
+VARIANTS: dict[str, Variant] = _register()
+
+
+def build(name: str, dropout: float = DROPOUT) -> nn.Module:
+    """dropout: the seed's 0.1 by default; it is identity at inference, so a
+    model trained with another rate has the same exported architecture."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
+    return VARIANTS[name].build(dropout=dropout)
+
+
+def export_module(name: str, model: nn.Module) -> nn.Module:
+    """The module that goes into TorchScript: per-patch outputs for every kind."""
+    return PixelScorePatches(model) if VARIANTS[name].kind == "pixelscore" else model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
