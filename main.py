@@ -27,11 +27,21 @@ def _mount() -> None:
     app.add_typer(sim_app, name="sim")
     from acq.cli import run as acq_run
     app.command("run", help="Run an acquisition plan (or --resume one).")(acq_run)
+    from wafer.cli import app as wafer_app
+    from wafer.detect_cli import detect_cmd
+    wafer_app.command("detect")(detect_cmd)
+    app.add_typer(wafer_app, name="wafer")
+    from autofocus.cli import app as autofocus_app
+    app.add_typer(autofocus_app, name="autofocus")
+    train_app = typer.Typer(add_completion=False, help="Train the networks on the simulator.")
+    from wafer.train_sections import train_sections_cmd
+    train_app.command("sections")(train_sections_cmd)
     try:
-        from wafer.cli import app as wafer_app
-        app.add_typer(wafer_app, name="wafer")
+        from autofocus.train import train_deepfocus_cmd
+        train_app.command("deepfocus")(train_deepfocus_cmd)
     except ImportError:
         pass
+    app.add_typer(train_app, name="train")
 
 
 @app.callback(invoke_without_command=True)
