@@ -154,35 +154,43 @@ def calibrate_mapfost_on_sem(sem, *, perturbation_m: float = 5e-6,
 
 
 # ---------------------------------------------------------------- DeepFocus
-def _card_kind(model: Path) -> Optional[str]:
-    card = model.with_suffix(".json")
+def _card(model: Path) -> dict:
     try:
-        return json.loads(card.read_text()).get("kind") if card.is_file() else None
+        return json.loads(model.with_suffix(".json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def _card_kind(model: Path) -> Optional[str]:
+    return _card(model).get("kind")
+
+
+def _validation_cost(card: dict) -> float:
+    """Validation error in units of the focus margins (1 µm, 0.25 stig)."""
+    v = card.get("validation") or {}
+    try:
+        return float(v["mae_wd_um"]) / 1.0 + float(v["mae_stig"]) / 0.25
+    except (KeyError, TypeError, ValueError):
+        return math.inf
 
 
 def deepfocus_variants(models_dir: Path = MODELS_DIR) -> dict[str, Path]:
-    """Shipped DeepFocus models by name (file stem; DeepScore excluded by its card).
+    """Shipped DeepFocus models by name (file stem; DeepScore and other
+    projects' models excluded by their card's "kind").
 
     "deepfocus" is the shipped default: models/deepfocus.pt, else the model
-    whose card says "default": true, else the only one."""
-    found: dict[str, Path] = {}
-    default = None
-    for p in sorted(Path(models_dir).glob("*.pt")):
-        if _card_kind(p) not in DEEPFOCUS_KINDS:         # DeepScore, other projects' models, no card
-            continue
-        found[p.stem] = p
-        try:
-            if json.loads(p.with_suffix(".json").read_text()).get("default"):
-                default = default or p
-        except (OSError, ValueError):
-            pass
-    if "deepfocus" not in found:
-        if default is None and len(found) == 1:
-            default = next(iter(found.values()))
-        if default is not None:
-            found["deepfocus"] = default
+    whose card says "default": true, else the finished model (card without
+    "partial": true; not a recalibration for another microscope) with the
+    lowest validation error in margin units."""
+    cards = {p.stem: (p, _card(p)) for p in sorted(Path(models_dir).glob("*.pt"))}
+    found = {name: p for name, (p, c) in cards.items() if c.get("kind") in DEEPFOCUS_KINDS}
+    if "deepfocus" not in found and found:
+        flagged = [found[n] for n in found if cards[n][1].get("default")]
+        # a recalibrated model belongs to another microscope: never the default here
+        own = [n for n in found if not ({"recalibration", "recalibration_samples"} & set(cards[n][1]))] or list(found)
+        finished = [n for n in own if not cards[n][1].get("partial")] or own
+        best = min(finished, key=lambda n: (_validation_cost(cards[n][1]), n))
+        found["deepfocus"] = flagged[0] if flagged else found[best]
     return found
 
 

@@ -244,13 +244,16 @@ def _add_folds(sig, rng, inst, n_sections) -> None:
 
 
 def _far_background(rng, tissue, shape, n_max: int = 16) -> np.ndarray:
-    """Drawn-style background blobs well away from any tissue: without them the net
-    never sees bare wafer, tile seams or resin chips as negatives."""
+    """Drawn-style background well away from any tissue: without it the net never sees
+    bare wafer, vacuum, the wafer edge, tile seams or resin chips as negatives.  Half
+    the crops get large outlined regions (all of the far area), half a few blobs."""
     h, w = shape
     if tissue.any():
         far = ~ndimage.binary_dilation(tissue, _CROSS, iterations=BG_DILATION + 15)
     else:
         far = np.ones(shape, bool)
+    if rng.random() < 0.5:
+        return far
     out = np.zeros(shape, bool)
     ys, xs = np.nonzero(far[::8, ::8])
     if len(ys) == 0:
@@ -269,11 +272,13 @@ def sample_overviews(seed: int, n_crops: int = 2, shape=(768, 768)) -> list[Over
     r_um = wafer.radius_m * 1e6
     out = []
     for _ in range(n_crops):
-        if rng.random() < 0.8 and wafer.sections:
+        u = rng.random()
+        if u < 0.6 and wafer.sections:
             c = np.array(wafer.sections[int(rng.integers(len(wafer.sections)))].center_m) * 1e6
             c += rng.uniform(-1, 1, 2) * np.array(shape[::-1]) * PIXEL_UM / 3
-        else:
-            a, r = rng.uniform(0, 2 * math.pi), r_um * math.sqrt(rng.random())
+        else:                   # anywhere, or across the wafer edge (vacuum beyond)
+            r = r_um * math.sqrt(rng.random()) if u < 0.8 else r_um + rng.uniform(-1000, 500)
+            a = rng.uniform(0, 2 * math.pi)
             c = np.array([r * math.cos(a), r * math.sin(a)])
         out.append(render_overview(wafer, c, shape, rng))
     return out

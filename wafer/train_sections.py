@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import time
@@ -63,8 +62,8 @@ def _batch(imgs, labs, rng, patch: int, batch: int):
         i = int(rng.integers(len(imgs)))
         img, lab = imgs[i], labs[i]
         centre = None
-        if rng.random() < 0.5:                      # half the patches centred on annotated pixels
-            yy, xx = np.nonzero(lab[::4, ::4] != dd.IGNORE)
+        if rng.random() < 0.5:                      # half the patches centred on tissue
+            yy, xx = np.nonzero(lab[::4, ::4] == 1)
             if len(yy):
                 j = int(rng.integers(len(yy)))
                 centre = (xx[j] * 4 + rng.uniform(0, 4), yy[j] * 4 + rng.uniform(0, 4))
