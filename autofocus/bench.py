@@ -118,7 +118,7 @@ def _objective(name: str, st: BenchSettings):
     if name == "deepscore-nm":
         path = deepscore_model(st.models_dir)
         if path is None:
-            raise FileNotFoundError(f"no DeepScore model in {st.models_dir}")
+            raise FileNotFoundError(f"no finished DeepScore model in {st.models_dir}")
         return make_objective(name, model_path=path)
     return make_objective(name)
 

@@ -30,7 +30,7 @@ import torch
 
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-DEFAULT_MODEL = MODELS_DIR / "deepfocus_patchscore_256.pt"
+DEFAULT_MODEL = MODELS_DIR / "deepfocus_128.pt"
 DEFAULT_SCORE_MODEL = MODELS_DIR / "deepscore_512.pt"
 
 
@@ -127,12 +127,20 @@ class DeepFocusPredictor:
         self.pixel_size_m = self._r.pixel_m
         self.perturbation_m = float(self.card["perturbation_um"]) * 1e-6
 
-    def predict(self, img_plus: np.ndarray, img_minus: np.ndarray, pixel_size_m: float, n_patches: int = 10,
-                seed_sequence: Optional[int] = 0, perturbation_m: Optional[float] = None) -> Prediction:
+    @property
+    def default_n_patches(self) -> int:
+        """Card recommendation: the image area of ten 256² pairs (40 for 128²)."""
+        return int(self.card.get("recommended_n_patches", max(1, round(10 * (256 / self.patch) ** 2))))
+
+    def predict(self, img_plus: np.ndarray, img_minus: np.ndarray, pixel_size_m: float,
+                n_patches: Optional[int] = None, seed_sequence: Optional[int] = 0,
+                perturbation_m: Optional[float] = None) -> Prediction:
         """img_plus at wd + Δ, img_minus at wd − Δ (Δ = card perturbation), aligned.
 
+        n_patches: None = the card's recommendation (default_n_patches).
         seed_sequence: int for a fixed set of patch offsets (reproducible
         iterations), None for fresh random ones."""
+        n_patches = self.default_n_patches if n_patches is None else n_patches
         t0 = time.perf_counter()
         if perturbation_m is not None and abs(perturbation_m - self.perturbation_m) > 0.01 * self.perturbation_m:
             raise ValueError(f"pair taken at ±{perturbation_m * 1e6:.2f} µm, the model was trained at "

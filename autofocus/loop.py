@@ -164,7 +164,7 @@ class AutofocusLoop:
                  max_iterations: int = 5, threshold_wd_m: float = 0.2e-6, threshold_stig: float = 0.05,
                  dwell_s: Optional[float] = None, frame_size: Optional[tuple[int, int]] = None,
                  pixel_size_m: Optional[float] = None, patience: int = 2, growth_factor: float = 1.2,
-                 growth_floor: float = 2.0, collapse_fraction: float = 0.5,
+                 growth_floor: float = 2.0, collapse_fraction: float = 0.7,
                  margins: tuple[float, float] = (1e-6, 0.25)):
         self.sem, self.guard, self.method = sem, guard, method
         self.windows = Windows(guard)

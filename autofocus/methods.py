@@ -195,7 +195,10 @@ def deepfocus_variants(models_dir: Path = MODELS_DIR) -> dict[str, Path]:
 
 
 def deepscore_model(models_dir: Path = MODELS_DIR) -> Optional[Path]:
-    cands = [p for p in sorted(Path(models_dir).glob("*.pt")) if _card_kind(p) == "deepscore"]
+    """The shipped DeepScore: a finished one (a checkpoint of a training that is
+    still running scores nonsense and would stop Nelder–Mead at once)."""
+    cands = [p for p in sorted(Path(models_dir).glob("*.pt"))
+             if _card_kind(p) == "deepscore" and not _card(p).get("partial")]
     return cands[0] if cands else None
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from autofocus.bench import (BenchSettings, MethodResult, SimBench, format_table, grid_locations,
                              initial_aberrations, run_method)
-from autofocus.loop import AutofocusLoop
+from autofocus.loop import AutofocusLoop, Windows
 from autofocus.methods import MODELS_DIR, DeepFocusMethod, deepfocus_variants, deepscore_model
 from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
 from devices.setup_config import MicroscopeParams, SetupConfig
@@ -109,12 +109,19 @@ def acquire_training_pairs(bench: SimBench, st: RecalSettings, baselines: list[d
     (the correction, µm and stig units), as in the seed's ground truth."""
     rng = np.random.default_rng([st.seed, 23])
     sem, samples = bench.sem, []
+    bench_windows = Windows(bench.guard)
     for i, b in enumerate(baselines):
         bench.goto(b["location_m"], (700 + i,))
         wd0, sx0, sy0 = b["baseline"]
         for _ in range(st.aberrations_per_location):
-            ab = (rng.uniform(-st.wd_range_um, st.wd_range_um), rng.uniform(-st.stig_range, st.stig_range),
-                  rng.uniform(-st.stig_range, st.stig_range))
+            for _ in range(100):             # redraw aberrations that would leave the safety windows
+                ab = (rng.uniform(-st.wd_range_um, st.wd_range_um), rng.uniform(-st.stig_range, st.stig_range),
+                      rng.uniform(-st.stig_range, st.stig_range))
+                if all(bench_windows.inside(wd0 + ab[0] * 1e-6 + s * st.perturbation_m, (sx0 + ab[1], sy0 + ab[2]))
+                       for s in (-1, 1)):
+                    break
+            else:
+                raise RuntimeError(f"baseline {b['baseline']} leaves no room for aberrations inside the windows")
             sem.set_dwell_time(float(rng.choice(st.train_dwell_s)))
             sem.set_stig(sx0 + ab[1], sy0 + ab[2])
             imgs = []

@@ -4,6 +4,7 @@ DocBridge, drives start/pause/resume/stop through the engine's API only, and
 mirrors progress into the wafer layout's tile states."""
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Optional
@@ -129,6 +130,12 @@ class RunController(QObject):
         self._save_plan(out_dir)
         self.engine, self.out_dir = engine, out_dir
         self.session.set_run_active(True)
+        # A full collection over the heap at start-up (Qt, torch, scipy: ~10⁶
+        # objects) holds the GIL for 0.1–0.3 s whichever thread triggers it and
+        # freezes the GUI mid-run. Collect once now, then move what exists to
+        # the permanent generation so the run's collections only scan new objects.
+        gc.collect()
+        gc.freeze()
         engine.start()
         return True
 

@@ -1,6 +1,7 @@
 """Acquisition from the GUI through the engine's API and document stream:
 progress and tile states, pause/resume with the reason shown, stop and
 continue from the journal, the demo plan, and a responsive event loop."""
+import faulthandler
 import threading
 import time
 
@@ -127,13 +128,21 @@ def _runqueue_ms():
 def test_event_loop_never_blocked_during_acquisition(win, qtbot, tmp_path):
     """A 10 ms timer during a run (1024 x 768 tiles, OME-TIFF written, map and
     live view updating): its lateness, less the time the OS had no CPU for
-    the GUI thread, must stay below 100 ms; the GUI's own work per gap too."""
+    the GUI thread, stays below 50 ms in 99 % of the gaps, exceeds 100 ms at
+    most once (a shared CI box stalls a process now and then) and never 1 s;
+    the GUI's own work per gap stays below 50 ms. A stall over 90 ms dumps
+    every thread's stack (faulthandler, no GIL needed) into the test output,
+    so a failure names what held the GUI up."""
     small_plan(win, rows=2, cols=2, frame=(1024, 768), cycles=1)
     win.docks["Live view"].raise_()
     late, busy, starved = [], [], []
     last = [time.perf_counter(), time.thread_time(), _runqueue_ms()]
 
+    stalls = tmp_path / "stalls.txt"
+    dump = open(stalls, "w")
+
     def tick():
+        faulthandler.dump_traceback_later(0.09, file=dump)    # re-armed every tick: fires only on a stall
         now, cpu, rq = time.perf_counter(), time.thread_time(), _runqueue_ms()
         late.append((now - last[0]) * 1e3 - 10.0)
         busy.append((cpu - last[1]) * 1e3)              # GUI-thread CPU time in the gap: our own work
@@ -146,13 +155,20 @@ def test_event_loop_never_blocked_during_acquisition(win, qtbot, tmp_path):
     assert win.acquisition.start()
     last[:] = [time.perf_counter(), time.thread_time(), _runqueue_ms()]
     timer.start()
-    res = finish(qtbot, win)
-    timer.stop()
+    try:
+        res = finish(qtbot, win)
+    finally:
+        timer.stop()
+        faulthandler.cancel_dump_traceback_later()
+        dump.close()
     assert res.status == "success" and res.tiles >= 12
     late, busy, starved = np.array(late[1:]), np.array(busy[1:]), np.array(starved[1:])
     blocked = late - starved
     print(f"event loop over {len(late)} ticks: lateness median {np.median(late):.1f} ms, max {late.max():.1f} ms; "
           f"less CPU starvation max {blocked.max():.1f} ms; GUI work per gap max {busy.max():.1f} ms")
+    if blocked.max() > 90:
+        print("stack dumps at stalls:\n" + stalls.read_text()[:6000])
     assert len(late) > 20
     assert busy.max() < 50.0
-    assert blocked.max() < 100.0
+    assert np.percentile(blocked, 99) < 50.0
+    assert (blocked > 100.0).sum() <= 1 and blocked.max() < 1000.0

@@ -46,7 +46,7 @@ def _load(path: str, _mtime: int) -> UNet:
 
 
 def as_unit_float(image: np.ndarray) -> np.ndarray:
-    """Grey values in [0, 1]: uint8 / 255 (the seed's 0..255 input), uint16 / 65535,
+    """Grey values in [0, 1]: uint8 / 255 (the seed's 0..255 input), uint16 / 65535 (/ 4095 if 12-bit),
     float taken as 0..1 unless it exceeds 1.5 (then 0..255). Colour is averaged."""
     img = np.asarray(image)
     if img.ndim == 3:
@@ -55,8 +55,8 @@ def as_unit_float(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a 2-D grey image, got shape {np.shape(image)}")
     if img.dtype == np.uint8:
         return img.astype(np.float32) / 255
-    if img.dtype == np.uint16:
-        return img.astype(np.float32) / 65535
+    if img.dtype == np.uint16:           # 12-bit detectors often write into 16-bit files
+        return img.astype(np.float32) / (4095 if int(img.max()) <= 4095 else 65535)
     if img.dtype == bool:
         return img.astype(np.float32)
     f = img.astype(np.float32)
