@@ -30,6 +30,10 @@ def _mount() -> None:
     from wafer.cli import app as wafer_app
     from wafer.detect_cli import detect_cmd
     wafer_app.command("detect")(detect_cmd)
+    from wafer.mosaic_cli import mosaic_cmd
+    wafer_app.command("mosaic")(mosaic_cmd)
+    from wafer.annotate import annotate_cmd
+    wafer_app.command("annotate")(annotate_cmd)
     app.add_typer(wafer_app, name="wafer")
     from autofocus.cli import app as autofocus_app
     app.add_typer(autofocus_app, name="autofocus")

@@ -114,6 +114,8 @@ def resolve_sections(plan: Plan, setup) -> list[Section]:
     the simulated wafer: one grid per section, centred on it."""
     if plan.sections is not None:
         return list(plan.sections)
+    if plan.sections_from is None:                  # an overview-only plan
+        return []
     world = getattr(setup, "world", None)
     wafer = getattr(world, "wafer", None)
     if wafer is None:
@@ -148,7 +150,7 @@ def check_plan(plan: Plan, setup) -> list[Section]:
     """Checks that need the built setup (sections from the wafer); raises
     ConfigError before anything is written."""
     sections = ordered_sections(plan, setup)
-    if not sections:
+    if not sections and plan.overview is None:
         raise ConfigError("sections: the plan has no sections to image")
     check_positions(setup.config, tile_centres(plan, [(s.id, g) for s in sections for g in s.grids]),
                     str(plan.source or "plan"))

@@ -249,8 +249,11 @@ class Plan(_Strict):
 
     @model_validator(mode="after")
     def _sections(self):
-        if (self.sections is None) == (self.sections_from is None):
+        if self.sections is not None and self.sections_from is not None:
             raise ValueError("give exactly one of sections (a list) or sections_from: wafer_truth")
+        if self.sections is None and self.sections_from is None and self.overview is None:
+            raise ValueError("give sections (a list), sections_from: wafer_truth, or an overview "
+                             "(an overview-only plan maps the wafer before sections are known)")
         if self.sections_from and self.grid_template is None:
             raise ValueError("sections_from: wafer_truth needs a grid_template (rows, cols, pixel_size_nm ...)")
         if self.sections is not None:

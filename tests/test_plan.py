@@ -200,3 +200,8 @@ def test_section_exhausted_ends_the_run_once_the_wafer_shows(run_tiny):
     assert {d.context["cycle"] for d in exhausted} == {1}
     assert len(records(engine.out_dir, "mill_done")) == 1            # no mill after the wafer showed
     assert max(d.cycle for d in docs if d.kind == "tile") == 1
+
+
+def test_a_plan_needs_sections_or_an_overview(tmp_path, setup_file, capsys):
+    err = run_bad(tmp_path, write_plan(tmp_path, setup_file, sections_from=None, grid_template=None), capsys)
+    assert "give sections (a list), sections_from: wafer_truth, or an overview" in err

@@ -34,6 +34,29 @@ def read_overview(path: Path) -> np.ndarray:
     return img
 
 
+def _overview_and_transform(path: Path, pixel_size_um, origin_um):
+    """The image plus pixel size and origin: given ones win; else those an
+    overview mosaic (wafer/mosaic.py) carries; a plain image needs the pixel size."""
+    carried = None
+    if path.suffix.lower() in (".tif", ".tiff"):
+        from wafer.mosaic import load_overview
+        try:
+            carried = load_overview(path)
+        except ValueError:                      # a plain TIFF: no stage transform in it
+            carried = None
+    img = carried.image if carried is not None else read_overview(path)
+    if pixel_size_um is None:
+        if carried is None:
+            raise ValueError(f"--pixel-size-um is needed: {path} carries no stage transform "
+                             "(only `wafer mosaic` overviews do)")
+        pixel_size_um = carried.pixel_um
+    if not pixel_size_um > 0:
+        raise ValueError(f"--pixel-size-um = {pixel_size_um}: must be > 0")
+    if origin_um is None:
+        origin_um = carried.origin_um if carried is not None else (0.0, 0.0)
+    return img, float(pixel_size_um), (float(origin_um[0]), float(origin_um[1]))
+
+
 @app.callback()
 def _main() -> None:
     """Section detection tools."""
@@ -43,9 +66,11 @@ def _main() -> None:
 def detect_cmd(
     overview: Path = typer.Argument(..., help="Overview mosaic (PNG or TIFF).", exists=True, dir_okay=False,
                                     readable=True),
-    pixel_size_um: float = typer.Option(..., "--pixel-size-um", help="Overview pixel size in µm (seed: 4)."),
-    origin_um: Tuple[float, float] = typer.Option((0.0, 0.0), "--origin-um",
-                                                  help="Stage X Y (µm) of the top-left pixel's centre."),
+    pixel_size_um: Optional[float] = typer.Option(
+        None, "--pixel-size-um", help="Overview pixel size in µm (seed: 4) [default: from a `wafer mosaic` file]."),
+    origin_um: Optional[Tuple[float, float]] = typer.Option(
+        None, "--origin-um", help="Stage X Y (µm) of the top-left pixel's centre [default: from a `wafer mosaic` "
+        "file, else 0 0]."),
     json_out: Path = typer.Option(..., "--json", help="Section JSON to write (never overwritten)."),
     model_path: Optional[Path] = typer.Option(None, "--model", help="Weights [default: models/sections_unet.pt]."),
     threshold: float = typer.Option(0.5, "--threshold", help="Tissue probability threshold."),
@@ -59,11 +84,8 @@ def detect_cmd(
     if json_out.exists():
         typer.echo(f"error: {json_out} exists; refusing to overwrite it", err=True)
         raise typer.Exit(2)
-    if not pixel_size_um > 0:
-        typer.echo("error: --pixel-size-um must be > 0", err=True)
-        raise typer.Exit(2)
     try:
-        img = read_overview(overview)
+        img, pixel_size_um, origin_um = _overview_and_transform(overview, pixel_size_um, origin_um)
         model = load_model(model_path)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
