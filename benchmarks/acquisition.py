@@ -21,7 +21,12 @@ Writer throughput
     Tile pixel bytes per second of each writer's own time in ``handle`` (and
     of all writers together), next to the raw sequential write speed of the
     same disk measured in the same run (write + fsync of one big file), and
-    the data rate the microscope produces at that tile size.
+    the data rate the microscope produces at that tile size. Then the same
+    runs with the writers saturated: frames are replayed instead of rendered,
+    so the engine hands tiles over as fast as the writers take them, and
+    tile data per second of stream (first tile .. writers flushed and closed)
+    is their real capacity, with the bytes they put on disk beside it
+    (OME-TIFF, mipmaps and OME-Zarr each store the pixels: ~2.4x the tile data).
 
     .venv/bin/python benchmarks/acquisition.py [--tiles-small 9] [--tiles-large 4] [--out DIR]
 """
@@ -36,6 +41,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,10 +132,33 @@ def plan_file(folder: Path, frame: tuple[int, int], tiles: int) -> Path:
     return path
 
 
-def run_case(folder: Path, frame: tuple[int, int], tiles: int) -> dict:
+def replay_frames(setup) -> None:
+    """Frames without rendering (the first one rendered, then copies rolled
+    by a pixel each, which the frozen-frame check tells apart), so the engine
+    produces tiles as fast as the writers take them: the writers' capacity."""
+    sem, inner, cache = setup.sem, setup.sem.acquire_frame, {}
+
+    def acquire_frame():
+        key = tuple(sem.frame_size())
+        if key not in cache:
+            cache[key] = [inner(), 0]
+        f, k = cache[key]
+        cache[key][1] += 1
+        md = dict(f.metadata, stage=setup.stage.position().as_dict(), render_s=0.0)
+        return type(f)(np.roll(f.image, k + 1, axis=1), md)
+    sem.acquire_frame = acquire_frame
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run_case(folder: Path, frame: tuple[int, int], tiles: int, saturate: bool = False) -> dict:
     plan = load_plan(plan_file(folder, frame, tiles))
-    out = folder / f"out_{frame[0]}"
+    out = folder / f"out_{frame[0]}{'_saturated' if saturate else ''}"
     setup = build_setup(plan.setup_config)
+    if saturate:
+        replay_frames(setup)
     meta: list[dict] = []
     try:
         writers = [TimedWriter(w) for w in make_writers(out, writer_options(plan))]
@@ -161,7 +190,9 @@ def run_case(folder: Path, frame: tuple[int, int], tiles: int) -> dict:
             "writers": {w.name: (w.tile_bytes / 1e6 / w.tile_s if w.tile_s else float("inf"), w.tile_s / n)
                         for w in writers},
             "all_writers_s": sum(w.tile_s for w in writers) / n,
-            "start_s": engine.first_tile - t, "finish_s": t_end - engine.last_ack}
+            "start_s": engine.first_tile - t, "finish_s": t_end - engine.last_ack,
+            # saturated runs: first tile .. end of the run (writers flushed and closed)
+            "stream_s": t_end - engine.first_tile, "disk_bytes": folder_bytes(out)}
 
 
 def main() -> int:
@@ -174,6 +205,8 @@ def main() -> int:
     try:
         disk = disk_write_speed(folder)
         cases = [run_case(folder, (2048, 1536), args.tiles_small), run_case(folder, (6144, 4608), args.tiles_large)]
+        saturated = [run_case(folder, (2048, 1536), args.tiles_small, saturate=True),
+                     run_case(folder, (6144, 4608), args.tiles_large, saturate=True)]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"acquisition benchmark (simulator, time factor 0, 100 ns dwell, writers: {', '.join(WRITERS)})")
@@ -198,7 +231,17 @@ def main() -> int:
         for name, (mbs, s) in c["writers"].items():
             rate_txt = f"{mbs:8.1f} MB/s" if s * 1e3 >= 1.0 else "metadata only"   # writes no pixels
             print(f"    {name:16s} {rate_txt:>13s}   {s * 1e3:8.1f} ms/tile")
-    print("\nresult:", "overhead within reference" if ok else "overhead ABOVE reference")
+    print("\nwriters saturated (frames replayed without rendering, all five writers in their threads;"
+          " first tile .. writers flushed and closed):")
+    print(f"{'tile':>11} {'n':>3} {'tile data MB/s':>15} {'vs raw disk':>12} {'written to disk MB/s':>21} "
+          f"{'vs raw disk':>12} {'reference':>10}")
+    for c in saturated:
+        tile_mbs = c["tiles"] * c["bytes"] / 1e6 / c["stream_s"]
+        disk_mbs = c["disk_bytes"] / 1e6 / c["stream_s"]
+        ok &= tile_mbs >= 0.5 * disk
+        print(f"{c['frame'][0]}x{c['frame'][1]:<6} {c['tiles']:>3} {tile_mbs:>15.1f} {tile_mbs / disk:>11.2f}x "
+              f"{disk_mbs:>21.1f} {disk_mbs / disk:>11.2f}x {'>= 0.50x':>10}")
+    print("\nresult:", "within reference" if ok else "ABOVE reference (see the rows above)")
     return 0
 
 
