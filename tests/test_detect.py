@@ -157,3 +157,16 @@ def test_cli_writes_json_and_refuses_overwrite(tmp_path, small_overview):
     r2 = CliRunner().invoke(app, args)
     assert r2.exit_code == 2 and "refusing to overwrite" in r2.output
     assert out.read_text() == before
+
+
+def test_scratches_debris_and_faint_blobs_are_not_sections():
+    prob = np.zeros((400, 600), np.float32)
+    for x in (60, 240, 420):                       # three sections, 100 x 50 px
+        prob[100:150, x:x + 100] = 0.95
+    prob[300:306, 50:450] = 0.95                   # a scratch: 400 x 6 px
+    prob[250:262, 500:512] = 0.95                  # a flake, a tenth of a section
+    prob[200:250, 240:340] = 0.56                  # faint: barely above threshold
+    dets = postprocess(prob, 4.0)
+    assert len(dets) == 3
+    assert np.allclose(sorted(d["center_um"][0] / 4 for d in dets), [109.5, 289.5, 469.5], atol=1.0)
+    assert len(postprocess(prob, 4.0, min_confidence=0.5)) == 4     # the faint one is kept when asked
