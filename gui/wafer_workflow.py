@@ -15,7 +15,7 @@ from gui import wafer_commands as cmd
 from gui import wafer_tasks as tasks
 from gui.section_table import SectionTable
 from gui.session import describe_error
-from gui.wafer_model import GridSpec, SectionItem
+from gui.wafer_model import GridSpec, OverviewImage, SectionItem
 from gui.widgets import Notice, spin
 
 
@@ -73,7 +73,10 @@ class WaferWorkflow(QScrollArea):
         self.ov_button = QPushButton("Acquire overview")
         self.ov_button.clicked.connect(self.acquire_overview)
         self.ov_status = QLabel("no overview")
-        bl.addWidget(self.ov_button)
+        self.ov_load_button = QPushButton("Load mosaic …")
+        self.ov_load_button.setToolTip("an overview written by `wafer mosaic` (OME-TIFF with its stage transform)")
+        self.ov_load_button.clicked.connect(self.load_overview)
+        bl.addLayout(_row(self.ov_button, self.ov_load_button))
         bl.addWidget(self.ov_status)
         v.addWidget(b)
         # --- 2 sections
@@ -265,6 +268,20 @@ class WaferWorkflow(QScrollArea):
         # on a real microscope the overview moves the stage: it queues in the stage lane
         lane = None if setup.world is not None and setup.world.wafer is not None else "stage"
         self._run("acquire overview", tasks.acquire_overview, setup, region, px, on_result=done, lane=lane)
+
+    def load_overview(self, path=None) -> None:
+        """An overview mosaic from file (e.g. of a run with an overview plan)."""
+        path = path or QFileDialog.getOpenFileName(self, "Load overview mosaic", "", "OME-TIFF (*.ome.tif *.tif)")[0]
+        if not path:
+            return
+        from wafer.mosaic import load_overview
+        try:
+            ov = load_overview(Path(path))
+        except Exception as e:
+            self.notice.show_notice(f"load {path}: {e}", "error")
+            return
+        self.model.set_overview(OverviewImage(ov.image, ov.origin_um, ov.pixel_um))
+        self.job_label.setText(f"overview loaded from {Path(path).name}")
 
     def detect(self) -> None:
         ov = self.model.overview

@@ -102,3 +102,19 @@ def test_a_plan_outside_the_travel_is_refused(win):
     win.workflow.build_plan()
     assert not got and "outside the setup's safety window" in win.workflow.notice.text()
     lay.undo.undo()
+
+
+def test_load_an_overview_mosaic(win, tmp_path):
+    import numpy as np
+    from wafer.mosaic import Overview, save_overview
+    wf = win.workflow
+    img = np.zeros((300, 400), np.uint8)
+    img[100:150, 200:300] = 200
+    path = save_overview(tmp_path / "ov.ome.tif", Overview(img, (-800.0, -600.0), 4.0))
+    wf.load_overview(str(path))
+    ov = win.layout_model.overview
+    assert ov.pixel_size_um == 4.0 and ov.origin_um == (-800.0, -600.0)
+    assert np.array_equal(ov.image, img)
+    assert "px at 4 µm" in wf.ov_status.text()
+    wf.load_overview(str(tmp_path / "missing.ome.tif"))
+    assert win.layout_model.overview is ov                       # a bad file changes nothing
