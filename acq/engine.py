@@ -73,7 +73,7 @@ class Engine(RunLifecycle):
                  end the run, to be continued with resume=True)
     retries:     a Retries policy replacing the plan's
     API: start(), pause(), resume(), abort(), wait(), run(), state, on_state_change(fn),
-    subscribe(fn), add_writer(w), incidents, result (RunResult).
+    on_step(fn), subscribe(fn), add_writer(w), incidents, result (RunResult).
     """
 
     def __init__(self, setup, plan: Plan, out_dir: str | Path, subscribers: Iterable[Callable] = (),
@@ -287,6 +287,7 @@ class Engine(RunLifecycle):
                         msg = sus.check()
                         if msg:
                             self._suspend(sus, msg)
+                self._report_step(ev)
                 self._execute(ev)
                 self._consecutive = 0
                 return

@@ -41,6 +41,7 @@ class RunLifecycle:
         self._pause_req = self._abort_req = False
         self._thread: Optional[threading.Thread] = None
         self._consecutive = 0
+        self._step_cbs: list[Callable] = []
 
     # ------------------------------------------------------------ public API
     @property
@@ -57,6 +58,19 @@ class RunLifecycle:
     def on_state_change(self, fn: Callable[[str, str], None]) -> None:
         """fn(state, reason), called in the engine thread."""
         self._state_cbs.append(fn)
+
+    def on_step(self, fn: Callable[[object], None]) -> None:
+        """fn(event) just before each event runs (a GUI shows the move, the
+        autofocus or the mill under way: documents only report results).
+        Called in the engine thread; an exception in it is logged, never raised."""
+        self._step_cbs.append(fn)
+
+    def _report_step(self, ev) -> None:
+        for fn in self._step_cbs:
+            try:
+                fn(ev)
+            except Exception:                  # reporting must never disturb the run
+                log.exception("step callback failed")
 
     def start(self) -> None:
         if self._thread is not None:

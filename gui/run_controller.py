@@ -18,26 +18,6 @@ from gui.wafer_model import ACQUIRED, ACQUIRING, FAILED, PLANNED, REACQUIRED, Gr
 log = logging.getLogger(__name__)
 
 
-def _engine_class():
-    """The engine, with the event about to run reported to the GUI. The
-    engine publishes documents only for results; the operator also wants to
-    see the move, the autofocus or the mill under way."""
-    from acq.engine import Engine
-
-    class ObservedEngine(Engine):
-        step_callback = None
-
-        def _execute(self, ev):
-            cb = self.step_callback
-            if cb is not None:
-                try:
-                    cb(ev)
-                except Exception:          # reporting must never disturb the run
-                    log.exception("step callback failed")
-            return super()._execute(ev)
-    return ObservedEngine
-
-
 def describe_event(ev) -> str:
     kind = type(ev).__name__
     if kind == "MoveStage":
@@ -113,7 +93,8 @@ class RunController(QObject):
             return False
         out_dir = Path(out_dir)
         try:
-            engine = _engine_class()(setup, self.plan, out_dir, subscribers=[self.bridge], resume=resume)
+            from acq.engine import Engine
+            engine = Engine(setup, self.plan, out_dir, subscribers=[self.bridge], resume=resume)
             if writers:
                 from acq.plan import writer_options
                 from acq.writers import make_writers
@@ -123,7 +104,7 @@ class RunController(QObject):
             self.error.emit(f"cannot start: {e}")
             return False
         engine.on_state_change(self.bridge.on_state)
-        engine.step_callback = lambda ev: self.bridge.step.emit(describe_event(ev)) or self._acquiring(ev)
+        engine.on_step(lambda ev: self.bridge.step.emit(describe_event(ev)) or self._acquiring(ev))
         done_before = len(engine.journal.read().tiles_done) if resume and hasattr(engine.journal, "read") else 0
         self.progress = RunProgress.for_plan(self.plan, engine.sections, done_before)
         self._show_plan_on_map(engine.sections, reset=not resume)

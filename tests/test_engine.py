@@ -204,6 +204,20 @@ def test_document_stream_is_ordered_and_complete(run_tiny):
     assert setup.world.mill_log.seconds == pytest.approx(120.0)
 
 
+def test_step_callbacks_see_each_event_before_it_runs_and_cannot_break_the_run(run_tiny):
+    steps = []
+
+    def observe(engine, setup):
+        engine.on_step(lambda ev: steps.append((type(ev).__name__, setup.world.mill_log.seconds)))
+        engine.on_step(lambda ev: 1 / 0)                      # a broken observer is logged, not raised
+    engine, setup, docs, res = run_tiny(before=observe)
+    assert res.status == "success", res.reason
+    names = [n for n, _ in steps]
+    assert names.count("AcquireTile") == 8 and names.count("Mill") == 2
+    # reported before it runs: each Mill step is announced before its 60 s of milling
+    assert [sec for n, sec in steps if n == "Mill"] == [0.0, pytest.approx(60.0)]
+
+
 def test_interlocks_hold_throughout_a_run(run_tiny):
     """Stage never moves with the ion beam on the specimen; while ions mill,
     the SEM beam is blanked and the stage is at the mill position."""
