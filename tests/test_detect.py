@@ -170,3 +170,13 @@ def test_scratches_debris_and_faint_blobs_are_not_sections():
     assert len(dets) == 3
     assert np.allclose(sorted(d["center_um"][0] / 4 for d in dets), [109.5, 289.5, 469.5], atol=1.0)
     assert len(postprocess(prob, 4.0, min_confidence=0.5)) == 4     # the faint one is kept when asked
+
+
+def test_cli_needs_a_pixel_size_for_a_plain_image(tmp_path):
+    from typer.testing import CliRunner
+    from wafer.detect_cli import app
+    png = tmp_path / "ov.png"
+    cv2.imwrite(str(png), np.zeros((64, 64), np.uint8))
+    r = CliRunner().invoke(app, ["detect", str(png), "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 2 and "--pixel-size-um is needed" in r.output
+    assert not (tmp_path / "s.json").exists()
