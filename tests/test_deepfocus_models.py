@@ -106,7 +106,6 @@ def _pair(sim, ab, size=640, seed=0):
     return sim.pair(world, BASE_MICROSCOPE, (3e-6 * seed, -2e-6 * seed), ab, 200e-9, (size, size), rng)
 
 
-@pytest.mark.skip(reason="shipped DeepFocus/DeepScore weights are not trained yet (issue 4 note)")
 def test_shipped_model_corrects_moderate_aberrations(sim):
     p = DeepFocusPredictor(DEFAULT_MODEL, device="cpu")
     assert p.card["pixel_size_nm"] == 10.0 and DEFAULT_MODEL.stat().st_size < 10e6
@@ -121,7 +120,6 @@ def test_shipped_model_corrects_moderate_aberrations(sim):
         assert pred.per_patch.shape == (10, 3) and pred.weights.sum() == pytest.approx(1.0)
 
 
-@pytest.mark.skip(reason="shipped DeepFocus/DeepScore weights are not trained yet (issue 4 note)")
 def test_fixed_seed_sequence_and_resampling(sim):
     p = DeepFocusPredictor(DEFAULT_MODEL, device="cpu")
     plus, minus = _pair(sim, (5.0, 0.5, 0.5), size=600)
@@ -139,7 +137,7 @@ def test_fixed_seed_sequence_and_resampling(sim):
     assert np.sign(d.d_wd_m) == np.sign(a.d_wd_m)
 
 
-@pytest.mark.skip(reason="shipped DeepFocus/DeepScore weights are not trained yet (issue 4 note)")
+@pytest.mark.skip(reason="no finished DeepScore is shipped yet (issue 4 note)")
 def test_shipped_deepscore_ranks_sharpness(sim):
     s = DeepScorePredictor(DEFAULT_SCORE_MODEL, device="cpu")
     rng = np.random.default_rng(2)
