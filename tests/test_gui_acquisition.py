@@ -137,11 +137,12 @@ def test_event_loop_never_blocked_during_acquisition(win, qtbot, tmp_path):
     """A 10 ms timer during a run (1024 x 768 tiles, OME-TIFF written, map and
     live view updating): its lateness, less the time the OS had no CPU for
     the GUI thread, stays below 20 ms in 95 % of the gaps and never reaches
-    1 s; the GUI's own work per gap stays below 50 ms. In the full suite a few
-    gaps of 100-300 ms occur with no GUI work in them (the GUI thread idles in
-    Qt's exec while the engine renders the procedural specimen; cause not yet
-    found, see issue 3 note). A stall over 90 ms prints the GUI thread's stack
-    and every other thread's innermost frame (faulthandler, no GIL needed)."""
+    1 s; the GUI's own work per gap stays below 50 ms. After the demo run has
+    milled the wafer, a few gaps of 100-300 ms occur with no GUI work in them:
+    while the simulator generates new procedural specimen slices in the engine
+    thread, a plain Python thread sleeping 1 ms starves for as long (not GC, not
+    malloc, not CPU steal; see the issue 6 note). A stall over 90 ms prints the
+    GUI thread's stack and every other thread's innermost frame (faulthandler)."""
     small_plan(win, rows=2, cols=2, frame=(1024, 768), cycles=1)
     win.docks["Live view"].raise_()
     late, busy, starved = [], [], []
