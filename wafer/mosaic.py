@@ -263,18 +263,17 @@ def save_overview(path: Path, ov: Overview) -> Path:
 
 
 def load_overview(path: Path) -> Overview:
-    """An overview written by save_overview (image, origin, pixel size)."""
-    import re
-    from xml.sax.saxutils import unescape
-
+    """An overview written by save_overview (image, origin, pixel size).
+    ValueError for any other TIFF, before its pixels are read."""
     import tifffile
+
+    from acq.writers.layout import map_annotation_json
     with tifffile.TiffFile(path) as tf:
-        xml = tf.ome_metadata or ""
+        try:
+            info = map_annotation_json(tf.ome_metadata, TRANSFORM_KEY, path)
+        except ValueError:
+            raise ValueError(f"{path}: not an overview mosaic (no {TRANSFORM_KEY} annotation)") from None
         img = tf.asarray()
-    m = re.search(r'<M K="%s">(.*?)</M>' % re.escape(TRANSFORM_KEY), xml, re.S)
-    if not m:
-        raise ValueError(f"{path}: not an overview mosaic (no {TRANSFORM_KEY} annotation)")
-    info = json.loads(unescape(m.group(1), {"&quot;": '"', "&apos;": "'"}))
     return Overview(img, tuple(info.pop("origin_um")), float(info.pop("pixel_um")), info)
 
 
@@ -282,8 +281,9 @@ def tiles_from_run(run_dir: Path, cycle: Optional[int] = None) -> list[MosaicTil
     """The overview tiles an acquisition run wrote (latest version of each;
     the first cycle with overview tiles unless ``cycle`` is given)."""
     from acq.plan import OVERVIEW_SECTION
-    from acq.writers.layout import latest_versions, read_tile_header, tile_relpath
     import tifffile
+
+    from acq.writers.layout import META_KEY, latest_versions, map_annotation_json, tile_relpath
     base = Path(run_dir) / f"tiles/{OVERVIEW_SECTION:04d}"
     cycles = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit()) if base.is_dir() else []
     if not cycles:
@@ -295,9 +295,11 @@ def tiles_from_run(run_dir: Path, cycle: Optional[int] = None) -> list[MosaicTil
     tiles = []
     for tid, ver in sorted(latest_versions(run_dir, OVERVIEW_SECTION, cycle).items()):
         path = Path(run_dir) / tile_relpath(OVERVIEW_SECTION, cycle, tid, ver)
-        h = read_tile_header(path)
-        if abs(float(h.get("rotation_deg") or 0.0)) > 1e-6:
-            raise ValueError(f"{path}: overview tiles must be taken at scan rotation 0")
-        tiles.append(MosaicTile(tifffile.imread(path), (h["stage"]["x"] * 1e6, h["stage"]["y"] * 1e6),
+        with tifffile.TiffFile(path) as tf:             # header and pixels in one open
+            h = map_annotation_json(tf.ome_metadata, META_KEY, path)
+            if abs(float(h.get("rotation_deg") or 0.0)) > 1e-6:
+                raise ValueError(f"{path}: overview tiles must be taken at scan rotation 0")
+            image = tf.asarray()
+        tiles.append(MosaicTile(image, (h["stage"]["x"] * 1e6, h["stage"]["y"] * 1e6),
                                 h["pixel_size_m"] * 1e6, int(h["row"]), int(h["col"]), tid))
     return tiles

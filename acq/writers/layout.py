@@ -108,16 +108,22 @@ class TileRecord:
         return cls.from_header(doc.header())
 
 
+def map_annotation_json(xml: str, key: str, source: Any = "") -> Any:
+    """The JSON value stored under ``key`` in an OME-XML MapAnnotation
+    (as our OME-TIFF writers store it); ValueError if absent."""
+    m = re.search(r'<M K="%s">(.*?)</M>' % re.escape(key), xml or "", re.S)
+    if not m:
+        raise ValueError(f"{source}: no {key} annotation")
+    from xml.sax.saxutils import unescape
+    return json.loads(unescape(m.group(1), {"&quot;": '"', "&apos;": "'"}))
+
+
 def read_tile_header(path: Path) -> dict:
     """The JSON header embedded in one of our OME-TIFFs (reads the XML only)."""
     import tifffile
     with tifffile.TiffFile(path) as tf:
         xml = tf.ome_metadata or ""
-    m = re.search(r'<M K="%s">(.*?)</M>' % re.escape(META_KEY), xml, re.S)
-    if not m:
-        raise ValueError(f"{path}: no {META_KEY} annotation")
-    from xml.sax.saxutils import unescape
-    return json.loads(unescape(m.group(1), {"&quot;": '"', "&apos;": "'"}))
+    return map_annotation_json(xml, META_KEY, path)
 
 
 def latest_versions(out_dir: Path, section: int, cycle: int) -> dict[str, int]:
