@@ -68,6 +68,9 @@ def test_featureless_overlaps_and_a_wrong_tile_do_not_move_the_others():
         assert np.allclose(ref.centers_um[i], recorded[i], atol=0.05)
     textured = [0, 4, 5, 8, 9]
     assert _rel(ref.centers_um[textured], truth[textured]) < 0.3
+    # the returned positions are the solve over exactly the links reported as used
+    res = [np.hypot(*(ref.centers_um[lk.b] - ref.centers_um[lk.a] - lk.offset_um)) for lk in ref.links if lk.used]
+    assert max(res) <= 2.0 and np.sqrt(np.mean(np.square(res))) == pytest.approx(ref.residual_px)
 
 
 def test_assembled_overview_is_the_area_in_stage_coordinates():

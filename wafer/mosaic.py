@@ -142,21 +142,19 @@ def refine_positions(tiles: list[MosaicTile], min_response: float = 0.3, max_shi
         nominal = recorded[lk.b] - recorded[lk.a]
         dev = np.hypot(*(np.asarray(lk.offset_um) - nominal)) / px
         lk.used = lk.used and lk.response >= min_response and dev <= max_shift_px
-    centers = recorded.copy()
-    for _ in range(2):
+    rounds = 3
+    for k in range(rounds):          # solve; drop links off by > 2 px; solve again (the last round only solves)
         used = [lk for lk in links if lk.used]
         centers = _solve(recorded, used, prior_weight)
         res = [np.hypot(*(centers[lk.b] - centers[lk.a] - lk.offset_um)) / px for lk in used]
-        bad = [lk for lk, r in zip(used, res) if r > 2.0]
+        bad = [lk for lk, r in zip(used, res) if r > 2.0] if k < rounds - 1 else []
         if not bad:
             break
         for lk in bad:
             lk.used = False
-    used = [lk for lk in links if lk.used]
-    res = [np.hypot(*(centers[lk.b] - centers[lk.a] - lk.offset_um)) / px for lk in used]
     moved = np.hypot(*(centers - recorded).T) / px
     return Refinement(centers, links, float(np.sqrt(np.mean(np.square(res)))) if res else 0.0,
-                      float(moved.max()) if n else 0.0)
+                      float(moved.max()))
 
 
 def _solve(recorded: np.ndarray, links: list[Link], prior_weight: float) -> np.ndarray:
