@@ -135,14 +135,13 @@ def _thread_stacks(dump: str, ident: int) -> str:
 
 def test_event_loop_never_blocked_during_acquisition(win, qtbot, tmp_path):
     """A 10 ms timer during a run (1024 x 768 tiles, OME-TIFF written, map and
-    live view updating): its lateness, less the time the OS had no CPU for
-    the GUI thread, stays below 20 ms in 95 % of the gaps and never reaches
-    1 s; the GUI's own work per gap stays below 50 ms. After the demo run has
-    milled the wafer, a few gaps of 100-300 ms occur with no GUI work in them:
-    while the simulator generates new procedural specimen slices in the engine
-    thread, a plain Python thread sleeping 1 ms starves for as long (not GC, not
-    malloc, not CPU steal; see the issue 6 note). A stall over 90 ms prints the
-    GUI thread's stack and every other thread's innermost frame (faulthandler)."""
+    live view updating) is never more than 100 ms late, less the time the OS had
+    no CPU for the GUI thread; its lateness stays below 20 ms in 95 % of the gaps
+    and the GUI's own work per gap below 50 ms. The run follows the demo test,
+    so the simulator generates new procedural specimen slices in the engine
+    thread: a per-vesicle loop of small numpy calls there once starved the GUI
+    of the GIL for 100-300 ms. A stall over 90 ms prints the GUI thread's stack
+    and every other thread's innermost frame (faulthandler)."""
     small_plan(win, rows=2, cols=2, frame=(1024, 768), cycles=1)
     win.docks["Live view"].raise_()
     late, busy, starved = [], [], []
@@ -181,4 +180,4 @@ def test_event_loop_never_blocked_during_acquisition(win, qtbot, tmp_path):
     assert len(late) > 20
     assert busy.max() < 50.0
     assert np.percentile(blocked, 95) < 20.0
-    assert blocked.max() < 1000.0
+    assert blocked.max() < 100.0
