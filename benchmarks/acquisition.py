@@ -18,14 +18,19 @@ Per-tile software overhead
     close) are printed apart: they do not grow with the number of tiles.
 
 Writer throughput
-    Tile pixel bytes per second of each writer's own time in ``handle``, next to the raw sequential write speed of the
-    same disk measured in the same run (write + fsync of one big file), and
-    the data rate the microscope produces at that tile size. Then the same
-    runs with the writers saturated: frames are replayed instead of rendered,
-    so the engine hands tiles over as fast as the writers take them, and
-    tile data per second of stream (first tile .. writers flushed and closed)
-    is their real capacity, with the bytes they put on disk beside it
-    (OME-TIFF, mipmaps and OME-Zarr each store the pixels: ~2.4x the tile data).
+    Writer throughput is what the writers put on disk per second, next to the
+    raw sequential write speed of the same disk measured in the same run (write
+    + fsync of one big file; this VM's disk swings several-fold with the host's
+    cache, so it is measured before, between and after the runs and the median
+    is the reference). The writers are saturated: frames are replayed instead
+    of rendered, so the engine hands tiles over as fast as the writers take
+    them, and bytes on disk per second of stream (first tile acknowledged ..
+    writers flushed and closed) is their capacity. Reference: >= 0.5x raw.
+    Beside it, tile data per second: OME-TIFF, mipmaps and OME-Zarr each
+    store the pixels (~2.4-3x the tile data with all five writers), so this is
+    the rate at which the pipeline can take tiles, compared with the rate the
+    microscope produces them. Each writer's own time in handle() per tile is
+    printed too (from the unsaturated runs).
 
     .venv/bin/python benchmarks/acquisition.py [--tiles-small 9] [--tiles-large 4] [--out DIR]
 """
@@ -209,13 +214,13 @@ def main() -> int:
         # before, between and after the runs, the median is the reference
         disks = [disk_write_speed(folder)]
         cases = [run_case(folder, (2048, 1536), args.tiles_small), run_case(folder, (6144, 4608), args.tiles_large)]
+        saturated = []
+        for w in (tuple(WRITERS), ("ome_tiff",)):
+            for frame, n in (((2048, 1536), max(args.tiles_small, 2)), ((6144, 4608), max(2 * args.tiles_large, 2))):
+                disks.append(disk_write_speed(folder))
+                saturated.append((w, run_case(folder, frame, n, saturate=True, writers=w)))
         disks.append(disk_write_speed(folder))
-        saturated = [(w, run_case(folder, frame, n, saturate=True, writers=w))
-                     for w in (tuple(WRITERS), ("ome_tiff",))
-                     for frame, n in (((2048, 1536), max(args.tiles_small, 2)),
-                                      ((6144, 4608), max(2 * args.tiles_large, 2)))]
-        disks.append(disk_write_speed(folder))
-        disk = sorted(disks)[1]
+        disk = float(np.median(disks))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"acquisition benchmark (simulator, time factor 0, 100 ns dwell, writers: {', '.join(WRITERS)})")
@@ -232,24 +237,25 @@ def main() -> int:
         print(f"{c['frame'][0]}x{c['frame'][1]}: per run, not per tile: start {c['start_s']:.2f} s "
               f"(journal, RunStart, devices configured), finish {c['finish_s']:.2f} s (writers flush and close)")
     print(f"\nraw sequential write (write + fsync, same disk): {disk:8.1f} MB/s  (median of "
-          f"{', '.join(f'{d:.0f}' for d in disks)} MB/s: before, between, after the runs)")
-    for c in cases:
-        rate = c["bytes"] / 1e6 / c["scan"]
-        print(f"{c['frame'][0]}x{c['frame'][1]}: microscope produces {rate:6.1f} MB/s; each writer, tile data "
-              f"per second of its own time in handle():")
-        for name, (mbs, s) in c["writers"].items():
-            rate_txt = f"{mbs:8.1f} MB/s" if s * 1e3 >= 1.0 else "metadata only"   # writes no pixels
-            print(f"    {name:16s} {rate_txt:>13s}   {s * 1e3:8.1f} ms/tile")
-    print("\nwriters saturated (frames replayed without rendering, each writer in its thread;"
-          " first tile acknowledged .. writers flushed and closed; the first tile is not counted):")
-    print(f"{'writers':>9} {'tile':>11} {'n':>3} {'tile data MB/s':>15} {'vs raw disk':>12} "
-          f"{'written to disk MB/s':>21} {'vs raw disk':>12} {'reference':>10}")
+          f"{', '.join(f'{d:.0f}' for d in disks)} MB/s: before, between and after the runs)")
+    print("\nwriter throughput, saturated (frames replayed without rendering, each writer in its thread; first"
+          " tile acknowledged .. writers flushed and closed; the first tile is not counted):")
+    print(f"{'writers':>9} {'tile':>11} {'n':>3} {'on disk MB/s':>13} {'vs raw disk':>12} {'reference':>10}"
+          f" {'tile data MB/s':>15} {'vs microscope':>14}")
     for w, c in saturated:
         tile_mbs = (c["tiles"] - 1) * c["bytes"] / 1e6 / c["stream_s"]
         disk_mbs = c["disk_bytes"] * (c["tiles"] - 1) / c["tiles"] / 1e6 / c["stream_s"]
-        ok &= tile_mbs >= 0.5 * disk
-        print(f"{'all five' if len(w) > 1 else w[0]:>9} {c['frame'][0]}x{c['frame'][1]:<6} {c['tiles']:>3} {tile_mbs:>15.1f} {tile_mbs / disk:>11.2f}x "
-              f"{disk_mbs:>21.1f} {disk_mbs / disk:>11.2f}x {'>= 0.50x':>10}")
+        scope = c["bytes"] / 1e6 / c["scan"]
+        ok &= disk_mbs >= 0.5 * disk
+        print(f"{'all five' if len(w) > 1 else w[0]:>9} {c['frame'][0]}x{c['frame'][1]:<6} {c['tiles']:>3} "
+              f"{disk_mbs:>13.1f} {disk_mbs / disk:>11.2f}x {'>= 0.50x':>10} {tile_mbs:>15.1f} {tile_mbs / scope:>13.0f}x")
+    for c in cases:
+        rate = c["bytes"] / 1e6 / c["scan"]
+        print(f"{c['frame'][0]}x{c['frame'][1]} (unsaturated run): microscope produces {rate:6.1f} MB/s; "
+              f"each writer, tile data per second of its own time in handle():")
+        for name, (mbs, s) in c["writers"].items():
+            rate_txt = f"{mbs:8.1f} MB/s" if s * 1e3 >= 1.0 else "metadata only"   # writes no pixels
+            print(f"    {name:16s} {rate_txt:>13s}   {s * 1e3:8.1f} ms/tile")
     print("\nresult:", "within reference" if ok else "ABOVE reference (see the rows above)")
     return 0
 
