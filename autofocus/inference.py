@@ -120,7 +120,8 @@ class _Runner:
 
 
 class DeepFocusPredictor:
-    """Corrections from an image pair taken at wd ± perturbation (see card)."""
+    """Corrections from an image pair taken at wd ± perturbation (see card),
+    times the card's ``output_gain`` where one was fitted."""
 
     def __init__(self, model_path: str | Path, device: Optional[str] = None, threads: Optional[int] = None,
                  optimize: bool = True):
@@ -131,6 +132,8 @@ class DeepFocusPredictor:
         self.patch = self._r.patch
         self.pixel_size_m = self._r.pixel_m
         self.perturbation_m = float(self.card["perturbation_um"]) * 1e-6
+        # post-hoc calibration of the outputs (autofocus/gain.py); 1 where none was fitted
+        self.gain = np.asarray((self.card.get("output_gain") or {}).get("values", (1.0, 1.0, 1.0)), np.float64)
 
     @property
     def default_n_patches(self) -> int:
@@ -162,7 +165,7 @@ class DeepFocusPredictor:
             x[i, 0] = _to_unit(a[r:r + P, c:c + P])
             x[i, 1] = _to_unit(b[r:r + P, c:c + P])
         out = self._r.run(x)
-        corr = out[:, :3].astype(np.float64)
+        corr = out[:, :3].astype(np.float64) * self.gain
         if out.shape[1] == 4:
             s = out[:, 3].astype(np.float64)
             w = np.exp(s - s.max())
