@@ -3,13 +3,13 @@ on this project's 2-core CPU (no GPU was available), each starting from the
 previous stage's export. Stage A from scratch over the seed's aberration
 ranges, B continues it at a lower rate, C shifts the aberration mixture
 (probability, wd half-range µm, stig half-range) towards focus, where the loop
-spends its last iterations and where B's model still had a -1 µm wd bias. D and E
+spends its last iterations and where B's model still had a -1 µm wd bias. D, E and F
 put 40 % of the samples beyond the seed's range (±32 µm, ±6.5): C's model
 corrected only ~12 µm of a 30 µm defocus and needed 5 iterations from the
 seed's large start (30 µm, -6, 6). Textures: the first 24 ISBI 2012 images
 (the rest are held out for the unseen-texture benchmark).
 
-    .venv/bin/python scripts/train_deepfocus_128.py --shared ../shared --out /tmp/df [--stages A B C D E]
+    .venv/bin/python scripts/train_deepfocus_128.py --shared ../shared --out /tmp/df [--stages A B C D E F]
 
 After the last stage the output gain is fitted (autofocus/gain.py: 400 fresh
 pairs from the training distribution; the stigmation gains come out 1.1-1.2).
@@ -38,6 +38,7 @@ STAGES = {
     "C": dict(steps=6000, seed=7, lr=2e-4, data={"easy_tail": 0.1, "mixture": NEAR_FOCUS}, pool_refresh=4),
     "D": dict(steps=2500, seed=13, lr=4e-4, data={"easy_tail": 0.1, "mixture": WIDE}, pool_refresh=4),
     "E": dict(steps=2500, seed=17, lr=2e-4, data={"easy_tail": 0.1, "mixture": WIDE}, pool_refresh=4),
+    "F": dict(steps=2500, seed=19, lr=1e-4, data={"easy_tail": 0.1, "mixture": WIDE}, pool_refresh=4),
 }
 
 
