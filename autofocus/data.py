@@ -44,6 +44,17 @@ TRAIN_MICROSCOPES: tuple[MicroscopeParams, ...] = (
                                            stig_scale_y_um=2.85, stig_rotation_deg=16.0)),
 )
 BASE_WEIGHT = 0.4
+N_TRAINING_TEXTURES = 24        # of the 30 ISBI 2012 images; the last 6 are the unseen-texture benchmark's
+
+
+def training_textures(shared: Path) -> list[Path]:
+    """The EM textures DeepFocus trains (and fits its output gain) on: the first
+    N_TRAINING_TEXTURES of shared/data/em/isbi2012, in name order."""
+    folder = Path(shared) / "data/em/isbi2012"
+    tex = sorted(folder.glob("*.png"))[:N_TRAINING_TEXTURES]
+    if len(tex) < N_TRAINING_TEXTURES:
+        raise SystemExit(f"expected {N_TRAINING_TEXTURES}+ ISBI 2012 textures under {folder}")
+    return tex
 # "Setup B": rotated scan, wider aperture, different stigmator axes and gains.
 SECOND_MICROSCOPE = BASE_MICROSCOPE.model_copy(update=dict(
     alpha_mrad=4.5, sigma0_nm=2.0, stig_rotation_deg=-30.0, stig_scale_x_um=2.5, stig_scale_y_um=3.5,

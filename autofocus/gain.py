@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from acq.atomic import atomic_write
-from autofocus.data import DataConfig, PairSimulator
+from autofocus.data import DataConfig, PairSimulator, training_textures
 from autofocus.inference import DeepFocusPredictor, load_card
 
 PAIR_SIDE = 512
@@ -34,21 +34,21 @@ PAIR_SIDE = 512
 def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 400, seed: int = 2026) -> dict:
     """The gains and how they were measured (for the card)."""
     t0 = time.perf_counter()
-    trained = load_card(model_path).get("training_data") or {}
+    pred = DeepFocusPredictor(model_path)
+    pred.gain = np.ones(3)                          # fit on the raw outputs
+    trained = pred.card.get("training_data") or {}
     mixture = tuple(tuple(m) for m in trained.get("mixture") or DataConfig.mixture)
     cfg = DataConfig(patch=PAIR_SIDE, n_patches=1, textures=[str(t) for t in textures], microscopes="base",
                      mixture=mixture, augment=False)
     sim = PairSimulator(cfg)
-    pred = DeepFocusPredictor(model_path)
-    pred.gain = np.ones(3)                          # fit on the raw outputs
     rng = np.random.default_rng([seed, 0x6A1])
     n = max(1, (PAIR_SIDE // pred.patch) ** 2)    # the patches that tile the pair
     truth, out = [], []
     for _ in range(int(samples)):
         x, y, _ = sim.sample(rng)                   # dwell log-uniform over the training range
-        p = pred.predict(x[0, 0], x[0, 1], cfg.pixel_nm * 1e-9, n_patches=n)
+        est = pred.predict(x[0, 0], x[0, 1], cfg.pixel_nm * 1e-9, n_patches=n)
         truth.append(y)
-        out.append((p.d_wd_m * 1e6, *p.d_stig))
+        out.append((est.d_wd_m * 1e6, *est.d_stig))
     t, p = np.asarray(truth, float), np.asarray(out, float)
     gain = np.array([l1_gain(t[:, k], p[:, k]) for k in range(3)])
     mae_raw = np.abs(t - p).mean(0)
@@ -90,8 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=400)
     ap.add_argument("--seed", type=int, default=2026)
     args = ap.parse_args(argv)
-    tex = sorted((args.shared / "data/em/isbi2012").glob("*.png"))[:24]    # the training textures
-    fit = fit_output_gain(args.model, tex, args.samples, args.seed)
+    fit = fit_output_gain(args.model, training_textures(args.shared), args.samples, args.seed)
     write_gain(args.model, fit)
     print(f"{args.model}: output gain {fit['values']} (MAE {fit['mae_before']} -> {fit['mae_after']}, "
           f"{fit['samples']} pairs, {fit['time_s']} s)")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from autofocus.data import training_textures  # noqa: E402
 from autofocus.gain import fit_output_gain, write_gain  # noqa: E402
 from autofocus.train import train  # noqa: E402
 
@@ -49,9 +50,7 @@ def main() -> int:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    tex = sorted((args.shared / "data/em/isbi2012").glob("*.png"))[:24]
-    if len(tex) < 24:
-        raise SystemExit(f"expected 24+ ISBI 2012 textures under {args.shared / 'data/em/isbi2012'}")
+    tex = training_textures(args.shared)
     args.out.mkdir(parents=True, exist_ok=True)
     prev = None
     for name in args.stages:
