@@ -154,8 +154,9 @@ def build_runner(name: str, bench: SimBench, *, n_patches: Optional[int] = None,
 
 def time_per_pair(name: str, bench: SimBench, calls: int) -> tuple[float, dict]:
     """Median ms to process one 512² pair after warm-up: one 512² MAPFoSt
-    patch; for DeepFocus as many model patches as cover 512² (one 512², four
-    256², ...); for the image scores one 512² frame."""
+    patch; for DeepFocus as many model patches as cover the 512² pair once it
+    is resampled to the model's pixel size (sixteen 128² at the frame's pixel
+    size, four at twice it); for the image scores one 512² frame."""
     st, sem = bench.st, bench.sem
     base = bench.goto(CALIBRATION_SPOT_M, (998,))
     bench.set_relative(base, (3.0, 0.5, -0.5))
@@ -172,9 +173,10 @@ def time_per_pair(name: str, bench: SimBench, calls: int) -> tuple[float, dict]:
         # the calibration does not change the work per pair: skip the induced one here
         m = make_pair_method(name, sem=sem, mapfost_calibration="microscope", microscope=bench.world.mp,
                              n_patches=1, patch_size=side, seed=st.seed, models_dir=st.models_dir)
-        patch = getattr(getattr(m, "predictor", None), "patch", side)
-        m.n_patches = max(1, (side // patch) ** 2)
-        info.update(patch_px=patch, patches=m.n_patches)
+        pred = getattr(m, "predictor", None)
+        if pred is not None:            # the patches that tile the pair at the model's pixel size
+            m.n_patches = pred.patches_to_tile(side, st.pixel_m)
+            info.update(patch_px=pred.patch, patches=m.n_patches, model_pixel_nm=pred.pixel_size_m * 1e9)
         fn = lambda: m.estimate(imgs[0], imgs[1], st.pixel_m, st.perturbation_m)  # noqa: E731
     for _ in range(2):
         fn()
@@ -301,11 +303,30 @@ def run_bench(cfg: SetupConfig, st: BenchSettings, *, json_out: Optional[Path] =
                     margins={"wd_um": MARGIN_WD_UM, "stig": MARGIN_STIG})
     out = {"methods": {n: {"ms_per_pair": r.ms_per_pair, "iterations": r.summary()} for n, r in results.items()},
            "settings": settings}
+    for line in speed_vs_mapfost(results):
+        progress(line)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(out, indent=1))
     if plot_out is not None and results:
         plot_traces({n: r.errors for n, r in results.items()}, plot_out)
     return out
+
+
+# the seed's CPU timings per 512² pair (Schubert 2022, ch. 3): MAPFoSt 0.897 s, DeepFocus 0.240 s
+SEED_SPEEDUP = 0.897 / 0.240
+TARGET_SPEEDUP = 3.0
+
+
+def speed_vs_mapfost(results: dict[str, MethodResult]) -> list[str]:
+    """Each timed method's speed-up over MAPFoSt measured in the same run."""
+    ref = results.get("mapfost")
+    if ref is None or not math.isfinite(ref.ms_per_pair):
+        return []
+    return [f"{n}: {ref.ms_per_pair / r.ms_per_pair:.1f}x faster than mapfost per 512² pair "
+            f"({r.ms_per_pair:.1f} vs {ref.ms_per_pair:.1f} ms; target >= {TARGET_SPEEDUP:.0f}x, "
+            f"seed {SEED_SPEEDUP:.1f}x)"
+            for n, r in results.items()
+            if n != "mapfost" and not n.endswith("-nm") and math.isfinite(r.ms_per_pair) and r.ms_per_pair > 0]
 
 
 def plot_traces(errors: dict[str, np.ndarray], out: Path) -> None:

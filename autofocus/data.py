@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from autofocus.inference import resample
 from devices.setup_config import MicroscopeParams, Simulation
 from devices.sim import optics
 from devices.sim.render_cli import specimen_world
@@ -68,6 +69,10 @@ class DataConfig:
     single_image: bool = False          # DeepScore: one image at the aberration, target magnitudes
     perturbation_um: float = 5.0        # the pair is taken at wd ± this
     pixel_nm: float = 10.0
+    # frames taken at this pixel size and resampled to pixel_nm, exactly as the
+    # predictor does (area averaging: a 2x coarser model sees 4x the dose per
+    # pixel); None = rendered at pixel_nm directly
+    acquire_pixel_nm: Optional[float] = None
     current_a: float = 1.5e-9
     dwell_ns: tuple[float, float] = (50.0, 800.0)      # log-uniform
     # aberration mixture: (probability, wd half-range µm, stig half-range), uniform in each
@@ -199,12 +204,21 @@ class PairSimulator:
                shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         saved = world.mp
         world.mp = mp          # render() reads the hidden optics from world.mp
+        c = self.cfg
+        acq_nm = c.acquire_pixel_nm or c.pixel_nm
+        f = c.pixel_nm / acq_nm
         try:
             ab = optics.Aberration(dz_um * 1e-6, float(stig[0]), float(stig[1]))
-            return render(world, center, self.cfg.pixel_nm * 1e-9, shape, 0.0, ab, self.cfg.current_a,
-                          dwell_s, rng)
+            img = render(world, center, acq_nm * 1e-9, (round(shape[0] * f), round(shape[1] * f)), 0.0, ab,
+                         c.current_a, dwell_s, rng)
         finally:
             world.mp = saved
+        if acq_nm == c.pixel_nm:
+            return img
+        out = np.rint(resample(img, acq_nm * 1e-9, c.pixel_nm * 1e-9)).astype(np.uint8)
+        if out.shape != tuple(shape):
+            raise ValueError(f"pixel sizes {acq_nm} -> {c.pixel_nm} nm do not map {shape} onto whole pixels")
+        return out
 
     def pair(self, world, mp, center, ab, dwell_s, shape, rng) -> tuple[np.ndarray, np.ndarray]:
         """(img at wd + Δ, img at wd − Δ) around aberration ab = (Δwd µm, sx, sy)."""

@@ -38,11 +38,13 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
     pred.gain = np.ones(3)                          # fit on the raw outputs
     trained = pred.card.get("training_data") or {}
     mixture = tuple(tuple(m) for m in trained.get("mixture") or DataConfig.mixture)
+    # pairs as acquired (the predictor resamples them to the model's pixels)
+    acquire_nm = float(trained.get("acquire_pixel_nm") or pred.pixel_size_m * 1e9)
     cfg = DataConfig(patch=PAIR_SIDE, n_patches=1, textures=[str(t) for t in textures], microscopes="base",
-                     mixture=mixture, augment=False)
+                     mixture=mixture, augment=False, pixel_nm=acquire_nm)
     sim = PairSimulator(cfg)
     rng = np.random.default_rng([seed, 0x6A1])
-    n = max(1, (PAIR_SIDE // pred.patch) ** 2)    # the patches that tile the pair
+    n = pred.patches_to_tile(PAIR_SIDE, cfg.pixel_nm * 1e-9)
     truth, out = [], []
     for _ in range(int(samples)):
         x, y, _ = sim.sample(rng)                   # dwell log-uniform over the training range

@@ -13,7 +13,10 @@ CPU path (measured on the 2-core dev box, see the model card "inference"):
 TorchScript frozen with torch.jit.optimize_for_inference (batch norm folded
 into the convolutions), channels-last, torch.inference_mode, the N patches in
 one forward. Half precision / int8 were not used: no native bf16 on the CPU,
-and the FC layers are <5 % of the time, so dynamic int8 gains nothing.
+and the FC layers are <5 % of the time, so dynamic int8 gains nothing; static
+int8 (fbgemm, ONNX Runtime) was no faster on AVX2 without VNNI. ONNX Runtime
+fp32 (-8 %), OpenVINO and NNPACK were measured too and not worth a second
+model format (README, "Autofocus").
 """
 from __future__ import annotations
 
@@ -134,6 +137,12 @@ class DeepFocusPredictor:
         self.perturbation_m = float(self.card["perturbation_um"]) * 1e-6
         # post-hoc calibration of the outputs (autofocus/gain.py); 1 where none was fitted
         self.gain = np.asarray((self.card.get("output_gain") or {}).get("values", (1.0, 1.0, 1.0)), np.float64)
+
+    def patches_to_tile(self, side_px: int, pixel_size_m: float) -> int:
+        """Patches that tile a side_px² image taken at pixel_size_m once it is
+        resampled to the model's pixels (16 for 512² at the model's size)."""
+        side = round(side_px * pixel_size_m / self.pixel_size_m)
+        return max(1, (side // self.patch) ** 2)
 
     @property
     def default_n_patches(self) -> int:

@@ -10,6 +10,7 @@ the same way (50 decays per run).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -86,7 +87,8 @@ def export(model: torch.nn.Module, variant: str, out: Path, card: dict) -> None:
     was = model.training
     model.eval()
     try:
-        scripted = torch.jit.script(export_module(variant, model))
+        cpu = model if _device_of(model).type == "cpu" else copy.deepcopy(model).cpu()
+        scripted = torch.jit.script(export_module(variant, cpu))
     finally:
         model.train(was)
     out = Path(out)
@@ -99,9 +101,9 @@ def evaluate(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor
     """Mean absolute error of the aggregated predictions (eval mode)."""
     was = model.training
     model.eval()
-    preds = []
+    dev, preds = _device_of(model), []
     for i in range(0, len(x), chunk):
-        preds.append(batch_loss(kind, model, x[i:i + chunk], y[i:i + chunk])[1])
+        preds.append(batch_loss(kind, model, x[i:i + chunk].to(dev), y[i:i + chunk].to(dev))[1].cpu())
     model.train(was)
     err = (torch.cat(preds) - y).abs()
     if kind == "deepscore":
@@ -119,8 +121,10 @@ def _fit(model, kind: str, next_batch: Callable, val: tuple, steps: int, lr: flo
     model.train()
     if frozen_features:
         model.features.eval()        # keep batch-norm statistics of the frozen stack
+    dev = _device_of(model)
     for step in range(1, steps + 1):
         x, y = next_batch()
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         loss, _ = batch_loss(kind, model, x, y)
         opt.zero_grad(set_to_none=True)
@@ -174,8 +178,17 @@ def _card(variant: str, v: Variant, cfg: DataConfig, res: dict, batch: int, lr: 
     }
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def pick_device(device: Optional[str]) -> torch.device:
+    """The given device, else CUDA when present, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _setup(variant: str, seed: int, threads: Optional[int], init, freeze_all_but_fc: bool,
-           init_features: Optional[str | Path] = None, dropout: float = 0.1):
+           init_features: Optional[str | Path] = None, dropout: float = 0.1, device: Optional[str] = None):
     if variant not in VARIANTS:
         raise KeyError(f"unknown variant {variant!r}; known: {', '.join(sorted(VARIANTS))}")
     torch.set_num_threads(pick_threads(threads))
@@ -187,7 +200,7 @@ def _setup(variant: str, seed: int, threads: Optional[int], init, freeze_all_but
     elif init_features:
         load_weights(model, init_features, features_only=True)
     params = freeze_features(model) if freeze_all_but_fc else [p for p in model.parameters()]
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(pick_device(device), memory_format=torch.channels_last)   # parameters move in place
     return v, model, params
 
 
@@ -196,7 +209,7 @@ def train(variant: str, steps: int, out: str | Path, seed: int = 0, textures: Se
           freeze_all_but_fc: bool = False, n_patches: Optional[int] = None, max_minutes: Optional[float] = None,
           threads: Optional[int] = None, val_samples: int = 48, data: Optional[dict] = None,
           init_features: Optional[str | Path] = None, dropout: float = 0.1, pool_size: int = 0,
-          pool_refresh: int = 4, log: Callable = print) -> dict:
+          pool_refresh: int = 4, device: Optional[str] = None, log: Callable = print) -> dict:
     """Train ``variant`` on freshly simulated samples; returns the card.
 
     init: all weights from a model of the same variant (fine-tuning, seed
@@ -204,7 +217,7 @@ def train(variant: str, steps: int, out: str | Path, seed: int = 0, textures: Se
     any DeepFocus model (e.g. a fast 128² pre-training), seed schedule.
     dropout: seed 0.1; on a CPU budget 0 learns the stigmation cue several
     times faster (measured: stig starts to fit after ~150 vs >1500 steps)."""
-    v, model, params = _setup(variant, seed, threads, init, freeze_all_but_fc, init_features, dropout)
+    v, model, params = _setup(variant, seed, threads, init, freeze_all_but_fc, init_features, dropout, device)
     kw = dict(data or {})
     if v.kind == "deepscore":
         kw.setdefault("single_image", True)
@@ -218,11 +231,11 @@ def train(variant: str, steps: int, out: str | Path, seed: int = 0, textures: Se
     out = Path(out)
     n_params = count_parameters(model)
     log(f"{variant}: {n_params} trainable parameters, {steps} steps, batch {batch}x{cfg.n_patches}, "
-        f"{torch.get_num_threads()} threads, out {out}")
+        f"{torch.get_num_threads()} threads, {_device_of(model)}, out {out}")
     gamma, decays = (FINETUNE_GAMMA, FINETUNE_DECAYS) if init else (0.99, SEED_DECAYS)
     extra = {"gamma": gamma, "decays": decays, "init": str(init) if init else None,
              "init_features": Path(init_features).name if init_features else None,
-             "freeze_all_but_fc": freeze_all_but_fc, "dropout_train": dropout,
+             "freeze_all_but_fc": freeze_all_but_fc, "dropout_train": dropout, "device": str(_device_of(model)),
              "replay_pool": {"size": pool_size, "refresh_per_batch": pool_refresh} if pool_size else None}
 
     def checkpoint(history):
@@ -246,13 +259,13 @@ def train_on_samples(variant: str, samples: Sequence, steps: int, out: str | Pat
                      val_fraction: float = 0.2, pixel_nm: Optional[float] = None,
                      perturbation_um: Optional[float] = None, augment: bool = True,
                      max_minutes: Optional[float] = None, threads: Optional[int] = None,
-                     log: Callable = print) -> dict:
+                     device: Optional[str] = None, log: Callable = print) -> dict:
     """Fine-tune (recalibrate) on given (img_plus, img_minus, target) triples.
 
     target is the correction (Δwd µm, Δstig x, Δstig y) = −aberration; images
     must already be at the model's pixel size (see the init model's card).
     Without init this trains from scratch on the samples only."""
-    v, model, params = _setup(variant, seed, threads, init, freeze_all_but_fc)
+    v, model, params = _setup(variant, seed, threads, init, freeze_all_but_fc, device=device)
     if v.kind == "deepscore":
         raise ValueError("train_on_samples takes image pairs; DeepScore trains with train()")
     base = json.loads(Path(init).with_suffix(".json").read_text()) if init and \
@@ -303,6 +316,7 @@ def train_deepfocus_cmd(
     freeze_all_but_fc: bool = typer.Option(False, "--freeze-all-but-fc", help="fine-tune the 3 FC layers only"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop and export after this long"),
     threads: Optional[int] = typer.Option(None, "--threads", help="default: 1 if another training runs, else 2"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)"),
 ) -> None:
     """Train a DeepFocus / DeepScore variant on the simulator and export it."""
     for t in textures or []:
@@ -314,7 +328,7 @@ def train_deepfocus_cmd(
         raise typer.Exit(2)
     card = train(variant, steps, out, seed=seed, textures=list(textures or []), batch=batch, lr=lr,
                  log_every=log_every, init=init, freeze_all_but_fc=freeze_all_but_fc, n_patches=n_patches,
-                 max_minutes=max_minutes, threads=threads, log=lambda s: typer.echo(s))
+                 max_minutes=max_minutes, threads=threads, device=device, log=lambda s: typer.echo(s))
     val = card["validation"]
     typer.echo(f"done: val MAE wd {val['mae_wd_um']:.3f} µm, stig {val['mae_stig']:.3f}, "
                f"{card['training_time_s']:.0f} s")

@@ -173,13 +173,13 @@ def test_nelder_mead_on_sharpness_improves_focus(rig):
 def test_bench_cli_writes_the_json_schema(tmp_path):
     from autofocus.cli import app
     out = tmp_path / "bench.json"
-    res = CliRunner().invoke(app, ["bench", "--method", "sharpness-nm", "--method", "mapfost",
+    res = CliRunner().invoke(app, ["bench", "--method", "sharpness-nm", "--method", "mapfost", "--method", "deepfocus",
                                    "--mapfost-calibration", "microscope", "--locations", "1", "--iterations", "2",
                                    "--nm-iterations", "2", "--frame", "512", "512", "--json", str(out)])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert set(data) == {"methods", "settings"}
-    assert set(data["methods"]) == {"sharpness-nm", "mapfost"}
+    assert set(data["methods"]) == {"sharpness-nm", "mapfost", "deepfocus"}
     keys = {"iteration", "mae_wd_um", "sd_wd_um", "mae_stig", "sd_stig", "in_margin_fraction", "dose_e_per_nm2"}
     for name, m in data["methods"].items():
         assert isinstance(m["ms_per_pair"], float) and m["ms_per_pair"] > 0
@@ -190,6 +190,10 @@ def test_bench_cli_writes_the_json_schema(tmp_path):
         assert 8 <= its[0]["mae_wd_um"] <= 12
     assert data["methods"]["mapfost"]["iterations"][-1]["mae_wd_um"] < 1.0
     assert "MAE wd" in res.output
+    # the speed-up over MAPFoSt is measured in the same run, for pair methods only
+    ratio = data["methods"]["mapfost"]["ms_per_pair"] / data["methods"]["deepfocus"]["ms_per_pair"]
+    faster = [line for line in res.output.splitlines() if "x faster than mapfost" in line]
+    assert len(faster) == 1 and faster[0].startswith(f"deepfocus: {ratio:.1f}x faster than mapfost")
 
 
 def test_engine_adapter_registers_and_focuses(world):

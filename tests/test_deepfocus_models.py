@@ -94,6 +94,25 @@ def test_three_step_training_exports_and_is_reproducible(tmp_path):
     assert not all(torch.equal(a[k], r[k]) for k in a if k.startswith("fc."))
 
 
+def test_coarse_model_trains_on_frames_resampled_as_at_inference():
+    """A 20 nm model is fed 10 nm frames averaged 2x2, as the predictor does:
+    same patch shape, but four times the dose per pixel (half the shot noise)."""
+    kw = dict(patch=128, n_patches=1, pixel_nm=20.0, procedural_seeds=(0,), procedural_slices=(0,))
+    direct, resampled = PairSimulator(DataConfig(**kw)), PairSimulator(DataConfig(**kw, acquire_pixel_nm=10.0))
+    flat = (0.0, 0.0)
+
+    def noise(s):       # two scans of the same spot differ by shot noise only
+        world = s.worlds[0][0]
+        a, b = (s.render(world, BASE_MICROSCOPE, flat, 0.0, flat, 100e-9, (128, 128), np.random.default_rng(i))
+                for i in (1, 2))
+        assert a.shape == (128, 128) and a.dtype == np.uint8
+        return np.std(a.astype(float) - b.astype(float))
+    assert noise(resampled) < 0.7 * noise(direct)
+    with pytest.raises(ValueError, match="whole pixels"):
+        PairSimulator(DataConfig(**{**kw, "pixel_nm": 10.0}, acquire_pixel_nm=15.0)).render(
+            direct.worlds[0][0], BASE_MICROSCOPE, flat, 0.0, flat, 100e-9, (127, 127), np.random.default_rng(0))
+
+
 @pytest.fixture(scope="module")
 def sim():
     # procedural specimen seed 0 (configs/sim.yaml): held out from training
@@ -108,7 +127,8 @@ def _pair(sim, ab, size=640, seed=0):
 
 def test_shipped_model_corrects_moderate_aberrations(sim):
     p = DeepFocusPredictor(DEFAULT_MODEL, device="cpu")
-    assert p.card["pixel_size_nm"] == 10.0 and DEFAULT_MODEL.stat().st_size < 10e6
+    # 20 nm model, 10 nm frames: resampled before cropping
+    assert p.card["pixel_size_nm"] == 20.0 and DEFAULT_MODEL.stat().st_size < 10e6
     for i, ab in enumerate([(6.0, 1.0, -0.8), (-7.0, -1.2, 0.6), (4.0, 0.3, 1.5)]):
         plus, minus = _pair(sim, ab, seed=i)
         pred = p.predict(plus, minus, 10e-9, n_patches=10)
@@ -133,7 +153,8 @@ def test_fixed_seed_sequence_and_resampling(sim):
     big_m = cv2.resize(minus, (750, 750), interpolation=cv2.INTER_CUBIC)
     assert resample(big_p, 8e-9, 10e-9).shape == (600, 600)
     d = p.predict(big_p, big_m, 8e-9, n_patches=6, seed_sequence=3)
-    assert d.offsets.max() <= 600 - p.patch
+    assert d.offsets.max() <= round(750 * 8e-9 / p.pixel_size_m) - p.patch
+    assert p.patches_to_tile(512, p.pixel_size_m) == 16 and p.patches_to_tile(512, p.pixel_size_m / 2) == 4
     assert np.sign(d.d_wd_m) == np.sign(a.d_wd_m)
 
 
