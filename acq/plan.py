@@ -115,7 +115,7 @@ class AutofocusStep(_Strict):
     # the classical sweep ("sweep"); other methods read what they need
     sweep_range_um: float = Field(30.0, gt=0)
     sweep_steps: int = Field(7, ge=3, le=31)
-    frame_size: tuple[int, int] = (256, 256)
+    frame_size: tuple[int, int] = (512, 512)      # DeepFocus (20 nm model): four distinct 128² patches
     pixel_size_nm: float = Field(10.0, gt=0)
     dwell_ns: float = Field(100.0, ge=10)
     options: dict = Field(default_factory=dict, description="passed to the method (AutofocusRequest.options)")

@@ -138,11 +138,22 @@ class DeepFocusPredictor:
         # post-hoc calibration of the outputs (autofocus/gain.py); 1 where none was fitted
         self.gain = np.asarray((self.card.get("output_gain") or {}).get("values", (1.0, 1.0, 1.0)), np.float64)
 
+    def check_image(self, shape: tuple[int, int], pixel_size_m: float) -> tuple[int, int]:
+        """(h, w) of an image of ``shape`` taken at pixel_size_m once resampled to
+        the model's pixels; ValueError when that is smaller than one patch (so a
+        caller can refuse before it spends dose on the pair)."""
+        f = pixel_size_m / self.pixel_size_m
+        h, w = (max(1, round(v * f)) if abs(f - 1.0) > 0.01 else v for v in shape)
+        if h < self.patch or w < self.patch:
+            raise ValueError(f"image {w}x{h} px (at the model pixel size) is smaller than the {self.patch}² patch: "
+                             f"frames must span {self.patch * self.pixel_size_m * 1e6:.2f} µm")
+        return h, w
+
     def patches_to_tile(self, side_px: int, pixel_size_m: float) -> int:
         """Patches that tile a side_px² image taken at pixel_size_m once it is
         resampled to the model's pixels (16 for 512² at the model's size)."""
-        side = round(side_px * pixel_size_m / self.pixel_size_m)
-        return max(1, (side // self.patch) ** 2)
+        side = min(self.check_image((side_px, side_px), pixel_size_m))
+        return (side // self.patch) ** 2
 
     @property
     def default_n_patches(self) -> int:
@@ -165,6 +176,7 @@ class DeepFocusPredictor:
         a, b = np.asarray(img_plus), np.asarray(img_minus)
         if a.shape != b.shape or a.ndim != 2:
             raise ValueError(f"need two equal 2-D images, got {a.shape} and {b.shape}")
+        self.check_image(a.shape, pixel_size_m)
         a = resample(a, pixel_size_m, self.pixel_size_m)
         b = resample(b, pixel_size_m, self.pixel_size_m)
         P = self.patch

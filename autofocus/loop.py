@@ -237,6 +237,13 @@ class AutofocusLoop:
 
     def _iterate(self, trace: AutofocusTrace, wd0: float, stig0) -> None:
         sem, wd, stig = self.sem, wd0, stig0
+        check = getattr(self.method, "check_frame", None)
+        if check is not None:                       # no dose spent on pairs the method cannot use
+            try:
+                check(tuple(sem.frame_size()), sem.pixel_size(), self.perturbation_m)
+            except ValueError as e:
+                trace.status, trace.message = "failed", f"refused before acquiring: {e}"
+                return
         best_sharp, last_mag, grew = 0.0, math.inf, 0
         for k in range(1, self.max_iterations + 1):
             t0 = time.perf_counter()

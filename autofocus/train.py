@@ -199,8 +199,8 @@ def _setup(variant: str, seed: int, threads: Optional[int], init, freeze_all_but
         load_weights(model, init)
     elif init_features:
         load_weights(model, init_features, features_only=True)
+    model = model.to(pick_device(device), memory_format=torch.channels_last)
     params = freeze_features(model) if freeze_all_but_fc else [p for p in model.parameters()]
-    model = model.to(pick_device(device), memory_format=torch.channels_last)   # parameters move in place
     return v, model, params
 
 

@@ -49,7 +49,7 @@ class AutofocusPanel(QWidget):
         self.frame = QComboBox()
         self.frame.addItems(["256", "512", "768", "1024"])
         self.frame.setCurrentText("512")
-        self.pixel = spin(0.5, 100, 1, 4.0, "nm", 0.5, width=80)
+        self.pixel = spin(0.5, 100, 1, 10.0, "nm", 0.5, width=80)     # DeepFocus needs >= 2.56 µm frames
         form.addRow("Method", self.method)
         form.addRow("Pair ±Δ", self.perturbation)
         form.addRow("Max iterations", self.iterations)

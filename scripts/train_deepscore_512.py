@@ -4,9 +4,11 @@
 size, stigmator axes and gains, scan rotation) so the score does not belong
 to one setup. None is shipped yet: on this project's 2-core CPU the wd error
 was still 4.5 µm after 700 steps (20 min); the seed trained for 10^6 steps on
-GPUs. Recalibration uses the model as soon as it is in models/.
+GPUs. Recalibration and `deepscore-nm` use any finished deepscore*.pt in
+models/, so train elsewhere and copy it there only once it ranks sharpness
+well (tests/test_deepfocus_models.py has the check, skipped until then).
 
-    .venv/bin/python scripts/train_deepscore_512.py --shared ../shared --out models --device cuda --max-minutes 600
+    .venv/bin/python scripts/train_deepscore_512.py --shared ../shared --out /tmp/ds --device cuda --max-minutes 600
 
 Rendering a 512² sample costs about a CPU training step, so batches come from
 a replay pool (fresh augmentation on every draw, `refresh` new renders per

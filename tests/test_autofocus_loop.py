@@ -220,16 +220,16 @@ def test_engine_adapter_registers_and_focuses(world):
     assert engine_adapter.LAST_TRACES[-1] is res.trace
 
 
-def test_deepfocus_refuses_a_frame_smaller_than_its_patch_and_restores(rig):
+def test_deepfocus_refuses_a_frame_smaller_than_its_patch_before_acquiring(rig):
     """The shipped model works at 20 nm: a 200 px frame at 10 nm (100 px once
-    resampled) is below its 128 px patch; the loop says so and leaves the SEM
-    where it started."""
+    resampled) is below its 128 px patch; the loop says so before it spends
+    any dose and leaves the SEM where it started."""
     from autofocus.methods import make_pair_method
     raw, guard, sem = rig
     start_at(sem, 6.0, 0.5, -0.5)
     method = make_pair_method("deepfocus", sem=sem)
     tr = AutofocusLoop(sem, guard, method, perturbation_m=5e-6, max_iterations=3, dwell_s=100e-9,
                        frame_size=(200, 200), pixel_size_m=10e-9).run()
-    assert tr.status != "converged" and "smaller than the 128² patch" in tr.message
+    assert tr.status == "failed" and "refused before acquiring" in tr.message and "128² patch" in tr.message
+    assert tr.evaluations == 0 and not tr.iterations and not sem.wd_calls and not sem.stig_calls
     assert sem.working_distance() == pytest.approx(WD0 + 6e-6) and sem.stig() == pytest.approx((0.5, -0.5))
-    assert_inside_windows(sem)

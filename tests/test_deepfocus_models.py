@@ -95,11 +95,17 @@ def test_three_step_training_exports_and_is_reproducible(tmp_path):
 
 
 def test_coarse_model_trains_on_frames_resampled_as_at_inference():
-    """A 20 nm model is fed 10 nm frames averaged 2x2, as the predictor does:
-    same patch shape, but four times the dose per pixel (half the shot noise)."""
+    """A 20 nm model is fed 10 nm frames averaged 2x2 by the predictor's own
+    resampling: same patch shape, four times the dose per pixel (half the
+    shot noise) of a frame scanned at 20 nm."""
     kw = dict(patch=128, n_patches=1, pixel_nm=20.0, procedural_seeds=(0,), procedural_slices=(0,))
     direct, resampled = PairSimulator(DataConfig(**kw)), PairSimulator(DataConfig(**kw, acquire_pixel_nm=10.0))
+    at_10nm = PairSimulator(DataConfig(**{**kw, "pixel_nm": 10.0}))
     flat = (0.0, 0.0)
+    args = (BASE_MICROSCOPE, flat, 3.0, (0.5, -0.5), 100e-9)
+    fine = at_10nm.render(at_10nm.worlds[0][0], *args, (256, 256), np.random.default_rng(7))
+    coarse = resampled.render(resampled.worlds[0][0], *args, (128, 128), np.random.default_rng(7))
+    assert np.array_equal(coarse, np.rint(resample(fine, 10e-9, 20e-9)).astype(np.uint8))
 
     def noise(s):       # two scans of the same spot differ by shot noise only
         world = s.worlds[0][0]

@@ -54,3 +54,27 @@ def test_no_run_now_while_an_acquisition_runs(win):
     finally:
         s.set_run_active(False)
     assert win.autofocus.run_button.isEnabled()
+
+
+def test_deepfocus_run_now_at_the_panels_defaults(win, qtbot):
+    """The shipped DeepFocus works at 20 nm; the panel's default frame and
+    pixel size give it enough field to focus."""
+    setup = win.session.setup
+    sec = setup.world.wafer.sections[0]
+    setup.stage.move_to(StagePosition(x=sec.center_m[0], y=sec.center_m[1]))
+    sem = setup.sem
+    sem.set_working_distance(sem.working_distance() + 6e-6)
+    sem.set_stig(1.0, -0.8)
+    before = sem.inner.aberration()
+    p = win.autofocus
+    p.method.setCurrentText("deepfocus")
+    assert p.method.currentText() == "deepfocus"
+    done = []
+    p.finished.connect(done.append)
+    assert p.run_now()
+    qtbot.waitUntil(lambda: bool(done), timeout=60000)
+    res = done[0]
+    assert res["ok"], res["message"]
+    after = sem.inner.aberration()
+    assert abs(after.dz_m) < 0.3 * abs(before.dz_m)
+    assert abs(after.stig_x) < 0.3 * abs(before.stig_x) and abs(after.stig_y) < 0.3 * abs(before.stig_y)
