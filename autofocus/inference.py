@@ -65,16 +65,23 @@ def load_card(model_path: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+def resampled_shape(shape: tuple[int, int], pixel_size_m: float, target_pixel_m: float,
+                    tol: float = 0.01) -> tuple[int, int]:
+    """(h, w) that ``resample`` gives an image of ``shape`` (unchanged within tol)."""
+    f = pixel_size_m / target_pixel_m
+    if abs(f - 1.0) <= tol:
+        return tuple(shape)
+    return tuple(max(1, int(round(v * f))) for v in shape)
+
+
 def resample(img: np.ndarray, pixel_size_m: float, target_pixel_m: float, tol: float = 0.01) -> np.ndarray:
     """Rescale an image taken at pixel_size_m to target_pixel_m pixels (area
     averaging when shrinking, bicubic when enlarging); unchanged within tol."""
-    f = pixel_size_m / target_pixel_m
-    if abs(f - 1.0) <= tol:
+    if abs(pixel_size_m / target_pixel_m - 1.0) <= tol:
         return img
-    h, w = img.shape
-    size = (max(1, int(round(w * f))), max(1, int(round(h * f))))
-    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
-    out = cv2.resize(np.asarray(img, np.float32), size, interpolation=interp)
+    h, w = resampled_shape(img.shape, pixel_size_m, target_pixel_m, tol)
+    interp = cv2.INTER_AREA if pixel_size_m < target_pixel_m else cv2.INTER_CUBIC
+    out = cv2.resize(np.asarray(img, np.float32), (w, h), interpolation=interp)
     return np.clip(out, 0, 255)
 
 
@@ -142,8 +149,7 @@ class DeepFocusPredictor:
         """(h, w) of an image of ``shape`` taken at pixel_size_m once resampled to
         the model's pixels; ValueError when that is smaller than one patch (so a
         caller can refuse before it spends dose on the pair)."""
-        f = pixel_size_m / self.pixel_size_m
-        h, w = (max(1, round(v * f)) if abs(f - 1.0) > 0.01 else v for v in shape)
+        h, w = resampled_shape(shape, pixel_size_m, self.pixel_size_m)
         if h < self.patch or w < self.patch:
             raise ValueError(f"image {w}x{h} px (at the model pixel size) is smaller than the {self.patch}² patch: "
                              f"frames must span {self.patch * self.pixel_size_m * 1e6:.2f} µm")

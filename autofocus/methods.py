@@ -218,16 +218,19 @@ class DeepFocusMethod:
         trained = getattr(self.predictor, "perturbation_m", None)
         self.trained_perturbation_m = float(trained) if trained else None
 
-    def check_frame(self, frame_size: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
-        """ValueError when pairs of this frame (w, h) and ±perturbation cannot
-        be used: the loop asks before it acquires anything."""
+    def _check_perturbation(self, perturbation_m: float) -> None:
         if self.trained_perturbation_m and abs(perturbation_m - self.trained_perturbation_m) > 1e-9:
             raise ValueError(f"{self.name} was trained on ±{self.trained_perturbation_m * 1e6:g} µm pairs, "
                              f"not ±{perturbation_m * 1e6:g} µm")
+
+    def check_frame(self, frame_size: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
+        """ValueError when pairs of this frame (w, h) and ±perturbation cannot
+        be used: the loop asks before it acquires anything."""
+        self._check_perturbation(perturbation_m)
         self.predictor.check_image((frame_size[1], frame_size[0]), pixel_size_m)
 
     def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m) -> Estimate:
-        self.check_frame(img_plus.shape[::-1], pixel_size_m, perturbation_m)
+        self._check_perturbation(perturbation_m)        # predict checks the image size itself
         t0 = time.perf_counter()
         p = self.predictor.predict(img_plus, img_minus, pixel_size_m, n_patches=self.n_patches,
                                    seed_sequence=self.seed)

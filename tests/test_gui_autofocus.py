@@ -4,14 +4,25 @@ methods are shown disabled with the reason; no 'run now' during a run."""
 from devices.interfaces import StagePosition
 
 
-def test_mapfost_run_now_converges_and_plots(win, qtbot):
+def _aberrated_at_first_section(win):
+    """The SEM over section 0, defocused by 6 µm and astigmatic: (sem, aberration)."""
     setup = win.session.setup
     sec = setup.world.wafer.sections[0]
     setup.stage.move_to(StagePosition(x=sec.center_m[0], y=sec.center_m[1]))
     sem = setup.sem
-    sem.set_working_distance(sem.working_distance() + 6e-6)          # defocus it by 6 µm and add astigmatism
+    sem.set_working_distance(sem.working_distance() + 6e-6)
     sem.set_stig(1.0, -0.8)
-    before = sem.inner.aberration()
+    return sem, sem.inner.aberration()
+
+
+def _assert_much_nearer_focus(sem, before):
+    after = sem.inner.aberration()
+    assert abs(after.dz_m) < 0.3 * abs(before.dz_m)
+    assert abs(after.stig_x) < 0.3 * abs(before.stig_x) and abs(after.stig_y) < 0.3 * abs(before.stig_y)
+
+
+def test_mapfost_run_now_converges_and_plots(win, qtbot):
+    sem, before = _aberrated_at_first_section(win)
     scan = (sem.pixel_size(), tuple(sem.frame_size()), sem.dwell_time())
     p = win.autofocus
     p.method.setCurrentText("mapfost")
@@ -25,9 +36,7 @@ def test_mapfost_run_now_converges_and_plots(win, qtbot):
     qtbot.waitUntil(lambda: bool(done), timeout=60000)
     res = done[0]
     assert res["ok"], res["message"]
-    after = sem.inner.aberration()
-    assert abs(after.dz_m) < 0.3 * abs(before.dz_m)
-    assert abs(after.stig_x) < 0.3 * abs(before.stig_x) and abs(after.stig_y) < 0.3 * abs(before.stig_y)
+    _assert_much_nearer_focus(sem, before)
     assert iterations and iterations[0]["iteration"] == 1             # reported live, one by one
     xs, ys = p.wd_curve.getData()
     assert len(xs) == len(res["iterations"]) + 1                      # start + every iteration
@@ -59,13 +68,7 @@ def test_no_run_now_while_an_acquisition_runs(win):
 def test_deepfocus_run_now_at_the_panels_defaults(win, qtbot):
     """The shipped DeepFocus works at 20 nm; the panel's default frame and
     pixel size give it enough field to focus."""
-    setup = win.session.setup
-    sec = setup.world.wafer.sections[0]
-    setup.stage.move_to(StagePosition(x=sec.center_m[0], y=sec.center_m[1]))
-    sem = setup.sem
-    sem.set_working_distance(sem.working_distance() + 6e-6)
-    sem.set_stig(1.0, -0.8)
-    before = sem.inner.aberration()
+    sem, before = _aberrated_at_first_section(win)
     p = win.autofocus
     p.method.setCurrentText("deepfocus")
     assert p.method.currentText() == "deepfocus"
@@ -75,6 +78,4 @@ def test_deepfocus_run_now_at_the_panels_defaults(win, qtbot):
     qtbot.waitUntil(lambda: bool(done), timeout=60000)
     res = done[0]
     assert res["ok"], res["message"]
-    after = sem.inner.aberration()
-    assert abs(after.dz_m) < 0.3 * abs(before.dz_m)
-    assert abs(after.stig_x) < 0.3 * abs(before.stig_x) and abs(after.stig_y) < 0.3 * abs(before.stig_y)
+    _assert_much_nearer_focus(sem, before)
