@@ -1,10 +1,25 @@
-"""Atomic, never-overwriting file writes (temporary name, fsync, rename)."""
+"""Atomic, never-overwriting file writes (temporary name, fsync, rename).
+
+The temporary file is ``.{name}.{random}.part`` next to the target: a crash
+leaves at most such a file behind, never a partial file under the real name.
+``is_temporary`` recognises them (and zarr's ``*.partial``) and
+``remove_temporaries`` deletes them on a restart (acq.writers.manifest's
+Manifest.recover does; acq.verify reports them as leftover temporary files).
+
+Every filesystem operation calls acq.crashpoints.point(op, path) just before
+it happens (the crash test kills the process there).
+"""
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from acq.crashpoints import point
+
+TEMP_SUFFIX = ".part"
 
 
 def _umask() -> int:
@@ -20,6 +35,49 @@ class FileExists(FileExistsError):
     pass
 
 
+def temp_name(path: Path) -> Path:
+    """A fresh temporary name for ``path`` (same folder, hidden, ``.part``)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary file or folder name of atomic_write, the writers or zarr:
+    ``.{name}.{random}.part`` (also a ``.{name}.part`` folder) or ``*.partial``."""
+    return (name.startswith(".") and name.endswith(TEMP_SUFFIX)) or name.endswith(".partial")
+
+
+def iter_temporaries(root: Path) -> Iterator[Path]:
+    """Temporary files and folders under ``root`` (a temporary folder is not entered)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for dirpath, dirs, files in os.walk(root):
+        for d in sorted(dirs):
+            if is_temporary(d):
+                yield Path(dirpath) / d
+        dirs[:] = sorted(d for d in dirs if not is_temporary(d))
+        for f in sorted(files):
+            if is_temporary(f):
+                yield Path(dirpath) / f
+
+
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete what a crash left of temporary files under ``root`` (call only
+    when no writer works there: on start, under the output folder's lock)."""
+    gone = []
+    for p in list(iter_temporaries(root)):
+        point("unlink", p)
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except FileNotFoundError:
+            pass
+        gone.append(p)
+    return gone
+
+
 def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, overwrite: bool = False,
                  link_fallback: bool = False) -> Path:
     """Write ``data`` (bytes, or a callable that writes to the temp path) to
@@ -29,25 +87,33 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, over
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExists(f"{path} exists; refusing to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    tmp = Path(tmp)
-    os.chmod(tmp, _FILE_MODE)        # mkstemp makes 0600; data must stay readable by the pipeline
+    if not path.parent.is_dir():
+        point("mkdir", path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    point("create", tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0666 & ~umask, as open() gives
     try:
         if callable(data):
             os.close(fd)
+            point("write", tmp)
             data(tmp)
             with open(tmp, "rb+") as f:
+                point("fsync", tmp)
                 os.fsync(f.fileno())
         else:
             with os.fdopen(fd, "wb") as f:
+                point("write", tmp)
                 f.write(data)
                 f.flush()
+                point("fsync", tmp)
                 os.fsync(f.fileno())
         if overwrite:
+            point("rename", path)
             os.replace(tmp, path)
         else:
             try:
+                point("rename", path)
                 os.link(tmp, path)      # fails if path appeared meanwhile: never clobbers
             except OSError as e:
                 if not link_fallback or isinstance(e, FileExistsError):
@@ -55,15 +121,19 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, over
                 if path.exists():
                     raise FileExists(f"{path} exists; refusing to overwrite") from None
                 os.replace(tmp, path)
+            point("unlink", tmp)
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder (its entries durable); silently skipped where a
+    filesystem cannot."""
+    point("fsync_dir", folder)
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -74,3 +144,6 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_dir      # the old private name

@@ -64,6 +64,7 @@ class Progress:
 
 def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Optional[str | Path] = None,
              config: Optional[str | Path] = None, *, accept_interrupted_mill: bool = False,
+             accept_change: tuple[str, ...] = (), max_exposures: Optional[int] = None,
              stream: Optional[TextIO] = None, on_engine: Optional[Callable] = None) -> int:
     """Run (or resume) a plan; returns the exit code. ``on_engine(engine)`` is
     called before the start (tests attach subscribers there)."""
@@ -77,19 +78,26 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
     if (out is None) == (resume is None):
         return bad("give exactly one of --out OUTDIR (new run) or --resume OUTDIR (continue a run)")
     out_dir = Path(out if out is not None else resume)
-    from acq.engine import Engine
+    from acq.engine import Engine, holds_nothing, run_started
     from acq.expand import count_tiles
     from acq.journal import Journal
     from acq.plan import load_plan, writer_options
+    if max_exposures is not None and not 1 <= max_exposures <= 100:
+        return bad(f"--max-exposures {max_exposures}: allowed 1..100")
     try:
+        flag = "--out" if out is not None else "--resume"
+        if out_dir.exists() and not out_dir.is_dir():
+            return bad(f"{flag} {out_dir}: is a file, not a folder")
         plan = load_plan(plan_path, config)
-        if out is not None and out_dir.exists() and any(out_dir.iterdir()):
+        if out is not None and not holds_nothing(out_dir):
             return bad(f"--out {out_dir}: exists and is not empty (continue a run with --resume {out_dir})")
-        if resume is not None and not Journal(out_dir).path.exists():
+        if resume is not None and not run_started(out_dir) and not (out_dir.is_dir() and holds_nothing(out_dir)):
             return bad(f"--resume {out_dir}: no journal.jsonl there, nothing to resume")
         options = writer_options(plan, str(plan_path))
     except ConfigError as e:
         return bad(str(e))
+    except OSError as e:
+        return bad(f"{out_dir}: {e.strerror or e}")
     from devices.factory import build_setup
     try:
         setup = build_setup(plan.setup_config)
@@ -99,20 +107,25 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
     try:
         try:
             engine = Engine(setup, plan, out_dir, resume=resume is not None, on_pause="stop",
-                            accept_interrupted_mill=accept_interrupted_mill)
+                            accept_interrupted_mill=accept_interrupted_mill, accept_change=accept_change,
+                            max_exposures=max_exposures)
             total = count_tiles(plan, setup)
+            if resume is not None:
+                total -= Journal(out_dir).read().tiles_done_total
         except ConfigError as e:
             return bad(str(e))
-        if resume is not None:
-            total -= len(Journal(out_dir).read().tiles_done)
         progress = Progress(max(total, 0), plan.n_cycles(), msg_out)
         engine.subscribe(progress)
         from acq.writers import make_writers      # creates OUTDIR: only now that everything is valid
-        for w in make_writers(out_dir, options):
-            engine.add_writer(w)
+        try:
+            for w in make_writers(out_dir, options):
+                engine.add_writer(w)
+        except OSError as e:
+            engine.close_unstarted()
+            return bad(f"{out_dir}: cannot write the output: {e.strerror or e}")
         if on_engine is not None:
             on_engine(engine)
-        restore = _abort_on_sigint(engine)
+        restore = _stop_on_signals(engine, err)
         try:
             res = engine.run()
         finally:
@@ -132,18 +145,34 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
     return 0 if res.status == "success" else 1
 
 
-def _abort_on_sigint(engine) -> Callable[[], None]:
-    """Ctrl-C: stop at the next checkpoint (the mill in progress completes)."""
+def _stop_on_signals(engine, err: TextIO) -> Callable[[], None]:
+    """Ctrl-C: stop at the next checkpoint (a mill under way completes).
+    SIGTERM, SIGHUP or a second Ctrl-C: stop now - a mill or irradiation
+    blanks its beam within a second - and end resumable. The devices are
+    closed only after the engine thread has stopped, never under a step."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    old = signal.getsignal(signal.SIGINT)
+    names = ["SIGINT", "SIGTERM"] + (["SIGHUP"] if hasattr(signal, "SIGHUP") else [])
+    sigs = [getattr(signal, n) for n in names]
+    old = {s: signal.getsignal(s) for s in sigs}
+    interrupts = [0]
 
     def handler(signum, frame):
-        sys.stderr.write("\ninterrupt: stopping at the next safe point (Ctrl-C again to force)\n")
-        engine.abort()
-        signal.signal(signal.SIGINT, old)
-    signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, old)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and interrupts[0] == 0:
+            interrupts[0] += 1
+            err.write("\ninterrupt: stopping at the next safe point (Ctrl-C again: stop now, beams blanked)\n")
+            engine.abort()
+            return
+        err.write(f"\n{name}: stopping now at a safe point, beams blanked; the run stays resumable\n")
+        engine.stop_now(name)
+    for s in sigs:
+        signal.signal(s, handler)
+
+    def restore():
+        for s, h in old.items():
+            signal.signal(s, h)
+    return restore
 
 
 @app.callback()
@@ -157,12 +186,37 @@ def run(plan: Path = typer.Argument(..., help="plan YAML"),
         resume: Optional[Path] = typer.Option(None, "--resume", help="output folder of a run to continue"),
         config: Optional[Path] = typer.Option(None, "--config", help="setup YAML (replaces the plan's setup)"),
         accept_interrupted_mill: bool = typer.Option(
-            False, "--accept-interrupted-mill", help="count a mill cut short by a crash as done")) -> None:
+            False, "--accept-interrupted-mill", help="count a mill cut short by a crash as done"),
+        accept_change: Optional[str] = typer.Option(
+            None, "--accept-change", help="with --resume: accept changed writers,autofocus,step,imaging "
+            "(comma-separated; journaled)"),
+        max_exposures: Optional[int] = typer.Option(
+            None, "--max-exposures", help="exposure budget per tile and cycle for this run (journaled)")) -> None:
     """Run an acquisition plan (or continue one with --resume); exit 0 only if it completed."""
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     for name in ("acq.engine", "acq.lifecycle"):       # incidents are printed by Progress
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    raise typer.Exit(run_plan(plan, out, resume, config, accept_interrupted_mill=accept_interrupted_mill))
+    changes = tuple(c.strip() for c in (accept_change or "").split(",") if c.strip())
+    raise typer.Exit(run_plan(plan, out, resume, config, accept_interrupted_mill=accept_interrupted_mill,
+                              accept_change=changes, max_exposures=max_exposures))
+
+
+def verify(out_dir: Path = typer.Argument(..., help="output folder of a run"),
+           no_hash: bool = typer.Option(False, "--no-hash", help="sizes only (fast), no sha256")) -> None:
+    """Check every file of OUTDIR against its latest manifest entry; exit 0 only if all verify."""
+    from acq.verify import verify_main
+    raise typer.Exit(verify_main(out_dir, check_hash=not no_hash))
+
+
+journal_app = typer.Typer(add_completion=False, help="The run journal (OUTDIR/journal.jsonl).")
+
+
+@journal_app.command("repair")
+def journal_repair(out_dir: Path = typer.Argument(..., help="output folder of a run"),
+                   dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be dropped")) -> None:
+    """Drop unreadable journal lines (after a backup) and say what they may have been."""
+    from acq.journal import repair_main
+    raise typer.Exit(repair_main(out_dir, dry_run=dry_run))
 
 
 if __name__ == "__main__":

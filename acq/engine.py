@@ -11,8 +11,13 @@ N-th consecutive failure, a limit violation or an unknown interlock pauses the
 run for the operator. With ``on_pause="stop"`` (command line) such a pause
 ends the run instead, to be continued with ``--resume``.
 
-Durability: acq/journal.py. A tile is journaled done only when every writer
-acknowledged it; before a mill every tile of the cycle must be done.
+Durability: acq/journal.py. A tile is journaled done once its frame is on
+disk (the primary writer, OME-TIFF) and every derived writer has returned;
+a derived writer's failure is reported, never a reason to image again, and a
+failed primary write is retried from the frame in memory. Before a mill
+every tile of the cycle must be done. Dose: acq/dose_budget.py caps the
+scans per tile and cycle. One process per OUTDIR (acq/outdir_lock.py); a
+resume must match the run's fingerprint (acq/fingerprint.py).
 """
 from __future__ import annotations
 
@@ -25,29 +30,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from acq import fingerprint
 from acq.atomic import atomic_write
 from acq.autofocus_step import run_autofocus
+from acq.dose_budget import DoseBudgetReached, ExposureBook, autofocus_area, budget_for
 from acq.device_ops import StepFailed, with_retries
 from acq.documents import CycleDone, Incident, RunStart, RunStop, SectionDone
 from acq.expand import (AcquireTile, Autofocus, Configure, CycleEnd, ExpansionState, Irradiate, Mill, MoveStage,
                         SectionEnd, check_plan, expand)
 from acq.journal import Journal
 from acq.lifecycle import Abort, OperatorStop, RunLifecycle, _label
+from acq.outdir_lock import LOCK_NAME, OutdirLock
 from acq.plan import Plan, Retries, dump_plan
 from acq.qc import ImageInspector
 from acq.steps_irradiation import irradiate
 from acq.steps_mill import run_mill
 from acq.steps_tile import acquire_tile, move_stage
-from acq.stream import Dispatcher
-from acq.suspenders import SuspendCondition, Suspender, default_suspenders
+from acq.stream import Dispatcher, TileAck
+from acq.suspenders import SuspendCondition, Suspender, default_suspenders, is_disk_error
 from devices.errors import DeviceError, InterlockError, LimitViolation
 from devices.setup_config import ConfigError
 
 log = logging.getLogger(__name__)
 SOFTWARE_VERSION = "0.1.0"
 PLAN_COPY = "plan.json"
-# what a resume must not change: which tiles, mills and doses the run is made of
+# what a resume must not change (runs from before fingerprint.json): which tiles, mills and doses
 _DEFINING = ("sections", "sections_from", "grid_template", "overview", "order", "cycles", "mill", "irradiation")
+
+
+def run_started(out_dir: Path) -> bool:
+    """OUTDIR holds a run that --resume can continue (journal or its first files)."""
+    out_dir = Path(out_dir)
+    return any((out_dir / n).exists() for n in (Journal(out_dir).path.name, PLAN_COPY, fingerprint.FINGERPRINT))
+
+
+def holds_nothing(out_dir: Path) -> bool:
+    """OUTDIR has no data: at most empty folders, the lock and temporary
+    files of a start that was cut before its first file (a run there starts afresh)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return not out_dir.exists()
+    for _root, _dirs, files in os.walk(out_dir):
+        if any(f != LOCK_NAME and not f.endswith(".part") and f != ".write_probe" for f in files):
+            return False
+    return True
 
 
 @dataclass
@@ -69,6 +95,8 @@ class Engine(RunLifecycle):
     writers:     acq.stream.Writer objects; a tile is done once all of them returned
     resume:      continue the run journaled in ``out_dir``
     accept_interrupted_mill: count a mill cut short by a crash (beam on) as done
+    accept_change: fingerprint parts a resume may change (acq/fingerprint.py OVERRIDABLE)
+    max_exposures: exposure budget per tile and cycle for this run (default: plan/setup)
     on_pause:    "wait" (GUI: wait for resume()/abort()) or "stop" (command line:
                  end the run, to be continued with resume=True)
     retries:     a Retries policy replacing the plan's
@@ -79,7 +107,8 @@ class Engine(RunLifecycle):
     def __init__(self, setup, plan: Plan, out_dir: str | Path, subscribers: Iterable[Callable] = (),
                  writers: Iterable = (), *, resume: bool = False, accept_interrupted_mill: bool = False,
                  on_pause: str = "wait", queue_maxsize: Optional[int] = None,
-                 suspenders: Optional[list[Suspender]] = None, retries: Optional[Retries] = None):
+                 suspenders: Optional[list[Suspender]] = None, retries: Optional[Retries] = None,
+                 accept_change: Iterable[str] = (), max_exposures: Optional[int] = None):
         if on_pause not in ("wait", "stop"):
             raise ValueError(f"on_pause = {on_pause!r}: allowed 'wait', 'stop'")
         if retries is not None:                          # the caller's retry policy replaces the plan's
@@ -88,19 +117,38 @@ class Engine(RunLifecycle):
         self.out_dir = Path(out_dir)
         self.sections = check_plan(plan, setup)          # ConfigError before anything is written
         self.journal = Journal(self.out_dir)
-        if not resume and self.journal.path.exists():
+        started = run_started(self.out_dir)
+        if not resume and started:
             raise ConfigError(f"{self.out_dir} already holds a run (journal.jsonl); continue it with --resume")
-        if resume and not self.journal.path.exists():
-            raise ConfigError(f"--resume {self.out_dir}: no journal.jsonl there, nothing to resume")
+        if resume and not started:
+            if not holds_nothing(self.out_dir):
+                raise ConfigError(f"--resume {self.out_dir}: no journal.jsonl there, nothing to resume")
+            resume = False                       # cut before its first file: nothing to continue, start it
         self.resume_run, self.accept_interrupted_mill, self.on_pause = resume, accept_interrupted_mill, on_pause
-        if resume:
-            _same_plan(self.out_dir, plan)
+        self.fingerprint = fingerprint.compute(plan, setup, self.sections)
+        self._outdir_lock = OutdirLock(self.out_dir).acquire()       # refuses a folder another process runs in
+        try:
+            self._accepted: dict = {}
+            if resume:
+                self._accepted = fingerprint.check_resume(self.out_dir, self.fingerprint, set(accept_change))
+                if fingerprint.recorded(self.out_dir) is None:
+                    _same_plan(self.out_dir, plan)
+        except BaseException:
+            self._outdir_lock.release()
+            raise
+        self.budget = max_exposures if max_exposures is not None else budget_for(plan, setup.config)
+        self.exposures = ExposureBook(self.journal, self.budget)
+        self._urgent: Optional[str] = None
         self.dispatcher = Dispatcher(queue_maxsize or plan.output.queue_maxsize)
         for fn in subscribers:
             self.dispatcher.add_subscriber(fn)
         for w in writers:
             self.dispatcher.add_writer(w)
-        self.suspenders = suspenders if suspenders is not None else default_suspenders(setup, plan, self.out_dir)
+        self._journal_inode: Optional[int] = None
+        self._max_tile_bytes = max((int(t[3][0]) * int(t[3][1]) for t in self.fingerprint["tiles"]), default=0)
+        self.suspenders = suspenders if suspenders is not None else default_suspenders(
+            setup, plan, self.out_dir, lambda: self._max_tile_bytes,
+            lambda: (self.journal.path, self._journal_inode))
         self.run_uid = uuid.uuid4().hex
         self.incidents: list[Incident] = []
         self.result: Optional[RunResult] = None
@@ -118,6 +166,14 @@ class Engine(RunLifecycle):
         self._pending_lock = threading.Lock()
         self._cycle_tiles: dict[int, list[AcquireTile]] = {}
         self._xstate = ExpansionState()
+        self._unwritten: list[tuple[AcquireTile, TileAck]] = []     # frames in memory a primary writer failed on
+        self._unjournaled: list[dict] = []                          # tile_done records the disk refused
+        self._write_tries: dict[str, int] = {}
+
+    def close_unstarted(self) -> None:
+        """Give up an engine that will not run (releases OUTDIR's lock)."""
+        if self._thread is None:
+            self._outdir_lock.release()
 
     # ------------------------------------------------------------ step context
     def incident(self, severity: str, cause: str, message: str, context: Optional[dict] = None) -> None:
@@ -144,6 +200,7 @@ class Engine(RunLifecycle):
             return
         af = Autofocus(key=f"refocus:{ev.key}", cycle=ev.cycle, section=ev.section, grid=ev.grid,
                        center_um=ev.center_um, step=self.plan.autofocus, tile_keys=(ev.key,))
+        self.exposures.extra(ev, why="refocus")
         run_autofocus(self.setup, af)
         self.invalidate_scan()
 
@@ -171,6 +228,61 @@ class Engine(RunLifecycle):
             pending, self._pending = self._pending, []
         for inc in pending:
             self._publish_incident(inc)
+        self._rewrite_unwritten()
+
+    def stop_now(self, why: str) -> None:
+        """Stop as soon as it is safe (a signal): a mill or an irradiation under
+        way blanks its beam within a second and the run stops there, resumable."""
+        self._urgent = why
+        self.abort()
+
+    @property
+    def urgent_stop(self) -> Optional[str]:
+        return self._urgent
+
+    def _wait_for_output(self, message: str) -> None:
+        """The output cannot take data: suspend (beams blanked) until it can."""
+        sus = next((s for s in self.suspenders if s.name == "disk_space"), None)
+        if sus is None:
+            raise OperatorStop(message)
+        self._suspend(sus, message)
+
+    def _rewrite_unwritten(self) -> None:
+        """Frames a primary writer failed on are written again from memory;
+        tile_done records the disk refused are journaled again. No new scan."""
+        while True:
+            with self._pending_lock:
+                items, self._unwritten = self._unwritten, []
+                records, self._unjournaled = self._unjournaled, []
+            if not items and not records:
+                return
+            try:
+                for i, rec in enumerate(records):
+                    self.journal.append("tile_done", **rec)
+            except OSError as e:
+                with self._pending_lock:
+                    self._unjournaled[:0] = records[i:]
+                    self._unwritten[:0] = items
+                if not is_disk_error(e):
+                    raise
+                self._wait_for_output(f"journal not written: {e}")
+                continue
+            for ev, ack in items:
+                err = ack.primary_error
+                tries = self._write_tries[ev.key] = self._write_tries.get(ev.key, 0) + 1
+                if is_disk_error(err):
+                    self._wait_for_output(f"tile {ev.tile_id} v{ack.doc.version} not written: {err}")
+                elif tries > self.plan.retries.acquire:
+                    with self._pending_lock:
+                        self._unwritten.append((ev, ack))
+                    self._operator_pause(f"tile {ev.tile_id} v{ack.doc.version} could not be written "
+                                         f"({type(err).__name__}: {err}); the frame is kept in memory while "
+                                         "paused: resume to try writing it again")
+                    continue
+                else:
+                    self.clock.sleep(self.plan.retries.backoff_s)
+                self._publish_tile(ev, ack.doc)
+            self.dispatcher.wait_idle(writers_only=True)
 
     def _run(self) -> None:
         status, reason = "failed", ""
@@ -182,6 +294,9 @@ class Engine(RunLifecycle):
             status = "success"
         except Abort:
             status, reason = "aborted", "aborted by the operator"
+            if self._urgent:
+                reason = (f"{self._urgent}: stopped at a safe point, beams blanked - continue with: "
+                          f"run PLAN --resume {self.out_dir}")
         except OperatorStop as e:
             reason = f"{e} - continue with: run PLAN --resume {self.out_dir}"
         except Exception as e:                   # a bug or an unhandled device state: stop safely, say why
@@ -196,13 +311,19 @@ class Engine(RunLifecycle):
 
     def _open(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume_run:
+        # a crash may have cut the first run before any of these: each is written once
+        if not (self.out_dir / fingerprint.FINGERPRINT).exists():
+            fingerprint.write_new(self.out_dir, self.fingerprint)
+        if not (self.out_dir / PLAN_COPY).exists():
             atomic_write(self.out_dir / PLAN_COPY, json.dumps(dump_plan(self.plan), indent=1).encode())
         st = self.journal.open()
+        self._journal_inode = os.stat(self.journal.path).st_ino
         self._xstate.exhausted = set(st.exhausted)
         self._start_cycle = st.first_open_cycle() if self.resume_run else 0
         self.journal.append("run_start", run_uid=self.run_uid, resumed=self.resume_run,
-                            plan_source=str(self.plan.source))
+                            plan_source=str(self.plan.source), accepted_changes=sorted(self._accepted),
+                            max_exposures=self.budget)
+        fingerprint.record_changes(self.out_dir, self._accepted)
         self.dispatcher.start()
         self.dispatcher.publish(RunStart(self.run_uid, dump_plan(self.plan),
                                          self.setup.config.model_dump(mode="json"), SOFTWARE_VERSION,
@@ -245,7 +366,8 @@ class Engine(RunLifecycle):
         finally:
             self.dispatcher.close()
             self.journal.close()
-        tiles_done = len(self.journal.state.tiles_done)
+            self._outdir_lock.release()
+        tiles_done = self.journal.state.tiles_done_total
         files, size = _du(self.out_dir)
         self.result = RunResult(status, reason, self.run_uid, self._tiles, tiles_done, len(self.incidents),
                                 files, size)
@@ -263,7 +385,7 @@ class Engine(RunLifecycle):
         st = self.journal.state
         if isinstance(ev, AcquireTile):
             self._cycle_tiles.setdefault(ev.cycle, []).append(ev)
-            return ev.key in st.tiles_done
+            return ev.key in st.tiles_done or self._adopt(ev)
         if isinstance(ev, MoveStage):
             if ev.for_key in st.tiles_done:
                 return True
@@ -275,6 +397,24 @@ class Engine(RunLifecycle):
                 self.setup.sem.set_stig(*rec["stig"])
             return True
         return ev.key in st.done and not isinstance(ev, Configure)
+
+    def _adopt(self, ev: AcquireTile) -> bool:
+        """A tile started before a crash whose OME-TIFF made it to disk (under
+        its final name, so whole) is done: journal it instead of scanning again."""
+        st = self.journal.state
+        version = st.tiles_started.get(ev.key)
+        if version is None or "ome_tiff" not in self.plan.output.writers:
+            return False
+        from acq.writers import CatchUp, tile_on_disk
+        path = tile_on_disk(self.out_dir, ev.section, ev.cycle, ev.tile_id, version)
+        if path is None:
+            return False
+        self.journal.append("tile_done", key=ev.key, version=version, cycle=ev.cycle,
+                            files=[path.relative_to(self.out_dir).as_posix()], qc={}, adopted=True)
+        self.incident("info", "tile_adopted", f"tile {ev.tile_id} v{version} was on disk before the restart: "
+                      "counted as done, not imaged again", {"tile_id": ev.tile_id, "version": version})
+        self.dispatcher.publish(CatchUp(section_id=ev.section, cycle=ev.cycle))
+        return True
 
     def _do(self, ev) -> None:
         if self._skip(ev):
@@ -306,6 +446,16 @@ class Engine(RunLifecycle):
                     self._failed(ev, e)
             except DeviceError as e:
                 self._failed(ev, e)
+            except DoseBudgetReached as e:
+                self.incident("error", "dose_budget", f"{_label(ev)}: {e}",
+                              {"event": ev.key, "tile_id": e.tile_id, "exposures": e.count, "budget": e.budget})
+                self._operator_pause(f"exposure budget: {e}; resume to allow one more exposure of {e.tile_id} "
+                                     "(command line: --resume with --max-exposures N)")
+                self.exposures.grant(ev)      # the operator resumed: one more, journaled
+            except OSError as e:
+                if not is_disk_error(e):
+                    raise
+                self._wait_for_output(f"{_label(ev)}: output not writable: {e}")
 
     def _execute(self, ev) -> None:
         setup = self.setup
@@ -331,8 +481,9 @@ class Engine(RunLifecycle):
             if not res.ok:
                 self.incident("warning", "autofocus_failed", f"{_label(ev)}: {res.message}; focus unchanged",
                               {"event": ev.key})
-            self.journal.append("autofocus_done", key=ev.key, wd_m=wd, stig=list(stig), ok=res.ok,
-                                method=ev.step.method, frames=res.frames, message=res.message)
+            self.journal.append("autofocus_done", key=ev.key, cycle=ev.cycle, wd_m=wd, stig=list(stig), ok=res.ok,
+                                method=ev.step.method, frames=res.frames, message=res.message,
+                                **autofocus_area(ev))
         elif isinstance(ev, Irradiate):
             irradiate(self, ev)
         elif isinstance(ev, Mill):
@@ -347,26 +498,45 @@ class Engine(RunLifecycle):
             self.dispatcher.publish(CycleDone(self.run_uid, ev.cycle))
 
     def _acquire(self, ev: AcquireTile) -> None:
+        self.exposures.check(ev)                 # before tile_started: a refused scan is no exposure
         version = self.journal.state.next_version(ev.key)
         self.journal.append("tile_started", key=ev.key, version=version, cycle=ev.cycle)
         doc = acquire_tile(self, ev, version)
         self._tiles += 1
-        qc = dict(doc.qc)
+        self._publish_tile(ev, doc)
 
-        def acked(files: dict, errors: dict) -> None:
-            if errors:
-                self.incident("error", "writer_failed", f"tile {ev.tile_id} v{version} not written: {errors}",
+    def _publish_tile(self, ev: AcquireTile, doc) -> None:
+        version, qc = doc.version, dict(doc.qc)
+
+        def acked(ack: TileAck) -> None:        # in a writer thread
+            if not ack.written:
+                self.incident("error", "writer_failed", f"tile {ev.tile_id} v{version} not written: "
+                              f"{ack.errors}; writing it again from memory (no new exposure)",
                               {"tile_id": ev.tile_id, "version": version})
+                with self._pending_lock:
+                    self._unwritten.append((ev, ack))
                 return
-            paths = [p for ps in files.values() for p in ps]
-            self.journal.append("tile_done", key=ev.key, version=version, cycle=ev.cycle, files=paths, qc=qc)
+            if ack.errors:
+                self.incident("error", "writer_failed", f"tile {ev.tile_id} v{version} is on disk, but "
+                              f"{', '.join(sorted(ack.errors))} failed: {ack.errors}; rebuilt from disk later, "
+                              "never imaged again for it", {"tile_id": ev.tile_id, "version": version,
+                                                            "writers": sorted(ack.errors)})
+            rec = dict(key=ev.key, version=version, cycle=ev.cycle,
+                       files=[p for ps in ack.files.values() for p in ps], qc=qc)
+            try:
+                self.journal.append("tile_done", **rec)
+            except OSError as e:                 # e.g. disk full: journaled again after the suspension
+                self.incident("error", "journal_failed", f"tile {ev.tile_id} v{version} written but not "
+                              f"journaled: {e}", {"tile_id": ev.tile_id})
+                with self._pending_lock:
+                    self._unjournaled.append(rec)
         self.dispatcher.publish(doc, ack=acked)
 
     def _cycle_barrier(self, cycle: int) -> None:
         """Every tile of the cycle durably written before the surface changes;
         tiles whose writing failed are acquired again first."""
         self.dispatcher.wait_idle(writers_only=True)
-        self._flush_pending()
+        self._flush_pending()                    # frames in memory are written again first: no new scan
         st = self.journal.state
         missing = [t for t in self._cycle_tiles.get(cycle, []) if t.key not in st.tiles_done
                    and t.section not in self._xstate.exhausted]
@@ -400,8 +570,15 @@ def _same_plan(out_dir: Path, plan: Plan) -> None:
     """A resumed run must acquire what the journal's run planned."""
     path = out_dir / PLAN_COPY
     if not path.exists():
+        if Journal(out_dir).path.exists():
+            raise ConfigError(f"--resume {out_dir}: {PLAN_COPY} and {fingerprint.FINGERPRINT} are missing, so what "
+                              "this run images cannot be checked; restore them from a backup")
         return
-    old, new = json.loads(path.read_text()), dump_plan(plan)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume {out_dir}: {path} is unreadable ({e}); restore it from a backup") from None
+    new = dump_plan(plan)
     changed = [k for k in _DEFINING if old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(f"--resume {out_dir}: the plan's {', '.join(changed)} differ from the run being resumed "

@@ -235,3 +235,19 @@ def expand(plan: Plan, setup, start_cycle: int = 0, state: Optional[ExpansionSta
 def count_tiles(plan: Plan, setup) -> int:
     """Planned tiles (an upper bound when sections may be exhausted early)."""
     return sum(isinstance(e, AcquireTile) for e in expand(plan, setup))
+
+
+def expand_tiles(plan: Plan, setup, sections: Optional[list[Section]] = None) -> list[AcquireTile]:
+    """The tiles of the first cycle (overview included): what a run images
+    every cycle, for the resume fingerprint (acq/fingerprint.py)."""
+    sections = ordered_sections(plan, setup) if sections is None else sections
+    out: list[AcquireTile] = []
+    ov = plan.overview
+    if ov is not None:
+        g = Grid(id=0, center_um=ov.center_um, rows=ov.rows, cols=ov.cols, pixel_size_nm=ov.pixel_size_nm,
+                 frame_size=ov.frame_size, dwell_ns=ov.dwell_ns, overlap_px=ov.overlap_px)
+        out += _tiles(0, OVERVIEW_SECTION, g, 0.0, overview=True)
+    for s in sections:
+        for g in s.grids:
+            out += _tiles(0, s.id, g, g.rotation_deg)
+    return out

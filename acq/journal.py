@@ -4,8 +4,10 @@ One JSON object per line, fsync'd before ``append`` returns, so what the
 journal says is done survives a crash or a kill -9. Records (``rec``):
 
   run_start       {run_uid, resumed, plan_source}
-  tile_started    {key, version, cycle}            before the frame is grabbed
-  tile_done       {key, version, cycle, files}     after every writer acknowledged it
+  tile_started    {key, version, cycle}            before the frame is grabbed (one exposure)
+  exposure        {key, n, why}                    more scans of the tile (retries, refocus)
+  exposure_granted {key}                           the operator allowed one more exposure
+  tile_done       {key, version, cycle, files, qc} after every writer acknowledged it
   autofocus_done  {key, wd_m, stig}
   irr_progress    {key, charge_c, seconds}         during irradiation (resume continues from here)
   irr_done        {key, section, dose_1e27_ev_cm3, charge_c, seconds, reached}
@@ -18,38 +20,112 @@ journal says is done survives a crash or a kill -9. Records (``rec``):
   cycle_done      {key, cycle}
   incident        {severity, cause, message}   (not used by resume)
   run_stop        {status, reason}
+  journal_repaired {dropped: [{line, head}], backup}   written by ``repair_journal``
 
-Every record also has ``t`` (wall time). A torn last line (killed mid-write)
-is dropped and cut off before the next append.
+Every record also has ``t`` (wall time, ms) and, last, ``crc``: the CRC-32
+(8 hex digits) of the line's own bytes with the crc field left out, so a
+line ends with ``,"crc":"xxxxxxxx"}`` and is checked without parsing it.
+Lines are compact JSON (``jq``/``grep`` work). ``files`` under OUTDIR are
+stored relative to it (``read_records`` gives them back joined to OUTDIR).
+
+Damage. The last line of the file, if damaged or without its newline, is a
+write torn by a kill: it was never acknowledged, so it is dropped and cut off
+before the next append. A damaged line anywhere else (or garbage followed by
+valid records) is never replayed: reading raises ``JournalCorrupt`` naming the
+lines and the repair command (``repair_journal``: backup, rewrite without
+them, report what they could have been). A journal written before checksums
+(no line has a crc) still reads; once a line has one, a line without is damage.
+
+Scale. The state keeps per-tile entries only for cycles not yet done (a
+``cycle_done`` drops its cycle's tiles, autofocus, section and mill entries;
+``tiles_done_total`` keeps counting). Every ``snapshot_every`` records and at
+close the state is written atomically to OUTDIR/journal.snapshot.json with the
+journal offset it covers and the length and CRC-32 of the first line and of
+the line ending at that offset; opening loads a matching snapshot and reads
+only the journal after it (a snapshot that does not match is ignored, with a
+warning, and the whole journal is read).
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import re
+import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, TextIO
+
+from acq import crashpoints
+from devices.setup_config import ConfigError
+
+log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.jsonl"
+SNAPSHOT_NAME = "journal.snapshot.json"
+SNAPSHOT_FORMAT = 1
+SNAPSHOT_EVERY = 20000                  # records between snapshots (and one at close)
+REPAIR_COMMAND = "python main.py journal repair {out}"
+HEAD_BYTES = 200                        # of a dropped line, kept in the repair record and report
+LISTED = 100                            # dropped lines listed in the repair record and report
+
+_CRC_TAG = b',"crc":"'                  # a checksummed line ends with _CRC_TAG + 8 hex + '"}'
+_SUFFIX = len(_CRC_TAG) + 8 + 2
+_CHUNK = 1 << 22
+_CYCLE_IN_KEY = re.compile(r"(?:[a-z_]+:)?c(\d+)(?:_|$)")
+_REQUIRED = {"tile_started": ("key", "version"), "tile_done": ("key", "version"), "cycle_done": ("key", "cycle"),
+             "exhausted": ("section",), "mill_beam_on": ("key",), "mill_beam_off": ("key",),
+             "mill_started": ("key",), "autofocus_done": ("key",), "exposure": ("key",)}
+_KEEP_DONE = ("mill:", "cycle:")        # done keys kept after their cycle is done (one per cycle)
 
 
+class JournalCorrupt(ConfigError):
+    """Damaged lines inside the journal (not a torn last line): never replayed."""
+
+    def __init__(self, path: str | Path, lines: list[int], detail: str = ""):
+        self.path = Path(path)
+        self.lines = list(lines)
+        shown = ", ".join(str(n) for n in self.lines[:20])
+        if len(self.lines) > 20:
+            shown += f" and {len(self.lines) - 20} more"
+        what = "line" if len(self.lines) == 1 else "lines"
+        super().__init__(
+            f"{self.path}: corrupt journal: {what} {shown} unreadable (checksum mismatch or not a record) "
+            f"with records after {'it' if len(self.lines) == 1 else 'them'}{detail}; the journal is not replayed. "
+            f"Repair it with `{REPAIR_COMMAND.format(out=self.path.parent)}` (keeps a backup, drops the "
+            f"unreadable lines and reports what they could have been), then resume.")
+
+
+class JournalBroken(OSError):
+    """A failed append could not be undone: the journal takes no more records."""
+
+
+# ------------------------------------------------------------------ state
 @dataclass
 class JournalState:
-    """What a journal says has happened, for resume."""
-    tiles_done: dict[str, int] = field(default_factory=dict)       # key -> version
+    """What a journal says has happened, for resume. Per-tile entries (and
+    autofocus, section and mill entries) are kept only for cycles not yet
+    done; ``tiles_done_total`` counts every tile done (all runs)."""
+    tiles_done: dict[str, int] = field(default_factory=dict)       # key -> version (open cycles)
     tiles_started: dict[str, int] = field(default_factory=dict)    # key -> highest version started
-    tile_files: dict[str, list] = field(default_factory=dict)
+    tile_files: dict[str, list] = field(default_factory=dict)      # key -> files as journaled (relative to OUTDIR)
     tile_qc: dict[str, dict] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)                    # keys of finished non-tile events
     autofocus: dict[str, dict] = field(default_factory=dict)
-    irradiation_progress: dict[str, dict] = field(default_factory=dict)
-    mill_started: dict[str, dict] = field(default_factory=dict)    # key -> last mill record
+    irradiation_progress: dict[str, dict] = field(default_factory=dict)   # until irr_done
+    mill_started: dict[str, dict] = field(default_factory=dict)    # key -> last mill record (open cycles)
     exhausted: set[int] = field(default_factory=set)
     cycles_done: set[int] = field(default_factory=set)
     runs: int = 0
     records: int = 0
+    tiles_done_total: int = 0                                      # tiles done, all runs, all cycles
+    exposures: dict[str, int] = field(default_factory=dict)        # key -> scans (tile_started + exposure n)
+    exposures_granted: dict[str, int] = field(default_factory=dict)   # key -> exposure_granted records
+    open_keys: dict[int, set[str]] = field(default_factory=dict, repr=False, compare=False)
 
     def mill_status(self, key: str) -> tuple[str, float]:
         """("done"|"none"|"known"|"unknown", seconds known milled) of a mill.
@@ -73,103 +149,546 @@ class JournalState:
             c += 1
         return c
 
+    def to_json(self) -> dict:
+        return {"tiles_done": self.tiles_done, "tiles_started": self.tiles_started, "tile_files": self.tile_files,
+                "tile_qc": self.tile_qc, "done": sorted(self.done), "autofocus": self.autofocus,
+                "irradiation_progress": self.irradiation_progress, "mill_started": self.mill_started,
+                "exhausted": sorted(self.exhausted), "cycles_done": sorted(self.cycles_done), "runs": self.runs,
+                "records": self.records, "tiles_done_total": self.tiles_done_total, "exposures": self.exposures,
+                "exposures_granted": self.exposures_granted,
+                "open_keys": {str(c): sorted(keys) for c, keys in self.open_keys.items()}}
 
-class Journal:
-    def __init__(self, out_dir: str | Path):
-        self.path = Path(out_dir) / JOURNAL_NAME
-        self._lock = threading.Lock()
-        self._f = None
-        self.state = JournalState()        # kept up to date by append()
+    @classmethod
+    def from_json(cls, d: dict) -> "JournalState":
+        return cls(tiles_done=dict(d["tiles_done"]), tiles_started=dict(d["tiles_started"]),
+                   tile_files=dict(d["tile_files"]), tile_qc=dict(d["tile_qc"]), done=set(d["done"]),
+                   autofocus=dict(d["autofocus"]), irradiation_progress=dict(d["irradiation_progress"]),
+                   mill_started=dict(d["mill_started"]), exhausted={int(s) for s in d["exhausted"]},
+                   cycles_done={int(c) for c in d["cycles_done"]}, runs=int(d["runs"]), records=int(d["records"]),
+                   tiles_done_total=int(d["tiles_done_total"]), exposures=dict(d["exposures"]),
+                   exposures_granted=dict(d["exposures_granted"]),
+                   open_keys={int(c): set(keys) for c, keys in d["open_keys"].items()})
 
-    # ------------------------------------------------------------ reading
-    def read(self) -> JournalState:
-        st = JournalState()
-        if not self.path.exists():
-            return st
-        for rec in self._records():
-            apply(st, rec)
-        return st
 
-    def _records(self):
-        with open(self.path, "rb") as f:
-            data = f.read()
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                return            # torn tail from a kill mid-write: everything before it counts
+def _cycle_of(rec: dict, key) -> Optional[int]:
+    c = rec.get("cycle")
+    if c is not None:
+        return int(c)
+    m = _CYCLE_IN_KEY.match(key) if isinstance(key, str) else None
+    return int(m.group(1)) if m else None
 
-    # ------------------------------------------------------------ writing
-    def open(self) -> JournalState:
-        """Open for appending; returns (and keeps) the state read so far."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._cut_torn_tail()
-        self.state = self.read()
-        self._f = open(self.path, "ab", buffering=0)
-        return self.state
 
-    def _cut_torn_tail(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):
-            with open(self.path, "rb+") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
+def _track(st: JournalState, rec: dict, key) -> None:
+    c = _cycle_of(rec, key)
+    if c is not None:
+        keys = st.open_keys.get(c)
+        if keys is None:
+            keys = st.open_keys[c] = set()
+        keys.add(key)
 
-    def append(self, rec: str, **fields) -> dict:
-        entry = {"rec": rec, "t": time.time(), **fields}
-        line = (json.dumps(entry, default=_jsonable) + "\n").encode()
-        with self._lock:
-            if self._f is None:
-                raise RuntimeError("journal is not open")
-            self._f.write(line)
-            os.fsync(self._f.fileno())
-            apply(self.state, entry)
-        return entry
 
-    def close(self) -> None:
-        with self._lock:
-            if self._f is not None:
-                self._f.close()
-                self._f = None
+def _close_cycle(st: JournalState, cycle: int) -> None:
+    """A cycle is done: resume never looks at its tiles, autofocus, sections or mill again."""
+    for k in st.open_keys.pop(cycle, ()):
+        st.tiles_done.pop(k, None)
+        st.tiles_started.pop(k, None)
+        st.tile_files.pop(k, None)
+        st.tile_qc.pop(k, None)
+        st.autofocus.pop(k, None)
+        st.mill_started.pop(k, None)
+        st.exposures.pop(k, None)
+        st.exposures_granted.pop(k, None)
+        if not k.startswith(_KEEP_DONE):
+            st.done.discard(k)
 
 
 def apply(st: JournalState, rec: dict) -> None:
     """Fold one record into the state (also used live by the engine)."""
     st.records += 1
     kind, key = rec.get("rec"), rec.get("key")
-    if kind == "run_start":
-        st.runs += 1
-    elif kind == "tile_started":
-        st.tiles_started[key] = max(st.tiles_started.get(key, -1), int(rec["version"]))
+    if kind == "tile_started":
+        v = int(rec["version"])
+        if v > st.tiles_started.get(key, -1):
+            st.tiles_started[key] = v
+        st.exposures[key] = st.exposures.get(key, 0) + 1
+        _track(st, rec, key)
     elif kind == "tile_done":
+        if key not in st.tiles_done:
+            st.tiles_done_total += 1
         st.tiles_done[key] = int(rec["version"])
         st.tile_files[key] = rec.get("files", [])
         st.tile_qc[key] = rec.get("qc", {})
+        _track(st, rec, key)
+    elif kind == "run_start":
+        st.runs += 1
     elif kind == "autofocus_done":
         st.done.add(key)
         st.autofocus[key] = rec
+        _track(st, rec, key)
+    elif kind == "exposure":
+        st.exposures[key] = st.exposures.get(key, 0) + int(rec.get("n", 1))
+        _track(st, rec, key)
+    elif kind == "exposure_granted":
+        st.exposures_granted[key] = st.exposures_granted.get(key, 0) + 1
+        _track(st, rec, key)
     elif kind == "irr_progress":
         st.irradiation_progress[key] = rec
     elif kind in ("mill_started", "mill_beam_on", "mill_beam_off"):
         st.mill_started[key] = rec
+        _track(st, rec, key)
     elif kind == "exhausted":
         st.exhausted.add(int(rec["section"]))
     elif kind == "cycle_done":
         st.done.add(key)
-        st.cycles_done.add(int(rec["cycle"]))
-    elif kind in ("irr_done", "mill_done", "section_done"):
+        c = int(rec["cycle"])
+        st.cycles_done.add(c)
+        _close_cycle(st, c)
+    elif kind == "irr_done":
         st.done.add(key)
+        st.irradiation_progress.pop(key, None)
+    elif kind in ("mill_done", "section_done"):
+        st.done.add(key)
+        _track(st, rec, key)
 
 
-def read_records(out_dir: str | Path) -> list[dict]:
-    """All intact records of OUTDIR's journal (tests, tools)."""
+# ------------------------------------------------------------------ lines
+def encode_record(entry: dict) -> bytes:
+    """The journal line of ``entry``: compact JSON ending ``,"crc":"xxxxxxxx"}`` + newline."""
+    body = json.dumps(entry, separators=(",", ":"), default=_jsonable).encode()
+    return body[:-1] + b',"crc":"%08x"}\n' % zlib.crc32(body)
+
+
+def _parse(raw: bytes, crc_mode: bool) -> tuple[Optional[dict], bool]:
+    """(record or None if damaged, whether the line carries a crc). ``raw``
+    without its newline. Without a crc a line is accepted only before the
+    first checksummed line (a journal written before checksums)."""
+    if raw[-_SUFFIX:-10] == _CRC_TAG and raw[-2:] == b'"}':
+        if b"%08x" % zlib.crc32(b"}", zlib.crc32(memoryview(raw)[:-_SUFFIX])) != raw[-10:-2]:
+            return None, True
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            return None, True
+        if type(rec) is not dict or rec.pop("crc", None) is None:
+            return None, True
+        return rec, True
+    if crc_mode:
+        return None, False
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None, False
+    if type(rec) is not dict or "rec" not in rec or "crc" in rec:
+        return None, False
+    return rec, False
+
+
+def _embedded(raw: bytes) -> Optional[int]:
+    """Where a complete checksummed record starts inside a damaged line (garbage
+    glued in front of a valid record), or None."""
+    i = raw.rfind(b'{"rec":')
+    if i > 0 and _parse(raw[i:], True)[0] is not None:
+        return i
+    return None
+
+
+def _lines(f, offset: int, counter: Optional[list] = None) -> Iterator[tuple[int, bytes, bool]]:
+    """(start offset, line without its newline, whether it had one) from ``offset`` on."""
+    f.seek(offset)
+    pos, rest = offset, b""
+    while True:
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            break
+        if counter is not None:
+            counter[0] += len(chunk)
+        parts = (rest + chunk if rest else chunk).split(b"\n")
+        rest = parts.pop()
+        for p in parts:
+            yield pos, p, True
+            pos += len(p) + 1
+    if rest:
+        yield pos, rest, False
+
+
+@dataclass
+class _Bad:
+    line: int                  # 1-based
+    offset: int
+    raw: bytes
+    eol: bool
+
+    @property
+    def head(self) -> bytes:
+        return self.raw[:HEAD_BYTES]
+
+
+@dataclass
+class _Pos:
+    """Where a read stands: the journal up to ``end`` is intact and applied."""
+    end: int = 0
+    lines: int = 0                                  # newline-terminated lines before end
+    crc_mode: bool = False
+    last: Optional[tuple[int, int]] = None          # (length, crc32) of the line ending at end, newline included
+    head: Optional[tuple[int, int]] = None          # same for line 1
+    torn: Optional[_Bad] = None
+    records: int = 0                                # records read by this read
+    bytes_read: list = field(default_factory=lambda: [0])
+
+
+def _line_id(raw: bytes) -> tuple[int, int]:
+    return len(raw) + 1, zlib.crc32(b"\n", zlib.crc32(raw))
+
+
+def _strict(f, path: Path, pos: _Pos) -> Iterator[dict]:
+    """The intact records after ``pos.end``, updating ``pos``. A damaged last
+    line is the torn tail (``pos.torn``; not yielded, ``pos.end`` before it);
+    a damaged line with anything after it raises JournalCorrupt (after the
+    scan to the end, so every damaged line is named). Nothing after the first
+    damaged line is yielded."""
+    bad: list[_Bad] = []
+    corrupt = False
+    crc_mode = pos.crc_mode
+    lineno = pos.lines
+    last_raw = head_raw = None
+    for start, raw, eol in _lines(f, pos.end, pos.bytes_read):
+        lineno += 1
+        blank = raw[:1] != b"{" and not raw.strip()
+        if bad:
+            if not blank:
+                corrupt = True
+                if not eol or _parse(raw, crc_mode)[0] is None:
+                    bad.append(_Bad(lineno, start, raw, eol))
+            continue
+        if not eol:                                   # never finished, so never acknowledged
+            bad.append(_Bad(lineno, start, raw, eol))
+            continue
+        if blank:
+            pos.end, pos.lines, last_raw = start + len(raw) + 1, lineno, raw
+            continue
+        rec, has_crc = _parse(raw, crc_mode)
+        if rec is None:
+            bad.append(_Bad(lineno, start, raw, eol))
+            if _embedded(raw) is not None:           # garbage followed by a valid record: not a torn write
+                corrupt = True
+            continue
+        if has_crc:
+            crc_mode = True
+        if lineno == 1:
+            head_raw = raw
+        last_raw = raw
+        pos.end, pos.lines = start + len(raw) + 1, lineno
+        pos.records += 1
+        yield rec
+    pos.crc_mode = crc_mode
+    if last_raw is not None:
+        pos.last = _line_id(last_raw)
+    if head_raw is not None:
+        pos.head = _line_id(head_raw)
+    if corrupt:
+        raise JournalCorrupt(path, [b.line for b in bad])
+    if bad:
+        pos.torn = bad[0]
+
+
+# ------------------------------------------------------------------ journal
+@dataclass
+class ReadInfo:
+    """How the last ``open``/``read`` got its state (for tests, benchmarks, logs)."""
+    snapshot: bool = False                  # a snapshot was used
+    snapshot_ignored: Optional[str] = None  # why a snapshot there was not used
+    start_offset: int = 0                   # journal bytes skipped thanks to the snapshot
+    tail_bytes: int = 0                     # journal bytes read
+    tail_records: int = 0
+    torn_line: Optional[int] = None         # a torn last line dropped (its number)
+    seconds: float = 0.0
+
+
+class Journal:
+    """OUTDIR's journal. ``snapshot_every``: records between snapshots;
+    ``durable=False`` skips the fsyncs (benchmarks and tests only)."""
+
+    def __init__(self, out_dir: str | Path, *, snapshot_every: int = SNAPSHOT_EVERY, durable: bool = True):
+        self.dir = Path(out_dir)
+        self.path = self.dir / JOURNAL_NAME
+        self.snapshot_path = self.dir / SNAPSHOT_NAME
+        self.snapshot_every = max(1, int(snapshot_every))
+        self.durable = durable
+        self._lock = threading.Lock()
+        self._fd: Optional[int] = None
+        self._broken: Optional[str] = None
+        self._pos = _Pos()
+        self._since_snapshot = 0
+        self.state = JournalState()        # kept up to date by append()
+        self.last_read = ReadInfo()
+        prefixes = {str(self.dir), os.path.abspath(self.dir), str(self.dir.resolve())}
+        self._prefixes = sorted((p.rstrip(os.sep) + os.sep for p in prefixes if p not in ("", ".")),
+                                key=len, reverse=True)
+
+    # ------------------------------------------------------------ reading
+    def read(self, *, use_snapshot: bool = True) -> JournalState:
+        """The state the journal holds (a torn last line left out; nothing is
+        written). Raises JournalCorrupt on damage inside it."""
+        if not self.path.exists():
+            return JournalState()
+        st, _ = self._load(use_snapshot)
+        return st
+
+    def _load(self, use_snapshot: bool) -> tuple[JournalState, _Pos]:
+        t0 = time.perf_counter()
+        info = ReadInfo()
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            snap = self._load_snapshot(f, size, info) if use_snapshot else None
+            st, pos = snap if snap is not None else (JournalState(), _Pos())
+            info.snapshot, info.start_offset = snap is not None, pos.end
+            for rec in _strict(f, self.path, pos):
+                apply(st, rec)
+        info.tail_bytes, info.tail_records = pos.bytes_read[0], pos.records
+        info.torn_line = pos.torn.line if pos.torn is not None else None
+        info.seconds = time.perf_counter() - t0
+        self.last_read = info
+        return st, pos
+
+    def _load_snapshot(self, f, size: int, info: ReadInfo) -> Optional[tuple[JournalState, _Pos]]:
+        try:
+            data = self.snapshot_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return self._ignore(info, f"unreadable ({e})")
+        rec, has_crc = _parse(data.rstrip(b"\n"), True)
+        if rec is None or rec.get("format") != SNAPSHOT_FORMAT or rec.get("journal") != JOURNAL_NAME:
+            return self._ignore(info, "damaged or of another format")
+        try:
+            offset, lines = int(rec["offset"]), int(rec["lines"])
+            last = int(rec["last_len"]), int(rec["last_crc"], 16)
+            head = int(rec["head_len"]), int(rec["head_crc"], 16)
+            if not (0 < last[0] <= offset <= size and 0 < head[0] <= offset):
+                return self._ignore(info, f"covers {offset} bytes, the journal has {size}")
+            for length, crc, at in ((last[0], last[1], offset - last[0]), (head[0], head[1], 0)):
+                f.seek(at)
+                b = f.read(length)
+                if not b.endswith(b"\n") or zlib.crc32(b) != crc:
+                    return self._ignore(info, "does not match the journal (replaced or rewritten?)")
+            st = JournalState.from_json(rec["state"])
+            crc_mode = bool(rec["crc_mode"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            return self._ignore(info, f"unusable ({e!r})")
+        return st, _Pos(end=offset, lines=lines, crc_mode=crc_mode, last=last, head=head)
+
+    def _ignore(self, info: ReadInfo, why: str) -> None:
+        info.snapshot_ignored = why
+        log.warning("%s: %s; reading the whole journal", self.snapshot_path, why)
+        return None
+
+    # ------------------------------------------------------------ writing
+    def open(self) -> JournalState:
+        """Open for appending (a torn last line is cut off first); returns
+        (and keeps) the state read so far. Raises JournalCorrupt on damage."""
+        with self._lock:
+            self._close_fd()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            if created:
+                st, pos = JournalState(), _Pos()
+                self.last_read = ReadInfo()
+            else:
+                st, pos = self._load(use_snapshot=True)
+                if pos.torn is not None:
+                    log.warning("%s: line %d torn by a kill mid-write; dropped", self.path, pos.torn.line)
+                    self._cut(pos.end)
+            if created:
+                crashpoints.point("create", self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                               0o666)
+            if created and self.durable:
+                crashpoints.point("fsync_dir", self.path)
+                _fsync_dir(self.dir)
+            pos.end = os.fstat(self._fd).st_size
+            pos.torn, self._pos, self._broken = None, pos, None
+            self.state = st
+            self._since_snapshot = self.last_read.tail_records
+            if self._since_snapshot >= self.snapshot_every:
+                self._try_snapshot()
+            return st
+
+    def _cut(self, end: int) -> None:
+        with open(self.path, "rb+") as f:
+            crashpoints.point("truncate", self.path)
+            f.truncate(end)
+            crashpoints.point("fsync", self.path)
+            os.fsync(f.fileno())
+
+    def append(self, rec: str, **fields) -> dict:
+        """Write one record durably, then fold it into ``state``; returns the
+        record as journaled. An OSError (disk full, I/O error) leaves the file
+        and the state as they were and is raised."""
+        if "crc" in fields:
+            raise ValueError("'crc' is the journal's own field")
+        missing = [f for f in _REQUIRED.get(rec, ()) if fields.get(f) is None]
+        if missing:                     # a record resume cannot fold would block every later resume
+            raise ValueError(f"journal record {rec} needs {', '.join(missing)}")
+        if isinstance(fields.get("files"), (list, tuple)):
+            fields["files"] = [self._rel(p) for p in fields["files"]]
+        line = encode_record({"rec": rec, "t": round(time.time(), 3), **fields})
+        entry = json.loads(line)
+        del entry["crc"]
+        with self._lock:
+            if self._fd is None:
+                raise RuntimeError("journal is not open")
+            if self._broken is not None:
+                raise JournalBroken(errno.EIO, self._broken)
+            before = self._pos.end
+            try:
+                crashpoints.point("write", self.path)
+                _write_all(self._fd, line)
+                if self.durable:
+                    crashpoints.point("fsync", self.path)
+                    os.fsync(self._fd)
+            except BaseException as e:
+                self._undo(before, e)
+                raise
+            p = self._pos
+            p.end, p.lines, p.crc_mode = before + len(line), p.lines + 1, True
+            p.last = (len(line), zlib.crc32(line))
+            if before == 0:
+                p.head = p.last
+            apply(self.state, entry)
+            self._since_snapshot += 1
+            if self._since_snapshot >= self.snapshot_every:
+                self._try_snapshot()
+        return entry
+
+    def _undo(self, before: int, err: BaseException) -> None:
+        """A write or fsync failed part-way: cut the file back to ``before``."""
+        try:
+            crashpoints.point("truncate", self.path)
+            os.ftruncate(self._fd, before)
+            if self.durable:
+                crashpoints.point("fsync", self.path)
+                os.fsync(self._fd)
+        except OSError as e:
+            self._broken = (f"{self.path}: appending failed ({err}) and cutting the partial record off failed "
+                            f"({e}); the journal takes no more records (resume cuts the torn line)")
+            log.error(self._broken)
+
+    def _rel(self, p) -> str:
+        """A file under OUTDIR relative to it; other absolute paths as they are;
+        a relative path is taken as already relative to OUTDIR."""
+        s = os.fspath(p) if isinstance(p, (str, os.PathLike)) else str(p)
+        for pre in self._prefixes:
+            if s.startswith(pre):
+                return s[len(pre):]
+        return s
+
+    def write_snapshot(self) -> bool:
+        """Write the snapshot now (it is also written every ``snapshot_every`` records and at close)."""
+        with self._lock:
+            return self._try_snapshot()
+
+    def _try_snapshot(self) -> bool:
+        try:
+            self._write_snapshot()
+            return True
+        except OSError as e:            # the records are safe in the journal: only the next resume is slower
+            log.warning("%s: writing the snapshot failed (%s); the next resume reads more of the journal",
+                        self.snapshot_path, e)
+            return False
+
+    def _write_snapshot(self) -> None:
+        p = self._pos
+        if self._fd is None or self._broken is not None or p.end == 0 or p.last is None or p.head is None:
+            return
+        data = encode_record({"format": SNAPSHOT_FORMAT, "journal": JOURNAL_NAME, "offset": p.end,
+                              "lines": p.lines, "last_len": p.last[0], "last_crc": f"{p.last[1]:08x}",
+                              "head_len": p.head[0], "head_crc": f"{p.head[1]:08x}", "crc_mode": p.crc_mode,
+                              "t": round(time.time(), 3), "state": self.state.to_json()})
+        snap, tmp = self.snapshot_path, self.dir / f".{SNAPSHOT_NAME}.part"
+        crashpoints.point("create", snap)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            try:
+                crashpoints.point("write", snap)
+                _write_all(fd, data)
+                if self.durable:
+                    crashpoints.point("fsync", snap)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            crashpoints.point("rename", snap)
+            os.replace(tmp, snap)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        if self.durable:
+            crashpoints.point("fsync_dir", snap)
+            _fsync_dir(self.dir)
+        self._since_snapshot = 0
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                if self._since_snapshot:
+                    self._try_snapshot()
+            finally:
+                self._close_fd()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, "write wrote nothing")
+        view = view[n:]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_records(out_dir: str | Path, *, absolute_files: bool = True) -> Iterator[dict]:
+    """Every intact record of OUTDIR's journal, in order, streamed, checksums
+    verified (a torn last line left out; damage inside raises JournalCorrupt
+    when reached). ``files`` relative to OUTDIR come back joined to it."""
+    path = Path(out_dir) / JOURNAL_NAME
+    if not path.exists():
+        return
+    base = os.fspath(out_dir)
+    with open(path, "rb") as f:
+        for rec in _strict(f, path, _Pos()):
+            files = rec.get("files")
+            if absolute_files and type(files) is list:
+                rec["files"] = [os.path.join(base, x) if isinstance(x, str) and not os.path.isabs(x) else x
+                                for x in files]
+            yield rec
+
+
+def load_state(out_dir: str | Path) -> Optional[JournalState]:
     j = Journal(out_dir)
-    return list(j._records()) if j.path.exists() else []
+    return j.read() if j.path.exists() else None
 
 
 def _jsonable(o):
@@ -177,11 +696,282 @@ def _jsonable(o):
         return o.tolist()
     if isinstance(o, (set, tuple)):
         return list(o)
-    if isinstance(o, Path):
-        return str(o)
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
     return str(o)
 
 
-def load_state(out_dir: str | Path) -> Optional[JournalState]:
-    j = Journal(out_dir)
-    return j.read() if j.path.exists() else None
+# ------------------------------------------------------------------ repair
+_CONSEQUENCE = {
+    "tile_started": "harmless if the tile's tile_done is there; otherwise the tile is acquired again and the "
+                    "writers refuse to overwrite a file of the same version (check for FileExists incidents)",
+    "tile_done": "the tile is acquired again (as a new version) on resume",
+    "autofocus_done": "the autofocus is run again",
+    "section_done": "the end of the section (exhaustion check, section files) is run again",
+    "exhausted": "the section is imaged again until it is found exhausted again",
+    "mill_started": "the mill record is incomplete: check the ion-beam time reported on resume",
+    "mill_beam_on": "the mill record is incomplete: the beam time of this stretch may be missing; check the sections",
+    "mill_beam_off": "the time milled may be undercounted (the mill looks interrupted, or is continued)",
+    "mill_done": "the mill is continued from the last recorded time (or reported as interrupted)",
+    "cycle_done": "the cycle's events are checked again (finished ones are skipped)",
+    "irr_progress": "the irradiation continues from the previous recorded charge (slight overdose)",
+    "irr_done": "the irradiation of the section is continued from its last recorded progress",
+    "run_start": "none on resume", "run_stop": "none on resume", "incident": "none on resume",
+    "journal_repaired": "none on resume",
+}
+
+
+def _summary(rec: dict) -> dict:
+    return {"rec": rec.get("rec"), "key": rec.get("key"), "cycle": _cycle_of(rec, rec.get("key"))}
+
+
+def _desc(s: dict) -> str:
+    return f"{s['rec']}" + (f" ({s['key']})" if s.get("key") else "")
+
+
+@dataclass
+class DroppedLine:
+    line: int                          # 1-based, in the backup
+    offset: int
+    length: int
+    head: bytes                        # first HEAD_BYTES bytes
+    torn: bool = False                 # the unfinished last line of a kill mid-write
+    salvaged: Optional[str] = None     # a valid record found glued behind garbage: kept
+    prev: Optional[dict] = None        # the intact records around it: {rec, key, cycle}
+    next: Optional[dict] = None
+
+    def guess(self) -> tuple[Optional[str], Optional[str]]:
+        """(record kind, key) the line could have been, from its bytes or its neighbours."""
+        m = re.search(rb'"rec":\s*"([a-z_]+)"', self.head)
+        k = re.search(rb'"key":\s*"([^"]+)"', self.head)
+        if m:
+            return m.group(1).decode(), k.group(1).decode() if k else None
+        p, n = self.prev or {}, self.next or {}
+        pk, nk = p.get("rec"), n.get("rec")
+        if pk == "tile_started" and not (nk == "tile_done" and n.get("key") == p.get("key")):
+            return "tile_done", p.get("key")
+        if nk == "tile_done" and not (pk == "tile_started" and p.get("key") == n.get("key")):
+            return "tile_started", n.get("key")
+        if pk == "mill_beam_on" and not (nk == "mill_beam_off" and n.get("key") == p.get("key")):
+            return "mill_beam_off", p.get("key")
+        if pk in ("mill_started", "mill_beam_off") and nk == "mill_beam_off" and n.get("key") == p.get("key"):
+            return "mill_beam_on", p.get("key")
+        if pk == "mill_beam_off" and nk == "cycle_done":
+            return "mill_done", p.get("key")
+        return None, None
+
+    def context(self) -> str:
+        p, n = self.prev, self.next
+        if p is None and n is None:
+            return "the only line"
+        if p is None:
+            return f"at the start, before {_desc(n)}"
+        if n is None:
+            return f"at the end, after {_desc(p)}" + (f" of cycle {p['cycle']}" if p.get("cycle") is not None else "")
+        if p.get("cycle") is not None and p.get("cycle") == n.get("cycle"):
+            return f"between {_desc(p)} and {_desc(n)} of cycle {p['cycle']}"
+        cyc = lambda s: f" (cycle {s['cycle']})" if s.get("cycle") is not None else ""      # noqa: E731
+        return f"between {_desc(p)}{cyc(p)} and {_desc(n)}{cyc(n)}"
+
+    def describe(self) -> str:
+        kind, key = self.guess()
+        what = "the torn last line (killed mid-write)" if self.torn else f"line {self.line}"
+        if self.torn:
+            what = f"line {self.line}, the unfinished last line (killed mid-write)"
+        s = f"{what}, {self.context()}"
+        if self.salvaged:
+            s += f"; a valid {self.salvaged} record glued behind the damage was kept"
+        if kind is not None:
+            s += f"; it looks like {'a' if kind[0] not in 'aeiou' else 'an'} {kind}" + (f" of {key}" if key else "")
+            n = self.next or {}
+            closed = key is not None and n.get("key") == key and (
+                (kind.startswith("mill_") and n.get("rec") == "mill_done")
+                or (kind == "tile_started" and n.get("rec") == "tile_done"))
+            effect = (f"none, the {n.get('rec')} after it closes {key}" if closed
+                      else _CONSEQUENCE.get(kind, "unknown record kind"))
+            s += f": effect on resume: {effect}"
+        else:
+            s += "; it could have been any record: whatever it recorded as done is done again on resume"
+        mill = [x for x in (self.prev, self.next) if x and str(x.get("rec", "")).startswith("mill_")]
+        if mill and (kind is None or not kind.startswith("mill_")):
+            s += f"; it lies inside the mill of cycle {mill[0]['cycle']}: check the ion-beam time reported on resume"
+        return s + f"\n      first bytes: {self.head!r}"
+
+
+@dataclass
+class RepairReport:
+    path: Path
+    dropped: list[DroppedLine] = field(default_factory=list)
+    kept: int = 0                       # records kept
+    backup: Optional[Path] = None
+    repaired: bool = False              # the journal was rewritten
+    snapshot_removed: bool = False
+    dry_run: bool = False
+
+    def text(self) -> str:
+        if not self.dropped:
+            return f"{self.path}: intact ({self.kept} records); nothing to repair"
+        verb = "would drop" if self.dry_run else "dropped"
+        out = [f"{self.path}: {verb} {len(self.dropped)} unreadable line(s), kept {self.kept} records"]
+        for d in self.dropped[:LISTED]:
+            out.append("  - " + d.describe())
+        if len(self.dropped) > LISTED:
+            out.append(f"  ... and {len(self.dropped) - LISTED} more (all in the backup)")
+        if self.backup is not None:
+            out.append(f"the damaged journal is kept as {self.backup}")
+        if self.snapshot_removed:
+            out.append(f"the snapshot {SNAPSHOT_NAME} covered a dropped line and was removed "
+                       "(the next resume reads the whole journal once)")
+        if self.repaired:
+            out.append(f"resume with --resume {self.path.parent}")
+        elif self.dry_run:
+            out.append(f"repair with `{REPAIR_COMMAND.format(out=self.path.parent)}`")
+        return "\n".join(out)
+
+
+def _backup_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _make_backup(path: Path) -> Path:
+    """A hard link to the damaged journal (never overwriting; copied where links fail)."""
+    base = _backup_name(path)
+    for i in range(1000):
+        b = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        try:
+            crashpoints.point("create", b)
+            os.link(path, b)
+            return b
+        except FileExistsError:
+            continue
+        except OSError:
+            try:
+                fd = os.open(b, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                continue
+            try:
+                with open(path, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        crashpoints.point("write", b)
+                        _write_all(fd, chunk)
+                crashpoints.point("fsync", b)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return b
+    raise FileExistsError(f"{base}: too many backups")
+
+
+def repair_journal(out_dir: str | Path, *, dry_run: bool = False) -> RepairReport:
+    """Rewrite OUTDIR's journal without its unreadable lines. The damaged file
+    is kept as journal.jsonl.corrupt-<time>; the new one is written to a
+    temporary file, fsync'd and renamed into place, and ends with a
+    ``journal_repaired`` record naming the dropped lines. Only while no run
+    uses the folder. ``dry_run``: only report."""
+    out_dir = Path(out_dir)
+    path = out_dir / JOURNAL_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no journal there")
+    rep = RepairReport(path, dry_run=dry_run)
+    if dry_run:
+        return _repair(out_dir, path, rep)
+    from acq.outdir_lock import OutdirLock       # refuses while a run uses the folder
+    lock = OutdirLock(out_dir).acquire()
+    try:
+        return _repair(out_dir, path, rep)
+    finally:
+        lock.release()
+
+
+def _repair(out_dir: Path, path: Path, rep: RepairReport) -> RepairReport:
+    dry_run = rep.dry_run
+    tmp = out_dir / f".{JOURNAL_NAME}.repair.part"
+    w = None
+    if not dry_run:
+        crashpoints.point("create", path)
+        w = open(tmp, "wb")
+        crashpoints.point("write", path)
+    waiting: list[DroppedLine] = []
+    prev: Optional[dict] = None
+    crc_mode = False
+    lineno = 0
+    last_line = 0                       # number of the last non-blank line
+    try:
+        with open(path, "rb") as f:
+            for start, raw, eol in _lines(f, 0):
+                lineno += 1
+                if eol and not raw.strip():
+                    continue
+                last_line = lineno
+                rec, has_crc = _parse(raw, crc_mode) if eol else (None, False)
+                keep = raw
+                if rec is None:
+                    d = DroppedLine(lineno, start, len(raw) + eol, raw[:HEAD_BYTES], torn=not eol, prev=prev)
+                    waiting.append(d)
+                    rep.dropped.append(d)
+                    i = _embedded(raw) if eol else None
+                    if i is None:
+                        continue
+                    keep = raw[i:]
+                    rec, has_crc = _parse(keep, True)
+                    d.salvaged = rec.get("rec")
+                crc_mode = crc_mode or has_crc
+                s = _summary(rec)
+                for d in waiting:
+                    d.next = s
+                waiting = []
+                prev = s
+                rep.kept += 1
+                if w is not None:
+                    w.write(keep + b"\n")
+        if rep.dropped and rep.dropped[-1].line == last_line and rep.dropped[-1].salvaged is None:
+            rep.dropped[-1].torn = True             # the last line: a write torn by a kill
+        if not rep.dropped or dry_run:
+            return rep
+        snap = out_dir / SNAPSHOT_NAME
+        if snap.exists():
+            try:
+                covers = int(json.loads(snap.read_bytes())["offset"]) > rep.dropped[0].offset
+            except (ValueError, KeyError, TypeError, OSError):
+                covers = True
+            if covers:
+                os.unlink(snap)
+                rep.snapshot_removed = True
+        rep.backup = _make_backup(path)
+        crashpoints.point("fsync_dir", rep.backup)
+        _fsync_dir(out_dir)
+        w.write(encode_record({"rec": "journal_repaired", "t": round(time.time(), 3), "lines": len(rep.dropped),
+                               "dropped": [{"line": d.line, "head": d.head.decode("utf-8", "replace")}
+                                           for d in rep.dropped[:LISTED]], "backup": rep.backup.name}))
+        w.flush()
+        crashpoints.point("fsync", path)
+        os.fsync(w.fileno())
+        w.close()
+        w = None
+        crashpoints.point("rename", path)
+        os.replace(tmp, path)
+        crashpoints.point("fsync_dir", path)
+        _fsync_dir(out_dir)
+        rep.repaired = True
+        return rep
+    finally:
+        if w is not None:
+            w.close()
+        if tmp.exists():
+            tmp.unlink()
+
+
+def repair_main(out_dir: str | Path, stream: Optional[TextIO] = None, *, dry_run: bool = False) -> int:
+    """``journal repair OUTDIR``: repair and print the report; the exit code
+    (0 repaired or intact, 2 no journal, 1 the repair failed)."""
+    stream = stream or sys.stdout
+    try:
+        rep = repair_journal(out_dir, dry_run=dry_run)
+    except (FileNotFoundError, ConfigError) as e:          # no journal; a run uses the folder
+        stream.write(f"error: {e}\n")
+        return 2
+    except OSError as e:
+        stream.write(f"error: repairing {Path(out_dir) / JOURNAL_NAME} failed: {e}\n")
+        return 1
+    stream.write(rep.text() + "\n")
+    return 0

@@ -7,44 +7,69 @@ never reads YAML.
 
 Units in the file are human (µm, nm, ns, kV, nA, deg); the events carry the
 same numbers, the engine converts to SI at the device call.
+
+Every number is finite and bounded (the Field ranges below); what depends on
+the instruments (frame sizes, raster frequencies, meter ranges, preamp gains)
+is checked against the setup's drivers in ``check_against_setup``, so a step
+cannot fail mid-run on a value that was wrong in the file.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from acq.qc import QCConfig, QCPolicy
-from devices.setup_config import (ConfigError, SetupConfig, format_validation_error, load_setup, read_yaml,
-                                  validate_config)
+from devices.setup_config import (ConfigError, Options, SetupConfig, format_validation_error, json_like,
+                                  load_setup, read_yaml, validate_config)
 
 OVERVIEW_SECTION = 9999        # section id of overview tiles in tile ids; plan sections stay below
 
 
+def _refuse_non_finite(value, where: str) -> None:
+    """ValueError naming the first .inf/.nan anywhere in ``value``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} = {value!r}: numbers must be finite")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_non_finite(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_non_finite(v, f"{where}.{i}")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: no .inf/.nan in any float field (tuples included)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Pair = tuple[float, float]
+Position = tuple[Annotated[float, Field(ge=-200_000, le=200_000)],
+                 Annotated[float, Field(ge=-200_000, le=200_000)]]     # µm; the setup's travel is checked later
+FRAME_SIDE = (16, 32768)        # px per side, any SEM; the setup's SEM may allow less (check_against_setup)
+DAY_S = 86_400.0
+
+
+def _frame_sides(v: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = FRAME_SIDE
+    if not all(lo <= s <= hi for s in v):
+        raise ValueError(f"frame size {list(v)} not allowed: each side {lo}..{hi} px")
+    return v
+
+
+FrameSize = Annotated[tuple[int, int], AfterValidator(_frame_sides)]
 
 
 class TileGeometry(_Strict):
     rows: int = Field(ge=1, le=1000)
     cols: int = Field(ge=1, le=1000)
     pixel_size_nm: float = Field(gt=0, le=100_000)
-    frame_size: tuple[int, int] = (1024, 768)
+    frame_size: FrameSize = (1024, 768)
     dwell_ns: float = Field(200.0, ge=10, le=100_000)
-    overlap_px: int = Field(0, ge=0)
-
-    @field_validator("frame_size")
-    @classmethod
-    def _frame(cls, v):
-        if not all(16 <= s <= 32768 for s in v):
-            raise ValueError(f"frame size {list(v)} not allowed: each side 16..32768 px")
-        return v
+    overlap_px: int = Field(0, ge=0, le=FRAME_SIDE[1])
 
     @model_validator(mode="after")
     def _overlap(self):
@@ -52,6 +77,10 @@ class TileGeometry(_Strict):
             raise ValueError(f"overlap_px = {self.overlap_px} must be below half the smaller frame side "
                              f"({min(self.frame_size) // 2})")
         return self
+
+    @property
+    def n_tiles(self) -> int:
+        return self.rows * self.cols
 
     def step_um(self) -> Pair:
         """Centre-to-centre tile distance (µm) along the grid's x and y."""
@@ -75,13 +104,13 @@ class TileGeometry(_Strict):
 
 class Grid(TileGeometry):
     id: int = Field(ge=0, le=99)
-    center_um: Pair
+    center_um: Position
     rotation_deg: float = Field(0.0, ge=-180, le=180)
 
 
 class GridTemplate(TileGeometry):
     """Grid placed on every simulated wafer section (``sections_from: wafer_truth``)."""
-    rotation_deg: Union[float, Literal["section"]] = "section"
+    rotation_deg: Union[Annotated[float, Field(ge=-180, le=180)], Literal["section"]] = "section"
 
 
 class Section(_Strict):
@@ -98,27 +127,28 @@ class Section(_Strict):
 
 
 class Overview(TileGeometry):
-    center_um: Pair
-    every_n_cycles: int = Field(0, ge=0, description="0 = first cycle only")
+    center_um: Position
+    every_n_cycles: int = Field(0, ge=0, le=100_000, description="0 = first cycle only")
 
 
 class Imaging(_Strict):
-    eht_kv: float = Field(1.5, gt=0)
-    probe_current_na: float = Field(1.8, gt=0)
-    wd_mm: Optional[float] = Field(None, gt=0, description="start working distance; None = keep")
+    eht_kv: float = Field(1.5, gt=0, le=30)
+    probe_current_na: float = Field(1.8, gt=0, le=1000)
+    wd_mm: Optional[float] = Field(None, gt=0, le=100, description="start working distance; None = keep")
 
 
 class AutofocusStep(_Strict):
     method: str = "none"
     where: Literal["per_section", "per_grid"] = "per_section"
-    every_n_cycles: int = Field(1, ge=1)
+    every_n_cycles: int = Field(1, ge=1, le=100_000)
     # the classical sweep ("sweep"); other methods read what they need
-    sweep_range_um: float = Field(30.0, gt=0)
+    sweep_range_um: float = Field(30.0, gt=0, le=1000)
     sweep_steps: int = Field(7, ge=3, le=31)
-    frame_size: tuple[int, int] = (512, 512)      # DeepFocus (20 nm model): four distinct 128² patches
-    pixel_size_nm: float = Field(10.0, gt=0)
-    dwell_ns: float = Field(100.0, ge=10)
-    options: dict = Field(default_factory=dict, description="passed to the method (AutofocusRequest.options)")
+    frame_size: FrameSize = (512, 512)            # DeepFocus (20 nm model): four distinct 128² patches
+    pixel_size_nm: float = Field(10.0, gt=0, le=100_000)
+    dwell_ns: float = Field(100.0, ge=10, le=100_000)
+    options: Options = Field(default_factory=dict, description="passed to the method (AutofocusRequest.options); "
+                             "plain values only (text, numbers, lists, mappings), bounded size")
 
     @field_validator("method")
     @classmethod
@@ -133,30 +163,50 @@ class AutofocusStep(_Strict):
 
 class IrradiationStep(_Strict):
     target_dose_1e27_ev_cm3: float = Field(gt=0, le=10)
-    area_um2: float = Field(gt=0)
-    thickness_nm: float = Field(gt=0)
+    area_um2: float = Field(gt=0, le=1e8, description="at most 10 x 10 mm")
+    thickness_nm: float = Field(gt=0, le=100_000)
     sample_interval_s: float = Field(1.0, gt=0, le=3600)
-    max_duration_s: float = Field(gt=0)
-    eht_kv: float = Field(3.0, gt=0, description="U in ρ = U·q/(A·d)")
-    probe_current_na: float = Field(10.0, gt=0)
-    preamp_sensitivity_a_per_v: float = Field(1e-8, gt=0)
-    dmm_range_v: float = 10.0
-    dmm_nplc: float = 1.0
+    max_duration_s: float = Field(gt=0, le=DAY_S, description="at most 24 h")
+    eht_kv: float = Field(3.0, gt=0, le=30, description="U in ρ = U·q/(A·d)")
+    probe_current_na: float = Field(10.0, gt=0, le=1000)
+    preamp_sensitivity_a_per_v: float = Field(1e-8, gt=0, le=1, description="a setting of the setup's preamp")
+    dmm_range_v: float = Field(10.0, gt=0, le=1000, description="a range of the setup's multimeter")
+    dmm_nplc: float = Field(1.0, gt=0, le=100, description="an integration time of the setup's multimeter")
+
+    @model_validator(mode="after")
+    def _interval(self):
+        if self.sample_interval_s > self.max_duration_s:
+            raise ValueError(f"sample_interval_s = {self.sample_interval_s} is longer than max_duration_s = "
+                             f"{self.max_duration_s}")
+        return self
+
+
+RASTER_HZ = (1e-3, 1e6)     # any raster generator; the setup's own (AWG_RAMP_HZ) is checked against the setup
 
 
 class MillStep(_Strict):
-    duration_s: float = Field(gt=0)
+    duration_s: float = Field(gt=0, le=DAY_S, description="per mill, at most 24 h")
     azimuths: int = Field(3, ge=1, le=24)
-    delay_s: float = Field(10.0, ge=0)
+    delay_s: float = Field(10.0, ge=0, le=3600, description="at most 1 h")
     glancing_angle_deg: Optional[float] = Field(None, gt=0, le=90, description="None = setup's mill position")
     raster_vpp: Pair
-    raster_hz: Pair = (100.0, 1.0)
-    ion_energy_kv: float = Field(gt=0)
-    cluster_size: int = Field(gt=0)
-    current_na: float = Field(gt=0, description="expected target current")
+    raster_hz: tuple[Annotated[float, Field(ge=RASTER_HZ[0], le=RASTER_HZ[1])],
+                     Annotated[float, Field(ge=RASTER_HZ[0], le=RASTER_HZ[1])]] = Field(
+        (100.0, 1.0), description=f"x, y sawtooth frequencies, each {RASTER_HZ[0]:g}..{RASTER_HZ[1]:g} Hz "
+                                  "and within the setup's waveform generator")
+    ion_energy_kv: float = Field(gt=0, le=100)
+    cluster_size: int = Field(gt=0, le=1_000_000)
+    current_na: float = Field(gt=0, le=10_000, description="expected target current")
     current_tolerance: float = Field(0.5, gt=0, le=10, description="relative; outside it the mill suspends")
-    check_interval_s: float = Field(5.0, gt=0)
+    check_interval_s: float = Field(5.0, ge=0.1, le=600, description="0.1..600 s, at most duration_s")
     on_interrupted: Literal["skip", "pause"] = "pause"
+
+    @model_validator(mode="after")
+    def _interval(self):
+        if self.check_interval_s > self.duration_s:
+            raise ValueError(f"check_interval_s = {self.check_interval_s} is longer than duration_s = "
+                             f"{self.duration_s}")
+        return self
 
     @field_validator("raster_vpp")
     @classmethod
@@ -167,13 +217,13 @@ class MillStep(_Strict):
 
 
 class StopRule(_Strict):
-    target_depth_nm: Optional[float] = Field(None, gt=0)
-    depth_per_cycle_nm: Optional[float] = Field(None, gt=0, description="None = estimate from Table 2.1")
+    target_depth_nm: Optional[float] = Field(None, gt=0, le=1e7)
+    depth_per_cycle_nm: Optional[float] = Field(None, gt=0, le=1e6, description="None = estimate from Table 2.1")
     section_exhausted: bool = False
     exhausted_flat_cv: float = Field(0.1, gt=0, le=1, description="a 64 px block with less relative contrast "
                                      "(after 8x8 binning) shows bare wafer or resin, no tissue")
     exhausted_fraction: float = Field(0.9, gt=0, le=1, description="flat share of a section's tiles")
-    max_cycles: int = Field(1000, ge=1)
+    max_cycles: int = Field(1000, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _something(self):
@@ -188,15 +238,18 @@ class Retries(_Strict):
     autofocus: int = Field(2, ge=1, le=20)
     mill: int = Field(3, ge=1, le=20)
     irradiation: int = Field(3, ge=1, le=20)
-    backoff_s: float = Field(1.0, ge=0)
+    backoff_s: float = Field(1.0, ge=0, le=600)
+    max_exposures_per_tile: Optional[int] = Field(
+        None, ge=1, le=100, description="scans of a tile's area per cycle (grabs, retries, autofocus over it) "
+        "before the run pauses naming it; None = the setup's safety.max_exposures_per_tile; at most that")
 
 
 class Suspenders(_Strict):
-    probe_current_tolerance: float = Field(0.2, gt=0, description="relative to imaging.probe_current_na")
-    max_consecutive_failures: int = Field(5, ge=1)
-    min_free_gb: float = Field(1.0, ge=0)
-    poll_s: float = Field(5.0, gt=0)
-    max_suspend_s: float = Field(3600.0, gt=0, description="then the run pauses for the operator")
+    probe_current_tolerance: float = Field(0.2, gt=0, le=10, description="relative to imaging.probe_current_na")
+    max_consecutive_failures: int = Field(5, ge=1, le=10_000)
+    min_free_gb: float = Field(1.0, ge=0, le=1e6)
+    poll_s: float = Field(5.0, gt=0, le=3600)
+    max_suspend_s: float = Field(3600.0, gt=0, le=7 * DAY_S, description="then the run pauses for the operator")
 
 
 class TileQC(_Strict):
@@ -207,9 +260,21 @@ class TileQC(_Strict):
 
 
 class Output(_Strict):
-    writers: list[str] = Field(default_factory=lambda: ["ome_tiff"])
-    options: dict[str, dict] = Field(default_factory=dict, description="per writer, passed through")
+    writers: list[str] = Field(default_factory=lambda: ["ome_tiff"], max_length=32)
+    options: Annotated[dict[str, dict], AfterValidator(json_like)] = Field(
+        default_factory=dict, description="per writer, passed through; plain values only, bounded size")
     queue_maxsize: int = Field(8, ge=1, le=1024)
+
+
+DEFAULT_MAX_TILES_PER_CYCLE = 100_000
+
+
+class Limits(_Strict):
+    """Guards against a typo that would plan a run of years (or exhaust memory
+    expanding it); raise them in the plan when a big run is intended."""
+    max_tiles_per_cycle: int = Field(
+        DEFAULT_MAX_TILES_PER_CYCLE, ge=1, le=100_000_000,
+        description="tiles one cycle may image (sections x grids x rows x cols, plus the overview)")
 
 
 class Plan(_Strict):
@@ -220,7 +285,7 @@ class Plan(_Strict):
     sections: Optional[list[Section]] = None
     sections_from: Optional[Literal["wafer_truth"]] = None
     grid_template: Optional[GridTemplate] = None
-    order: Union[Literal["path"], list[int]] = "path"
+    order: Union[Literal["path"], Annotated[list[int], Field(max_length=10_000)]] = "path"
     autofocus: AutofocusStep = AutofocusStep()
     irradiation: Optional[IrradiationStep] = None
     mill: Optional[MillStep] = None
@@ -228,6 +293,7 @@ class Plan(_Strict):
     qc: TileQC = TileQC()
     retries: Retries = Retries()
     suspenders: Suspenders = Suspenders()
+    limits: Limits = Limits()
     _setup_config: Optional[SetupConfig] = PrivateAttr(None)
     _source: Optional[Path] = PrivateAttr(None)
 
@@ -246,6 +312,12 @@ class Plan(_Strict):
         if isinstance(v, int) and not 1 <= v <= 100_000:
             raise ValueError(f"cycles = {v}: allowed 1..100000 or a stop rule")
         return v
+
+    @model_validator(mode="after")
+    def _qc_finite(self):
+        # the QC models (acq/qc.py) do not refuse .inf/.nan themselves
+        _refuse_non_finite(self.qc.model_dump(mode="python"), "qc")
+        return self
 
     @model_validator(mode="after")
     def _sections(self):
@@ -359,14 +431,113 @@ def check_positions(cfg: SetupConfig, tiles, source: str) -> None:
                               "position, where the ion beam may be on: not allowed for imaging")
 
 
+# Instrument limits by setup driver that the drivers enforce only when the step
+# runs: checked here so a plan cannot fail halfway on a value wrong in the file.
+AWG_RAMP_HZ = {"keysight_33522a": (1e-6, 200e3)}   # 33500-series data sheet: ramp/triangle 1 µHz..200 kHz
+
+
+def tiles_per_cycle(plan: Plan, cfg: SetupConfig) -> tuple[int, str]:
+    """(upper bound on the tiles one cycle images, how that adds up), by
+    arithmetic: nothing is expanded, so a typo of 10^6 tiles costs nothing."""
+    total, parts = 0, []
+    if plan.sections is not None:
+        n = sum(g.n_tiles for sec in plan.sections for g in sec.grids)
+        total += n
+        parts.append(f"{n} in {len(plan.sections)} sections")
+    if plan.sections_from == "wafer_truth" and plan.grid_template is not None:
+        t = plan.grid_template
+        k = len(plan.order) if isinstance(plan.order, list) else \
+            (cfg.simulation.wafer.sections if cfg.simulation is not None else 0)
+        total += k * t.n_tiles
+        parts.append(f"{k} wafer sections x {t.rows}x{t.cols}")
+    if plan.overview is not None:
+        total += plan.overview.n_tiles
+        parts.append(f"overview {plan.overview.rows}x{plan.overview.cols}")
+    return total, ", ".join(parts)
+
+
+def check_tile_count(plan: Plan, cfg: SetupConfig, source: str) -> None:
+    n, how = tiles_per_cycle(plan, cfg)
+    limit = plan.limits.max_tiles_per_cycle
+    if n > limit:
+        raise ConfigError(f"{source}: the plan images {n} tiles per cycle ({how}), more than "
+                          f"limits.max_tiles_per_cycle = {limit}: check rows/cols, or if this run is intended "
+                          f"raise the limit in the plan (limits: {{max_tiles_per_cycle: {n}}})")
+
+
+def _sem_frame_check(cfg: SetupConfig):
+    """(is (w, h) a frame the setup's SEM driver accepts, what it allows)."""
+    driver = cfg.devices.sem.driver
+    if driver == "sim":
+        from devices.sim.sem import MAX_FRAME
+        return (lambda w, h: 16 <= w <= MAX_FRAME[0] and 16 <= h <= MAX_FRAME[1],
+                f"16..{MAX_FRAME[0]} px per side")
+    if driver == "zeiss_smartsem":
+        from devices.zeiss_smartsem import DEFAULT_STORE_TABLE
+        return (lambda w, h: (w, h) in DEFAULT_STORE_TABLE,
+                "one of " + ", ".join(f"{w}x{h}" for w, h in DEFAULT_STORE_TABLE))
+    return (lambda w, h: True), "any"
+
+
+def _sem_dwell_ns(cfg: SetupConfig) -> Optional[tuple[float, float]]:
+    """Dwell times (ns) the setup's SEM accepts, where narrower than the schema."""
+    if cfg.devices.sem.driver == "zeiss_smartsem":
+        from devices.zeiss_smartsem import DEFAULT_DWELL_TABLE    # nearest scan rate within 2x
+        return min(DEFAULT_DWELL_TABLE.values()) * 1e9 / 2, max(DEFAULT_DWELL_TABLE.values()) * 1e9 * 2
+    return None
+
+
+def check_sem_settings(plan: Plan, cfg: SetupConfig, source: str) -> None:
+    """Every frame size and dwell time the plan asks of the SEM is one it takes."""
+    ok, allowed = _sem_frame_check(cfg)
+    dwell = _sem_dwell_ns(cfg)
+    used = []
+    if plan.sections is not None:
+        used += [(f"sections[id={sec.id}].grids[id={g.id}]", g) for sec in plan.sections for g in sec.grids]
+    if plan.grid_template is not None:
+        used.append(("grid_template", plan.grid_template))
+    if plan.overview is not None:
+        used.append(("overview", plan.overview))
+    if plan.autofocus.method != "none":
+        used.append(("autofocus", plan.autofocus))
+    for where, st in used:
+        w, h = st.frame_size
+        if not ok(w, h):
+            raise ConfigError(f"{source}: {where}.frame_size = [{w}, {h}]: the setup's SEM "
+                              f"({cfg.devices.sem.driver}) allows {allowed}")
+        if dwell is not None and not dwell[0] <= st.dwell_ns <= dwell[1]:
+            raise ConfigError(f"{source}: {where}.dwell_ns = {st.dwell_ns:g}: the setup's SEM "
+                              f"({cfg.devices.sem.driver}) allows {dwell[0]:g}..{dwell[1]:g} ns")
+
+
+def _one_of(where: str, value: float, allowed, what: str, unit: str, source: str) -> None:
+    if not any(math.isclose(value, a, rel_tol=1e-6) for a in allowed):
+        raise ConfigError(f"{source}: {where} = {value:g}: {what} allows one of "
+                          f"{', '.join(f'{a:g}' for a in allowed)} {unit}".rstrip())
+
+
 def check_against_setup(plan: Plan, cfg: SetupConfig, source: str) -> None:
+    check_tile_count(plan, cfg, source)          # first: the checks below enumerate every tile
+    check_sem_settings(plan, cfg, source)
     s = cfg.safety
+    want = plan.retries.max_exposures_per_tile
+    if want is not None and want > s.max_exposures_per_tile:
+        raise ConfigError(f"{source}: retries.max_exposures_per_tile = {want}: above the setup's "
+                          f"safety.max_exposures_per_tile = {s.max_exposures_per_tile}; allowed "
+                          f"1..{s.max_exposures_per_tile}")
     im = plan.imaging
     _within("imaging.eht_kv", im.eht_kv, s.eht_kv, "safety.eht_kv", "kV", source)
     _within("imaging.probe_current_na", im.probe_current_na, s.probe_current_na, "safety.probe_current_na", "nA",
             source)
     if im.wd_mm is not None:
         _within("imaging.wd_mm", im.wd_mm, s.wd_mm, "safety.wd_mm", "mm", source)
+    if plan.autofocus.method == "sweep":
+        # the sweep visits wd ± sweep_range_um: wider than the whole window, it can only fail
+        width_um = (s.wd_mm[1] - s.wd_mm[0]) * 1e3
+        if 2 * plan.autofocus.sweep_range_um > width_um:
+            raise ConfigError(f"{source}: autofocus.sweep_range_um = {plan.autofocus.sweep_range_um:g}: the sweep "
+                              f"spans ±{plan.autofocus.sweep_range_um:g} µm, wider than safety.wd_mm "
+                              f"({width_um:g} µm); allowed at most {width_um / 2:g} µm")
     if plan.sections is not None:
         check_positions(cfg, tile_centres(plan, [(sec.id, g) for sec in plan.sections for g in sec.grids]), source)
     if plan.overview is not None:
@@ -386,6 +557,16 @@ def check_against_setup(plan: Plan, cfg: SetupConfig, source: str) -> None:
         _within("irradiation.eht_kv", ir.eht_kv, s.eht_kv, "safety.eht_kv", "kV", source)
         _within("irradiation.probe_current_na", ir.probe_current_na, s.probe_current_na,
                 "safety.probe_current_na", "nA", source)
+        if cfg.devices.multimeter.driver == "keysight_34465a":
+            from devices.dmm_34465a import VALID_NPLC, VALID_RANGES_V
+            _one_of("irradiation.dmm_range_v", ir.dmm_range_v, VALID_RANGES_V, "the setup's multimeter "
+                    "(keysight_34465a)", "V", source)
+            _one_of("irradiation.dmm_nplc", ir.dmm_nplc, VALID_NPLC, "the setup's multimeter (keysight_34465a)",
+                    "", source)
+        if cfg.devices.current_preamp.driver == "sr570":
+            from devices.sr570 import SENSITIVITIES_A_PER_V
+            _one_of("irradiation.preamp_sensitivity_a_per_v", ir.preamp_sensitivity_a_per_v, SENSITIVITIES_A_PER_V,
+                    "the setup's current preamp (sr570)", "A/V", source)
     if plan.mill is not None:
         m = plan.mill
         for role in ("ion_gun", "waveform_generator"):
@@ -393,6 +574,11 @@ def check_against_setup(plan: Plan, cfg: SetupConfig, source: str) -> None:
                 raise ConfigError(f"{source}: mill: needs devices.{role} in the setup {cfg.source}")
         for i, v in enumerate(m.raster_vpp):
             _within(f"mill.raster_vpp.{i}", v, (0.0, s.awg_max_vpp), "safety.awg_max_vpp", "Vpp", source)
+        awg = cfg.devices.waveform_generator.driver
+        if awg in AWG_RAMP_HZ:
+            for i, v in enumerate(m.raster_hz):
+                _within(f"mill.raster_hz.{i}", v, AWG_RAMP_HZ[awg], f"the setup's waveform generator ({awg}) "
+                        "sawtooth range", "Hz", source)
         _within("mill.ion_energy_kv", m.ion_energy_kv, s.ion_energy_kv, "safety.ion_energy_kv", "kV", source)
         _within("mill.cluster_size", m.cluster_size, s.ion_cluster_size, "safety.ion_cluster_size", "", source)
         _within("mill.current_na", m.current_na, (0.0, s.ion_current_na_max), "safety.ion_current_na_max", "nA",

@@ -20,6 +20,7 @@ import numpy as np
 
 from acq.device_ops import with_retries
 from acq.expand import Mill
+from acq.lifecycle import Abort
 from devices.errors import DeviceError, InterlockError
 from devices.interfaces import RasterSettings, StagePosition
 
@@ -80,6 +81,21 @@ def _safe_off(ctx) -> list[str]:
     return failed
 
 
+_STOP_POLL_S = 0.5
+
+
+def _sleep_unless_stopped(ctx, seconds: float) -> None:
+    """Sleep on the setup clock in short steps, so a signal ends a mill
+    within a second; the time counts as milled either way (never mill twice)."""
+    left = seconds
+    while left > 0 and not getattr(ctx, "urgent_stop", None):
+        dt = min(left, _STOP_POLL_S)
+        ctx.clock.sleep(dt)
+        left -= dt
+    if left > 0:
+        ctx.clock.sleep(0)
+
+
 def run_mill(ctx, ev: Mill) -> float:
     """Mill for the remaining time of this cycle's mill; returns seconds milled."""
     setup, step, clock, journal = ctx.setup, ev.step, ctx.clock, ctx.journal
@@ -134,8 +150,10 @@ def run_mill(ctx, ev: Mill) -> float:
                                        device="ion_gun", operation="mill")
             while done < seg_end - _EPS:
                 dt = min(step.check_interval_s, seg_end - done)
-                clock.sleep(dt)
+                _sleep_unless_stopped(ctx, dt)
                 done += dt                      # counted even if the check below fails: never mill twice
+                if getattr(ctx, "urgent_stop", None):
+                    raise Abort()               # a signal: blank now (finally), resume mills the rest
                 st = gun.gun_status()
                 if not st.interlocks_ok or not st.beam_on or st.blanked:
                     raise InterlockError(f"ion beam dropped during the mill (beam_on={st.beam_on}, "

@@ -97,9 +97,13 @@ def acquire_tile(ctx, ev: AcquireTile, version: int) -> TileEvent:
     rot = math.radians(ev.rotation_deg + setup.config.calibration.stage_to_image_rotation_deg)
     inspector, policy = ctx.qc_inspector, ctx.plan.qc.policy
     qc: dict = {}
+    scans = 0
 
     def grab():
-        nonlocal qc
+        nonlocal qc, scans
+        if scans:                               # tile_started counted the first; each retry is dose too
+            ctx.exposures.extra(ev, why="retry")
+        scans += 1
         apply_scan(ctx, ev.pixel_size_nm * 1e-9, ev.frame_size, ev.dwell_ns * 1e-9, rot)
         if sem.blanked():
             sem.set_blanked(False)

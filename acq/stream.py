@@ -8,14 +8,23 @@ subscriber still sees the documents in order.
 Writers acknowledge tiles: ``Writer.handle(doc)`` returns only when the
 document is durably on disk and may return the paths it wrote. When every
 writer has returned for a TileEvent, the publisher's ``ack`` callback runs
-(in the last writer's thread) with the files per writer; the engine journals
-the tile as done there and only there.
+(in the last writer's thread) with a TileAck; the engine journals the tile
+as done there and only there.
+
+Primary and derived writers: a writer with ``primary = True`` (the OME-TIFF)
+holds the frame itself; the others derive from it. A derived writer handles
+a tile only after every primary writer has it safely on disk (it waits in
+its own thread, so document order is kept), and skips it when a primary
+failed. So a crash never leaves a derived output without its tile, and a
+derived writer's failure is only reported: the tile is on disk, it is never
+imaged again for it. Without any primary writer every writer counts as one.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol, runtime_checkable
 
@@ -38,30 +47,53 @@ class Writer(Protocol):
         """Finish anything buffered (end of section / run)."""
 
 
-AckCallback = Callable[[dict[str, list[str]], dict[str, str]], None]
+@dataclass
+class TileAck:
+    """What the writers did with one tile."""
+    doc: TileEvent
+    files: dict[str, list[str]] = field(default_factory=dict)      # per writer that succeeded
+    errors: dict[str, str] = field(default_factory=dict)           # per writer that failed
+    primary_error: Optional[BaseException] = None                  # the first primary writer's failure
+
+    @property
+    def written(self) -> bool:
+        """The frame is safely on disk (every primary writer has it)."""
+        return self.primary_error is None
+
+
+AckCallback = Callable[[TileAck], None]
 
 
 class _Ack:
-    """Collects one tile's acknowledgements from all writers."""
+    """Collects one tile's acknowledgements; releases the derived writers
+    once the primary ones are done."""
 
-    def __init__(self, n: int, callback: AckCallback):
-        self._left = n
+    def __init__(self, doc: TileEvent, n_primary: int, n_derived: int, callback: Optional[AckCallback]):
+        self._left_primary, self._left = n_primary, n_primary + n_derived
         self._cb = callback
         self._lock = threading.Lock()
-        self.files: dict[str, list[str]] = {}
-        self.errors: dict[str, str] = {}
+        self.result = TileAck(doc)
+        self.primary_done = threading.Event()
+        if n_primary == 0:
+            self.primary_done.set()
 
-    def done(self, name: str, files, error: Optional[str]) -> None:
+    def done(self, name: str, files, error: Optional[BaseException], primary: bool) -> None:
         with self._lock:
             if error is not None:
-                self.errors[name] = error
+                self.result.errors[name] = f"{type(error).__name__}: {error}"
+                if primary and self.result.primary_error is None:
+                    self.result.primary_error = error
             else:
-                self.files[name] = [str(p) for p in (files or [])]
+                self.result.files[name] = [str(p) for p in (files or [])]
+            if primary:
+                self._left_primary -= 1
+                if self._left_primary == 0:
+                    self.primary_done.set()
             self._left -= 1
             last = self._left == 0
-        if last:
+        if last and self._cb is not None:
             try:
-                self._cb(self.files, self.errors)
+                self._cb(self.result)
             except Exception:
                 log.exception("tile acknowledgement callback failed")
 
@@ -71,6 +103,7 @@ class _Sink:
         self.target = target
         self.name = name
         self.writer = writer
+        self.primary = bool(getattr(target, "primary", False)) if writer else False
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._loop, name=f"sink-{name}", daemon=True)
@@ -81,17 +114,21 @@ class _Sink:
             try:
                 if item is _STOP:
                     return
-                doc, ack = item
-                try:
-                    files = self.target.handle(doc) if self.writer else self.target(doc)
-                    err = None
-                except Exception as e:         # one bad document must not end the delivery
-                    log.exception("%s failed on a %s document", self.name, getattr(doc, "kind", "?"))
-                    err = f"{type(e).__name__}: {e}"
-                    self.errors.append(err)
-                    files = None
+                doc, ack, primary = item
+                files, err = None, None
+                if ack is not None and not primary:
+                    ack.primary_done.wait()         # derive only from a frame that is on disk
+                if ack is not None and not primary and not ack.result.written:
+                    err = RuntimeError("skipped: the tile's primary writer failed")
+                else:
+                    try:
+                        files = self.target.handle(doc) if self.writer else self.target(doc)
+                    except Exception as e:         # one bad document must not end the delivery
+                        log.exception("%s failed on a %s document", self.name, getattr(doc, "kind", "?"))
+                        err = e
+                        self.errors.append(f"{type(e).__name__}: {e}")
                 if ack is not None:
-                    ack.done(self.name, files, err)
+                    ack.done(self.name, files, err, primary)
             finally:
                 self.queue.task_done()
 
@@ -140,14 +177,14 @@ class Dispatcher:
             raise RuntimeError("dispatcher is closed")
         self.start()
         writers = [s for s in self._sinks if s.writer]
+        primary = {s.name for s in writers if s.primary} or {s.name for s in writers}
         tracker = None
-        if ack is not None and isinstance(doc, TileEvent):
-            if not writers:
-                ack({}, {})
-            else:
-                tracker = _Ack(len(writers), ack)
+        if isinstance(doc, TileEvent) and writers:
+            tracker = _Ack(doc, len(primary), len(writers) - len(primary), ack)
+        elif ack is not None and isinstance(doc, TileEvent):
+            ack(TileAck(doc))
         for s in self._sinks:
-            s.queue.put((doc, tracker if s.writer else None))
+            s.queue.put((doc, tracker if s.writer else None, s.name in primary))
 
     def wait_idle(self, writers_only: bool = False) -> None:
         """Block until every queued document has been handled."""

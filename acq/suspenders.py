@@ -9,6 +9,8 @@ not polled.
 """
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,17 +65,70 @@ def ion_interlock(setup) -> Suspender:
     return Suspender("ion_interlock", check, lambda ev: isinstance(ev, Mill))
 
 
-def disk_space(out_dir: Path, min_free_gb: float) -> Suspender:
+# Free space always kept beyond the plan's min_free_gb: what the writers need
+# for one tile (OME-TIFF, mipmaps, zarr: about three times the frame), so
+# min_free_gb: 0 still pauses before a tile that cannot be written.
+_TILE_COPIES = 4
+_HEADROOM = 16 << 20
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOENT, errno.EIO, errno.EACCES, errno.EPERM,
+                errno.ESTALE, errno.ENOTDIR}
+
+
+def is_disk_error(err: BaseException) -> bool:
+    """An OSError from the output's file system (full, read-only, gone):
+    a condition to wait out, not a bug."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def output_problem(out_dir: Path, need_bytes: int, journal_path: Optional[Path] = None,
+                   journal_inode: Optional[int] = None) -> Optional[str]:
+    """Why the output folder cannot take the next tile now, or None: it
+    vanished (a dropped network mount), is read-only, or has too little space."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return f"output folder {out_dir} has vanished (network mount dropped?); restore it to continue"
+    if journal_path is not None and journal_inode is not None:
+        try:
+            if os.stat(journal_path).st_ino != journal_inode:
+                return f"{journal_path} was replaced while the run had it open; restore the output folder"
+        except OSError:
+            return f"{journal_path} has vanished; restore the output folder to continue"
+    probe = out_dir / ".write_probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        what = "is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "is not writable"
+        return f"output folder {out_dir} {what}: {e.strerror or e}"
+    free = free_bytes(out_dir)
+    if free < need_bytes:
+        return (f"disk nearly full: {free / 1e9:.3f} GB free in {out_dir}, need {need_bytes / 1e9:.3f} GB "
+                "(suspenders.min_free_gb, at least one tile)")
+    return None
+
+
+def output_space(out_dir: Path, min_free_gb: float, tile_bytes: Callable[[], int],
+                 journal_state: Callable[[], tuple[Optional[Path], Optional[int]]] = lambda: (None, None)
+                 ) -> Suspender:
+    """Checked before every exposure: a tile is never imaged into a disk that cannot take it."""
     def check():
-        free = free_bytes(out_dir)
-        if free < min_free_gb * 1e9:
-            return f"disk nearly full: {free / 1e9:.2f} GB free in {out_dir}, need {min_free_gb:g} GB"
-        return None
+        need = max(int(min_free_gb * 1e9), _TILE_COPIES * tile_bytes() + _HEADROOM)
+        return output_problem(out_dir, need, *journal_state())
     return Suspender("disk_space", check, lambda ev: isinstance(ev, (AcquireTile, Autofocus, Irradiate)))
 
 
-def default_suspenders(setup, plan, out_dir: Path) -> list[Suspender]:
-    out = [disk_space(out_dir, plan.suspenders.min_free_gb), probe_current(setup, plan)]
+def default_suspenders(setup, plan, out_dir: Path, tile_bytes: Callable[[], int] = lambda: 0,
+                       journal_state=lambda: (None, None)) -> list[Suspender]:
+    out = [output_space(out_dir, plan.suspenders.min_free_gb, tile_bytes, journal_state), probe_current(setup, plan)]
     if setup.ion_gun is not None and plan.mill is not None:
         out.append(ion_interlock(setup))
     return out

@@ -20,7 +20,7 @@ model format (README, "Autofocus").
 """
 from __future__ import annotations
 
-import json
+import io
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 import torch
 
+from autofocus.models import read_card, read_verified_model
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = MODELS_DIR / "deepfocus_128.pt"
@@ -59,10 +60,8 @@ class ScoreDetail:
 
 
 def load_card(model_path: str | Path) -> dict:
-    p = Path(model_path).with_suffix(".json")
-    if not p.is_file():
-        raise FileNotFoundError(f"model card {p} missing next to {model_path}")
-    return json.loads(p.read_text())
+    """The model's JSON card (reading it runs nothing: no hash check here)."""
+    return read_card(model_path)
 
 
 def resampled_shape(shape: tuple[int, int], pixel_size_m: float, target_pixel_m: float,
@@ -104,11 +103,12 @@ class _Runner:
     def __init__(self, model_path: str | Path, device: Optional[str], threads: Optional[int],
                  optimize: bool = True):
         self.path = Path(model_path)
-        self.card = load_card(self.path)
+        # TorchScript runs code on load: only the bytes whose sha256 the card pins (UnverifiedModel else)
+        data, self.card = read_verified_model(self.path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads:
             torch.set_num_threads(int(threads))
-        m = torch.jit.load(str(self.path), map_location=self.device).eval()
+        m = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
         if self.device.type == "cpu":
             m = m.to(memory_format=torch.channels_last)
         if optimize:

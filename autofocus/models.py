@@ -10,7 +10,11 @@ current setting: (Δwd µm, Δstig x, Δstig y) [, score].
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -272,3 +276,82 @@ def export_module(name: str, model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------ file integrity
+# A TorchScript file is a program: torch.jit.load runs whatever it was compiled
+# from. A model is therefore loaded only when its bytes hash to the "sha256"
+# pinned in its JSON card (the card ships with the model, and the training code
+# writes it when it exports one), so a swapped or tampered .pt is refused.
+MAX_CARD_BYTES = 10 * 1024 * 1024
+MAX_MODEL_BYTES = 2 * 1024 ** 3
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class UnverifiedModel(ValueError):
+    """A model file whose sha256 is missing from, or differs from, its card."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_card(model_path: str | Path) -> dict:
+    """The JSON card next to ``model_path`` (same name, .json); FileNotFoundError
+    if there is none, ValueError naming the file if it is not a JSON object."""
+    p = Path(model_path).with_suffix(".json")
+    if not p.is_file():
+        raise FileNotFoundError(f"model card {p} missing next to {model_path}")
+    if p.stat().st_size > MAX_CARD_BYTES:
+        raise ValueError(f"model card {p}: larger than {MAX_CARD_BYTES // 2 ** 20} MiB, not a card")
+    try:
+        card = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"model card {p}: not a JSON text file ({type(e).__name__})") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"model card {p}: expected a JSON object, got {type(card).__name__}")
+    return card
+
+
+def read_verified_model(model_path: str | Path) -> tuple[bytes, dict]:
+    """(the model file's bytes, its card) once the bytes hash to the card's
+    "sha256"; UnverifiedModel naming the file otherwise. Load from the returned
+    bytes, not the path, so the file checked is the file loaded."""
+    path = Path(model_path)
+    try:
+        card = read_card(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UnverifiedModel(f"{path}: not loaded: {e} (its sha256 must be pinned in the card)") from None
+    want = card.get("sha256")
+    if not (isinstance(want, str) and _SHA256.fullmatch(want.lower())):
+        raise UnverifiedModel(f"{path}: not loaded: its card {path.with_suffix('.json').name} has no \"sha256\" "
+                              "field (64 hex digits). A model file can run code when loaded; add the hash "
+                              "(sha256sum) to the card only for a file you trust")
+    if not path.is_file():
+        raise UnverifiedModel(f"{path}: model file does not exist")
+    if path.stat().st_size > MAX_MODEL_BYTES:
+        raise UnverifiedModel(f"{path}: not loaded: larger than {MAX_MODEL_BYTES // 2 ** 30} GiB")
+    data = path.read_bytes()
+    got = sha256_bytes(data)
+    if got != want.lower():
+        raise UnverifiedModel(f"{path}: not loaded: its sha256 {got[:16]}... differs from the card's "
+                              f"{want.lower()[:16]}... (the file was changed or replaced)")
+    return data, card
+
+
+def verification_problem(model_path: str | Path) -> str | None:
+    """Why ``model_path`` would be refused (None: it verifies). For the code
+    that lists models: skip or flag an unverified file instead of loading it."""
+    try:
+        read_verified_model(model_path)
+    except UnverifiedModel as e:
+        return str(e)
+    return None

@@ -13,10 +13,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import io
 import json
 import os
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -26,7 +28,8 @@ import typer
 
 from acq.atomic import atomic_write
 from autofocus.data import Augmenter, DataConfig, Prefetcher, ReplayPool, SampleStream, samples_to_tensors
-from autofocus.models import VARIANTS, Variant, batch_loss, build, count_parameters, export_module
+from autofocus.models import (VARIANTS, UnverifiedModel, Variant, batch_loss, build, count_parameters,
+                              export_module, read_card, read_verified_model, sha256_bytes)
 
 SEED_DECAYS = 250            # 0.99^250 ≈ 0.08 of the initial rate at the end
 FINETUNE_DECAYS, FINETUNE_GAMMA = 50, 0.95
@@ -53,14 +56,34 @@ def pick_threads(threads: Optional[int]) -> int:
     return 1 if other_training_running() else min(2, os.cpu_count() or 1)
 
 
+def _is_torchscript(path: str | Path) -> bool:
+    """A TorchScript archive (a zip with constants.pkl), which torch.load would hand to torch.jit.load."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def load_weights(model: torch.nn.Module, path: str | Path, features_only: bool = False) -> None:
     """Initialise from a shipped TorchScript model (or a plain state dict).
     features_only: take just the convolution stack, which is the same for
     every DeepFocus patch size (only the FC input differs)."""
     try:
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except RuntimeError:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        data, _card = read_verified_model(path)
+    except UnverifiedModel as refused:
+        # a plain state dict is safe without a card (weights_only loads no code); TorchScript is not
+        if _is_torchscript(path):
+            raise refused from None
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:
+            raise refused from None
+    else:
+        try:
+            sd = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
+        except RuntimeError:
+            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     sd = {(k[4:] if k.startswith("net.") else k): v for k, v in sd.items()}
     if features_only:
         missing = model.load_state_dict({k: v for k, v in sd.items() if k.startswith("features.")}, strict=False)
@@ -82,8 +105,9 @@ def freeze_features(model: torch.nn.Module) -> list:
 
 
 def export(model: torch.nn.Module, variant: str, out: Path, card: dict) -> None:
-    """TorchScript + card, each written atomically (temp + os.replace). The
-    model's train/eval mode is restored (checkpoints are written mid-training)."""
+    """TorchScript + card (with the file's sha256), each written atomically
+    (temp + os.replace). The model's train/eval mode is restored (checkpoints
+    are written mid-training)."""
     was = model.training
     model.eval()
     try:
@@ -92,7 +116,11 @@ def export(model: torch.nn.Module, variant: str, out: Path, card: dict) -> None:
     finally:
         model.train(was)
     out = Path(out)
-    atomic_write(out, lambda tmp: torch.jit.save(scripted, str(tmp)), overwrite=True)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    # the card pins the exact bytes written: inference loads a model only if they still match
+    card["sha256"] = sha256_bytes(buf.getvalue())
+    atomic_write(out, buf.getvalue(), overwrite=True)
     atomic_write(out.with_suffix(".json"), json.dumps(card, indent=1, default=str).encode(), overwrite=True)
 
 
@@ -268,8 +296,7 @@ def train_on_samples(variant: str, samples: Sequence, steps: int, out: str | Pat
     v, model, params = _setup(variant, seed, threads, init, freeze_all_but_fc, device=device)
     if v.kind == "deepscore":
         raise ValueError("train_on_samples takes image pairs; DeepScore trains with train()")
-    base = json.loads(Path(init).with_suffix(".json").read_text()) if init and \
-        Path(init).with_suffix(".json").is_file() else {}
+    base = read_card(init) if init and Path(init).with_suffix(".json").is_file() else {}
     samples = list(samples)
     if len(samples) < 2:
         raise ValueError("need at least two samples")

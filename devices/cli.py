@@ -1,7 +1,9 @@
 """`python main.py devices check`: connect every configured device and report."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Callable, Optional
 
 import typer
 
@@ -9,6 +11,22 @@ from devices.setup_config import ConfigError, load_setup
 
 app = typer.Typer(add_completion=False, help="Configured devices.")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sim.yaml"
+
+
+def finite(lo: Optional[float] = None, hi: Optional[float] = None) -> Callable:
+    """Callback for a float option (or a tuple of floats): each value finite and
+    within [lo, hi]. Click's min/max let "nan" through (every comparison with
+    NaN is false), so a NaN would reach the simulator or a driver unchecked."""
+    allowed = "a finite number" + (f" in {lo:g}..{hi:g}" if lo is not None and hi is not None else "")
+
+    def check(value):
+        if value is None:
+            return value
+        for v in (value if isinstance(value, (tuple, list)) else (value,)):
+            if not (math.isfinite(v) and (lo is None or v >= lo) and (hi is None or v <= hi)):
+                raise typer.BadParameter(f"{v!r}: give {allowed}")
+        return value
+    return check
 
 
 def check_devices(config: Path) -> tuple[list[tuple[str, str, str, str, bool]], bool]:

@@ -3,16 +3,21 @@ and the safety windows nothing may leave.
 
 Human units in the YAML (mm, µm, kV, deg, ns); ``SafetyWindows`` offers SI.
 A bad file fails at load with the key, the value and what is allowed.
+
+Every number must be finite and inside a stated range (the ``Field`` bounds
+and the ``Window`` outer limits below): a typo such as ``.inf`` or a tilt of
+900° is refused here rather than reaching a driver mid-run.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
-from typing import Callable, Literal, Optional, TypeVar
+from typing import Annotated, Callable, Literal, Optional, TypeVar
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 
 class ConfigError(ValueError):
@@ -23,57 +28,125 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # allow_inf_nan=False: .inf/.nan (or "nan" strings) in any float field, tuples included, are refused
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 Range = tuple[float, float]
+SEED_MAX = 2 ** 32 - 1          # numpy generators take non-negative seeds; one bound for every seed field
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
-def _ordered(v: Range) -> Range:
-    if v[0] > v[1]:
-        raise ValueError(f"lower bound {v[0]} is above upper bound {v[1]}")
+def _window(v: Range, lo: float, hi: float, unit: str, positive: bool) -> Range:
+    """A window [min, max]: min strictly below max, both within the outer limits."""
+    if not v[0] < v[1]:
+        raise ValueError(f"lower bound {v[0]} must be below upper bound {v[1]}")
+    low_ok = v[0] > lo if positive else v[0] >= lo
+    if not (low_ok and v[1] <= hi):
+        allowed = f"({lo:g}, {hi:g}]" if positive else f"[{lo:g}, {hi:g}]"
+        raise ValueError(f"window [{v[0]:g}, {v[1]:g}] {unit} is outside {allowed} {unit}".rstrip())
     return v
+
+
+def Window(lo: float, hi: float, unit: str, what: str = "", *, positive: bool = False):
+    """A Range field type whose two ends must lie within [lo, hi] (lo excluded
+    when ``positive``): the physically sensible outer bounds of that window."""
+    allowed = f"({lo:g}, {hi:g}]" if positive else f"[{lo:g}, {hi:g}]"
+    return Annotated[Range, AfterValidator(partial(_window, lo=lo, hi=hi, unit=unit, positive=positive)),
+                     Field(description=f"{what}[min, max] {unit}, min < max, both within {allowed}".strip())]
+
+
+# --------------------------------------------------------- plain option data
+MAX_OPTION_VALUES = 1000        # options are a handful of settings, never bulk data
+MAX_OPTION_DEPTH = 8
+MAX_OPTION_TEXT = 10_000
+
+
+def json_like(value, where: str = "") -> dict:
+    """``value`` when it is plain JSON-like data of bounded size (text keys;
+    null, true/false, integers, finite numbers, text, lists, mappings);
+    ValueError naming the offending entry. For the free-form ``options``
+    mappings that are passed through to drivers and methods unchecked."""
+    count = 0
+
+    def walk(v, path: str, depth: int) -> None:
+        nonlocal count
+        count += 1
+        shown = path or "(options)"
+        if count > MAX_OPTION_VALUES:
+            raise ValueError(f"more than {MAX_OPTION_VALUES} values: options hold settings, not data")
+        if depth > MAX_OPTION_DEPTH:
+            raise ValueError(f"{shown}: nested deeper than {MAX_OPTION_DEPTH} levels")
+        if v is None or isinstance(v, bool):
+            return
+        if isinstance(v, int):
+            if abs(v) >= 2 ** 63:
+                raise ValueError(f"{shown} = {v}: integers must fit in 64 bits")
+            return
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError(f"{shown} = {v!r}: numbers must be finite")
+            return
+        if isinstance(v, str):
+            if len(v) > MAX_OPTION_TEXT:
+                raise ValueError(f"{shown}: text longer than {MAX_OPTION_TEXT} characters")
+            return
+        if isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{path}[{i}]", depth + 1)
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"{shown}: key {k!r} is not text")
+                walk(x, f"{path}.{k}" if path else k, depth + 1)
+            return
+        raise ValueError(f"{shown}: a {type(v).__name__} is not allowed: only text, numbers, true/false, "
+                         "null, lists and mappings")
+
+    walk(value, where, 0)
+    return value
+
+
+Options = Annotated[dict, AfterValidator(json_like)]
 
 
 # ---------------------------------------------------------------- safety
 class StageTravel(_Strict):
-    x_mm: Range = (-50.0, 50.0)
-    y_mm: Range = (-50.0, 50.0)
-    z_mm: Range = (-1.0, 1.0)
-    r_deg: Range = (-360.0, 360.0)
-    t_deg: Range = (0.0, 60.0)
-
-    _check = field_validator("*")(classmethod(lambda cls, v: _ordered(v)))
+    x_mm: Window(-200, 200, "mm", "stage travel ") = (-50.0, 50.0)
+    y_mm: Window(-200, 200, "mm", "stage travel ") = (-50.0, 50.0)
+    z_mm: Window(-100, 100, "mm", "stage travel ") = (-1.0, 1.0)
+    r_deg: Window(-360, 360, "deg", "stage rotation ") = (-360.0, 360.0)
+    t_deg: Window(-90, 90, "deg", "stage tilt ") = (0.0, 60.0)
 
 
 class MillPosition(_Strict):
-    x_mm: float = 0.0
-    y_mm: float = 0.0
-    z_mm: float = 0.0
+    x_mm: float = Field(0.0, ge=-200, le=200, description="inside safety.stage.x_mm")
+    y_mm: float = Field(0.0, ge=-200, le=200, description="inside safety.stage.y_mm")
+    z_mm: float = Field(0.0, ge=-100, le=100, description="inside safety.stage.z_mm")
     glancing_angle_deg: float = Field(30.0, ge=0, le=90)
     max_tilt_deg: float = Field(60.0, ge=0, le=90)
     imaging_exclusion_mm: float = Field(
-        5.0, ge=0, description="ion beam may be on only within this radius of the mill position")
+        5.0, ge=0, le=400, description="ion beam may be on only within this radius of the mill position")
 
 
 class Safety(_Strict):
     stage: StageTravel = StageTravel()
-    wd_mm: Range = (2.0, 15.0)
-    stig: Range = (-10.0, 10.0)
-    max_autofocus_step_wd_um: float = Field(50.0, gt=0)
-    max_autofocus_step_stig: float = Field(3.0, gt=0)
-    eht_kv: Range = (0.2, 30.0)
-    probe_current_na: Range = (0.001, 100.0)
-    ion_energy_kv: Range = (0.0, 10.0)
-    ion_cluster_size: Range = (100, 5000)
-    ion_current_na_max: float = Field(100.0, gt=0)
+    wd_mm: Window(0, 100, "mm", "working distance ", positive=True) = (2.0, 15.0)
+    stig: Window(-100, 100, "", "stigmator ") = (-10.0, 10.0)
+    max_autofocus_step_wd_um: float = Field(50.0, gt=0, le=10_000)
+    max_autofocus_step_stig: float = Field(3.0, gt=0, le=200)
+    # an SEM column tops out at 30 kV and a few hundred nA: anything outside is a typo
+    eht_kv: Window(0, 30, "kV", "SEM high tension ", positive=True) = (0.2, 30.0)
+    probe_current_na: Window(0, 1000, "nA", "SEM probe current ", positive=True) = (0.001, 100.0)
+    ion_energy_kv: Window(0, 60, "kV", "GCIB acceleration ") = (0.0, 10.0)
+    ion_cluster_size: Window(1, 100_000, "atoms", "GCIB cluster size ") = (100, 5000)
+    ion_current_na_max: float = Field(100.0, gt=0, le=10_000)
     awg_max_vpp: float = Field(20.0, gt=0, le=20.0)
+    max_exposures_per_tile: int = Field(
+        3, ge=1, le=100, description="scans of one tile's area per cycle before the run pauses (electron dose); "
+        "a plan may set fewer, never more")
     mill_position: MillPosition = MillPosition()
-
-    @field_validator("wd_mm", "stig", "eht_kv", "probe_current_na", "ion_energy_kv", "ion_cluster_size")
-    @classmethod
-    def _ordered(cls, v):
-        return _ordered(v)
 
 
 # ---------------------------------------------------------- simulation
@@ -83,27 +156,29 @@ class MicroscopeParams(_Strict):
     alpha_mrad: float = Field(3.0, gt=0, le=50, description="probe half-angle")
     sigma0_nm: float = Field(1.5, ge=0, le=100, description="in-focus probe s.d.")
     stig_rotation_deg: float = Field(15.0, ge=-180, le=180, description="θ")
-    stig_scale_x_um: float = Field(3.0, gt=0, description="defocus-equivalent per stig unit, x")
-    stig_scale_y_um: float = Field(3.0, gt=0, description="defocus-equivalent per stig unit, y")
-    wd_focus_mm: float = Field(5.0, gt=0, description="working distance of focus at stage z = 0")
-    stig_x0: float = 0.0
-    stig_y0: float = 0.0
+    stig_scale_x_um: float = Field(3.0, gt=0, le=1000, description="defocus-equivalent per stig unit, x")
+    stig_scale_y_um: float = Field(3.0, gt=0, le=1000, description="defocus-equivalent per stig unit, y")
+    wd_focus_mm: float = Field(5.0, gt=0, le=100, description="working distance of focus at stage z = 0")
+    stig_x0: float = Field(0.0, ge=-100, le=100)
+    stig_y0: float = Field(0.0, ge=-100, le=100)
     probe_shape: Literal["gaussian", "pillbox"] = "gaussian"
-    scan_rotation_offset_deg: float = 0.0
+    scan_rotation_offset_deg: float = Field(0.0, ge=-360, le=360)
     detector_efficiency: float = Field(0.05, gt=0, le=1, description="detected SE per primary at full yield")
     detector_full_scale: float = Field(200.0, gt=0, le=255, description="grey levels at SE yield 1")
     detector_offset: float = Field(20.0, ge=0, le=255)
-    read_noise: float = Field(1.0, ge=0, description="grey levels s.d.")
-    drift_nm_per_frame: float = Field(0.5, ge=0)
-    line_jitter_px: float = Field(0.1, ge=0)
-    flyback_s: float = Field(100e-6, ge=0, description="per line")
+    read_noise: float = Field(1.0, ge=0, le=255, description="grey levels s.d.")
+    drift_nm_per_frame: float = Field(0.5, ge=0, le=10_000)
+    line_jitter_px: float = Field(0.1, ge=0, le=100)
+    flyback_s: float = Field(100e-6, ge=0, le=1, description="per line")
 
 
 class SpecimenParams(_Strict):
-    images: list[Path] = Field(default_factory=list, description="grayscale textures; empty = procedural")
-    pixel_size_nm: Optional[float] = Field(None, gt=0, description="texture pixel size; None = 1:1 with the frame")
-    slice_thickness_nm: float = Field(50.0, gt=0)
-    seed: int = 0
+    images: list[Path] = Field(default_factory=list, max_length=10_000,
+                               description="grayscale textures; empty = procedural")
+    pixel_size_nm: Optional[float] = Field(None, gt=0, le=100_000,
+                                           description="texture pixel size; None = 1:1 with the frame")
+    slice_thickness_nm: float = Field(50.0, gt=0, le=100_000)
+    seed: Seed = 0
 
     @field_validator("images")
     @classmethod
@@ -114,61 +189,97 @@ class SpecimenParams(_Strict):
 class WaferParams(_Strict):
     diameter_mm: float = Field(25.4, gt=0, le=300)
     sections: int = Field(6, ge=0, le=5000)
-    section_size_um: tuple[float, float] = (500.0, 250.0)
+    section_size_um: tuple[Annotated[float, Field(gt=0, le=100_000)],
+                           Annotated[float, Field(gt=0, le=100_000)]] = (500.0, 250.0)
     size_jitter: float = Field(0.1, ge=0, le=0.5)
     rotation_deg: float = Field(0.0, ge=-180, le=180)
     rotation_jitter_deg: float = Field(5.0, ge=0, le=180)
-    spacing_um: float = Field(300.0, ge=0)
-    resin_margin_um: float = Field(40.0, ge=0)
-    thickness_nm: float = Field(250.0, gt=0)
+    spacing_um: float = Field(300.0, ge=0, le=100_000)
+    resin_margin_um: float = Field(40.0, ge=0, le=100_000)
+    thickness_nm: float = Field(250.0, gt=0, le=100_000)
     mill_inhomogeneity: float = Field(0.05, ge=0, le=0.5)
-    tilt_um_per_mm: tuple[float, float] = (0.3, -0.2)
-    seed: int = 0
+    tilt_um_per_mm: tuple[Annotated[float, Field(ge=-1000, le=1000)],
+                          Annotated[float, Field(ge=-1000, le=1000)]] = (0.3, -0.2)
+    seed: Seed = 0
 
 
 class StageParams(_Strict):
-    speed_mm_s: float = Field(5.0, gt=0)
-    settle_s: float = Field(0.2, ge=0)
-    backlash_um: float = Field(2.0, ge=0)
-    repeatability_um: float = Field(0.5, ge=0)
-    z_shift_um_per_cm: float = Field(2.0, ge=0, description="focus displacement s.d. per cm travelled")
-    tolerance_um: float = Field(1.0, gt=0)
-    tolerance_deg: float = Field(0.05, gt=0)
+    speed_mm_s: float = Field(5.0, gt=0, le=1000)
+    settle_s: float = Field(0.2, ge=0, le=60)
+    backlash_um: float = Field(2.0, ge=0, le=1000)
+    repeatability_um: float = Field(0.5, ge=0, le=1000)
+    z_shift_um_per_cm: float = Field(2.0, ge=0, le=1000, description="focus displacement s.d. per cm travelled")
+    tolerance_um: float = Field(1.0, gt=0, le=1000)
+    tolerance_deg: float = Field(0.05, gt=0, le=10)
+
+
+FRAME_FAULTS = ("incomplete_frame", "frozen_frame")     # corrupt a grabbed frame: only the SEM has frames
 
 
 class FaultRule(_Strict):
     device: Literal["sem", "stage", "ion_gun", "waveform_generator", "multimeter", "current_preamp"]
-    operation: str
+    operation: str = Field(description="an operation the simulated device counts (see devices.sim.faults), "
+                                       "or '*' for all")
     kind: Literal["timeout", "grab_failure", "move_failure", "disconnect", "visa_error", "communication",
                   "incomplete_frame", "frozen_frame"]
     probability: float = Field(0.0, ge=0, le=1)
-    at_calls: list[int] = Field(default_factory=list, description="1-based call numbers that fail")
+    at_calls: list[Annotated[int, Field(ge=1, le=10 ** 9)]] = Field(
+        default_factory=list, max_length=100_000, description="1-based call numbers that fail")
+
+    @field_validator("operation")
+    @classmethod
+    def _real_operation(cls, v: str, info: ValidationInfo):
+        # a misspelt operation would never fire: the reliability test would pass without testing anything
+        device = info.data.get("device")
+        if device is None:                   # the device itself is wrong: that error is reported
+            return v
+        from devices.sim.faults import FAULT_OPERATIONS
+        allowed = FAULT_OPERATIONS.get(device, ())
+        if not allowed:
+            raise ValueError(f"the simulated {device} has no fault-injection points: no rule can fire")
+        if v != "*" and v not in allowed:
+            raise ValueError(f"{v!r} is not an operation of {device}: allowed {['*', *allowed]}")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fits(self):
+        if self.kind in FRAME_FAULTS and self.device != "sem":
+            raise ValueError(f"kind {self.kind!r} corrupts a frame: only for device 'sem', not {self.device!r}")
+        return self
 
 
 class Simulation(_Strict):
-    seed: int = 0
-    time_factor: float = Field(0.0, ge=0, description="0 = no real waiting; 1 = real time")
+    seed: Seed = 0
+    time_factor: float = Field(0.0, ge=0, le=100, description="0 = no real waiting; 1 = real time")
     microscope: MicroscopeParams = MicroscopeParams()
     specimen: SpecimenParams = SpecimenParams()
     wafer: WaferParams = WaferParams()
     stage: StageParams = StageParams()
-    faults: list[FaultRule] = Field(default_factory=list)
+    faults: list[FaultRule] = Field(default_factory=list, max_length=1000)
     mill_rate_nm_per_s_per_na: float = Field(
-        0.0, ge=0, description="0 = derive from seed Table 2.1 for the configured irradiation dose")
+        0.0, ge=0, le=1e6, description="0 = derive from seed Table 2.1 for the configured irradiation dose")
     irradiation_dose_1e27_ev_cm3: float = Field(0.5, ge=0, le=2)
-    mill_area_mm2: float = Field(484.0, gt=0, description="ion raster area over which the current spreads")
+    mill_area_mm2: float = Field(484.0, gt=0, le=1e5, description="ion raster area over which the current spreads")
 
 
 # ---------------------------------------------------------------- devices
 class DeviceConfig(_Strict):
-    driver: str
-    url: Optional[str] = None              # pyserial URL or COM port
-    resource: Optional[str] = None         # VISA resource name
-    visa_library: Optional[str] = None     # '@py', or 'configs/visa/x.yaml@sim'
+    driver: str = Field(max_length=100)
+    url: Optional[str] = Field(None, max_length=1000)           # pyserial URL or COM port
+    resource: Optional[str] = Field(None, max_length=1000)      # VISA resource name
+    visa_library: Optional[str] = Field(None, max_length=1000)  # '@py', or 'configs/visa/x.yaml@sim'
     command_table: Optional[Path] = None   # ion gun YAML
-    timeout_s: float = Field(2.0, gt=0)
-    sign: Optional[float] = None           # current preamp output sign
-    options: dict = Field(default_factory=dict)
+    timeout_s: float = Field(2.0, gt=0, le=600)
+    sign: Optional[float] = Field(None, description="current preamp output sign: +1, or -1 (inverting)")
+    options: Options = Field(default_factory=dict, description="plain values only (text, numbers, lists, "
+                                                               f"mappings), at most {MAX_OPTION_VALUES}")
+
+    @field_validator("sign")
+    @classmethod
+    def _unit_sign(cls, v):
+        if v is not None and v not in (-1.0, 1.0):
+            raise ValueError("allowed +1 or -1")
+        return v
 
     @field_validator("command_table")
     @classmethod
@@ -212,12 +323,13 @@ class Devices(_Strict):
 
 
 class Calibration(_Strict):
-    ion_raster_mm_per_vpp: tuple[float, float] = (1.1, 1.1)
-    stage_to_image_rotation_deg: float = 0.0
+    ion_raster_mm_per_vpp: tuple[Annotated[float, Field(gt=0, le=100)],
+                                 Annotated[float, Field(gt=0, le=100)]] = (1.1, 1.1)
+    stage_to_image_rotation_deg: float = Field(0.0, ge=-360, le=360)
 
 
 class SetupConfig(_Strict):
-    name: str
+    name: str = Field(min_length=1, max_length=200)
     devices: Devices
     safety: Safety = Safety()
     calibration: Calibration = Calibration()
@@ -245,9 +357,15 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not allowed here)"
         shown = e.get("input")
-        value = "" if isinstance(shown, dict) else f" = {shown!r}"
+        value = "" if isinstance(shown, dict) else f" = {_short(shown)}"
         lines.append(f"  {loc}{value}: {msg}")
     return "\n".join(lines)
+
+
+def _short(value, limit: int = 200) -> str:
+    """repr of a refused value, cut short: a message must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _existing_file(p: Path, info: ValidationInfo, what: str) -> Path:
@@ -262,14 +380,111 @@ def _existing_file(p: Path, info: ValidationInfo, what: str) -> Path:
 
 
 # ----------------------------------------- loading (also plans, command tables)
+MAX_YAML_BYTES = 16 * 1024 * 1024   # setups, plans and command tables are kilobytes; more is the wrong file
+MAX_YAML_DEPTH = 50                 # PyYAML composes recursively: deeper nesting would end in RecursionError
+MAX_YAML_VALUES = 2_000_000         # values once aliases are expanded: far above any real plan, far below a bomb
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML construct this program does not accept (message names the line)."""
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what silently changes a file's meaning or costs
+    unbounded memory: a duplicate key (PyYAML keeps the last one, so a second
+    ``safety:`` block would replace the first), aliases that expand to more
+    than MAX_YAML_VALUES values or MAX_YAML_DEPTH levels (a "billion laughs"
+    alias bomb), and absurdly deep nesting.
+
+    Aliases as such stay allowed: yaml.safe_dump writes them for any object
+    used twice (&id001), and the shipped ion-gun table shares one error regex.
+    The expanded size and depth of every node are counted while the file is
+    composed (an alias reuses its anchor's counts), so a bomb is refused
+    after reading its few lines, before anything is expanded."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._extent: dict[int, tuple[int, int]] = {}    # id(node) -> (expanded values, expanded depth)
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _Refused(f"line {line}: nested deeper than {MAX_YAML_DEPTH} levels")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(event, yaml.AliasEvent):
+            return node                           # counted where its anchor was composed
+        if isinstance(node, yaml.ScalarNode):
+            children = []
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = [n for pair in node.value for n in pair]
+        extents = [self._extent.get(id(c), (1, 1)) for c in children]
+        values = 1 + sum(v for v, _ in extents)
+        depth = 1 + max((d for _, d in extents), default=0)
+        if values > MAX_YAML_VALUES:
+            raise _Refused(f"line {line}: this entry expands to more than {MAX_YAML_VALUES} values "
+                           "(aliases *name repeating &name blocks?): not allowed")
+        if depth > MAX_YAML_DEPTH:
+            raise _Refused(f"line {line}: aliases nest this entry deeper than {MAX_YAML_DEPTH} levels: not allowed")
+        self._extent[id(node)] = (values, depth)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _Refused(f"line {line}: duplicate key {_short(key, 80)} (first at line "
+                                       f"{seen[key]}): each key may appear only once")
+                    seen[key] = line
+                except TypeError:            # unhashable key: the base class reports it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path, what: str = "configuration file"):
-    """The parsed contents of a YAML file; ConfigError if it is missing or not YAML."""
+    """The parsed contents of a YAML file; ConfigError if it is missing, not
+    text, not YAML, too large, or uses duplicate keys or anchors/aliases."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a {what}")
     if not path.is_file():
         raise ConfigError(f"{path}: {what} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {what} is larger than {MAX_YAML_BYTES // 2 ** 20} MiB: not a YAML "
+                          f"{what} (wrong file?)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text YAML file (byte {e.start} is not UTF-8 text; binary or "
+                          f"wrong file?)") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text YAML file (contains NUL bytes; binary or wrong file?)")
+    try:
+        return yaml.load(text, Loader=StrictSafeLoader)
+    except _Refused as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (ValueError, OverflowError, RecursionError) as e:   # e.g. an integer of more digits than Python takes
+        raise ConfigError(f"{path}: not valid YAML: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def validate_config(model_cls: type[M], data, source: str, *, context: Optional[dict] = None,

@@ -105,7 +105,7 @@ class RunController(QObject):
             return False
         engine.on_state_change(self.bridge.on_state)
         engine.on_step(lambda ev: self.bridge.step.emit(describe_event(ev)) or self._acquiring(ev))
-        done_before = len(engine.journal.read().tiles_done) if resume and hasattr(engine.journal, "read") else 0
+        done_before = engine.journal.read().tiles_done_total if resume else 0
         self.progress = RunProgress.for_plan(self.plan, engine.sections, done_before)
         self._show_plan_on_map(engine.sections, reset=not resume)
         self._save_plan(out_dir)

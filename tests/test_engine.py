@@ -265,8 +265,9 @@ def test_wd_outside_the_window_pauses_with_an_incident(run_tiny):
                 threading.Thread(target=engine.abort, daemon=True).start()
         engine.on_state_change(cb)
 
-    engine, setup, docs, res = run_tiny(plan_over={"autofocus": {"method": "sweep", "sweep_range_um": 4000},
-                                                   "irradiation": None}, before=before, on_pause="wait")
+    engine, setup, docs, res = run_tiny(plan_over={"autofocus": {"method": "sweep", "sweep_range_um": 1000},
+                                                   "imaging": {"wd_mm": 3.5}, "irradiation": None},
+                                        before=before, on_pause="wait")
     assert res.status == "aborted"
     inc = [d for d in docs if d.kind == "incident" and d.cause == "limit_violation"]
     assert inc and "working_distance" in inc[0].message and "[3, 8] mm" in inc[0].message
@@ -342,7 +343,8 @@ FAULT_GROUPS = {
 @pytest.mark.parametrize("group", sorted(FAULT_GROUPS))
 def test_every_fault_kind_is_survived(run_tiny, group):
     rules, causes = FAULT_GROUPS[group]
-    engine, setup, docs, res = run_tiny(setup_kw={"faults": rules})
+    # failed grabs scan the tile too: more than the default exposure budget of 3 (tests/test_run_safety.py)
+    engine, setup, docs, res = run_tiny(setup_kw={"faults": rules}, max_exposures=10)
     assert res.status == "success", res.reason
     injected = {k for _, _, k, _ in setup.world.faults.injected}
     assert set(causes) <= injected, f"never injected: {set(causes) - injected}"
@@ -368,7 +370,7 @@ def test_consecutive_failures_pause_for_the_operator_then_resume(run_tiny):
         engine._reasons = got
     engine, setup, docs, res = run_tiny(setup_kw={"faults": [rule]},
                                         plan_over={"suspenders": {"max_consecutive_failures": 2}}, before=before,
-                                        on_pause="wait")
+                                        on_pause="wait", max_exposures=10)
     assert res.status == "success", res.reason
     assert engine._reasons and "2 consecutive failures" in engine._reasons[0]
     assert "grab_failure" in engine._reasons[0] or "injected fault" in engine._reasons[0]

@@ -13,6 +13,23 @@ TrakEM2 -> [] (they write on SectionDone), OME-Zarr -> [] (it pastes into
 memory and writes the plane on SectionDone; after a crash it re-pastes from
 the OME-TIFFs, so a tile is safe once the OME-TIFF writer has returned).
 
+Primary and derived: the OME-TIFF writer is the PRIMARY writer
+(``primary = True``): its file is the frame, and a tile is safe once it has
+returned. Every other writer (``primary = False``) derives from the OME-TIFFs
+and can re-derive what it missed from them: ``catch_up(planes=None)`` (all
+planes on disk, or [(section, cycle), ...]) and ``rebuild(tile)`` (a
+TileEvent or a tile's path), or in its own thread through a ``CatchUp``
+document (below). They also catch up by themselves: the plane at its
+SectionDone (MIPmaps, OME-Zarr; tile specs and TrakEM2 retry planes that
+failed), everything on a resumed RunStart and at RunStop. So a derived
+writer's failure never calls for imaging a tile again.
+
+Restart after a crash: make_writers runs ``Manifest.recover()`` (torn
+manifest tail cut, leftover temporaries deleted, durable files whose line
+was lost re-recorded) before the writers are built; each writer's
+constructor repairs its own half-made state (OME-Zarr stores, TrakEM2
+indexes); the resumed RunStart re-derives from the tiles on disk.
+
 A re-acquired tile must carry a new ``version`` (next_version() tells which
 on a resumed run): names derive from (section, cycle, tile_id, version) and an
 existing file is never replaced. Replaying the very same document is harmless
@@ -21,16 +38,32 @@ name raise FileExists.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from acq.writers.layout import next_version, read_tile_header, tile_relpath
+from acq.crashpoints import point
+from acq.writers.layout import next_version, read_tile_header, tile_on_disk, tile_relpath
 from acq.writers.manifest import Manifest, WrittenFile, read_manifest, verify_manifest
 
 __all__ = ["WrittenFile", "WriterOptions", "RenderPushOptions", "make_writers", "verify_manifest",
-           "read_manifest", "next_version", "read_tile_header", "tile_relpath", "options_from_plan"]
+           "read_manifest", "next_version", "read_tile_header", "tile_relpath", "options_from_plan",
+           "CatchUp", "Manifest", "tile_on_disk"]
+
+
+
+@dataclass
+class CatchUp:
+    """Document asking the derived writers to re-derive, from the OME-TIFFs on
+    disk, what they lack: every plane, or those of ``section_id`` / ``cycle``
+    (None: any). Publish it like any document (each writer handles it in its
+    own thread, in order); the primary writer ignores it."""
+    section_id: Optional[int] = None
+    cycle: Optional[int] = None
+    full: bool = False              # tile specs / TrakEM2: rewrite even planes that look up to date
+    kind: str = "catch_up"
 
 
 class RenderPushOptions(BaseModel):
@@ -93,9 +126,12 @@ def options_from_plan(writers: list[str], options: dict[str, dict] | None = None
     return WriterOptions(**kw)
 
 
-def make_writers(out_dir: Path, options: WriterOptions | None = None) -> list:
+def make_writers(out_dir: Path, options: WriterOptions | None = None, *, recover: bool = True) -> list:
     """The writers for ``options``, all sharing one manifest in ``out_dir``.
-    Order matters only for readability: each runs in its own thread."""
+    Order matters only for readability: each runs in its own thread.
+    ``recover``: first repair what a crash left (Manifest.recover; a no-op in
+    a new folder). Call it only while no other process writes there (under
+    the output folder's lock)."""
     from acq.writers.mipmaps import MipmapWriter
     from acq.writers.ome_tiff import OmeTiffWriter
     from acq.writers.ome_zarr import OmeZarrWriter
@@ -104,8 +140,12 @@ def make_writers(out_dir: Path, options: WriterOptions | None = None) -> list:
 
     options = options or WriterOptions()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.is_dir():
+        point("mkdir", out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out_dir)
+    if recover:
+        manifest.recover()
     writers: list = []
     if options.ome_tiff:
         writers.append(OmeTiffWriter(out_dir, manifest))

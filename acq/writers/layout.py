@@ -140,6 +140,22 @@ def latest_versions(out_dir: Path, section: int, cycle: int) -> dict[str, int]:
     return best
 
 
+def tile_on_disk(out_dir: Path, section: int, cycle: int, tile_id: str, version: int) -> Path | None:
+    """The OME-TIFF of this tile version when it is on disk and ours, else None.
+    A file under its final name is whole (written under a temporary name and
+    renamed), so a resumed engine can count a tile whose frame made it to disk
+    before the crash as done instead of imaging it again."""
+    p = Path(out_dir) / tile_relpath(section, cycle, tile_id, version)
+    if not p.is_file():
+        return None
+    try:
+        h = read_tile_header(p)
+    except (OSError, ValueError) as e:
+        log.error("%s is not a readable tile: %s", p, e)
+        return None
+    return p if (h.get("tile_id"), int(h.get("version", -1))) == (tile_id, int(version)) else None
+
+
 def next_version(out_dir: Path, section: int, cycle: int, tile_id: str) -> int:
     """Version a re-acquisition of ``tile_id`` must carry (for the engine on resume)."""
     return latest_versions(out_dir, section, cycle).get(tile_id, -1) + 1
@@ -187,18 +203,93 @@ class SectionTiles:
         return sorted(k for k, v in self._by_key.items() if v)
 
 
+def planes_on_disk(out_dir: Path) -> list[tuple[int, int]]:
+    """(section, cycle) of every tiles/{section}/{cycle} folder of OUTDIR."""
+    root = Path(out_dir) / "tiles"
+    out = []
+    if root.is_dir():
+        for sec_dir in root.iterdir():
+            if sec_dir.is_dir() and sec_dir.name.isdigit():
+                for cyc_dir in sec_dir.iterdir():
+                    if cyc_dir.is_dir() and cyc_dir.name.isdigit():
+                        out.append((int(sec_dir.name), int(cyc_dir.name)))
+    return sorted(out)
+
+
+def tile_files(out_dir: Path, section: int, cycle: int) -> list[Path]:
+    """Every tile OME-TIFF (all versions) of one section and cycle."""
+    folder = Path(out_dir) / f"tiles/{section:04d}/{cycle:04d}"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _TILE_NAME.match(p.name))
+
+
+_TILE_PATH = re.compile(r"(?:^|/)tiles/(\d+)/(\d+)/[^/]+_v\d+\.ome\.tif$")
+
+
+def plane_of(tile) -> tuple[int, int]:
+    """(section, cycle) of a TileEvent (or its header dict) or of a tile's path."""
+    if isinstance(tile, dict):
+        return int(tile["section_id"]), int(tile["cycle"])
+    if hasattr(tile, "section_id") and hasattr(tile, "cycle"):
+        return int(tile.section_id), int(tile.cycle)
+    m = _TILE_PATH.search(Path(tile).as_posix())
+    if m:
+        return int(m[1]), int(m[2])
+    h = read_tile_header(Path(tile))
+    return int(h["section_id"]), int(h["cycle"])
+
+
+def newest_mtime(paths) -> float:
+    best = -1.0
+    for p in paths:
+        try:
+            best = max(best, p.stat().st_mtime)
+        except OSError:
+            pass
+    return best
+
+
 class PlaneWriter:
     """Base of the writers that write a plane's files on its SectionDone, from the
     latest version of each tile (Render tile specs, TrakEM2 lists). Subclasses set
-    ``self.tiles = SectionTiles(out_dir)`` and implement ``_write_plane``."""
+    ``self.tiles = SectionTiles(out_dir)`` and implement ``_write_plane`` and
+    ``_outputs``.
+
+    Derived from the OME-TIFFs (``primary = False``), so nothing is lost for
+    good: a plane whose files failed is retried at the next SectionDone, at
+    flush/RunStop, and by ``catch_up()`` (now). A resumed RunStart marks the
+    planes whose files are missing or older than their newest tile the same
+    way: written from the tiles on disk at the next SectionDone or RunStop."""
     tiles: SectionTiles
+    primary = False
+
+    @property
+    def _stale(self) -> set:
+        """Planes whose files must be (re)written: a failure, or found so on disk."""
+        return self.__dict__.setdefault("_stale_planes", set())
 
     def handle(self, doc) -> list[WrittenFile]:
         kind = getattr(doc, "kind", None)
         if kind == "tile":
             self.tiles.add(doc)
         elif kind == "section_done":
-            return self._write(doc.section_id, doc.cycle, doc.tile_ids)
+            out, err = [], None
+            if self._stale:                 # earlier planes first (TrakEM2 takes its origin from the first)
+                try:
+                    out += self._retry_stale()
+                except Exception as e:
+                    err = e
+            out += self._write(doc.section_id, doc.cycle, doc.tile_ids)
+            if err is not None:
+                raise err
+            return out
+        elif kind == "start" and getattr(doc, "resumed", False):
+            # written at the next SectionDone (the plane cut by the crash is usually next: whole
+            # by then) or at RunStop, rather than now from a plane that may be half acquired
+            self._stale.update(p for p in planes_on_disk(self.tiles.out_dir) if self.needs_output(*p))
+        elif kind == "catch_up":
+            return self.catch_up(planes_for(self.tiles.out_dir, doc), full=bool(getattr(doc, "full", False)))
         elif kind == "stop":
             return self._write_pending()
         return []
@@ -207,18 +298,77 @@ class PlaneWriter:
         """Write one plane's files (``records`` is never empty); the WrittenFiles."""
         raise NotImplementedError
 
+    def _outputs(self, section: int, cycle: int) -> list[Path]:
+        """The plane's files on disk (all revisions)."""
+        raise NotImplementedError
+
     def _write(self, section: int, cycle: int, tile_ids) -> list[WrittenFile]:
         records = self.tiles.resolve(section, cycle, tile_ids)
         self.tiles.forget(section, cycle)
-        return self._write_plane(section, cycle, records) if records else []
+        if not records:
+            self._stale.discard((section, cycle))
+            return []
+        try:
+            out = self._write_plane(section, cycle, records)
+        except BaseException:
+            self._stale.add((section, cycle))       # retried later, from the OME-TIFFs on disk
+            raise
+        self._stale.discard((section, cycle))
+        return out
+
+    def _retry_stale(self) -> list[WrittenFile]:
+        return self._write_planes(sorted(self._stale))
+
+    def _write_planes(self, planes) -> list[WrittenFile]:
+        out, errors = [], []
+        for sec, cyc in planes:
+            try:
+                out += self._write(sec, cyc, [])
+            except Exception as e:
+                log.error("%s: section %d cycle %d not written: %s", type(self).__name__, sec, cyc, e)
+                errors.append(f"s{sec} c{cyc}: {type(e).__name__}: {e}")
+        if errors:
+            raise RuntimeError(f"{len(errors)} planes not written (retried later): {'; '.join(errors[:3])}")
+        return out
 
     def _write_pending(self) -> list[WrittenFile]:
         """Tiles after the last SectionDone of their plane (an aborted section,
-        a late re-acquisition) still get their files when the run stops."""
-        return [f for sec, cyc in self.tiles.pending() for f in self._write(sec, cyc, [])]
+        a late re-acquisition), and planes that failed, still get their files
+        when the run stops."""
+        return self._write_planes(sorted(set(self.tiles.pending()) | self._stale))
+
+    def needs_output(self, section: int, cycle: int) -> bool:
+        """No file for the plane yet, or a tile newer than its newest file."""
+        outs = self._outputs(section, cycle)
+        if not outs:
+            return bool(tile_files(self.tiles.out_dir, section, cycle))
+        return newest_mtime(tile_files(self.tiles.out_dir, section, cycle)) > newest_mtime(outs)
+
+    def catch_up(self, planes=None, *, full: bool = False) -> list[WrittenFile]:
+        """Write, from the OME-TIFFs on disk, the files of ``planes`` (default:
+        every plane on disk) that are missing or older than their tiles (all
+        of them with ``full``); a plane whose content is unchanged gets no new
+        file. Run it in the writer's thread (a ``catch_up`` document) or while
+        no document is being handled."""
+        planes = planes_on_disk(self.tiles.out_dir) if planes is None else planes
+        todo = [p for p in planes if full or self.needs_output(*p)]
+        if todo:
+            log.warning("%s: catching up %d planes from the tiles on disk", type(self).__name__, len(todo))
+        return self._write_planes(todo)
+
+    def rebuild(self, tile) -> list[WrittenFile]:
+        """(Re)write the files of the plane of ``tile`` (a TileEvent or a tile's path)."""
+        return self._write(*plane_of(tile), [])
 
     def flush(self) -> None:
         self._write_pending()
 
     def close(self) -> None:
         pass
+
+
+def planes_for(out_dir: Path, doc) -> list[tuple[int, int]]:
+    """The planes on disk that a ``catch_up`` document names by its optional
+    ``section_id`` and ``cycle`` (None or absent: all)."""
+    sec, cyc = getattr(doc, "section_id", None), getattr(doc, "cycle", None)
+    return [(s, c) for s, c in planes_on_disk(out_dir) if sec in (None, s) and cyc in (None, c)]

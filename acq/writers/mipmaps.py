@@ -5,18 +5,27 @@ from the in-memory tile, never from a re-read. Each level is a small OME-TIFF
 whose physical pixel size is 2**level times the tile's, written atomically
 under the same name as the tile (Render finds level n by swapping the prefix).
 The levels are written concurrently: each write waits mostly on its fsyncs.
+
+Derived from the OME-TIFF (``primary = False``): levels missing after a
+failure or a crash are made from the tile on disk (pixels + header: the same
+bytes as from the document) - for the plane at its SectionDone, for every
+tile on a resumed RunStart, by ``catch_up()`` and ``rebuild(tile)``.
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import cv2
 import numpy as np
+import tifffile
 
-from acq.writers.layout import mipmap_relpath, tile_relpath
+from acq.writers.layout import mipmap_relpath, planes_for, planes_on_disk, read_tile_header, tile_files, tile_relpath
 from acq.writers.manifest import Manifest, WrittenFile
 from acq.writers.ome_tiff import TiffEncoder, write_tiff_once
+
+log = logging.getLogger(__name__)
 
 
 def halve(img: np.ndarray) -> np.ndarray:
@@ -34,6 +43,7 @@ def pyramid(img: np.ndarray, levels: int):
 
 class MipmapWriter:
     kind = "mipmap"
+    primary = False
 
     def __init__(self, out_dir: Path, manifest: Manifest, levels: int = 3, prefix: str = "mipmaps"):
         self.out_dir = Path(out_dir)
@@ -44,24 +54,73 @@ class MipmapWriter:
         self._pool = ThreadPoolExecutor(levels, thread_name_prefix="mipmap-write")
 
     def handle(self, doc) -> list[WrittenFile]:
-        if getattr(doc, "kind", None) != "tile":
-            return []
-        rel0 = tile_relpath(doc.section_id, doc.cycle, doc.tile_id, doc.version)
-        px_um = doc.pixel_size_m * 1e6
+        kind = getattr(doc, "kind", None)
+        if kind == "tile":
+            return self._write_levels(doc.section_id, doc.cycle, doc.tile_id, doc.version, doc.image,
+                                      doc.pixel_size_m, doc.run_uid)
+        if kind == "section_done":
+            return self.catch_up([(doc.section_id, doc.cycle)])
+        if kind == "start" and getattr(doc, "resumed", False):
+            return self.catch_up()
+        if kind == "catch_up":
+            return self.catch_up(planes_for(self.out_dir, doc))
+        return []
+
+    def _write_levels(self, section, cycle, tile_id, version, image, pixel_size_m, run_uid) -> list[WrittenFile]:
+        rel0 = tile_relpath(section, cycle, tile_id, version)
+        px_um = pixel_size_m * 1e6
         batch: list[dict] = []
         jobs = []
-        for level, img in pyramid(doc.image, self.levels):
+        for level, img in pyramid(image, self.levels):
             rel = mipmap_relpath(level, rel0, self.prefix)
             jobs.append(self._pool.submit(
                 write_tiff_once, self.manifest, self.encoders[level - 1], rel, img, px_um * 2 ** level,
-                self.kind, doc.tile_id, doc.version, batch, file_key=f"{doc.run_uid}/{rel}",
-                name=f"{doc.tile_id}_v{doc.version} L{level}"))
+                self.kind, tile_id, version, batch, file_key=f"{run_uid}/{rel}",
+                name=f"{tile_id}_v{version} L{level}"))
         wait(jobs)                      # all done before the buffers are reused or we raise
         self.manifest.append(batch)     # what did get written is listed even if a level failed
         return [j.result() for j in jobs]
+
+    def missing_levels(self, tile_path: Path) -> list[int]:
+        rel0 = Path(tile_path).relative_to(self.out_dir).as_posix()
+        return [lv for lv in range(1, self.levels + 1)
+                if not (self.out_dir / mipmap_relpath(lv, rel0, self.prefix)).is_file()]
+
+    def rebuild(self, tile) -> list[WrittenFile]:
+        """Write the levels of ``tile`` (a TileEvent, or the path of its
+        OME-TIFF: pixels and header are read from there). Levels already on
+        disk are accepted as they are (same bytes) and listed again."""
+        if getattr(tile, "kind", None) == "tile":
+            return self._write_levels(tile.section_id, tile.cycle, tile.tile_id, tile.version, tile.image,
+                                      tile.pixel_size_m, tile.run_uid)
+        path = Path(tile)
+        h = read_tile_header(path)
+        return self._write_levels(int(h["section_id"]), int(h["cycle"]), h["tile_id"], int(h["version"]),
+                                  tifffile.imread(path), float(h["pixel_size_m"]), h["run_uid"])
+
+    def catch_up(self, planes=None) -> list[WrittenFile]:
+        """Make the levels missing for any tile (every version) of ``planes``
+        (default: all planes on disk) from the OME-TIFFs. Costs a stat per level
+        and tile when nothing is missing."""
+        planes = planes_on_disk(self.out_dir) if planes is None else planes
+        out, errors = [], []
+        for sec, cyc in planes:
+            for p in tile_files(self.out_dir, sec, cyc):
+                if not self.missing_levels(p):
+                    continue
+                log.warning("MIPmaps of %s missing: made from the tile on disk", p.name)
+                try:
+                    out += self.rebuild(p)
+                except Exception as e:
+                    log.error("MIPmaps of %s: %s", p, e)
+                    errors.append(f"{p.name}: {type(e).__name__}: {e}")
+        if errors:
+            raise RuntimeError(f"MIPmaps of {len(errors)} tiles not made (retried later): {'; '.join(errors[:3])}")
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
     def flush(self) -> None:
         pass
+

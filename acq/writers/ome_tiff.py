@@ -12,6 +12,11 @@ plane position (µm), and the whole TileEvent header (stage, wd, stig, dwell,
 timestamps, QC, SEM metadata, tile_id, version) as JSON in a MapAnnotation
 (namespace ``acq/tile-metadata/v1``, key ``acq.tile``); layout.read_tile_header
 reads it back without touching the pixels.
+
+The PRIMARY writer (``primary = True``): its file is the frame itself. A tile
+is safe once this writer returned; every other writer derives from these
+files and can re-derive its output from them (catch_up / rebuild), so a
+derived writer's failure never calls for imaging the tile again.
 """
 from __future__ import annotations
 
@@ -144,6 +149,7 @@ def tile_annotation(doc: TileEvent) -> dict:
 
 class OmeTiffWriter:
     kind = "tile"
+    primary = True          # the source of truth: the engine journals a tile once this writer has it
 
     def __init__(self, out_dir: Path, manifest: Manifest):
         self.out_dir = Path(out_dir)

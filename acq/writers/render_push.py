@@ -15,6 +15,11 @@ appended (fsynced) to OUTDIR/render/push_state.jsonl - {stack, section,
 cycle, digest, tile_ids} or {stack, complete} - so a resumed run skips what
 is done and, on RunStart, catches up from tile-spec files on disk (highest
 revision) that differ from what was pushed. Not in the manifest: it is a log.
+
+Derived (``primary = False``): ``catch_up()`` (or a ``catch_up`` document)
+pushes whatever the tile-spec files on disk hold that was not pushed;
+``rebuild(tile)`` recomputes the specs of the tile's plane from the OME-TIFF
+headers on disk and pushes them.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from typing import Callable, Optional
 
 import renderapi
 
-from acq.writers.layout import SectionTiles
+from acq.crashpoints import point
+from acq.writers.layout import SectionTiles, plane_of
 from acq.writers.manifest import WrittenFile, append_durably
 from acq.writers.tilespecs import encode_specs, section_stack, tilespec_dicts
 
@@ -51,6 +57,7 @@ def _connect(host, port, owner, project, client_scripts=None):
 
 class RenderPushWriter:
     kind = "render_push"
+    primary = False
 
     def __init__(self, out_dir: Path, *, host: str, port: int, owner: str, project: str, stack: str,
                  client_scripts: Optional[str] = None, mipmap_levels: int = 3,
@@ -89,7 +96,9 @@ class RenderPushWriter:
 
     def _append_state(self, d: dict) -> None:
         p = self.out_dir / STATE
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.parent.is_dir():
+            point("mkdir", p.parent)
+            p.parent.mkdir(parents=True, exist_ok=True)
         append_durably(p, (json.dumps(d) + "\n").encode())
 
     # ------------------------------------------------------------ documents
@@ -107,9 +116,27 @@ class RenderPushWriter:
             self.tiles.forget(doc.section_id, doc.cycle)
             if time.monotonic() >= self._hold_until:
                 self._flush()
+        elif kind == "catch_up":
+            self.catch_up()
         elif kind == "stop":
             self._flush()
             self._complete_all()
+        return []
+
+    def catch_up(self) -> list[WrittenFile]:
+        """Push what the tile-spec files on disk hold and Render lacks (now, ignoring the hold-off)."""
+        self._catch_up_from_disk()
+        self._flush()
+        return []
+
+    def rebuild(self, tile) -> list[WrittenFile]:
+        """Recompute the specs of the plane of ``tile`` (TileEvent or path) from disk and push them."""
+        section, cycle = plane_of(tile)
+        recs = self.tiles.resolve(section, cycle, [])
+        self.tiles.forget(section, cycle)
+        if recs:
+            self.pending[(section, cycle)] = tilespec_dicts(recs, self.out_dir, self.mipmap_levels, self.url_root)
+        self._flush()
         return []
 
     def flush(self) -> None:

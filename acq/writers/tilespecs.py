@@ -11,6 +11,11 @@ The list is written on SectionDone, from the latest version of each tile. If
 a later SectionDone for the same section and cycle brings different content
 (a tile re-acquired afterwards), it goes to tilespecs.1.json, .2.json ...
 (highest number wins); a file is never replaced.
+
+Derived from the OME-TIFFs (``primary = False``): a plane whose file failed
+is written later from the tile headers on disk (PlaneWriter: next
+SectionDone or RunStop, also for what a resumed RunStart finds missing;
+``catch_up()`` at once).
 """
 from __future__ import annotations
 
@@ -100,6 +105,10 @@ class TileSpecWriter(PlaneWriter):
         self.mipmap_levels = mipmap_levels
         self.url_root = url_root
         self.tiles = SectionTiles(out_dir)
+
+    def _outputs(self, section: int, cycle: int) -> list[Path]:
+        folder = self.out_dir / f"render/{section:04d}/{cycle:04d}"
+        return sorted(folder.glob("tilespecs*.json")) if folder.is_dir() else []
 
     def _write_plane(self, section: int, cycle: int, records: list[TileRecord]) -> list[WrittenFile]:
         data = encode_specs(tilespec_dicts(records, self.out_dir, self.mipmap_levels, self.url_root))

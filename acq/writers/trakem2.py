@@ -16,19 +16,27 @@ per-section origin (the floor of the smallest top-left corner of the
 section's first listed cycle), kept in trakem2/{section:04d}_origin.json so
 that later cycles and resumed runs share the frame; later tiles may get small
 negative x/y, which TrakEM2 accepts.
+
+Derived from the OME-TIFFs (``primary = False``): a plane whose list failed
+is written later (PlaneWriter: next SectionDone or RunStop, also for what a
+resumed RunStart finds missing; ``catch_up()`` at once). On construction
+every section index is checked against its per-cycle files and its manifest
+line, and rebuilt / re-recorded where a crash came between the two.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from pathlib import Path
 
 from acq.atomic import atomic_write
 from acq.writers.layout import PlaneWriter, SectionTiles, TileRecord
-from acq.writers.manifest import Manifest, WrittenFile
+from acq.writers.manifest import Manifest, WrittenFile, sha256_file
 
+log = logging.getLogger(__name__)
 _CYCLE_FILE = re.compile(r"^(\d+)_import(?:\.(\d+))?\.txt$")
 
 
@@ -40,6 +48,35 @@ class TrakEM2Writer(PlaneWriter):
         self.manifest = manifest
         self.tiles = SectionTiles(out_dir)
         self._origins: dict[int, tuple[int, int]] = {}
+        self._check_indexes()
+
+    def _outputs(self, section: int, cycle: int) -> list[Path]:
+        folder = self.out_dir / f"trakem2/{section:04d}"
+        return sorted(folder.glob(f"{cycle:04d}_import*.txt")) if folder.is_dir() else []
+
+    def _check_indexes(self) -> list[WrittenFile]:
+        """After a crash: each section index equals its per-cycle files and its
+        latest manifest line; rebuilt or re-recorded where not."""
+        root = self.out_dir / "trakem2"
+        if not root.is_dir():
+            return []
+        latest = self.manifest.latest("trakem2/")
+        out, batch = [], []
+        for folder in sorted(root.iterdir()):
+            if not (folder.is_dir() and folder.name.isdigit()):
+                continue
+            sec = int(folder.name)
+            rel = f"trakem2/{sec:04d}_import.txt"
+            p = self.out_dir / rel
+            data = self._index_data(sec)
+            sha = hashlib.sha256(data).hexdigest()
+            if not p.is_file() or sha256_file(p)[0] != sha:
+                log.warning("TrakEM2 index %s out of date with its per-cycle files: rebuilt", rel)
+                out.append(self._rebuild_index(sec, batch))
+            elif latest.get(rel, {}).get("sha256") != sha:
+                batch.append(self.manifest.entry(rel, sha, len(data), "trakem2_index"))
+        self.manifest.append(batch)
+        return out
 
     def _origin(self, section: int, records) -> tuple[tuple[int, int], list]:
         if section in self._origins:
@@ -81,7 +118,7 @@ class TrakEM2Writer(PlaneWriter):
                 return self.manifest.write_once(rel, data, self.kind, batch=batch)
             rev += 1
 
-    def _rebuild_index(self, sec: int, batch: list) -> WrittenFile:
+    def _index_data(self, sec: int) -> bytes:
         folder = self.out_dir / f"trakem2/{sec:04d}"
         latest: dict[int, tuple[int, Path]] = {}      # cycle -> (revision, file)
         for p in folder.iterdir():
@@ -91,8 +128,13 @@ class TrakEM2Writer(PlaneWriter):
             cyc, rev = int(m[1]), int(m[2] or 0)
             if cyc not in latest or rev > latest[cyc][0]:
                 latest[cyc] = (rev, p)
-        data = b"".join(latest[c][1].read_bytes() for c in sorted(latest))
+        return b"".join(latest[c][1].read_bytes() for c in sorted(latest))
+
+    def _rebuild_index(self, sec: int, batch: list) -> WrittenFile:
+        data = self._index_data(sec)
         rel = f"trakem2/{sec:04d}_import.txt"
-        atomic_write(self.out_dir / rel, data, overwrite=True)
+        p = self.out_dir / rel
+        if not (p.is_file() and p.read_bytes() == data):
+            atomic_write(p, data, overwrite=True)
         batch.append(self.manifest.entry(rel, hashlib.sha256(data).hexdigest(), len(data), "trakem2_index"))
         return WrittenFile(self.out_dir / rel, "trakem2_index", None)

@@ -10,6 +10,25 @@ import threading
 from collections import Counter
 
 from devices import errors
+from devices.command_table import REQUIRED_OPERATIONS
+from devices.interfaces import SEM, Stage
+
+# The operations each simulated device counts and can fail, by role. Taken from
+# the code that asks the injector (interface methods, the ion-gun command
+# table, the VISA calls FaultyResource wraps), so a rule naming anything else
+# can never fire: the setup file refuses it (setup_config.FaultRule) and
+# ``draw`` refuses a call site that drifts from this table.
+VISA_OPERATIONS = ("write", "query", "read")            # devices.sim.visa_link.FaultyResource
+SEM_FRAME = SEM.acquire_frame.__name__                   # devices.sim.sem.SimSEM
+STAGE_MOVE = Stage.move_to.__name__                      # devices.sim.stage.SimStage
+FAULT_OPERATIONS: dict[str, tuple[str, ...]] = {
+    "sem": (SEM_FRAME,),
+    "stage": (STAGE_MOVE,),
+    "ion_gun": tuple(REQUIRED_OPERATIONS),               # the emulator counts each command-table operation
+    "waveform_generator": VISA_OPERATIONS,
+    "multimeter": VISA_OPERATIONS,
+    "current_preamp": (),                                # the SR570 emulator injects nothing
+}
 
 EXCEPTIONS = {
     "timeout": errors.DeviceTimeout,
@@ -34,6 +53,9 @@ class FaultInjector:
 
     def draw(self, device: str, operation: str) -> str | None:
         """Count this call; return the fault kind to inject, or None."""
+        known = FAULT_OPERATIONS.get(device)
+        if known is not None and operation not in known:
+            raise ValueError(f"fault point {device}.{operation} is missing from FAULT_OPERATIONS[{device!r}]")
         with self._lock:
             self._calls[(device, operation)] += 1
             n = self._calls[(device, operation)]

@@ -10,6 +10,7 @@ import numpy as np
 from devices import errors
 from devices.interfaces import SEM, Capability, Frame
 from devices.sim import optics
+from devices.sim.faults import SEM_FRAME
 from devices.sim.world import SimWorld
 
 MAX_FRAME = (8192, 8192)
@@ -89,7 +90,7 @@ class SimSEM(SEM):
     def acquire_frame(self) -> Frame:
         self._need()
         w = self.world
-        fault = w.faults.check(self.name, "acquire_frame")
+        fault = w.faults.check(self.name, SEM_FRAME)
         t_start = w.clock.now()
         width, height = self._frame
         mp = w.mp

@@ -9,7 +9,7 @@ import numpy as np
 
 from devices import errors
 from devices.interfaces import Capability, Stage, StagePosition
-from devices.sim.faults import EXCEPTIONS
+from devices.sim.faults import EXCEPTIONS, STAGE_MOVE
 from devices.sim.world import SimWorld
 
 MAX_FOCUS_SHIFT_M = 25e-6
@@ -52,7 +52,7 @@ class SimStage(Stage):
             v = getattr(target, axis)
             if not lo <= v <= hi:
                 raise errors.LimitViolation(f"stage.{axis}", v, f"[{lo}, {hi}]", device=self.name)
-        fault = self.world.faults.draw(self.name, "move_to")
+        fault = self.world.faults.draw(self.name, STAGE_MOVE)
         if fault not in (None, "move_failure"):        # a stage that stops short is verified below
             raise EXCEPTIONS[fault](f"injected fault ({fault})", device=self.name, operation="move_to")
         start = self.world.stage_actual
