@@ -35,6 +35,35 @@ class FileExists(FileExistsError):
     pass
 
 
+# Output folders of live runs: never created again by a write below them. A
+# dropped network mount leaves an empty mount point; recreating the tree
+# there would scatter the run over two disks. The write fails (ENOENT) and
+# the engine suspends until the folder is back.
+_ROOTS: set[Path] = set()
+
+
+def register_root(folder: Path) -> None:
+    _ROOTS.add(Path(folder).absolute())
+
+
+def unregister_root(folder: Path) -> None:
+    _ROOTS.discard(Path(folder).absolute())
+
+
+def ensure_dir(folder: Path) -> None:
+    """mkdir -p ``folder``, except a registered output root (or a folder
+    above it) that has vanished: that raises FileNotFoundError."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return
+    absf = folder.absolute()
+    for root in list(_ROOTS):
+        if (absf == root or root in absf.parents) and not root.is_dir():
+            raise FileNotFoundError(2, "output folder has vanished (not created again)", str(root))
+    point("mkdir", folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def temp_name(path: Path) -> Path:
     """A fresh temporary name for ``path`` (same folder, hidden, ``.part``)."""
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -88,8 +117,7 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, over
     if path.exists() and not overwrite:
         raise FileExists(f"{path} exists; refusing to overwrite")
     if not path.parent.is_dir():
-        point("mkdir", path.parent)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(path.parent)
     tmp = temp_name(path)
     point("create", tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0666 & ~umask, as open() gives

@@ -101,6 +101,8 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
     from devices.factory import build_setup
     try:
         setup = build_setup(plan.setup_config)
+    except ConfigError as e:
+        return bad(str(e))
     except (DeviceError, OSError) as e:
         err.write(f"error: cannot connect the setup {plan.setup}: {e}\n")
         return 1

@@ -27,22 +27,30 @@ class StepFailed(DeviceError):
                          device=getattr(cause, "device", ""), operation=what)
 
 
-def reconnect(setup, role: Optional[str]) -> bool:
+RECONNECT_TRIES = 3
+RECONNECT_BACKOFF_S = 1.0
+
+
+def reconnect(setup, role: Optional[str], tries: int = RECONNECT_TRIES) -> bool:
     """Close and reopen the device playing ``role`` (a sticky disconnect only
-    clears this way). Returns whether it is connected again."""
+    clears this way), up to ``tries`` times with a back-off on the setup clock
+    (a reconnect can glitch as well). Returns whether it is connected again."""
     dev = getattr(setup, role, None) if role else None
     if dev is None:
         return False
-    try:
-        dev.close()
-    except Exception as e:                  # the old session may be dead already
-        log.info("closing %s before reconnect: %s", role, e)
-    try:
-        dev.connect()
-        return True
-    except DeviceError as e:
-        log.warning("reconnecting %s failed: %s", role, e)
-        return False
+    for attempt in range(1, tries + 1):
+        try:
+            dev.close()
+        except Exception as e:              # the old session may be dead already
+            log.info("closing %s before reconnect: %s", role, e)
+        try:
+            dev.connect()
+            return True
+        except DeviceError as e:
+            log.warning("reconnecting %s failed (try %d/%d): %s", role, attempt, tries, e)
+            if attempt < tries:
+                setup.clock.sleep(RECONNECT_BACKOFF_S * attempt)
+    return False
 
 
 def role_of(err: Exception, default: Optional[str] = None) -> Optional[str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from acq import fingerprint
-from acq.atomic import atomic_write
+from acq.atomic import atomic_write, register_root, unregister_root
 from acq.autofocus_step import run_autofocus
 from acq.dose_budget import DoseBudgetReached, ExposureBook, autofocus_area, budget_for
 from acq.device_ops import StepFailed, with_retries
@@ -127,6 +127,7 @@ class Engine(RunLifecycle):
         self.resume_run, self.accept_interrupted_mill, self.on_pause = resume, accept_interrupted_mill, on_pause
         self.fingerprint = fingerprint.compute(plan, setup, self.sections)
         self._outdir_lock = OutdirLock(self.out_dir).acquire()       # refuses a folder another process runs in
+        register_root(self.out_dir)                                   # never recreated if it vanishes
         try:
             self._accepted: dict = {}
             if resume:
@@ -134,7 +135,7 @@ class Engine(RunLifecycle):
                 if fingerprint.recorded(self.out_dir) is None:
                     _same_plan(self.out_dir, plan)
         except BaseException:
-            self._outdir_lock.release()
+            self._release()
             raise
         self.budget = max_exposures if max_exposures is not None else budget_for(plan, setup.config)
         self.exposures = ExposureBook(self.journal, self.budget)
@@ -145,10 +146,11 @@ class Engine(RunLifecycle):
         for w in writers:
             self.dispatcher.add_writer(w)
         self._journal_inode: Optional[int] = None
+        self._failed_dirs: set[Path] = set()         # folders a write failed in: probed until they take data
         self._max_tile_bytes = max((int(t[3][0]) * int(t[3][1]) for t in self.fingerprint["tiles"]), default=0)
         self.suspenders = suspenders if suspenders is not None else default_suspenders(
             setup, plan, self.out_dir, lambda: self._max_tile_bytes,
-            lambda: (self.journal.path, self._journal_inode))
+            lambda: (self.journal.path, self._journal_inode), lambda: self._failed_dirs)
         self.run_uid = uuid.uuid4().hex
         self.incidents: list[Incident] = []
         self.result: Optional[RunResult] = None
@@ -167,13 +169,17 @@ class Engine(RunLifecycle):
         self._cycle_tiles: dict[int, list[AcquireTile]] = {}
         self._xstate = ExpansionState()
         self._unwritten: list[tuple[AcquireTile, TileAck]] = []     # frames in memory a primary writer failed on
-        self._unjournaled: list[dict] = []                          # tile_done records the disk refused
+        self._unjournaled: list[tuple[str, dict]] = []              # records the disk refused, to append again
         self._write_tries: dict[str, int] = {}
+
+    def _release(self) -> None:
+        unregister_root(self.out_dir)
+        self._outdir_lock.release()
 
     def close_unstarted(self) -> None:
         """Give up an engine that will not run (releases OUTDIR's lock)."""
         if self._thread is None:
-            self._outdir_lock.release()
+            self._release()
 
     # ------------------------------------------------------------ step context
     def incident(self, severity: str, cause: str, message: str, context: Optional[dict] = None) -> None:
@@ -220,7 +226,13 @@ class Engine(RunLifecycle):
     # ------------------------------------------------------------ lifecycle
     def _publish_incident(self, inc: Incident) -> None:
         self.incidents.append(inc)
-        self.journal.append("incident", severity=inc.severity, cause=inc.cause, message=inc.message)
+        rec = dict(severity=inc.severity, cause=inc.cause, message=inc.message)
+        try:
+            self.journal.append("incident", **rec)
+        except OSError as e:        # the disk is the incident, often: report it anyway, journal it later
+            log.error("incident not journaled (%s): %s", e, inc.message)
+            with self._pending_lock:
+                self._unjournaled.append(("incident", rec))
         self.dispatcher.publish(inc)
 
     def _flush_pending(self) -> None:
@@ -257,8 +269,8 @@ class Engine(RunLifecycle):
             if not items and not records:
                 return
             try:
-                for i, rec in enumerate(records):
-                    self.journal.append("tile_done", **rec)
+                for i, (kind, rec) in enumerate(records):
+                    self.journal.append(kind, **rec)
             except OSError as e:
                 with self._pending_lock:
                     self._unjournaled[:0] = records[i:]
@@ -270,15 +282,16 @@ class Engine(RunLifecycle):
             for ev, ack in items:
                 err = ack.primary_error
                 tries = self._write_tries[ev.key] = self._write_tries.get(ev.key, 0) + 1
-                if is_disk_error(err):
-                    self._wait_for_output(f"tile {ev.tile_id} v{ack.doc.version} not written: {err}")
-                elif tries > self.plan.retries.acquire:
-                    with self._pending_lock:
-                        self._unwritten.append((ev, ack))
+                if tries > self.plan.retries.acquire:        # also a disk error the suspender cannot see
+                    self._write_tries[ev.key] = 0
                     self._operator_pause(f"tile {ev.tile_id} v{ack.doc.version} could not be written "
                                          f"({type(err).__name__}: {err}); the frame is kept in memory while "
                                          "paused: resume to try writing it again")
-                    continue
+                elif is_disk_error(err):
+                    where = getattr(err, "filename", None)
+                    if where:
+                        self._failed_dirs.add(Path(where).parent)
+                    self._wait_for_output(f"tile {ev.tile_id} v{ack.doc.version} not written: {err}")
                 else:
                     self.clock.sleep(self.plan.retries.backoff_s)
                 self._publish_tile(ev, ack.doc)
@@ -366,7 +379,7 @@ class Engine(RunLifecycle):
         finally:
             self.dispatcher.close()
             self.journal.close()
-            self._outdir_lock.release()
+            self._release()
         tiles_done = self.journal.state.tiles_done_total
         files, size = _du(self.out_dir)
         self.result = RunResult(status, reason, self.run_uid, self._tiles, tiles_done, len(self.incidents),
@@ -529,7 +542,7 @@ class Engine(RunLifecycle):
                 self.incident("error", "journal_failed", f"tile {ev.tile_id} v{version} written but not "
                               f"journaled: {e}", {"tile_id": ev.tile_id})
                 with self._pending_lock:
-                    self._unjournaled.append(rec)
+                    self._unjournaled.append(("tile_done", rec))
         self.dispatcher.publish(doc, ack=acked)
 
     def _cycle_barrier(self, cycle: int) -> None:

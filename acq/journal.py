@@ -716,6 +716,8 @@ _CONSEQUENCE = {
     "cycle_done": "the cycle's events are checked again (finished ones are skipped)",
     "irr_progress": "the irradiation continues from the previous recorded charge (slight overdose)",
     "irr_done": "the irradiation of the section is continued from its last recorded progress",
+    "exposure": "the tile's exposure count is lower than the truth (the budget may allow one scan more)",
+    "exposure_granted": "the extra exposure the operator granted must be granted again",
     "run_start": "none on resume", "run_stop": "none on resume", "incident": "none on resume",
     "journal_repaired": "none on resume",
 }
@@ -775,9 +777,7 @@ class DroppedLine:
 
     def describe(self) -> str:
         kind, key = self.guess()
-        what = "the torn last line (killed mid-write)" if self.torn else f"line {self.line}"
-        if self.torn:
-            what = f"line {self.line}, the unfinished last line (killed mid-write)"
+        what = f"line {self.line}" + (", the unfinished last line (killed mid-write)" if self.torn else "")
         s = f"{what}, {self.context()}"
         if self.salvaged:
             s += f"; a valid {self.salvaged} record glued behind the damage was kept"
@@ -912,7 +912,7 @@ def _repair(out_dir: Path, path: Path, rep: RepairReport) -> RepairReport:
                     i = _embedded(raw) if eol else None
                     if i is None:
                         continue
-                    keep = raw[i:]
+                    keep, d.head = raw[i:], raw[:i][:HEAD_BYTES]
                     rec, has_crc = _parse(keep, True)
                     d.salvaged = rec.get("rec")
                 crc_mode = crc_mode or has_crc

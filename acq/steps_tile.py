@@ -145,6 +145,7 @@ def acquire_tile(ctx, ev: AcquireTile, version: int) -> TileEvent:
     if ctx.flat_cv is not None:                # only a section_exhausted stop rule needs it
         result["flat_fraction"] = round(flat_fraction(frame.image, ctx.flat_cv), 4)
     result["attempts"] = attempt
+    result["exposures"] = ctx.exposures.count(ev)          # scans of this tile's area this cycle (dose)
     return TileEvent(
         run_uid=ctx.run_uid, tile_id=ev.tile_id, version=version, cycle=ev.cycle, section_id=ev.section,
         grid_id=ev.grid, row=ev.row, col=ev.col, image=frame.image, pixel_size_m=ev.pixel_size_nm * 1e-9,

@@ -84,8 +84,24 @@ def is_disk_error(err: BaseException) -> bool:
     return False
 
 
+def _probe(folder: Path) -> Optional[OSError]:
+    """Create, write, fsync and remove a file in ``folder``: the error, or None."""
+    probe = folder / ".write_probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        return e
+    return None
+
+
 def output_problem(out_dir: Path, need_bytes: int, journal_path: Optional[Path] = None,
-                   journal_inode: Optional[int] = None) -> Optional[str]:
+                   journal_inode: Optional[int] = None, failed_dirs=()) -> Optional[str]:
     """Why the output folder cannot take the next tile now, or None: it
     vanished (a dropped network mount), is read-only, or has too little space."""
     out_dir = Path(out_dir)
@@ -97,18 +113,13 @@ def output_problem(out_dir: Path, need_bytes: int, journal_path: Optional[Path] 
                 return f"{journal_path} was replaced while the run had it open; restore the output folder"
         except OSError:
             return f"{journal_path} has vanished; restore the output folder to continue"
-    probe = out_dir / ".write_probe"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"x")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as e:
-        what = "is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "is not writable"
-        return f"output folder {out_dir} {what}: {e.strerror or e}"
+    for folder in [out_dir, *[d for d in list(failed_dirs) if d.is_dir()]]:
+        e = _probe(folder)
+        if e is not None:
+            what = "is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "is not writable"
+            return f"output folder {folder} {what}: {e.strerror or e}"
+    for d in [d for d in list(failed_dirs) if d.is_dir()]:
+        failed_dirs.discard(d)                  # writable again
     free = free_bytes(out_dir)
     if free < need_bytes:
         return (f"disk nearly full: {free / 1e9:.3f} GB free in {out_dir}, need {need_bytes / 1e9:.3f} GB "
@@ -117,18 +128,19 @@ def output_problem(out_dir: Path, need_bytes: int, journal_path: Optional[Path] 
 
 
 def output_space(out_dir: Path, min_free_gb: float, tile_bytes: Callable[[], int],
-                 journal_state: Callable[[], tuple[Optional[Path], Optional[int]]] = lambda: (None, None)
-                 ) -> Suspender:
+                 journal_state: Callable[[], tuple[Optional[Path], Optional[int]]] = lambda: (None, None),
+                 failed_dirs: Callable[[], set] = set) -> Suspender:
     """Checked before every exposure: a tile is never imaged into a disk that cannot take it."""
     def check():
         need = max(int(min_free_gb * 1e9), _TILE_COPIES * tile_bytes() + _HEADROOM)
-        return output_problem(out_dir, need, *journal_state())
+        return output_problem(out_dir, need, *journal_state(), failed_dirs=failed_dirs())
     return Suspender("disk_space", check, lambda ev: isinstance(ev, (AcquireTile, Autofocus, Irradiate)))
 
 
 def default_suspenders(setup, plan, out_dir: Path, tile_bytes: Callable[[], int] = lambda: 0,
-                       journal_state=lambda: (None, None)) -> list[Suspender]:
-    out = [output_space(out_dir, plan.suspenders.min_free_gb, tile_bytes, journal_state), probe_current(setup, plan)]
+                       journal_state=lambda: (None, None), failed_dirs: Callable[[], set] = set) -> list[Suspender]:
+    out = [output_space(out_dir, plan.suspenders.min_free_gb, tile_bytes, journal_state, failed_dirs),
+           probe_current(setup, plan)]
     if setup.ion_gun is not None and plan.mill is not None:
         out.append(ion_interlock(setup))
     return out

@@ -92,6 +92,10 @@ class AcquisitionPanel(QWidget):
         f.addRow("Section", self.section_bar)
         f.addRow("Tiles", self.tile_bar)
         f.addRow("", self.eta)
+        self.exposures = QLabel("exposures per tile: –")
+        self.exposures.setToolTip("Scans of each tile's area this cycle (grabs, retries, autofocus over it); "
+                                  "the run pauses at the setup's exposure budget")
+        f.addRow("", self.exposures)
         f.addRow("Now", self.step_label)
         split = QSplitter(Qt.Vertical)
         split.addWidget(box)
@@ -195,6 +199,7 @@ class AcquisitionPanel(QWidget):
         self.tile_bar.setRange(0, max(p.total, 1))
         self.tile_bar.setValue(p.done)
         self.eta.setText(p.eta_text())
+        self.exposures.setText(p.exposures_text())
 
     def _buttons(self) -> None:
         st = self.ctl.state

@@ -20,6 +20,7 @@ class RunProgress:
     cycle_tiles: int = 0
     t0: float = field(default_factory=time.monotonic)
     t_first: Optional[float] = None
+    exposures: dict[str, int] = field(default_factory=dict)   # tile id -> scans this cycle (dose budget)
 
     @classmethod
     def for_plan(cls, plan, sections, done_before: int = 0) -> "RunProgress":
@@ -37,6 +38,11 @@ class RunProgress:
     def on_tile(self, doc) -> None:
         if self.t_first is None:
             self.t_first = time.monotonic()
+        n = doc.qc.get("exposures") if isinstance(doc.qc, dict) else None
+        if n is not None:
+            if doc.cycle != self.cycle:
+                self.exposures.clear()
+            self.exposures[doc.tile_id] = int(n)
         if doc.section_id >= 9999:              # overview tiles are not part of the section count
             return
         if doc.cycle != self.cycle:
@@ -47,6 +53,15 @@ class RunProgress:
             self.tiles += 1
             self.cycle_tiles += 1
             self.section_tiles += 1
+
+    def exposures_text(self) -> str:
+        """Scans per tile this cycle: how much dose retries and refocusing cost."""
+        if not self.exposures:
+            return "exposures per tile: –"
+        worst = max(self.exposures, key=self.exposures.get)
+        extra = sum(1 for n in self.exposures.values() if n > 1)
+        return (f"exposures per tile: max {self.exposures[worst]} ({worst}), "
+                f"{extra} of {len(self.exposures)} tiles scanned more than once")
 
     def eta_s(self) -> Optional[float]:
         """Seconds left at the rate of the tiles acquired so far (None before two tiles)."""
@@ -76,6 +91,10 @@ def pause_advice(reason: str) -> str:
     if "consecutive failures" in r:
         return ("A device kept failing. Check it in the Devices tab (disconnect and connect it again), "
                 "then Resume to retry the step; or Stop and continue later with Resume run ….")
+    if "exposure budget" in r:
+        return ("A tile has been scanned as often as the dose budget allows this cycle. Check why (incidents: "
+                "QC, grab errors, refocus); Resume allows it one more scan, Stop ends the run (resume later "
+                "with a higher --max-exposures).")
     if "interrupted" in r and "mill" in r:
         return ("A mill was interrupted with the ion beam on. Inspect the sections; Resume accepts the mill "
                 "as done, Stop ends the run.")

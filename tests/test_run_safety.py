@@ -292,3 +292,188 @@ def test_exposure_budget_pauses_naming_the_tile_and_resume_may_raise_it(tmp_path
     assert run_plan(plan, None, out, max_exposures=6, stream=s) == 0, s.getvalue()
     assert max(scans_per_tile(out).values()) <= 6
     assert [r["max_exposures"] for r in journal(out) if r["rec"] == "run_start"] == [3, 6]
+
+
+def test_a_reconnect_that_faults_is_tried_again():
+    """An AWG whose first reconnect attempt itself fails (the instrument is
+    still rebooting) is reconnected on the next try, not given up on."""
+    from types import SimpleNamespace
+
+    from acq.device_ops import reconnect
+    from devices.clock import SimClock
+    from devices.errors import CommunicationError
+
+    class Awg:
+        def __init__(self, failures):
+            self.failures, self.connects = failures, 0
+
+        def close(self):
+            pass
+
+        def connect(self):
+            self.connects += 1
+            if self.connects <= self.failures:
+                raise CommunicationError("VI_ERROR_TMO on *IDN?", device="waveform_generator", operation="connect")
+
+    clock = SimClock()
+    awg = Awg(failures=1)
+    assert reconnect(SimpleNamespace(waveform_generator=awg, clock=clock), "waveform_generator")
+    assert awg.connects == 2
+    dead = Awg(failures=99)
+    assert not reconnect(SimpleNamespace(waveform_generator=dead, clock=clock), "waveform_generator")
+    assert dead.connects == 3                       # bounded: then the engine's failure policy takes over
+
+
+# ------------------------------------------------------------------ bad disks, for real
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 48 MB tmpfs (the real full / read-only behaviour of a file system);
+    skipped where this process may not mount."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    mounted = [mnt]
+    yield mnt, mounted
+    for m in reversed(mounted):
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system holding ``folder`` to the last block."""
+    filler = folder / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (1 << 20, 4096):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _run_on(tmp_path, out: Path, trigger, fix, plan_over=None):
+    """Run the tiny plan into ``out`` (GUI mode: pauses wait); ``trigger(doc)``
+    breaks the disk from a subscriber, ``fix()`` repairs it when the run pauses."""
+    from acq.writers import WriterOptions, make_writers
+    plan_over = {"suspenders": {"min_free_gb": 0, "max_suspend_s": 30}, **(plan_over or {})}
+    engine, setup, docs = make_engine(tmp_path, plan_over=plan_over, out=str(out), on_pause="wait")
+    engine.subscribe(trigger)
+    paused = []
+
+    def on_state(state, reason):
+        if state == "paused":
+            paused.append(reason)
+            fix()
+            if not reason.startswith("suspended"):
+                import threading
+                threading.Thread(target=engine.resume, daemon=True).start()
+    engine.on_state_change(on_state)
+    for w in make_writers(out, WriterOptions(render_tilespecs=False, trakem2=False)):
+        engine.add_writer(w)
+    try:
+        res = engine.run()
+    finally:
+        setup.close()
+    assert res.status == "success", res.reason
+    from acq.verify import verify_outdir
+    assert verify_outdir(out).ok, verify_outdir(out).summary()
+    assert set(scans_per_tile(out)) == planned_tiles(engine)
+    assert all(n == 1 for n in scans_per_tile(out).values())            # nothing lost, nothing imaged twice
+    return docs, paused
+
+
+def test_full_disk_pauses_before_the_next_exposure_and_resumes(tmp_path, tmpfs):
+    mnt, _ = tmpfs
+    state = {}
+
+    def trigger(doc):
+        if doc.kind == "tile" and "filler" not in state:
+            state["filler"] = _fill(mnt)
+
+    def fix():
+        if state.get("filler") and state["filler"].exists():
+            state["filler"].unlink()
+    docs, paused = _run_on(tmp_path, mnt / "out", trigger, fix)
+    assert any("No space left" in r or "full" in r for r in paused), paused
+    assert any(d.kind == "incident" and d.cause == "suspended_disk_space" for d in docs)
+
+
+def test_read_only_output_pauses_and_resumes_when_writable(tmp_path, tmpfs):
+    """A read-only file system under the next cycle's tile folder (the kernel's
+    EROFS): writing fails, the run pauses naming it, the frame waits in memory."""
+    mnt, mounted = tmpfs
+    out = mnt / "out"
+    ro = out / "tiles" / "0000" / "0001"
+    state = {}
+
+    def trigger(doc):
+        if doc.kind == "cycle_done" and "ro" not in state:
+            ro.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+            mounted.append(ro)
+            state["ro"] = True
+
+    def fix():
+        if state.get("ro") and not state.get("fixed"):
+            subprocess.run(["umount", str(ro)], check=True)
+            mounted.remove(ro)
+            state["fixed"] = True
+    docs, paused = _run_on(tmp_path, out, trigger, fix)
+    assert state.get("fixed"), "the read-only folder never paused the run"
+    assert any("not writable" in r or "Read-only" in r for r in paused), paused
+
+
+def test_vanished_output_folder_pauses_and_resumes_when_back(tmp_path, tmpfs):
+    """The output folder disappears (a dropped network mount): the run pauses
+    before the next exposure and goes on once it is back."""
+    mnt, _ = tmpfs
+    out, away = mnt / "out", mnt / "away"
+    state = {}
+
+    def trigger(doc):
+        if doc.kind == "tile" and "gone" not in state:
+            state["gone"] = True
+            out.rename(away)
+
+    def fix():
+        if away.exists():
+            away.rename(out)
+    docs, paused = _run_on(tmp_path, out, trigger, fix)
+    assert any("vanished" in r for r in paused), paused
+
+
+def test_bad_output_folders_are_messages_not_tracebacks(tmp_path):
+    plan = write_plan(tmp_path, write_setup(tmp_path, sections=1), cycles=1, mill=None, irradiation=None)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    res = cli("run", plan, "--out", a_file)
+    assert res.returncode == 2 and "is a file, not a folder" in res.stderr and "Traceback" not in res.stderr
+    res = cli("run", plan, "--out", "/proc/gcib_out")               # a read-only file system (procfs)
+    assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+    assert "cannot use as output folder" in res.stderr or "not writable" in res.stderr, res.stderr
+    res = cli("run", plan, "--resume", a_file)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_the_gui_progress_shows_exposures_per_tile(tmp_path):
+    from gui.run_progress import RunProgress, pause_advice
+    rule = {"device": "sem", "operation": "acquire_frame", "kind": "incomplete_frame", "at_calls": [2]}
+    engine, setup, docs = make_engine(tmp_path, plan_over={"cycles": 1, "mill": None, "irradiation": None},
+                                      setup_kw={"sections": 1, "faults": [rule]}, on_pause="stop")
+    try:
+        assert engine.run().status == "success"
+    finally:
+        setup.close()
+    progress = RunProgress.for_plan(engine.plan, engine.sections)
+    for d in docs:
+        if d.kind == "tile":
+            progress.on_tile(d)
+    text = progress.exposures_text()
+    assert "max 2 (c0000_s0000_g00_r000_c001)" in text and "1 of 2 tiles" in text, text
+    assert "Resume allows it one more scan" in pause_advice("exposure budget: tile x has been exposed 3 times")

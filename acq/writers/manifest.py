@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from acq.atomic import FileExists, atomic_write, is_temporary, remove_temporaries
+from acq.atomic import FileExists, atomic_write, ensure_dir, is_temporary, remove_temporaries
 from acq.crashpoints import point
 
 log = logging.getLogger(__name__)
@@ -403,9 +403,7 @@ class Manifest:
                     raise err
 
     def _write(self, data: bytes) -> None:
-        if not self.out_dir.is_dir():
-            point("mkdir", self.out_dir)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.out_dir)
         append_durably(self.path, data)
 
     def create(self, rel: str, write: Callable[[Path], tuple], kind: str, tile_id=None,

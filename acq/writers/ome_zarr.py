@@ -73,7 +73,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from acq.atomic import atomic_write, fsync_dir, is_temporary, temp_name
+from acq.atomic import atomic_write, ensure_dir, fsync_dir, is_temporary, temp_name
 from acq.crashpoints import point
 from acq.writers.layout import (TileRecord, latest_versions, planes_for, planes_on_disk, plane_of,
                                 read_tile_header, tile_relpath)
@@ -394,9 +394,7 @@ class OmeZarrWriter:
         tmp = root.with_name(f".{root.name}.new.part")
         if tmp.exists():
             _rmtree(tmp)
-        if not root.parent.is_dir():
-            point("mkdir", root.parent)
-            root.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(root.parent)
         point("mkdir", tmp)
         point("metadata", tmp / "zarr.json")
         group = zarr.open_group(tmp, mode="w-", zarr_format=3)
@@ -514,9 +512,7 @@ class OmeZarrWriter:
         dirty = [(self._chunk_path(k), self._cache[k]) for k in keys if self._cache[k][1]]
         dirs = {p.parent for p, _ in dirty}
         for d in sorted(dirs):
-            if not d.is_dir():
-                point("mkdir", d)
-                d.mkdir(parents=True, exist_ok=True)
+            ensure_dir(d)
         shas = [j.result() for j in [self._pool.submit(_put_chunk, p, e[0]) for p, e in dirty]]
         for _p, e in dirty:
             e[1] = False                    # (an error above re-raised: the plane stays pending)

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import renderapi
 
-from acq.crashpoints import point
+from acq.atomic import ensure_dir
 from acq.writers.layout import SectionTiles, plane_of
 from acq.writers.manifest import WrittenFile, append_durably
 from acq.writers.tilespecs import encode_specs, section_stack, tilespec_dicts
@@ -96,9 +96,7 @@ class RenderPushWriter:
 
     def _append_state(self, d: dict) -> None:
         p = self.out_dir / STATE
-        if not p.parent.is_dir():
-            point("mkdir", p.parent)
-            p.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(p.parent)
         append_durably(p, (json.dumps(d) + "\n").encode())
 
     # ------------------------------------------------------------ documents
