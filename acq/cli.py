@@ -217,7 +217,7 @@ journal_app = typer.Typer(add_completion=False, help="The run journal (OUTDIR/jo
 def journal_repair(out_dir: Path = typer.Argument(..., help="output folder of a run"),
                    dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be dropped")) -> None:
     """Drop unreadable journal lines (after a backup) and say what they may have been."""
-    from acq.journal import repair_main
+    from acq.journal_repair import repair_main
     raise typer.Exit(repair_main(out_dir, dry_run=dry_run))
 
 

@@ -12,8 +12,8 @@ import zlib
 import pytest
 
 from acq import journal as jm
-from acq.journal import (JOURNAL_NAME, SNAPSHOT_NAME, Journal, JournalCorrupt, read_records, repair_journal,
-                         repair_main)
+from acq.journal import JOURNAL_NAME, SNAPSHOT_NAME, Journal, JournalCorrupt, read_records
+from acq.journal_repair import repair_journal, repair_main
 from devices.setup_config import ConfigError
 
 

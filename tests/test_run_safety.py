@@ -357,13 +357,17 @@ def _fill(folder: Path) -> Path:
     return filler
 
 
-def _run_on(tmp_path, out: Path, trigger, fix, plan_over=None):
+def _run_on(tmp_path, out: Path, trigger, fix, plan_over=None, before_step=None):
     """Run the tiny plan into ``out`` (GUI mode: pauses wait); ``trigger(doc)``
-    breaks the disk from a subscriber, ``fix()`` repairs it when the run pauses."""
+    breaks the disk from a subscriber (or ``before_step(event)`` from the engine
+    thread), ``fix()`` repairs it when the run pauses."""
     from acq.writers import WriterOptions, make_writers
     plan_over = {"suspenders": {"min_free_gb": 0, "max_suspend_s": 30}, **(plan_over or {})}
     engine, setup, docs = make_engine(tmp_path, plan_over=plan_over, out=str(out), on_pause="wait")
-    engine.subscribe(trigger)
+    if trigger is not None:
+        engine.subscribe(trigger)
+    if before_step is not None:
+        engine.on_step(before_step)
     paused = []
 
     def on_state(state, reason):
@@ -392,14 +396,15 @@ def test_full_disk_pauses_before_the_next_exposure_and_resumes(tmp_path, tmpfs):
     mnt, _ = tmpfs
     state = {}
 
-    def trigger(doc):
-        if doc.kind == "tile" and "filler" not in state:
+    def before_step(ev):            # in the engine thread, just before the second tile's grab
+        from acq.expand import AcquireTile
+        if isinstance(ev, AcquireTile) and ev.col == 1 and "filler" not in state:
             state["filler"] = _fill(mnt)
 
     def fix():
         if state.get("filler") and state["filler"].exists():
             state["filler"].unlink()
-    docs, paused = _run_on(tmp_path, mnt / "out", trigger, fix)
+    docs, paused = _run_on(tmp_path, mnt / "out", None, fix, before_step=before_step)
     assert any("No space left" in r or "full" in r for r in paused), paused
     assert any(d.kind == "incident" and d.cause == "suspended_disk_space" for d in docs)
 
