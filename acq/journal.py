@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from acq import crashpoints
+from acq.atomic import fsync_dir
 from devices.setup_config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -509,8 +510,7 @@ class Journal:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
                                0o666)
             if created and self.durable:
-                crashpoints.point("fsync_dir", self.path)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             pos.end = os.fstat(self._fd).st_size
             pos.torn, self._pos, self._broken = None, pos, None
             self.state = st
@@ -631,8 +631,7 @@ class Journal:
                 pass
             raise
         if self.durable:
-            crashpoints.point("fsync_dir", snap)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         self._since_snapshot = 0
 
     def _close_fd(self) -> None:
@@ -660,19 +659,6 @@ def _write_all(fd: int, data: bytes) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "write wrote nothing")
         view = view[n:]
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_records(out_dir: str | Path, *, absolute_files: bool = True) -> Iterator[dict]:

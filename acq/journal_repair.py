@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from acq import crashpoints
-from devices.setup_config import ConfigError
+from acq.atomic import fsync_dir
 from acq.journal import (_CHUNK, HEAD_BYTES, JOURNAL_NAME, LISTED, REPAIR_COMMAND, SNAPSHOT_NAME, _cycle_of,
-                         _embedded, _fsync_dir, _lines, _parse, _write_all, encode_record)
+                         _embedded, _lines, _parse, _write_all, encode_record)
+from devices.setup_config import ConfigError
 
 _CONSEQUENCE = {
     "tile_started": "harmless if the tile's tile_done is there; otherwise the tile is acquired again and the "
@@ -258,8 +259,7 @@ def _repair(out_dir: Path, path: Path, rep: RepairReport) -> RepairReport:
                 os.unlink(snap)
                 rep.snapshot_removed = True
         rep.backup = _make_backup(path)
-        crashpoints.point("fsync_dir", rep.backup)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         w.write(encode_record({"rec": "journal_repaired", "t": round(time.time(), 3), "lines": len(rep.dropped),
                                "dropped": [{"line": d.line, "head": d.head.decode("utf-8", "replace")}
                                            for d in rep.dropped[:LISTED]], "backup": rep.backup.name}))
@@ -270,8 +270,7 @@ def _repair(out_dir: Path, path: Path, rep: RepairReport) -> RepairReport:
         w = None
         crashpoints.point("rename", path)
         os.replace(tmp, path)
-        crashpoints.point("fsync_dir", path)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         rep.repaired = True
         return rep
     finally:

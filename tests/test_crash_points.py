@@ -22,6 +22,7 @@ import pytest
 
 from acq.crashpoints import CRASH_EXIT
 from test_engine import ROOT, write_plan, write_setup
+from test_resume import PRELOAD
 
 WRITERS = ["ome_tiff", "mipmaps", "render_tilespecs", "trakem2", "ome_zarr"]
 MILL_S = 6.0
@@ -30,16 +31,7 @@ MILL_S = 6.0
 # (a hundred interpreter start-ups would take most of the time). Each child
 # sets its crash point, runs acq.cli.run_plan and exits with its code; an
 # os._exit at the crash point ends it like a kill would.
-SERVER = r"""
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-import acq.cli, acq.crashpoints, acq.engine, acq.writers, devices.factory, devices.sim.wafer
-import serial.urlhandler.protocol_socket as ps
-ps.time = type("NoSleep", (), {"sleep": staticmethod(lambda s: None)})   # as fast_socket_close
-for name in ("acq.writers.ome_tiff", "acq.writers.ome_zarr", "acq.writers.mipmaps", "acq.writers.tilespecs",
-             "acq.writers.trakem2", "acq.verify"):
-    __import__(name)
-print("ready", flush=True)
+SERVER = "import sys; sys.path.insert(0, sys.argv[1])\n" + PRELOAD + r"""
 for line in sys.stdin:
     a = json.loads(line)
     pid = os.fork()

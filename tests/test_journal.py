@@ -370,15 +370,18 @@ def test_undo_that_fails_too_stops_the_journal(tmp_path, monkeypatch):
 
 def test_crash_points_name_each_operation(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(jm.crashpoints, "point", lambda op, path: seen.append((op, os.path.basename(path))))
+    import acq.atomic
+    record = lambda op, path: seen.append((op, os.path.basename(path)))  # noqa: E731
+    monkeypatch.setattr(jm.crashpoints, "point", record)
+    monkeypatch.setattr(acq.atomic, "point", record)          # fsync_dir: the folder's entries
     j = Journal(tmp_path, snapshot_every=2)
     j.open()
     j.append("run_start", run_uid="u", resumed=False, plan_source="p")
     j.append("tile_started", key="a", version=0, cycle=0)
-    assert seen == [("create", JOURNAL_NAME), ("fsync_dir", JOURNAL_NAME),
+    assert seen == [("create", JOURNAL_NAME), ("fsync_dir", tmp_path.name),
                     ("write", JOURNAL_NAME), ("fsync", JOURNAL_NAME), ("write", JOURNAL_NAME), ("fsync", JOURNAL_NAME),
                     ("create", SNAPSHOT_NAME), ("write", SNAPSHOT_NAME), ("fsync", SNAPSHOT_NAME),
-                    ("rename", SNAPSHOT_NAME), ("fsync_dir", SNAPSHOT_NAME)]
+                    ("rename", SNAPSHOT_NAME), ("fsync_dir", tmp_path.name)]
     j.close()
 
 

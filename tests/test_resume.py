@@ -189,15 +189,17 @@ def test_resume_refuses_a_changed_plan_and_a_finished_run_stays_finished(tmp_pat
 # process running the command line (acq.cli's typer app, as `python -m
 # acq.cli run ...` would) and is killed with SIGKILL like any other; the first
 # run is a genuine `python -m acq.cli` subprocess.
-ZYGOTE = r"""
+PRELOAD = r"""
 import os, sys, json
 import acq.cli, acq.engine, acq.writers, devices.factory, devices.sim.wafer
 import serial.urlhandler.protocol_socket as ps
 ps.time = type("NoSleep", (), {"sleep": staticmethod(lambda s: None)})   # as fast_socket_close
 for name in ("acq.writers.ome_tiff", "acq.writers.ome_zarr", "acq.writers.mipmaps", "acq.writers.tilespecs",
-             "acq.writers.trakem2", "scipy.integrate"):
+             "acq.writers.trakem2", "acq.verify", "acq.crashpoints", "scipy.integrate"):
     __import__(name)
 print("ready", flush=True)
+"""
+ZYGOTE = PRELOAD + r"""
 for line in sys.stdin:
     args = json.loads(line)
     pid = os.fork()

@@ -4,6 +4,7 @@ the manifest is gone), rewritten, unreadable lines, leftover temporaries."""
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -67,12 +68,14 @@ def test_manifest_deleted_every_data_file_is_extra(out):
     assert text.splitlines()[-1].startswith(f"NOT verified: manifest.jsonl missing, {n} extra")
 
 
-def test_changed_and_missing_files(out):
+def damage(out: Path) -> tuple[str, str, str]:
+    """Flip a byte of a tile (same size), grow a zarr chunk, delete a tile
+    spec: (tile, chunk, spec) relative paths. Shared with test_writers.py."""
     entries = read_manifest(out)
     tile = next(e["path"] for e in entries if e["kind"] == "tile")
     chunk = next(e["path"] for e in entries if e["kind"] == "zarr")
     spec = next(e["path"] for e in entries if e["kind"] == "tilespec")
-    with open(out / tile, "r+b") as f:                  # same size, one byte flipped
+    with open(out / tile, "r+b") as f:
         f.seek(-100, 2)
         b = f.read(1)
         f.seek(-100, 2)
@@ -80,6 +83,11 @@ def test_changed_and_missing_files(out):
     with open(out / chunk, "ab") as f:
         f.write(b"x")
     (out / spec).unlink()
+    return tile, chunk, spec
+
+
+def test_changed_and_missing_files(out):
+    tile, chunk, spec = damage(out)
     rep = verify_outdir(out)
     assert rep.missing == [spec]
     assert dict(rep.changed) == {tile: "sha256 mismatch", chunk: f"{1024 * 1024 + 1} bytes, manifest says {1024 * 1024}"}
