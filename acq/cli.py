@@ -108,14 +108,14 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
         return 1
     try:
         try:
+            # the journal is read (and its damage found) before the engine takes the folder
+            done = Journal(out_dir).read().tiles_done_total if resume is not None else 0
             engine = Engine(setup, plan, out_dir, resume=resume is not None, on_pause="stop",
                             accept_interrupted_mill=accept_interrupted_mill, accept_change=accept_change,
                             max_exposures=max_exposures)
-            total = count_tiles(plan, setup)
-            if resume is not None:
-                total -= Journal(out_dir).read().tiles_done_total
         except ConfigError as e:
             return bad(str(e))
+        total = count_tiles(plan, setup) - done
         progress = Progress(max(total, 0), plan.n_cycles(), msg_out)
         engine.subscribe(progress)
         from acq.writers import make_writers      # creates OUTDIR: only now that everything is valid
@@ -205,9 +205,33 @@ def run(plan: Path = typer.Argument(..., help="plan YAML"),
 
 def verify(out_dir: Path = typer.Argument(..., help="output folder of a run"),
            no_hash: bool = typer.Option(False, "--no-hash", help="sizes only (fast), no sha256")) -> None:
-    """Check every file of OUTDIR against its latest manifest entry; exit 0 only if all verify."""
+    """Check every file of OUTDIR against its latest manifest entry, and every
+    journal line against its checksum; exit 0 only if all verify."""
     from acq.verify import verify_main
-    raise typer.Exit(verify_main(out_dir, check_hash=not no_hash))
+    rc = verify_main(out_dir, check_hash=not no_hash)
+    raise typer.Exit(max(rc, _check_journal(out_dir, sys.stdout)))
+
+
+def _check_journal(out_dir: Path, out: TextIO) -> int:
+    """The whole journal read line by line (a resume reads only the tail after
+    its snapshot, so damage before it shows here): 1 if a line is damaged."""
+    from acq.journal import JOURNAL_NAME
+    from acq.journal_repair import repair_journal
+    if not (Path(out_dir) / JOURNAL_NAME).exists():
+        return 0
+    try:
+        rep = repair_journal(out_dir, dry_run=True)
+    except ConfigError as e:                   # a run holds the folder
+        out.write(f"journal not checked: {e}\n")
+        return 0
+    except OSError as e:
+        out.write(f"journal not readable: {e}\n")
+        return 1
+    if rep.dropped:
+        out.write(rep.text() + "\n")
+        return 1
+    out.write(f"journal: {rep.kept} records, every checksum intact\n")
+    return 0
 
 
 journal_app = typer.Typer(add_completion=False, help="The run journal (OUTDIR/journal.jsonl).")

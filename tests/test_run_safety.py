@@ -482,3 +482,43 @@ def test_the_gui_progress_shows_exposures_per_tile(tmp_path):
     text = progress.exposures_text()
     assert "max 2 (c0000_s0000_g00_r000_c001)" in text and "1 of 2 tiles" in text, text
     assert "Resume allows it one more scan" in pause_advice("exposure budget: tile x has been exposed 3 times")
+
+
+def test_a_corrupt_journal_line_stops_resume_until_repaired(tmp_path):
+    """One damaged line in the middle: resume refuses with the line number and
+    the repair command (never replays silently); after the repair it goes on
+    and nothing is milled or imaged twice."""
+    import io
+
+    from acq.cli import run_plan
+    setup = write_setup(tmp_path, sections=1)
+    plan = write_plan(tmp_path, setup, cycles=3, irradiation=None)
+
+    def stop_in_cycle_2(engine):
+        engine.subscribe(lambda d: d.kind == "tile" and d.cycle == 1 and engine.abort())
+    out = tmp_path / "out"
+    assert run_plan(plan, out, stream=io.StringIO(), on_engine=stop_in_cycle_2) == 1
+    path = out / "journal.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    bad = next(i for i, ln in enumerate(lines) if b'"mill_done"' in ln) + 1      # 1-based
+    lines[bad - 1] = lines[bad - 1].replace(b'"mill_done"', b'"mill_dune"')
+    path.write_bytes(b"".join(lines))
+    # the snapshot written at the stop covers the line: resume would take its state from there (correct),
+    # but verify reads every line
+    res = cli("verify", out)
+    assert res.returncode == 1 and f"line {bad}" in res.stdout and "journal repair" in res.stdout, res.stdout
+    (out / "journal.snapshot.json").unlink()            # now resume reads the damaged line itself
+    s = io.StringIO()
+    assert run_plan(plan, None, out, stream=s) == 2
+    assert f"line {bad}" in s.getvalue() and "journal repair" in s.getvalue(), s.getvalue()
+    res = cli("journal", "repair", out)
+    assert res.returncode == 0 and f"line {bad}" in res.stdout and "mill" in res.stdout, res.stdout + res.stderr
+    assert list(out.glob("journal.jsonl.corrupt-*"))                      # the damaged journal is kept
+    # the dropped line was cycle 0's mill_done: the journal still shows it milled to the end (mill_beam_off)
+    res = cli("run", plan, "--resume", out, "--accept-interrupted-mill")
+    assert res.returncode == 0, res.stdout + res.stderr
+    recs = journal(out)
+    assert all(n == 1 for n in scans_per_tile(out).values())
+    milled = Counter(r["cycle"] for r in recs if r["rec"] == "mill_started")
+    assert milled == Counter({0: 1, 1: 1, 2: 1})                         # no mill started twice
+    assert cli("verify", out).returncode == 0
