@@ -101,7 +101,7 @@ class JournalCorrupt(ConfigError):
             shown += f" and {len(self.lines) - 20} more"
         what = "line" if len(self.lines) == 1 else "lines"
         super().__init__(
-            f"{self.path}: corrupt journal: {what} {shown} unreadable (checksum mismatch or not a record) "
+            f"{self.path}: corrupt journal: {what} {shown} unreadable (checksum mismatch, not a record, or a record of the wrong shape) "
             f"with records after {'it' if len(self.lines) == 1 else 'them'}{detail}; the journal is not replayed. "
             f"Repair it with `{REPAIR_COMMAND.format(out=self.path.parent)}` (keeps a backup, drops the "
             f"unreadable lines and reports what they could have been), then resume.")
@@ -265,7 +265,23 @@ def encode_record(entry: dict) -> bytes:
     return body[:-1] + b',"crc":"%08x"}\n' % zlib.crc32(body)
 
 
-def _parse(raw: bytes, crc_mode: bool) -> tuple[Optional[dict], bool]:
+_INT_FIELDS = ("version", "cycle", "section")
+
+
+def _shape_ok(rec: dict) -> bool:
+    """A record resume can fold: its kind's fields present, keys text, counters whole numbers."""
+    kind = rec.get("rec")
+    if not isinstance(kind, str):
+        return False
+    for f in _REQUIRED.get(kind, ()):
+        if rec.get(f) is None:
+            return False
+    if "key" in rec and not isinstance(rec["key"], str):
+        return False
+    return all(type(rec[f]) is int for f in _INT_FIELDS if f in rec and f in _REQUIRED.get(kind, ()))
+
+
+def _parse(raw: bytes, crc_mode: bool, check_shape: bool = True) -> tuple[Optional[dict], bool]:
     """(record or None if damaged, whether the line carries a crc). ``raw``
     without its newline. Without a crc a line is accepted only before the
     first checksummed line (a journal written before checksums)."""
@@ -276,7 +292,7 @@ def _parse(raw: bytes, crc_mode: bool) -> tuple[Optional[dict], bool]:
             rec = json.loads(raw)
         except ValueError:
             return None, True
-        if type(rec) is not dict or rec.pop("crc", None) is None:
+        if type(rec) is not dict or rec.pop("crc", None) is None or (check_shape and not _shape_ok(rec)):
             return None, True
         return rec, True
     if crc_mode:
@@ -285,7 +301,7 @@ def _parse(raw: bytes, crc_mode: bool) -> tuple[Optional[dict], bool]:
         rec = json.loads(raw)
     except ValueError:
         return None, False
-    if type(rec) is not dict or "rec" not in rec or "crc" in rec:
+    if type(rec) is not dict or "rec" not in rec or "crc" in rec or not _shape_ok(rec):
         return None, False
     return rec, False
 
@@ -464,7 +480,7 @@ class Journal:
             return None
         except OSError as e:
             return self._ignore(info, f"unreadable ({e})")
-        rec, has_crc = _parse(data.rstrip(b"\n"), True)
+        rec, has_crc = _parse(data.rstrip(b"\n"), True, check_shape=False)
         if rec is None or rec.get("format") != SNAPSHOT_FORMAT or rec.get("journal") != JOURNAL_NAME:
             return self._ignore(info, "damaged or of another format")
         try:

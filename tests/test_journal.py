@@ -509,3 +509,13 @@ def test_repair_refuses_while_a_run_holds_the_folder(tmp_path):
     finally:
         lock.release()
     assert repair_main(tmp_path, io.StringIO()) == 0
+
+
+def test_records_of_the_wrong_shape_are_damage_not_a_traceback(tmp_path):
+    """A (legacy, unchecksummed) journal whose records lack the fields resume
+    folds, or carry a version that is no number: named, never replayed."""
+    (tmp_path / JOURNAL_NAME).write_text(
+        '{"rec":"run_start","t":1}\n{"rec":"tile_started","key":"a"}\n'
+        '{"rec":"tile_done","key":"a","version":"x"}\n{"rec":"run_stop","t":2}\n')
+    with pytest.raises(JournalCorrupt, match=r"lines 2, 3 .*wrong shape"):
+        Journal(tmp_path).read()
