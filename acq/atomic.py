@@ -39,27 +39,45 @@ class FileExists(FileExistsError):
 # dropped network mount leaves an empty mount point; recreating the tree
 # there would scatter the run over two disks. The write fails (ENOENT) and
 # the engine suspends until the folder is back.
-_ROOTS: set[Path] = set()
+_ROOTS: dict[Path, int] = {}        # root -> st_dev when registered (a mount point keeps its path, not its device)
 
 
 def register_root(folder: Path) -> None:
-    _ROOTS.add(Path(folder).absolute())
+    folder = Path(folder).absolute()
+    _ROOTS[folder] = os.stat(folder).st_dev
 
 
 def unregister_root(folder: Path) -> None:
-    _ROOTS.discard(Path(folder).absolute())
+    _ROOTS.pop(Path(folder).absolute(), None)
+
+
+def root_problem(folder: Path) -> str | None:
+    """Why a registered output root is not the folder the run started in
+    (gone, or another file system: a dropped mount), else None."""
+    folder = Path(folder).absolute()
+    dev = _ROOTS.get(folder)
+    try:
+        st = os.stat(folder)
+    except OSError as e:
+        return f"output folder {folder} has vanished ({e.strerror or e}); restore it to continue"
+    if dev is not None and st.st_dev != dev:
+        return (f"output folder {folder} is on another file system than when the run started "
+                "(a network mount dropped?); restore it to continue")
+    return None
 
 
 def ensure_dir(folder: Path) -> None:
-    """mkdir -p ``folder``, except a registered output root (or a folder
-    above it) that has vanished: that raises FileNotFoundError."""
+    """mkdir -p ``folder``, except under a registered output root that has
+    vanished or changed file system: that raises FileNotFoundError."""
     folder = Path(folder)
-    if folder.is_dir():
-        return
     absf = folder.absolute()
     for root in list(_ROOTS):
-        if (absf == root or root in absf.parents) and not root.is_dir():
-            raise FileNotFoundError(2, "output folder has vanished (not created again)", str(root))
+        if absf == root or root in absf.parents:
+            problem = root_problem(root)
+            if problem:
+                raise FileNotFoundError(2, problem, str(root))
+    if folder.is_dir():
+        return
     point("mkdir", folder)
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -109,7 +109,10 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
     try:
         try:
             # the journal is read (and its damage found) before the engine takes the folder
-            done = Journal(out_dir).read().tiles_done_total if resume is not None else 0
+            try:
+                done = Journal(out_dir).read().tiles_done_total if resume is not None else 0
+            except OSError as e:
+                return bad(f"--resume {out_dir}: cannot read its journal: {e.strerror or e}")
             engine = Engine(setup, plan, out_dir, resume=resume is not None, on_pause="stop",
                             accept_interrupted_mill=accept_interrupted_mill, accept_change=accept_change,
                             max_exposures=max_exposures)
@@ -131,6 +134,9 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
         try:
             res = engine.run()
         finally:
+            while engine.alive:             # whatever ended the wait: never close the devices under a step
+                engine.stop_now("the command line is ending")
+                engine.wait(1.0)
             restore()
     finally:
         setup.close()
@@ -159,15 +165,22 @@ def _stop_on_signals(engine, err: TextIO) -> Callable[[], None]:
     old = {s: signal.getsignal(s) for s in sigs}
     interrupts = [0]
 
+    def say(text: str) -> None:
+        try:                        # a dead terminal (SIGHUP) or a re-entrant write must not stop the stop
+            err.write(text)
+            err.flush()
+        except (OSError, RuntimeError, ValueError):
+            pass
+
     def handler(signum, frame):
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and interrupts[0] == 0:
             interrupts[0] += 1
-            err.write("\ninterrupt: stopping at the next safe point (Ctrl-C again: stop now, beams blanked)\n")
             engine.abort()
+            say("\ninterrupt: stopping at the next safe point (Ctrl-C again: stop now, beams blanked)\n")
             return
-        err.write(f"\n{name}: stopping now at a safe point, beams blanked; the run stays resumable\n")
         engine.stop_now(name)
+        say(f"\n{name}: stopping now at a safe point, beams blanked; the run stays resumable\n")
     for s in sigs:
         signal.signal(s, handler)
 

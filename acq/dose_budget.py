@@ -82,8 +82,8 @@ class ExposureBook:
         self.check(ev)
         self.journal.append("exposure", key=ev.key, n=n, why=why)
 
-    def grant(self, ev) -> None:
-        self.journal.append("exposure_granted", key=ev.key)
+    def grant(self, key: str) -> None:
+        self.journal.append("exposure_granted", key=key)
 
 
 def budget_for(plan, setup_config) -> int:

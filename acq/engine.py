@@ -38,7 +38,7 @@ from acq.device_ops import StepFailed, with_retries
 from acq.documents import CycleDone, Incident, RunStart, RunStop, SectionDone
 from acq.expand import (AcquireTile, Autofocus, Configure, CycleEnd, ExpansionState, Irradiate, Mill, MoveStage,
                         SectionEnd, check_plan, expand)
-from acq.journal import Journal
+from acq.journal import Journal, JournalBroken
 from acq.lifecycle import Abort, OperatorStop, RunLifecycle, _label
 from acq.outdir_lock import LOCK_NAME, OutdirLock
 from acq.plan import Plan, Retries, dump_plan
@@ -147,6 +147,7 @@ class Engine(RunLifecycle):
             self.dispatcher.add_writer(w)
         self._journal_inode: Optional[int] = None
         self._failed_dirs: set[Path] = set()         # folders a write failed in: probed until they take data
+        self.mill_known_s: dict[str, float] = {}      # seconds milled per mill, as this process knows them
         self._max_tile_bytes = max((int(t[3][0]) * int(t[3][1]) for t in self.fingerprint["tiles"]), default=0)
         self.suspenders = suspenders if suspenders is not None else default_suspenders(
             setup, plan, self.out_dir, lambda: self._max_tile_bytes,
@@ -259,27 +260,49 @@ class Engine(RunLifecycle):
             raise OperatorStop(message)
         self._suspend(sus, message)
 
-    def _rewrite_unwritten(self) -> None:
+    def _rewrite_unwritten(self, wait: bool = True) -> None:
         """Frames a primary writer failed on are written again from memory;
-        tile_done records the disk refused are journaled again. No new scan."""
+        records the disk refused are journaled again. No new scan. With
+        ``wait=False`` (the end of a run) one try each, no suspension."""
+        rounds = 0
         while True:
             with self._pending_lock:
                 items, self._unwritten = self._unwritten, []
                 records, self._unjournaled = self._unjournaled, []
             if not items and not records:
                 return
+            rounds += 1
             try:
-                for i, (kind, rec) in enumerate(records):
-                    self.journal.append(kind, **rec)
-            except OSError as e:
+                self._journal_again(records, wait, rounds)
+                self._write_again(items, wait)
+            finally:                             # an Abort or a stop mid-way: nothing held is dropped
                 with self._pending_lock:
-                    self._unjournaled[:0] = records[i:]
-                    self._unwritten[:0] = items
-                if not is_disk_error(e):
+                    self._unjournaled[:0] = [r for r in records if r is not None]
+                    self._unwritten[:0] = [it for it in items if it is not None]
+            if not wait:
+                return
+            self.dispatcher.wait_idle(writers_only=True)
+
+    def _journal_again(self, records: list, wait: bool, rounds: int) -> None:
+        for i, item in enumerate(records):
+            try:
+                self.journal.append(item[0], **item[1])
+            except OSError as e:
+                if not wait or not is_disk_error(e):
                     raise
-                self._wait_for_output(f"journal not written: {e}")
-                continue
-            for ev, ack in items:
+                if rounds > self.plan.retries.acquire:
+                    self._operator_pause(f"the journal cannot be written ({e}); records are kept in memory "
+                                         "while paused: resume to try again")
+                else:
+                    self._wait_for_output(f"journal not written: {e}")
+                if isinstance(e, JournalBroken):         # a write and its undo failed: reopen (cuts the torn tail)
+                    self.journal.open()
+                return
+            records[i] = None
+
+    def _write_again(self, items: list, wait: bool) -> None:
+        for i, (ev, ack) in enumerate(items):
+            if wait:
                 err = ack.primary_error
                 tries = self._write_tries[ev.key] = self._write_tries.get(ev.key, 0) + 1
                 if tries > self.plan.retries.acquire:        # also a disk error the suspender cannot see
@@ -289,13 +312,14 @@ class Engine(RunLifecycle):
                                          "paused: resume to try writing it again")
                 elif is_disk_error(err):
                     where = getattr(err, "filename", None)
-                    if where:
-                        self._failed_dirs.add(Path(where).parent)
+                    folder = Path(where).parent if where else None
+                    if folder is not None and self.out_dir.absolute() in folder.absolute().parents:
+                        self._failed_dirs.add(folder)
                     self._wait_for_output(f"tile {ev.tile_id} v{ack.doc.version} not written: {err}")
                 else:
                     self.clock.sleep(self.plan.retries.backoff_s)
-                self._publish_tile(ev, ack.doc)
-            self.dispatcher.wait_idle(writers_only=True)
+            items[i] = None
+            self._publish_tile(ev, ack.doc)
 
     def _run(self) -> None:
         status, reason = "failed", ""
@@ -369,7 +393,16 @@ class Engine(RunLifecycle):
             log.error("making the setup safe at the end failed: %s", e)
         try:
             self.dispatcher.wait_idle()
-            self._flush_pending()
+            with self._pending_lock:
+                pending, self._pending = self._pending, []
+            for inc in pending:
+                self._publish_incident(inc)
+            self._rewrite_unwritten(wait=False)  # one last try, no waiting: the run is ending
+            held = len(self._unwritten)
+            if held:
+                reason = (f"{reason}; " if reason else "") + (f"{held} frame(s) could not be written and are "
+                                                              "lost; those tiles are imaged again on resume")
+                status = "failed" if status == "success" else status
             self.journal.append("run_stop", status=status, reason=reason)
             self.dispatcher.publish(RunStop(self.run_uid, status, reason, tiles=self._tiles,
                                             incidents=len(self.incidents)))
@@ -377,13 +410,17 @@ class Engine(RunLifecycle):
             log.error("closing the run failed: %s", e)
             status, reason = "failed", reason or f"closing the run failed: {e}"
         finally:
-            self.dispatcher.close()
-            self.journal.close()
-            self._release()
-        tiles_done = self.journal.state.tiles_done_total
-        files, size = _du(self.out_dir)
-        self.result = RunResult(status, reason, self.run_uid, self._tiles, tiles_done, len(self.incidents),
-                                files, size)
+            try:
+                self.dispatcher.close()
+                self.journal.close()
+            except Exception as e:
+                log.error("closing the writers or the journal failed: %s", e)
+            finally:
+                self._release()
+                tiles_done = self.journal.state.tiles_done_total
+                files, size = _du(self.out_dir)
+                self.result = RunResult(status, reason, self.run_uid, self._tiles, tiles_done,
+                                        len(self.incidents), files, size)
         self._set_state("idle" if status != "failed" else "error", reason or status)
 
     def _make_safe(self) -> None:
@@ -464,7 +501,7 @@ class Engine(RunLifecycle):
                               {"event": ev.key, "tile_id": e.tile_id, "exposures": e.count, "budget": e.budget})
                 self._operator_pause(f"exposure budget: {e}; resume to allow one more exposure of {e.tile_id} "
                                      "(command line: --resume with --max-exposures N)")
-                self.exposures.grant(ev)      # the operator resumed: one more, journaled
+                self.exposures.grant(e.key)     # the operator resumed: one more for that tile, journaled
             except OSError as e:
                 if not is_disk_error(e):
                     raise

@@ -47,13 +47,19 @@ def _h(obj) -> str:
                           ).hexdigest()[:16]
 
 
+_POS_TOL_UM, _ROT_TOL_DEG = 0.05, 1e-4      # float noise of another machine's libm stays far below
+
+
 def _tiles(plan, setup, sections) -> list[list]:
+    """[id, x µm, y µm, frame, pixel nm, dwell ns, rotation deg] per tile."""
     from acq.expand import expand_tiles
-    out = []
-    for ev in expand_tiles(plan, setup, sections):
-        out.append([ev.tile_id, round(ev.center_um[0], 2), round(ev.center_um[1], 2), list(ev.frame_size),
-                    ev.pixel_size_nm, round(ev.rotation_deg, 4)])
-    return out
+    return [[ev.tile_id, ev.center_um[0], ev.center_um[1], list(ev.frame_size), ev.pixel_size_nm, ev.dwell_ns,
+             ev.rotation_deg] for ev in expand_tiles(plan, setup, sections)]
+
+
+def _exact(tiles: list) -> list:
+    """What must match exactly (positions and rotations are compared with a tolerance)."""
+    return [[t[0], *t[3:6]] for t in tiles]
 
 
 def compute(plan, setup, sections) -> dict:
@@ -63,7 +69,7 @@ def compute(plan, setup, sections) -> dict:
     irr = p.get("irradiation") or {}
     tiles = _tiles(plan, setup, sections)
     parts = {
-        "tiles": _h([tiles, cfg.calibration.stage_to_image_rotation_deg]),
+        "tiles": _h([_exact(tiles), cfg.calibration.stage_to_image_rotation_deg]),
         "cycles": _h([p["cycles"], p["order"]]),
         "mill": _h([{k: v for k, v in mill.items() if k not in _MILL_STEP},
                     cfg.safety.mill_position.model_dump(mode="json") if mill else None,
@@ -108,9 +114,9 @@ def _moved(old: list, new: list) -> str:
     b = {t[0]: t for t in new}
     gone, added = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     worst, n = ("", 0.0), 0
-    for tid in set(a) & set(b):
+    for tid in sorted(set(a) & set(b)):
         d = math.hypot(a[tid][1] - b[tid][1], a[tid][2] - b[tid][2])
-        if d > 0.01 or a[tid][3:] != b[tid][3:]:
+        if d > _POS_TOL_UM or abs(a[tid][6] - b[tid][6]) > _ROT_TOL_DEG or a[tid][3:6] != b[tid][3:6]:
             n += 1
             worst = max(worst, (tid, d), key=lambda w: w[1]) if worst[0] else (tid, d)
     bits = []
@@ -134,6 +140,8 @@ def check_resume(out_dir: Path, new: dict, accept: set[str]) -> dict:
     if old is None:
         return {}
     diff = [k for k, v in new["parts"].items() if old["parts"].get(k) != v]
+    if "tiles" not in diff and _moved(old.get("tiles", []), new["tiles"]):
+        diff.append("tiles")                     # same ids and geometry, other stage positions
     fixed = [k for k in diff if k in FIXED]
     if fixed:
         what = []

@@ -72,6 +72,11 @@ class RunLifecycle:
             except Exception:                  # reporting must never disturb the run
                 log.exception("step callback failed")
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running (a step may be using the devices)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("an engine runs once; make a new one (resume=True) to continue")

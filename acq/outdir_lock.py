@@ -39,9 +39,12 @@ class OutdirLock:
             holder = _read_pid(self.path)
             raise OutdirBusy(f"{self.out_dir} is in use by a running acquisition (pid {holder or 'unknown'}); "
                              "wait for it to stop (or stop it) before resuming")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:                                    # the pid only names the holder: best effort (a full disk)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
         return self
 
     def release(self) -> None:

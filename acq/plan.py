@@ -386,6 +386,10 @@ def load_plan(path: str | Path, setup_path: str | Path | None = None) -> Plan:
 def writer_options(plan: Plan, source: str = "plan"):
     """The writers' options for this plan (acq/writers); ConfigError naming
     output.writers / output.options when the writers refuse them."""
+    if plan.output.writers and "ome_tiff" not in plan.output.writers:
+        raise ConfigError(f"{source}: output.writers = {plan.output.writers!r}: must include 'ome_tiff': a frame "
+                          "is safe only once it is on disk as its OME-TIFF (the other writers derive from it, and "
+                          "after a crash rebuild from it)")
     try:
         from acq.writers import options_from_plan
     except ImportError:             # writers not installed: nothing to check them against

@@ -98,9 +98,12 @@ def _sleep_unless_stopped(ctx, seconds: float) -> None:
 
 def run_mill(ctx, ev: Mill) -> float:
     """Mill for the remaining time of this cycle's mill; returns seconds milled."""
-    setup, step, clock, journal = ctx.setup, ev.step, ctx.clock, ctx.journal
+    setup, step, journal = ctx.setup, ev.step, ctx.journal
     gun, awg, stage, sem = setup.ion_gun, setup.waveform_generator, setup.stage, setup.sem
     status, done = journal.state.mill_status(ev.key)
+    known = ctx.mill_known_s.get(ev.key)            # this process knows better when the journal refused a record
+    if known is not None and (status == "unknown" or known > done):
+        status, done = "known", known
     if status == "none":
         journal.append("mill_started", key=ev.key, cycle=ev.cycle, duration_s=step.duration_s)
     elif done > 0:
@@ -131,7 +134,9 @@ def run_mill(ctx, ev: Mill) -> float:
             if done >= seg_end - _EPS:
                 continue
             if az > first_az:                   # delay, then rotate, beam blanked throughout
-                clock.sleep(step.delay_s)
+                _sleep_unless_stopped(ctx, step.delay_s)
+                if getattr(ctx, "urgent_stop", None):
+                    raise Abort()
                 rot = mill_position(setup, angle, 2 * math.pi * az / step.azimuths)
                 with_retries(ctx, f"stage rotation to azimuth {az}", ctx.plan.retries.move,
                              lambda: stage.move_to(rot), role="stage")
@@ -140,6 +145,8 @@ def run_mill(ctx, ev: Mill) -> float:
                                      operation="unblank")
             if not sem.blanked():
                 sem.set_blanked(True)
+            if getattr(ctx, "urgent_stop", None):
+                raise Abort()                   # a stop is pending: never unblank now
             journal.append("mill_beam_on", key=ev.key, done_s=done, azimuth=az)
             beam_on = True
             gun.set_blanked(False)
@@ -161,12 +168,17 @@ def run_mill(ctx, ev: Mill) -> float:
                                          device="ion_gun", operation="mill")
             gun.set_blanked(True)
             beam_on = False
+            ctx.mill_known_s[ev.key] = done     # known here even if the journal refuses the record
             journal.append("mill_beam_off", key=ev.key, done_s=done)
         ok = True
     finally:
         failed = _safe_off(ctx)
         if beam_on:         # in this process the time milled is known, even if safing needs a look
-            journal.append("mill_beam_off", key=ev.key, done_s=done, safe=ctx.ion_beam_safe)
+            ctx.mill_known_s[ev.key] = done
+            try:
+                journal.append("mill_beam_off", key=ev.key, done_s=done, safe=ctx.ion_beam_safe)
+            except OSError as e:                # kept in memory: a retry here continues from it
+                failed.append(f"journal: {e}")
         if ctx.ion_beam_safe:
             try:                                # flat again, still at the mill position (clear of the columns)
                 with_retries(ctx, "stage back to flat", ctx.plan.retries.move,

@@ -104,9 +104,19 @@ def output_problem(out_dir: Path, need_bytes: int, journal_path: Optional[Path] 
                    journal_inode: Optional[int] = None, failed_dirs=()) -> Optional[str]:
     """Why the output folder cannot take the next tile now, or None: it
     vanished (a dropped network mount), is read-only, or has too little space."""
-    out_dir = Path(out_dir)
+    try:
+        return _output_problem(Path(out_dir), need_bytes, journal_path, journal_inode, failed_dirs)
+    except OSError as e:                        # e.g. a stale network mount (ESTALE) or an I/O error
+        return f"output folder {out_dir} cannot be checked: {e.strerror or e}"
+
+
+def _output_problem(out_dir: Path, need_bytes: int, journal_path, journal_inode, failed_dirs) -> Optional[str]:
+    from acq.atomic import root_problem
     if not out_dir.is_dir():
         return f"output folder {out_dir} has vanished (network mount dropped?); restore it to continue"
+    problem = root_problem(out_dir)
+    if problem:
+        return problem
     if journal_path is not None and journal_inode is not None:
         try:
             if os.stat(journal_path).st_ino != journal_inode:

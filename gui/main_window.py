@@ -3,8 +3,8 @@ layout and wiring here; each panel owns its behaviour."""
 from __future__ import annotations
 
 from PyQt5.QtCore import Qt, QTimer
-from PyQt5.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QScrollArea, QVBoxLayout,
-                             QWidget)
+from PyQt5.QtWidgets import (QApplication, QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QScrollArea,
+                             QVBoxLayout, QWidget)
 
 from devices.interfaces import StagePosition
 from gui.acquisition_panel import AcquisitionPanel
@@ -180,12 +180,15 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, ev) -> None:
         if self.controller.running:
-            if QMessageBox.question(self, "Quit", "An acquisition is running. Stop it (at the next safe point) "
-                                    "and quit?") != QMessageBox.Yes:
+            if QMessageBox.question(self, "Quit", "An acquisition is running. Stop it now (beams blanked; it "
+                                    "can be resumed) and quit?") != QMessageBox.Yes:
                 ev.ignore()
                 return
-            self.controller.stop()
-            self.controller.engine.wait(30)
+            self.controller.stop_now("quit")
+            engine = self.controller.engine
+            while engine.alive:                   # never close the devices under a running step
+                engine.wait(0.2)
+                QApplication.processEvents()
         self.shutdown()
         ev.accept()
 

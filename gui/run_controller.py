@@ -134,6 +134,13 @@ class RunController(QObject):
             self.engine.abort()
             self._set_step("stopping at the next safe point …")
 
+    def stop_now(self, why: str = "quit") -> None:
+        """Stop as a signal does: a mill or irradiation under way blanks its
+        beam within a second and the run ends resumable."""
+        if self.engine is not None:
+            self.engine.stop_now(why)
+            self._set_step("stopping now, beams blanked …")
+
     # ------------------------------------------------------------ documents
     def _acquiring(self, ev) -> None:
         if type(ev).__name__ == "AcquireTile" and not ev.overview:

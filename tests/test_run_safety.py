@@ -522,3 +522,30 @@ def test_a_corrupt_journal_line_stops_resume_until_repaired(tmp_path):
     milled = Counter(r["cycle"] for r in recs if r["rec"] == "mill_started")
     assert milled == Counter({0: 1, 1: 1, 2: 1})                         # no mill started twice
     assert cli("verify", out).returncode == 0
+
+
+def test_a_mill_record_the_full_disk_refused_never_mills_twice(tmp_path):
+    """The disk fills just as the beam is blanked after a stretch of milling:
+    the journal refuses mill_beam_off, the run suspends, and after the disk is
+    back the mill goes on from the time this process knows - not again."""
+    engine, setup, docs = make_engine(tmp_path, plan_over={"cycles": 1, "irradiation": None},
+                                      setup_kw={"sections": 1}, on_pause="stop")
+    real = engine.journal.append
+    refused = []
+
+    def append(rec, **fields):
+        if rec == "mill_beam_off" and not refused:
+            refused.append(fields)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(rec, **fields)
+    engine.journal.append = append
+    try:
+        res = engine.run()
+    finally:
+        setup.close()
+    assert res.status == "success", res.reason
+    assert refused, "the fault was never injected"
+    assert setup.world.mill_log.seconds == pytest.approx(60.0)         # the plan's 60 s, not 60 + 20
+    assert any(d.kind == "incident" and d.cause == "suspended_disk_space" for d in docs)
+    done = [r for r in journal(engine.out_dir) if r["rec"] == "mill_done"]
+    assert len(done) == 1 and done[0]["seconds"] == pytest.approx(60.0)
