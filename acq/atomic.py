@@ -11,6 +11,7 @@ it happens (the crash test kills the process there).
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -177,8 +178,9 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, over
 
 
 def fsync_dir(folder: Path) -> None:
-    """fsync a folder (its entries durable); silently skipped where a
-    filesystem cannot."""
+    """fsync a folder (its entries durable); skipped where a file system or
+    platform cannot (Windows, some network file systems), but an I/O error
+    is raised: the entry may not be durable."""
     point("fsync_dir", folder)
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -186,8 +188,9 @@ def fsync_dir(folder: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM):
+            raise
     finally:
         os.close(fd)
 

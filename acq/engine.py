@@ -117,28 +117,30 @@ class Engine(RunLifecycle):
         self.out_dir = Path(out_dir)
         self.sections = check_plan(plan, setup)          # ConfigError before anything is written
         self.journal = Journal(self.out_dir)
-        started = run_started(self.out_dir)
-        if not resume and started:
-            raise ConfigError(f"{self.out_dir} already holds a run (journal.jsonl); continue it with --resume")
-        if resume and not started:
-            if not holds_nothing(self.out_dir):
-                raise ConfigError(f"--resume {self.out_dir}: no journal.jsonl there, nothing to resume")
-            resume = False                       # cut before its first file: nothing to continue, start it
-        self.resume_run, self.accept_interrupted_mill, self.on_pause = resume, accept_interrupted_mill, on_pause
+        if resume and not self.out_dir.is_dir():
+            raise ConfigError(f"--resume {self.out_dir}: no such folder, nothing to resume")
         self.fingerprint = fingerprint.compute(plan, setup, self.sections)
         self._outdir_lock = OutdirLock(self.out_dir).acquire()       # refuses a folder another process runs in
         register_root(self.out_dir)                                   # never recreated if it vanishes
-        try:
+        try:                                     # checked under the lock: no other process changes them now
+            started = run_started(self.out_dir)
+            if not resume and started:
+                raise ConfigError(f"{self.out_dir} already holds a run (journal.jsonl); continue it with --resume")
+            if resume and not started:
+                if not holds_nothing(self.out_dir):
+                    raise ConfigError(f"--resume {self.out_dir}: no journal.jsonl there, nothing to resume")
+                resume = False                   # cut before its first file: nothing to continue, start it
             self._accepted: dict = {}
             if resume:
                 self._accepted = fingerprint.check_resume(self.out_dir, self.fingerprint, set(accept_change))
                 if fingerprint.recorded(self.out_dir) is None:
                     _same_plan(self.out_dir, plan)
+            self.budget = max_exposures if max_exposures is not None else budget_for(plan, setup.config)
+            self.exposures = ExposureBook(self.journal, self.budget)
         except BaseException:
             self._release()
             raise
-        self.budget = max_exposures if max_exposures is not None else budget_for(plan, setup.config)
-        self.exposures = ExposureBook(self.journal, self.budget)
+        self.resume_run, self.accept_interrupted_mill, self.on_pause = resume, accept_interrupted_mill, on_pause
         self._urgent: Optional[str] = None
         self.dispatcher = Dispatcher(queue_maxsize or plan.output.queue_maxsize)
         for fn in subscribers:
@@ -319,7 +321,7 @@ class Engine(RunLifecycle):
                 else:
                     self.clock.sleep(self.plan.retries.backoff_s)
             items[i] = None
-            self._publish_tile(ev, ack.doc)
+            self._publish_tile(ev, ack.doc, again=True)
 
     def _run(self) -> None:
         status, reason = "failed", ""
@@ -555,7 +557,7 @@ class Engine(RunLifecycle):
         self._tiles += 1
         self._publish_tile(ev, doc)
 
-    def _publish_tile(self, ev: AcquireTile, doc) -> None:
+    def _publish_tile(self, ev: AcquireTile, doc, again: bool = False) -> None:
         version, qc = doc.version, dict(doc.qc)
 
         def acked(ack: TileAck) -> None:        # in a writer thread
@@ -580,7 +582,7 @@ class Engine(RunLifecycle):
                               f"journaled: {e}", {"tile_id": ev.tile_id})
                 with self._pending_lock:
                     self._unjournaled.append(("tile_done", rec))
-        self.dispatcher.publish(doc, ack=acked)
+        self.dispatcher.publish(doc, ack=acked, writers_only=again)
 
     def _cycle_barrier(self, cycle: int) -> None:
         """Every tile of the cycle durably written before the surface changes;

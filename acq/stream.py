@@ -169,10 +169,11 @@ class Dispatcher:
             for s in self._sinks:
                 s.thread.start()
 
-    def publish(self, doc: Any, ack: Optional[AckCallback] = None) -> None:
+    def publish(self, doc: Any, ack: Optional[AckCallback] = None, writers_only: bool = False) -> None:
         """Queue ``doc`` for every sink (blocks while a queue is full). With
         ``ack``, a TileEvent is acknowledged once all writers handled it
-        (immediately when there are no writers)."""
+        (immediately when there are no writers). ``writers_only``: a tile
+        written again, which the subscribers have seen already."""
         if self._closed:
             raise RuntimeError("dispatcher is closed")
         self.start()
@@ -184,7 +185,8 @@ class Dispatcher:
         elif ack is not None and isinstance(doc, TileEvent):
             ack(TileAck(doc))
         for s in self._sinks:
-            s.queue.put((doc, tracker if s.writer else None, s.name in primary))
+            if s.writer or not writers_only:
+                s.queue.put((doc, tracker if s.writer else None, s.name in primary))
 
     def wait_idle(self, writers_only: bool = False) -> None:
         """Block until every queued document has been handled."""
