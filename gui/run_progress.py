@@ -60,6 +60,8 @@ class RunProgress:
             return "exposures per tile: –"
         worst = max(self.exposures, key=self.exposures.get)
         extra = sum(1 for n in self.exposures.values() if n > 1)
+        if not extra:
+            return f"exposures per tile: 1 each ({len(self.exposures)} tiles this cycle)"
         return (f"exposures per tile: max {self.exposures[worst]} ({worst}), "
                 f"{extra} of {len(self.exposures)} tiles scanned more than once")
 
