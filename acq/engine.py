@@ -40,7 +40,8 @@ from acq.expand import (AcquireTile, Autofocus, Configure, CycleEnd, ExpansionSt
                         SectionEnd, check_plan, expand)
 from acq.journal import Journal, JournalBroken
 from acq.lifecycle import Abort, OperatorStop, RunLifecycle, _label
-from acq.outdir_lock import LOCK_NAME, OutdirLock
+from acq.outdir_lock import OutdirLock
+from acq.run_folder import PLAN_COPY, disk_usage, holds_nothing, run_started, same_plan
 from acq.plan import Plan, Retries, dump_plan
 from acq.qc import ImageInspector
 from acq.steps_irradiation import irradiate
@@ -53,29 +54,6 @@ from devices.setup_config import ConfigError
 
 log = logging.getLogger(__name__)
 SOFTWARE_VERSION = "0.1.0"
-PLAN_COPY = "plan.json"
-# what a resume must not change (runs from before fingerprint.json): which tiles, mills and doses
-_DEFINING = ("sections", "sections_from", "grid_template", "overview", "order", "cycles", "mill", "irradiation")
-
-
-def run_started(out_dir: Path) -> bool:
-    """OUTDIR holds a run that --resume can continue (journal or its first files)."""
-    out_dir = Path(out_dir)
-    return any((out_dir / n).exists() for n in (Journal(out_dir).path.name, PLAN_COPY, fingerprint.FINGERPRINT))
-
-
-def holds_nothing(out_dir: Path) -> bool:
-    """OUTDIR has no data: at most empty folders, the lock and temporary
-    files of a start that was cut before its first file (a run there starts afresh)."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return not out_dir.exists()
-    for _root, _dirs, files in os.walk(out_dir):
-        if any(f != LOCK_NAME and not f.endswith(".part") and f != ".write_probe" for f in files):
-            return False
-    return True
-
-
 @dataclass
 class RunResult:
     status: str                 # "success" | "aborted" | "failed"
@@ -134,7 +112,7 @@ class Engine(RunLifecycle):
             if resume:
                 self._accepted = fingerprint.check_resume(self.out_dir, self.fingerprint, set(accept_change))
                 if fingerprint.recorded(self.out_dir) is None:
-                    _same_plan(self.out_dir, plan)
+                    same_plan(self.out_dir, plan)
             self.budget = max_exposures if max_exposures is not None else budget_for(plan, setup.config)
             self.exposures = ExposureBook(self.journal, self.budget)
         except BaseException:
@@ -420,7 +398,7 @@ class Engine(RunLifecycle):
             finally:
                 self._release()
                 tiles_done = self.journal.state.tiles_done_total
-                files, size = _du(self.out_dir)
+                files, size = disk_usage(self.out_dir)
                 self.result = RunResult(status, reason, self.run_uid, self._tiles, tiles_done,
                                         len(self.incidents), files, size)
         self._set_state("idle" if status != "failed" else "error", reason or status)
@@ -618,25 +596,6 @@ class Engine(RunLifecycle):
         self.journal.append("section_done", key=ev.key, cycle=ev.cycle, section=ev.section)
 
 
-def _same_plan(out_dir: Path, plan: Plan) -> None:
-    """A resumed run must acquire what the journal's run planned."""
-    path = out_dir / PLAN_COPY
-    if not path.exists():
-        if Journal(out_dir).path.exists():
-            raise ConfigError(f"--resume {out_dir}: {PLAN_COPY} and {fingerprint.FINGERPRINT} are missing, so what "
-                              "this run images cannot be checked; restore them from a backup")
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume {out_dir}: {path} is unreadable ({e}); restore it from a backup") from None
-    new = dump_plan(plan)
-    changed = [k for k in _DEFINING if old.get(k) != new.get(k)]
-    if changed:
-        raise ConfigError(f"--resume {out_dir}: the plan's {', '.join(changed)} differ from the run being resumed "
-                          f"({path}); resume with the same plan")
-
-
 def _try_check(sus: Optional[Suspender]) -> Optional[str]:
     if sus is None:
         return None
@@ -644,15 +603,3 @@ def _try_check(sus: Optional[Suspender]) -> Optional[str]:
         return sus.check()
     except DeviceError:
         return None
-
-
-def _du(folder: Path) -> tuple[int, int]:
-    n = size = 0
-    for root, _dirs, files in os.walk(folder):
-        for f in files:
-            try:
-                size += os.path.getsize(os.path.join(root, f))
-                n += 1
-            except OSError:
-                pass
-    return n, size
