@@ -193,6 +193,3 @@ def fsync_dir(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
-
-
-_fsync_dir = fsync_dir      # the old private name

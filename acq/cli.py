@@ -79,10 +79,10 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
         return bad("give exactly one of --out OUTDIR (new run) or --resume OUTDIR (continue a run)")
     out_dir = Path(out if out is not None else resume)
     from acq.engine import Engine
-    from acq.run_folder import holds_nothing, run_started
     from acq.expand import count_tiles
     from acq.journal import Journal
     from acq.plan import load_plan, writer_options
+    from acq.run_folder import holds_nothing, run_started
     if max_exposures is not None and not 1 <= max_exposures <= 100:
         return bad(f"--max-exposures {max_exposures}: allowed 1..100")
     try:

@@ -28,24 +28,22 @@ class DoseBudgetReached(Exception):
                          f"(budget {budget}); not imaging it again")
 
 
-def tile_footprint_um(ev) -> tuple[float, float, float]:
-    """(x, y, radius) of the circle around a tile's frame (µm): a cheap,
-    conservative overlap test that needs no rotation."""
-    w, h = ev.frame_size
-    return ev.center_um[0], ev.center_um[1], 0.5 * math.hypot(w, h) * ev.pixel_size_nm * 1e-3
+def _radius_um(frame_size, pixel_size_nm: float) -> float:
+    """Radius of the circle around a frame (µm): a cheap, conservative
+    overlap test that needs no rotation."""
+    w, h = frame_size
+    return 0.5 * math.hypot(w, h) * pixel_size_nm * 1e-3
 
 
 def autofocus_area(ev) -> dict:
     """What an autofocus_done record keeps of where its frames were."""
-    st = ev.step
-    w, h = st.frame_size
     return {"center_um": [float(ev.center_um[0]), float(ev.center_um[1])],
-            "radius_um": 0.5 * math.hypot(w, h) * st.pixel_size_nm * 1e-3, "section": ev.section}
+            "radius_um": _radius_um(ev.step.frame_size, ev.step.pixel_size_nm), "section": ev.section}
 
 
 def overlapping_autofocus(records: Iterable[dict], ev) -> int:
     """Autofocus runs of this cycle whose frames overlap the tile ``ev``."""
-    x, y, r = tile_footprint_um(ev)
+    (x, y), r = ev.center_um, _radius_um(ev.frame_size, ev.pixel_size_nm)
     n = 0
     for rec in records:
         c = rec.get("center_um")

@@ -54,6 +54,8 @@ from devices.setup_config import ConfigError
 
 log = logging.getLogger(__name__)
 SOFTWARE_VERSION = "0.1.0"
+
+
 @dataclass
 class RunResult:
     status: str                 # "success" | "aborted" | "failed"
@@ -110,9 +112,10 @@ class Engine(RunLifecycle):
                 resume = False                   # cut before its first file: nothing to continue, start it
             self._accepted: dict = {}
             if resume:
-                self._accepted = fingerprint.check_resume(self.out_dir, self.fingerprint, set(accept_change))
-                if fingerprint.recorded(self.out_dir) is None:
+                accepted = fingerprint.check_resume(self.out_dir, self.fingerprint, set(accept_change))
+                if accepted is None:             # a run from before fingerprint.json: its plan.json decides
                     same_plan(self.out_dir, plan)
+                self._accepted = accepted or {}
             self.budget = max_exposures if max_exposures is not None else budget_for(plan, setup.config)
             self.exposures = ExposureBook(self.journal, self.budget)
         except BaseException:
@@ -128,9 +131,9 @@ class Engine(RunLifecycle):
         self._journal_inode: Optional[int] = None
         self._failed_dirs: set[Path] = set()         # folders a write failed in: probed until they take data
         self.mill_known_s: dict[str, float] = {}      # seconds milled per mill, as this process knows them
-        self._max_tile_bytes = max((int(t[3][0]) * int(t[3][1]) for t in self.fingerprint["tiles"]), default=0)
+        max_tile_bytes = max((int(t[3][0]) * int(t[3][1]) for t in self.fingerprint["tiles"]), default=0)
         self.suspenders = suspenders if suspenders is not None else default_suspenders(
-            setup, plan, self.out_dir, lambda: self._max_tile_bytes,
+            setup, plan, self.out_dir, max_tile_bytes,
             lambda: (self.journal.path, self._journal_inode), lambda: self._failed_dirs)
         self.run_uid = uuid.uuid4().hex
         self.incidents: list[Incident] = []
@@ -216,12 +219,13 @@ class Engine(RunLifecycle):
                 self._unjournaled.append(("incident", rec))
         self.dispatcher.publish(inc)
 
-    def _flush_pending(self) -> None:
+    def _flush_pending(self, wait: bool = True) -> None:
+        """Publish what writer threads raised; write again what they could not."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
         for inc in pending:
             self._publish_incident(inc)
-        self._rewrite_unwritten()
+        self._rewrite_unwritten(wait)
 
     def stop_now(self, why: str) -> None:
         """Stop as soon as it is safe (a signal): a mill or an irradiation under
@@ -373,11 +377,7 @@ class Engine(RunLifecycle):
             log.error("making the setup safe at the end failed: %s", e)
         try:
             self.dispatcher.wait_idle()
-            with self._pending_lock:
-                pending, self._pending = self._pending, []
-            for inc in pending:
-                self._publish_incident(inc)
-            self._rewrite_unwritten(wait=False)  # one last try, no waiting: the run is ending
+            self._flush_pending(wait=False)      # one last try, no waiting: the run is ending
             held = len(self._unwritten)
             if held:
                 reason = (f"{reason}; " if reason else "") + (f"{held} frame(s) could not be written and are "

@@ -169,6 +169,11 @@ def _tiles(cycle: int, section: int, g, rotation: float, overview: bool = False)
     return out
 
 
+def _overview_grid(ov) -> Grid:
+    return Grid(id=0, center_um=ov.center_um, rows=ov.rows, cols=ov.cols, pixel_size_nm=ov.pixel_size_nm,
+                frame_size=ov.frame_size, dwell_ns=ov.dwell_ns, overlap_px=ov.overlap_px)
+
+
 def _move(cycle: int, ev) -> MoveStage:
     x, y = ev.center_um
     return MoveStage(key=f"move:{ev.key}", cycle=cycle, x_um=x, y_um=y, for_key=ev.key)
@@ -196,9 +201,7 @@ def expand(plan: Plan, setup, start_cycle: int = 0, state: Optional[ExpansionSta
                 yield ev
         ov = plan.overview
         if ov is not None and (cycle == 0 or (ov.every_n_cycles and cycle % ov.every_n_cycles == 0)):
-            g = Grid(id=0, center_um=ov.center_um, rows=ov.rows, cols=ov.cols, pixel_size_nm=ov.pixel_size_nm,
-                     frame_size=ov.frame_size, dwell_ns=ov.dwell_ns, overlap_px=ov.overlap_px)
-            tiles = _tiles(cycle, OVERVIEW_SECTION, g, 0.0, overview=True)
+            tiles = _tiles(cycle, OVERVIEW_SECTION, _overview_grid(ov), 0.0, overview=True)
             for t in tiles:
                 yield _move(cycle, t)
                 yield t
@@ -242,11 +245,8 @@ def expand_tiles(plan: Plan, setup, sections: Optional[list[Section]] = None) ->
     every cycle, for the resume fingerprint (acq/fingerprint.py)."""
     sections = ordered_sections(plan, setup) if sections is None else sections
     out: list[AcquireTile] = []
-    ov = plan.overview
-    if ov is not None:
-        g = Grid(id=0, center_um=ov.center_um, rows=ov.rows, cols=ov.cols, pixel_size_nm=ov.pixel_size_nm,
-                 frame_size=ov.frame_size, dwell_ns=ov.dwell_ns, overlap_px=ov.overlap_px)
-        out += _tiles(0, OVERVIEW_SECTION, g, 0.0, overview=True)
+    if plan.overview is not None:
+        out += _tiles(0, OVERVIEW_SECTION, _overview_grid(plan.overview), 0.0, overview=True)
     for s in sections:
         for g in s.grids:
             out += _tiles(0, s.id, g, g.rotation_deg)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from acq.atomic import atomic_write
+from acq.expand import expand_tiles
 from devices.setup_config import ConfigError
 
 FINGERPRINT = "fingerprint.json"
@@ -52,7 +53,6 @@ _POS_TOL_UM, _ROT_TOL_DEG = 0.05, 1e-4      # float noise of another machine's l
 
 def _tiles(plan, setup, sections) -> list[list]:
     """[id, x µm, y µm, frame, pixel nm, dwell ns, rotation deg] per tile."""
-    from acq.expand import expand_tiles
     return [[ev.tile_id, ev.center_um[0], ev.center_um[1], list(ev.frame_size), ev.pixel_size_nm, ev.dwell_ns,
              ev.rotation_deg] for ev in expand_tiles(plan, setup, sections)]
 
@@ -129,16 +129,17 @@ def _moved(old: list, new: list) -> str:
     return "; ".join(bits)
 
 
-def check_resume(out_dir: Path, new: dict, accept: set[str]) -> dict:
+def check_resume(out_dir: Path, new: dict, accept: set[str]) -> Optional[dict]:
     """Compare with the recorded fingerprint. Returns the accepted changes
-    ({part: new hash}); raises ConfigError naming what differs otherwise."""
+    ({part: new hash}), or None when the run has no fingerprint (started
+    before fingerprints); raises ConfigError naming what differs otherwise."""
     unknown = accept - set(OVERRIDABLE)
     if unknown:
         raise ConfigError(f"--accept-change {', '.join(sorted(unknown))}: allowed {', '.join(sorted(OVERRIDABLE))} "
                           f"(never: {', '.join(sorted(FIXED))})")
     old = recorded(out_dir)
     if old is None:
-        return {}
+        return None
     diff = [k for k, v in new["parts"].items() if old["parts"].get(k) != v]
     if "tiles" not in diff and _moved(old.get("tiles", []), new["tiles"]):
         diff.append("tiles")                     # same ids and geometry, other stage positions

@@ -25,6 +25,13 @@ class Abort(Exception):
     """The operator aborted; raised at a checkpoint."""
 
 
+def stop_point(ctx) -> None:
+    """Inside a long step (mill, irradiation): end it now if a signal asked
+    to stop (Engine.stop_now); the step's ``finally`` blanks its beam."""
+    if getattr(ctx, "urgent_stop", None):
+        raise Abort()
+
+
 class OperatorStop(Exception):
     """A pause needing the operator, in a run that cannot wait (command line)."""
 

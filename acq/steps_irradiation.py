@@ -18,7 +18,7 @@ import numpy as np
 
 from acq.device_ops import StepFailed, reconnect
 from acq.expand import Irradiate
-from acq.lifecycle import Abort
+from acq.lifecycle import stop_point
 from acq.steps_tile import apply_scan
 from devices.errors import CommunicationError, DeviceError, DeviceTimeout, LimitViolation
 
@@ -107,8 +107,7 @@ def irradiate(ctx, ev: Irradiate) -> dict:
             last_t, last_i = float(t[-1]), float(amps[-1])
             current_est = max(float(np.mean(amps)), 1e-15)
             ctx.journal.append("irr_progress", key=ev.key, charge_c=charge, seconds=seconds)
-            if getattr(ctx, "urgent_stop", None):
-                raise Abort()                   # a signal: blank now (finally); resume continues the dose
+            stop_point(ctx)                     # a signal: blank now (finally); resume continues the dose
     finally:
         sem.set_blanked(True)
         sem.set_eht(ctx.plan.imaging.eht_kv * 1e3)

@@ -20,7 +20,7 @@ import numpy as np
 
 from acq.device_ops import with_retries
 from acq.expand import Mill
-from acq.lifecycle import Abort
+from acq.lifecycle import stop_point
 from devices.errors import DeviceError, InterlockError
 from devices.interfaces import RasterSettings, StagePosition
 
@@ -92,8 +92,6 @@ def _sleep_unless_stopped(ctx, seconds: float) -> None:
         dt = min(left, _STOP_POLL_S)
         ctx.clock.sleep(dt)
         left -= dt
-    if left > 0:
-        ctx.clock.sleep(0)
 
 
 def run_mill(ctx, ev: Mill) -> float:
@@ -135,8 +133,7 @@ def run_mill(ctx, ev: Mill) -> float:
                 continue
             if az > first_az:                   # delay, then rotate, beam blanked throughout
                 _sleep_unless_stopped(ctx, step.delay_s)
-                if getattr(ctx, "urgent_stop", None):
-                    raise Abort()
+                stop_point(ctx)
                 rot = mill_position(setup, angle, 2 * math.pi * az / step.azimuths)
                 with_retries(ctx, f"stage rotation to azimuth {az}", ctx.plan.retries.move,
                              lambda: stage.move_to(rot), role="stage")
@@ -145,8 +142,7 @@ def run_mill(ctx, ev: Mill) -> float:
                                      operation="unblank")
             if not sem.blanked():
                 sem.set_blanked(True)
-            if getattr(ctx, "urgent_stop", None):
-                raise Abort()                   # a stop is pending: never unblank now
+            stop_point(ctx)                     # a stop is pending: never unblank now
             journal.append("mill_beam_on", key=ev.key, done_s=done, azimuth=az)
             beam_on = True
             gun.set_blanked(False)
@@ -159,8 +155,7 @@ def run_mill(ctx, ev: Mill) -> float:
                 dt = min(step.check_interval_s, seg_end - done)
                 _sleep_unless_stopped(ctx, dt)
                 done += dt                      # counted even if the check below fails: never mill twice
-                if getattr(ctx, "urgent_stop", None):
-                    raise Abort()               # a signal: blank now (finally), resume mills the rest
+                stop_point(ctx)                 # a signal: blank now (finally), resume mills the rest
                 st = gun.gun_status()
                 if not st.interlocks_ok or not st.beam_on or st.blanked:
                     raise InterlockError(f"ion beam dropped during the mill (beam_on={st.beam_on}, "

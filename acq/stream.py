@@ -116,9 +116,10 @@ class _Sink:
                     return
                 doc, ack, primary = item
                 files, err = None, None
-                if ack is not None and not primary:
+                derived = ack is not None and not primary
+                if derived:
                     ack.primary_done.wait()         # derive only from a frame that is on disk
-                if ack is not None and not primary and not ack.result.written:
+                if derived and not ack.result.written:
                     err = RuntimeError("skipped: the tile's primary writer failed")
                 else:
                     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from acq.atomic import root_problem
 from acq.expand import AcquireTile, Autofocus, Irradiate, Mill
 
 
@@ -111,7 +112,6 @@ def output_problem(out_dir: Path, need_bytes: int, journal_path: Optional[Path] 
 
 
 def _output_problem(out_dir: Path, need_bytes: int, journal_path, journal_inode, failed_dirs) -> Optional[str]:
-    from acq.atomic import root_problem
     if not out_dir.is_dir():
         return f"output folder {out_dir} has vanished (network mount dropped?); restore it to continue"
     problem = root_problem(out_dir)
@@ -123,13 +123,13 @@ def _output_problem(out_dir: Path, need_bytes: int, journal_path, journal_inode,
                 return f"{journal_path} was replaced while the run had it open; restore the output folder"
         except OSError:
             return f"{journal_path} has vanished; restore the output folder to continue"
-    for folder in [out_dir, *[d for d in list(failed_dirs) if d.is_dir()]]:
+    failed = [d for d in list(failed_dirs) if d.is_dir()]
+    for folder in [out_dir, *failed]:
         e = _probe(folder)
         if e is not None:
             what = "is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "is not writable"
             return f"output folder {folder} {what}: {e.strerror or e}"
-    for d in [d for d in list(failed_dirs) if d.is_dir()]:
-        failed_dirs.discard(d)                  # writable again
+    failed_dirs.difference_update(failed)       # writable again
     free = free_bytes(out_dir)
     if free < need_bytes:
         return (f"disk nearly full: {free / 1e9:.3f} GB free in {out_dir}, need {need_bytes / 1e9:.3f} GB "
@@ -137,17 +137,18 @@ def _output_problem(out_dir: Path, need_bytes: int, journal_path, journal_inode,
     return None
 
 
-def output_space(out_dir: Path, min_free_gb: float, tile_bytes: Callable[[], int],
+def output_space(out_dir: Path, min_free_gb: float, tile_bytes: int,
                  journal_state: Callable[[], tuple[Optional[Path], Optional[int]]] = lambda: (None, None),
                  failed_dirs: Callable[[], set] = set) -> Suspender:
     """Checked before every exposure: a tile is never imaged into a disk that cannot take it."""
+    need = max(int(min_free_gb * 1e9), _TILE_COPIES * tile_bytes + _HEADROOM)
+
     def check():
-        need = max(int(min_free_gb * 1e9), _TILE_COPIES * tile_bytes() + _HEADROOM)
         return output_problem(out_dir, need, *journal_state(), failed_dirs=failed_dirs())
     return Suspender("disk_space", check, lambda ev: isinstance(ev, (AcquireTile, Autofocus, Irradiate)))
 
 
-def default_suspenders(setup, plan, out_dir: Path, tile_bytes: Callable[[], int] = lambda: 0,
+def default_suspenders(setup, plan, out_dir: Path, tile_bytes: int = 0,
                        journal_state=lambda: (None, None), failed_dirs: Callable[[], set] = set) -> list[Suspender]:
     out = [output_space(out_dir, plan.suspenders.min_free_gb, tile_bytes, journal_state, failed_dirs),
            probe_current(setup, plan)]

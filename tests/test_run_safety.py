@@ -5,7 +5,6 @@ stops a tile from being scanned again and again."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -33,6 +32,14 @@ def scans_per_tile(out: Path) -> Counter:
         elif r["rec"] == "exposure":
             n[r["key"]] += r.get("n", 1)
     return n
+
+
+def run_closing(engine, setup):
+    """Run to the end, then close the devices (as the command line does)."""
+    try:
+        return engine.run()
+    finally:
+        setup.close()
 
 
 def cli(*args, timeout=120, **kw) -> subprocess.CompletedProcess:
@@ -200,10 +207,7 @@ def test_a_permanently_failing_derived_writer_costs_no_dose(tmp_path):
                                                         ome_zarr=False)):
         engine.add_writer(w)
     engine.add_writer(_BrokenDerived())
-    try:
-        res = engine.run()
-    finally:
-        setup.close()
+    res = run_closing(engine, setup)
     assert res.status == "success", res.reason
     planned = planned_tiles(engine)
     assert set(scans_per_tile(engine.out_dir)) == {k for k in planned}
@@ -232,10 +236,7 @@ def test_a_primary_write_failure_is_written_again_from_memory(tmp_path):
             pass
     w = FlakyPrimary()
     engine, setup, docs = make_engine(tmp_path, writers=[w], on_pause="stop")
-    try:
-        res = engine.run()
-    finally:
-        setup.close()
+    res = run_closing(engine, setup)
     assert res.status == "success", res.reason
     assert ("c0000_s0001_g00_r000_c001", 0) in w.written                   # same version: the same frame
     assert all(n == 1 for n in scans_per_tile(engine.out_dir).values())
@@ -262,10 +263,7 @@ def test_disk_full_mid_write_suspends_and_writes_the_frame_after(tmp_path):
         return real(doc)
     tiff.handle = full_once
     engine.add_writer(tiff)
-    try:
-        res = engine.run()
-    finally:
-        setup.close()
+    res = run_closing(engine, setup)
     assert res.status == "success", res.reason
     assert any(d.kind == "incident" and d.cause == "suspended_disk_space" for d in docs)
     assert all(n == 1 for n in scans_per_tile(engine.out_dir).values())
@@ -380,10 +378,7 @@ def _run_on(tmp_path, out: Path, trigger, fix, plan_over=None, before_step=None)
     engine.on_state_change(on_state)
     for w in make_writers(out, WriterOptions(render_tilespecs=False, trakem2=False)):
         engine.add_writer(w)
-    try:
-        res = engine.run()
-    finally:
-        setup.close()
+    res = run_closing(engine, setup)
     assert res.status == "success", res.reason
     from acq.verify import verify_outdir
     assert verify_outdir(out).ok, verify_outdir(out).summary()
@@ -471,10 +466,7 @@ def test_the_gui_progress_shows_exposures_per_tile(tmp_path):
     rule = {"device": "sem", "operation": "acquire_frame", "kind": "incomplete_frame", "at_calls": [2]}
     engine, setup, docs = make_engine(tmp_path, plan_over={"cycles": 1, "mill": None, "irradiation": None},
                                       setup_kw={"sections": 1, "faults": [rule]}, on_pause="stop")
-    try:
-        assert engine.run().status == "success"
-    finally:
-        setup.close()
+    assert run_closing(engine, setup).status == "success"
     progress = RunProgress.for_plan(engine.plan, engine.sections)
     for d in docs:
         if d.kind == "tile":
@@ -539,10 +531,7 @@ def test_a_mill_record_the_full_disk_refused_never_mills_twice(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(rec, **fields)
     engine.journal.append = append
-    try:
-        res = engine.run()
-    finally:
-        setup.close()
+    res = run_closing(engine, setup)
     assert res.status == "success", res.reason
     assert refused, "the fault was never injected"
     assert setup.world.mill_log.seconds == pytest.approx(60.0)         # the plan's 60 s, not 60 + 20
