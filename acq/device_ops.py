@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional, TypeVar
 
+from common.roles import ROLES
 from devices.errors import CommunicationError, DeviceError, DeviceTimeout, InterlockError, LimitViolation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ROLES = ("sem", "stage", "ion_gun", "waveform_generator", "multimeter", "current_preamp")   # driver names = roles
+
 
 
 class StepFailed(DeviceError):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from acq import fingerprint
-from acq.atomic import atomic_write, register_root, unregister_root
+from common.atomic import atomic_write, register_root, unregister_root
 from acq.autofocus_step import run_autofocus
 from acq.dose_budget import DoseBudgetReached, ExposureBook, autofocus_area, budget_for
 from acq.device_ops import StepFailed, with_retries

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from acq.atomic import atomic_write
+from common.atomic import atomic_write
 from acq.expand import expand_tiles
 from devices.setup_config import ConfigError
 

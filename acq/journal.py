@@ -50,7 +50,7 @@ read sees it (``read_records``, ``read(use_snapshot=False)``, the repair).
 Appends loop over short writes; a write or fsync that fails cuts the file back
 to its length before the append (ftruncate) and raises, the state unchanged;
 if even that fails the journal refuses further records (``JournalBroken``).
-Every filesystem operation calls ``acq.crashpoints.point`` first.
+Every filesystem operation calls ``common.crashpoints.point`` first.
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from acq import crashpoints
-from acq.atomic import fsync_dir
+from common import crashpoints
+from common.atomic import fsync_dir
 from devices.setup_config import ConfigError
 
 log = logging.getLogger(__name__)

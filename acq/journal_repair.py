@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
-from acq import crashpoints
-from acq.atomic import fsync_dir
+from common import crashpoints
+from common.atomic import fsync_dir
 from acq.journal import (_CHUNK, HEAD_BYTES, JOURNAL_NAME, LISTED, REPAIR_COMMAND, SNAPSHOT_NAME, _cycle_of,
                          _embedded, _lines, _parse, _write_all, encode_record)
 from devices.setup_config import ConfigError

@@ -16,13 +16,13 @@ import time
 
 import numpy as np
 
+from common.constants import E_CHARGE
 from acq.device_ops import StepFailed, reconnect
 from acq.expand import Irradiate
 from acq.lifecycle import stop_point
 from acq.steps_tile import apply_scan
 from devices.errors import CommunicationError, DeviceError, DeviceTimeout, LimitViolation
 
-E_CHARGE = 1.602176634e-19
 MAX_BLOCK = 64                     # samples per DMM block: bounds overshoot and journal latency
 IRR_FRAME = 1024
 PREAMP_SETTLE_S = 0.05

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from acq.atomic import root_problem
+from common.atomic import root_problem
 from acq.expand import AcquireTile, Autofocus, Irradiate, Mill
 
 

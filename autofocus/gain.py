@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from acq.atomic import atomic_write
+from common.atomic import atomic_write
 from autofocus.data import DataConfig, PairSimulator, training_textures
 from autofocus.inference import DeepFocusPredictor, load_card
 

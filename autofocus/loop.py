@@ -24,7 +24,7 @@ import numpy as np
 
 from autofocus.methods import CorrectionMethod, Estimate, sharpness
 from devices.errors import DeviceError
-from devices.sim.optics import E_CHARGE
+from common.constants import E_CHARGE
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import typer
 
-from acq.atomic import atomic_write
+from common.atomic import atomic_write
 from autofocus.data import Augmenter, DataConfig, Prefetcher, ReplayPool, SampleStream, samples_to_tensors
 from autofocus.models import (VARIANTS, UnverifiedModel, Variant, batch_loss, build, count_parameters,
                               export_module, read_card, read_verified_model, sha256_bytes)

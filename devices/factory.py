@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from common.roles import ROLES
 from devices.clock import Clock
 from devices.safety import GuardedSEM, GuardedStage, SafetyGuard
 from devices.setup_config import SetupConfig
@@ -33,10 +34,8 @@ class Setup:
     world: Any = None                     # SimWorld when simulated
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
-    ROLES = ("sem", "stage", "ion_gun", "waveform_generator", "multimeter", "current_preamp")
-
     def devices(self) -> dict[str, Any]:
-        return {r: getattr(self, r) for r in self.ROLES if getattr(self, r) is not None}
+        return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
 
     def close(self) -> None:
         # ion gun first: blanked and off before anything else goes away

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from acq.atomic import FileExists, atomic_write
+from common.atomic import FileExists, atomic_write
 
 
 def test_refuses_to_overwrite_and_leaves_no_temporary(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from acq.crashpoints import CRASH_EXIT
+from common.crashpoints import CRASH_EXIT
 from test_engine import ROOT, write_plan, write_setup
 from test_resume import PRELOAD
 
@@ -39,7 +39,7 @@ for line in sys.stdin:
         sys.stdin.close()
         fd = os.open(a["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1); os.dup2(fd, 2)
-        acq.crashpoints.configure(a.get("at"), a.get("ops"), a["out"])
+        common.crashpoints.configure(a.get("at"), a.get("ops"), a["out"])
         try:
             code = acq.cli.run_plan(a["plan"], out=a["out"] if a["mode"] == "out" else None,
                                     resume=a["out"] if a["mode"] != "out" else None,

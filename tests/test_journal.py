@@ -370,10 +370,10 @@ def test_undo_that_fails_too_stops_the_journal(tmp_path, monkeypatch):
 
 def test_crash_points_name_each_operation(tmp_path, monkeypatch):
     seen = []
-    import acq.atomic
+    import common.atomic
     record = lambda op, path: seen.append((op, os.path.basename(path)))  # noqa: E731
     monkeypatch.setattr(jm.crashpoints, "point", record)
-    monkeypatch.setattr(acq.atomic, "point", record)          # fsync_dir: the folder's entries
+    monkeypatch.setattr(common.atomic, "point", record)          # fsync_dir: the folder's entries
     j = Journal(tmp_path, snapshot_every=2)
     j.open()
     j.append("run_start", run_uid="u", resumed=False, plan_source="p")

@@ -195,7 +195,7 @@ import acq.cli, acq.engine, acq.writers, devices.factory, devices.sim.wafer
 import serial.urlhandler.protocol_socket as ps
 ps.time = type("NoSleep", (), {"sleep": staticmethod(lambda s: None)})   # as fast_socket_close
 for name in ("acq.writers.ome_tiff", "acq.writers.ome_zarr", "acq.writers.mipmaps", "acq.writers.tilespecs",
-             "acq.writers.trakem2", "acq.verify", "acq.crashpoints", "scipy.integrate"):
+             "acq.writers.trakem2", "acq.verify", "common.crashpoints", "scipy.integrate"):
     __import__(name)
 print("ready", flush=True)
 """

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-import acq.crashpoints as crashpoints
+import common.crashpoints as crashpoints
 from acq.documents import RunStart, RunStop, SectionDone
 from acq.verify import verify_outdir
 from acq.writers import CatchUp, WriterOptions, make_writers, read_manifest, tile_relpath

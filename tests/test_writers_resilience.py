@@ -12,7 +12,7 @@ import pytest
 import tifffile
 import zarr
 
-from acq.atomic import FileExists
+from common.atomic import FileExists
 from acq.documents import RunStart, RunStop, SectionDone
 from acq.writers import (WriterOptions, make_writers, options_from_plan, read_manifest, tile_relpath,
                          verify_manifest)
@@ -80,7 +80,7 @@ def test_existing_file_is_never_overwritten_but_replay_is_harmless(run, tmp_path
 
 @pytest.mark.parametrize("fail_at", ["write", "fsync", "link"])
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch, fail_at):
-    import acq.atomic as atomic
+    import common.atomic as atomic
     out = tmp_path / "o"
     (w,) = make_writers(out, WriterOptions(mipmaps=False, render_tilespecs=False, trakem2=False,
                                            ome_zarr=False))

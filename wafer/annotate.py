@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import typer
 
-from acq.atomic import atomic_write
+from common.atomic import atomic_write
 from wafer.detect_cli import read_overview
 from wafer.detect_data import BG_DILATION, labels_from_polygons
 

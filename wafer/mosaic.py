@@ -250,7 +250,7 @@ def build_overview(tiles: list[MosaicTile], pixel_um: float, refine: bool = True
 def save_overview(path: Path, ov: Overview) -> Path:
     """OME-TIFF: physical pixel size, plane position = stage µm of pixel (0, 0),
     and the affine stage transform as JSON in a MapAnnotation. Never overwrites."""
-    from acq.atomic import atomic_write
+    from common.atomic import atomic_write
     from acq.writers.ome_tiff import TiffEncoder
     info = {"origin_um": list(ov.origin_um), "pixel_um": ov.pixel_um,
             "transform_col_row_to_stage_um": ov.transform(), **ov.info}

@@ -24,7 +24,7 @@ def mosaic_cmd(
                                 help="Refine tile positions by cross-correlating the overlaps."),
 ) -> None:
     """Overview mosaic: tiles placed at their stage positions, refined, blended, saved with the stage transform."""
-    from acq.atomic import FileExists
+    from common.atomic import FileExists
     from wafer.mosaic import build_overview, save_overview, tiles_from_run
 
     if out.exists():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from acq.atomic import atomic_write
+from common.atomic import atomic_write
 
 
 class SectionFormatError(ValueError):
@@ -163,7 +163,7 @@ def load_sections(path: str | os.PathLike) -> list[Section]:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
-    """Write UTF-8 ``text`` with acq.atomic.atomic_write: readers see the old file or
+    """Write UTF-8 ``text`` with common.atomic.atomic_write: readers see the old file or
     the complete new one; an existing file is kept unless ``overwrite`` (best effort
     on filesystems without hard links)."""
     return atomic_write(path, text.encode("utf-8"), overwrite=overwrite, link_fallback=True)

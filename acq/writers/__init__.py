@@ -44,7 +44,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from acq.crashpoints import point
+from common.crashpoints import point
 from acq.writers.layout import next_version, read_tile_header, tile_on_disk, tile_relpath
 from acq.writers.manifest import Manifest, WrittenFile, read_manifest, verify_manifest
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from acq.atomic import FileExists, atomic_write, ensure_dir, is_temporary, remove_temporaries
-from acq.crashpoints import point
+from common.atomic import FileExists, atomic_write, ensure_dir, is_temporary, remove_temporaries
+from common.crashpoints import point
 
 log = logging.getLogger(__name__)
 

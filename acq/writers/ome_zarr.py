@@ -46,7 +46,7 @@ is discarded (its manifest lines marked deleted, its tiles log removed) and
 rebuilt from the OME-TIFFs; arrays left with inconsistent shapes by a crash
 mid-resize are grown to agree; a plane with a chunk file that the manifest
 lists but that is missing or truncated is re-pasted. Every filesystem
-operation calls acq.crashpoints.point.
+operation calls common.crashpoints.point.
 
 Manifest: every chunk file written is recorded with the sha256 of the chunk
 in memory (kind "zarr"), every zarr.json written with its hash (kind
@@ -73,8 +73,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from acq.atomic import atomic_write, ensure_dir, fsync_dir, is_temporary, temp_name
-from acq.crashpoints import point
+from common.atomic import atomic_write, ensure_dir, fsync_dir, is_temporary, temp_name
+from common.crashpoints import point
 from acq.writers.layout import (TileRecord, latest_versions, planes_for, planes_on_disk, plane_of,
                                 read_tile_header, tile_relpath)
 from acq.writers.manifest import Manifest, WrittenFile, append_durably

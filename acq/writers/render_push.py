@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import renderapi
 
-from acq.atomic import ensure_dir
+from common.atomic import ensure_dir
 from acq.writers.layout import SectionTiles, plane_of
 from acq.writers.manifest import WrittenFile, append_durably
 from acq.writers.tilespecs import encode_specs, section_stack, tilespec_dicts

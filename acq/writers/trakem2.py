@@ -32,7 +32,7 @@ import math
 import re
 from pathlib import Path
 
-from acq.atomic import atomic_write
+from common.atomic import atomic_write
 from acq.writers.layout import PlaneWriter, SectionTiles, TileRecord
 from acq.writers.manifest import Manifest, WrittenFile, sha256_file
 

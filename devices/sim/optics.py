@@ -18,7 +18,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy.special import j1
 
-E_CHARGE = 1.602176634e-19
+from common.constants import E_CHARGE
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import tifffile
 
-from acq.atomic import atomic_write
+from common.atomic import atomic_write
 from devices.setup_config import SetupConfig, Simulation
 from devices.sim import optics
 from devices.sim.sem import electron_dose_per_nm2, render

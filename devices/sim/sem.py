@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from common.constants import E_CHARGE
 from devices import errors
 from devices.interfaces import SEM, Capability, Frame
 from devices.sim import optics
@@ -129,7 +130,7 @@ class SimSEM(SEM):
 
 
 def electron_dose_per_nm2(current_a: float, dwell_s: float, pixel_m: float) -> float:
-    return current_a * dwell_s / optics.E_CHARGE / (pixel_m * 1e9) ** 2
+    return current_a * dwell_s / E_CHARGE / (pixel_m * 1e9) ** 2
 
 
 def render(world: SimWorld, center_m, pixel_m: float, shape, rotation_rad: float,

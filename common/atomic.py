@@ -6,7 +6,7 @@ leaves at most such a file behind, never a partial file under the real name.
 ``remove_temporaries`` deletes them on a restart (acq.writers.manifest's
 Manifest.recover does; acq.verify reports them as leftover temporary files).
 
-Every filesystem operation calls acq.crashpoints.point(op, path) just before
+Every filesystem operation calls common.crashpoints.point(op, path) just before
 it happens (the crash test kills the process there).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-from acq.crashpoints import point
+from common.crashpoints import point
 
 TEMP_SUFFIX = ".part"
 
