@@ -67,6 +67,16 @@ def _mount() -> None:
     app.add_typer(train_app, name="train")
 
 
+def _gui_or_demo(config: Path) -> int:
+    """The operator GUI; the headless demo where PyQt is not installed."""
+    try:
+        from gui.app import run_gui
+    except ImportError:
+        from devices.demo import headless_demo
+        return headless_demo(config)
+    return run_gui(config)
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -122,7 +132,10 @@ def _default(ctx: typer.Context,
              config: Path = typer.Option(DEFAULT_CONFIG, "--config",
                                          help="setup YAML; applies to every command that takes a setup")) -> None:
     """Without a subcommand: start the operator GUI."""
+    import autofocus
     from devices.setup_config import ConfigError, load_setup
+
+    autofocus.register_methods()              # before any plan is validated or run, and for the GUI
 
     source = ctx.get_parameter_source("config")
     given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
@@ -132,8 +145,7 @@ def _default(ctx: typer.Context,
         except ConfigError as e:
             _fail(f"--config: {e}")
     if ctx.invoked_subcommand is None:
-        from devices.demo import run_demo_or_gui
-        raise typer.Exit(run_demo_or_gui(config))
+        raise typer.Exit(_gui_or_demo(config))
     if not given:
         return
     names, cmd, rest = _invoked(ctx)

@@ -4,21 +4,22 @@ A method is ``fn(setup, request) -> AutofocusResult``: it may acquire frames
 and change wd/stig while it works, and returns the wd/stig it proposes. The
 engine applies the proposal through the safety guard (step clamped to
 ``safety.max_autofocus_step_*``, windows enforced), so no method can take
-the microscope out of its windows. DeepFocus plugs in with
-``register_autofocus("deepfocus", fn)``.
+the microscope out of its windows.
+
+The registry holds this module's own methods ("none", "sem-builtin",
+"sweep"); the application adds the others explicitly at start-up
+(``autofocus.register_methods()`` in main.py, the GUI, the benchmarks and
+the tests): acq never imports the layers above it.
 """
 from __future__ import annotations
 
-import importlib
-import logging
+import difflib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
-from devices.interfaces import Capability
-
-log = logging.getLogger(__name__)
+from devices.interfaces import Capability, ScanParams
 
 
 @dataclass
@@ -47,8 +48,6 @@ class AutofocusResult:
 
 AutofocusMethod = Callable[[object, AutofocusRequest], AutofocusResult]
 AUTOFOCUS_METHODS: dict[str, AutofocusMethod] = {}
-# modules that register further methods when imported (optional: absent is fine)
-PLUGIN_MODULES = ("autofocus.engine_adapter",)      # DeepFocus, MAPFoSt, Nelder-Mead variants
 
 
 def register_autofocus(name: str, fn: Optional[AutofocusMethod] = None):
@@ -59,22 +58,12 @@ def register_autofocus(name: str, fn: Optional[AutofocusMethod] = None):
     return add(fn) if fn is not None else add
 
 
-_loaded = False
-
-
-def load_plugins() -> None:
-    """Import the plug-in modules once (they may be heavy: models)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
-        except Exception as e:       # a broken plug-in must not stop plans that do not use it
-            log.warning("autofocus plug-in %s failed to load: %s", mod, e)
+def unknown_method(name: str) -> str:
+    """Why ``name`` is no autofocus method: the registered names, and the
+    nearest one when it looks like a misspelling."""
+    near = difflib.get_close_matches(name, AUTOFOCUS_METHODS, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown autofocus method {name!r}{hint}: allowed {sorted(AUTOFOCUS_METHODS)}"
 
 
 # ------------------------------------------------------------------ methods
@@ -83,7 +72,7 @@ def _none(setup, req: AutofocusRequest) -> AutofocusResult:
     return AutofocusResult(setup.sem.working_distance(), tuple(setup.sem.stig()), message="no autofocus")
 
 
-@register_autofocus("sem_builtin")
+@register_autofocus("sem-builtin")
 def _builtin(setup, req: AutofocusRequest) -> AutofocusResult:
     sem = setup.sem
     if not Capability.AUTOFOCUS & getattr(sem, "capabilities", Capability.NONE):
@@ -93,8 +82,9 @@ def _builtin(setup, req: AutofocusRequest) -> AutofocusResult:
     return AutofocusResult(sem.working_distance(), tuple(sem.stig()), message="SEM built-in autofocus")
 
 
-def sharpness(image: np.ndarray) -> float:
-    """Normalised gradient energy: large for a sharp image, independent of brightness."""
+def gradient_energy(image: np.ndarray) -> float:
+    """Mean squared first difference (x and y) over the squared mean: large for
+    a sharp image, independent of brightness. The sweep's focus measure."""
     f = image.astype(np.float32)
     gx = np.diff(f, axis=1)
     gy = np.diff(f, axis=0)
@@ -103,7 +93,7 @@ def sharpness(image: np.ndarray) -> float:
 
 
 def peak_of(offsets: np.ndarray, scores: np.ndarray) -> float:
-    """Offset of the sharpness maximum: a parabola through log(score) around
+    """Offset of the score maximum: a parabola through log(score) around
     the best sample (a Gaussian peak is a parabola in log); the best sample
     itself when the fit has no maximum inside the sampled range."""
     k = int(np.argmax(scores))
@@ -128,9 +118,7 @@ def sweep(setup, req: AutofocusRequest) -> AutofocusResult:
     sem = setup.sem
     wd0 = sem.working_distance()
     stig = tuple(sem.stig())
-    sem.set_pixel_size(req.pixel_size_m)
-    sem.set_frame_size(*req.frame_size)
-    sem.set_dwell_time(req.dwell_s)
+    sem.set_scan(ScanParams(pixel_m=req.pixel_size_m, frame=tuple(req.frame_size), dwell_s=req.dwell_s))
     sem.set_blanked(False)
     centre, half, frames, best = wd0, req.sweep_range_m, 0, 0.0
     try:
@@ -139,7 +127,7 @@ def sweep(setup, req: AutofocusRequest) -> AutofocusResult:
             scores = []
             for off in offsets:
                 sem.set_working_distance(centre + float(off))
-                scores.append(sharpness(sem.acquire_frame().image))
+                scores.append(gradient_energy(sem.acquire_frame().image))
                 frames += 1
             scores = np.asarray(scores)
             centre += peak_of(offsets, scores)
@@ -164,9 +152,9 @@ def request_for(ev) -> AutofocusRequest:
 def run_autofocus(setup, ev) -> tuple[AutofocusResult, float, tuple[float, float]]:
     """Run the event's method and apply its proposal, clamped to the maximum
     autofocus step. Returns (result, wd set, stig set)."""
-    if ev.step.method not in AUTOFOCUS_METHODS:
-        load_plugins()
-    method = AUTOFOCUS_METHODS[ev.step.method]
+    method = AUTOFOCUS_METHODS.get(ev.step.method)
+    if method is None:                      # the plan was checked in a process that registered more
+        raise LookupError(unknown_method(ev.step.method))
     sem = setup.sem
     wd_before, stig_before = sem.working_distance(), tuple(sem.stig())
     res = method(setup, request_for(ev))

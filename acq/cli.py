@@ -21,13 +21,14 @@ from typing import Callable, Optional, TextIO
 
 import typer
 
+from acq.documents import DocumentRouter, Incident, SectionDone, Severity, TileEvent
 from devices.errors import DeviceError
 from devices.setup_config import ConfigError
 
 app = typer.Typer(add_completion=False, help="Run an acquisition plan.")
 
 
-class Progress:
+class Progress(DocumentRouter):
     """Document subscriber printing progress: a \\r-updated line on a
     terminal, one line per finished section otherwise."""
 
@@ -44,20 +45,22 @@ class Progress:
         left = (time.monotonic() - self.t0) / self.done * max(self.total - self.done, 0)
         return f"{int(left // 60):02d}:{int(left % 60):02d}"
 
-    def __call__(self, doc) -> None:
-        kind = doc.kind
-        if kind == "tile":
-            self.done += 1
-            self.cycle, self.section = doc.cycle, doc.section_id
-            if self.tty:
-                self.out.write(f"\rcycle {doc.cycle + 1}/{self.n_cycles}  section {doc.section_id}  "
-                               f"tile {self.done}/{self.total}  ETA {self._eta()}   ")
-                self.out.flush()
-        elif kind == "section_done" and not self.tty:
+    def on_tile(self, doc: TileEvent) -> None:
+        self.done += 1
+        self.cycle, self.section = doc.cycle, doc.section_id
+        if self.tty:
+            self.out.write(f"\rcycle {doc.cycle + 1}/{self.n_cycles}  section {doc.section_id}  "
+                           f"tile {self.done}/{self.total}  ETA {self._eta()}   ")
+            self.out.flush()
+
+    def on_section_done(self, doc: SectionDone) -> None:
+        if not self.tty:
             self.out.write(f"cycle {doc.cycle + 1}/{self.n_cycles}  section {doc.section_id} done  "
                            f"tiles {self.done}/{self.total}  ETA {self._eta()}\n")
             self.out.flush()
-        elif kind == "incident" and doc.severity != "info":
+
+    def on_incident(self, doc: Incident) -> None:
+        if doc.severity is not Severity.INFO:
             self.out.write(("\n" if self.tty else "") + f"[{doc.severity}] {doc.cause}: {doc.message}\n")
             self.out.flush()
 
@@ -210,7 +213,7 @@ def run(plan: Path = typer.Argument(..., help="plan YAML"),
             None, "--max-exposures", help="exposure budget per tile and cycle for this run (journaled)")) -> None:
     """Run an acquisition plan (or continue one with --resume); exit 0 only if it completed."""
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("acq.engine", "acq.lifecycle"):       # incidents are printed by Progress
+    for name in ("acq.engine", "acq.runner"):       # incidents are printed by Progress
         logging.getLogger(name).setLevel(logging.CRITICAL)
     changes = tuple(c.strip() for c in (accept_change or "").split(",") if c.strip())
     raise typer.Exit(run_plan(plan, out, resume, config, accept_interrupted_mill=accept_interrupted_mill,

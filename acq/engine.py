@@ -1,15 +1,12 @@
 """The acquisition engine: executes a plan's events against the devices and
 publishes the document stream (acq/documents.py).
 
-Lifecycle (Bluesky-like): the run happens in a worker thread; ``pause()``,
-``resume()`` and ``abort()`` take effect only at checkpoints, i.e. between
-events — never mid-frame and never mid-mill. Suspenders (acq/suspenders.py)
-pause the run and resume it by themselves when their condition clears.
-Failures after the per-operation retries count as consecutive failures: the
-engine suspends, reconnects the failing device and tries the event again; the
-N-th consecutive failure, a limit violation or an unknown interlock pauses the
-run for the operator. With ``on_pause="stop"`` (command line) such a pause
-ends the run instead, to be continued with ``--resume``.
+Lifecycle: acq/runner.py (the Runner beside the engine) owns the worker
+thread, the states, pause/resume/abort at checkpoints (between events, never
+mid-frame or mid-mill), the suspenders and the failure policy. The engine
+executes each event with the handler its table holds for the event's class
+(``Engine._handlers``; ``add_step`` adds one); a handler gets the run's
+StepContext (acq/step_context.py) and the event.
 
 Durability: acq/journal.py. A tile is journaled done once its frame is on
 disk (the primary writer, OME-TIFF) and every derived writer has returned;
@@ -31,34 +28,39 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from acq import fingerprint
-from common.atomic import atomic_write, register_root, unregister_root
 from acq.autofocus_step import run_autofocus
-from acq.dose_budget import DoseBudgetReached, ExposureBook, autofocus_area, budget_for
 from acq.device_ops import StepFailed, with_retries
-from acq.documents import CycleDone, Incident, RunStart, RunStop, SectionDone
-from acq.expand import (AcquireTile, Autofocus, Configure, CycleEnd, ExpansionState, Irradiate, Mill, MoveStage,
-                        SectionEnd, check_plan, expand)
+from acq.documents import (CatchUp, CycleDone, FinishReason, Incident, IncidentCause, RunStart, RunStop,
+                           SectionDone, Severity)
+from acq.dose_budget import ExposureBook, autofocus_area, budget_for
+from acq.events import AcquireTile, Autofocus, Configure, CycleEnd, Irradiate, Mill, MoveStage, PlanEvent, SectionEnd
+from acq.expand import ExpansionState, check_plan, expand
 from acq.journal import Journal, JournalBroken
-from acq.lifecycle import Abort, OperatorStop, RunLifecycle, _label
 from acq.outdir_lock import OutdirLock
-from acq.run_folder import PLAN_COPY, disk_usage, holds_nothing, run_started, same_plan
 from acq.plan import Plan, Retries, dump_plan
 from acq.qc import ImageInspector
+from acq.run_folder import PLAN_COPY, disk_usage, holds_nothing, run_started, same_plan
+from acq.runner import Pause, PauseReason, Runner, RunState, _label
+from acq.step_context import StepContext
 from acq.steps_irradiation import irradiate
 from acq.steps_mill import run_mill
 from acq.steps_tile import acquire_tile, move_stage
 from acq.stream import Dispatcher, TileAck
-from acq.suspenders import SuspendCondition, Suspender, default_suspenders, is_disk_error
-from devices.errors import DeviceError, InterlockError, LimitViolation
+from acq.suspenders import SuspenderSet, default_suspenders, is_disk_error
+from common.atomic import atomic_write, register_root, unregister_root
+from devices.errors import DeviceError
 from devices.setup_config import ConfigError
 
 log = logging.getLogger(__name__)
 SOFTWARE_VERSION = "0.1.0"
 
 
+StepHandler = Callable[[StepContext, PlanEvent], None]
+
+
 @dataclass
 class RunResult:
-    status: str                 # "success" | "aborted" | "failed"
+    status: FinishReason
     reason: str
     run_uid: str
     tiles: int                  # acquired in this run
@@ -68,7 +70,7 @@ class RunResult:
     bytes: int
 
 
-class Engine(RunLifecycle):
+class Engine:
     """Run ``plan`` on ``setup``, writing into ``out_dir``.
 
     subscribers: callables fed every document, each from its own thread
@@ -80,16 +82,21 @@ class Engine(RunLifecycle):
     on_pause:    "wait" (GUI: wait for resume()/abort()) or "stop" (command line:
                  end the run, to be continued with resume=True)
     retries:     a Retries policy replacing the plan's
-    API: start(), pause(), resume(), abort(), wait(), run(), state, on_state_change(fn),
-    on_step(fn), subscribe(fn), add_writer(w), incidents, result (RunResult).
+    expansion:   (plan, setup, start_cycle, ExpansionState) -> events; acq.expand.expand,
+                 or a wrapper adding the events of a new step
+    API: start(), pause(), resume(), abort(), stop_now(why), wait(), run(), state,
+    on_state_change(fn), on_pause(fn), on_step(fn), after_step(fn), subscribe(fn),
+    add_writer(w), add_step(event_type, handler), incidents, result (RunResult).
+    The lifecycle calls go to ``self.runner`` (acq/runner.py).
     """
 
     def __init__(self, setup, plan: Plan, out_dir: str | Path, subscribers: Iterable[Callable] = (),
                  writers: Iterable = (), *, resume: bool = False, accept_interrupted_mill: bool = False,
                  on_pause: str = "wait", queue_maxsize: Optional[int] = None,
-                 suspenders: Optional[list[Suspender]] = None, retries: Optional[Retries] = None,
-                 accept_change: Iterable[str] = (), max_exposures: Optional[int] = None):
-        if on_pause not in ("wait", "stop"):
+                 suspenders: Optional[SuspenderSet] = None, retries: Optional[Retries] = None,
+                 accept_change: Iterable[str] = (), max_exposures: Optional[int] = None,
+                 expansion: Callable = expand):
+        if on_pause not in ("wait", "stop"):                      # before the OUTDIR lock is taken
             raise ValueError(f"on_pause = {on_pause!r}: allowed 'wait', 'stop'")
         if retries is not None:                          # the caller's retry policy replaces the plan's
             plan = plan.model_copy(update={"retries": retries})
@@ -121,8 +128,8 @@ class Engine(RunLifecycle):
         except BaseException:
             self._release()
             raise
-        self.resume_run, self.accept_interrupted_mill, self.on_pause = resume, accept_interrupted_mill, on_pause
-        self._urgent: Optional[str] = None
+        self.resume_run, self.accept_interrupted_mill = resume, accept_interrupted_mill
+        self._expansion = expansion
         self.dispatcher = Dispatcher(queue_maxsize or plan.output.queue_maxsize)
         for fn in subscribers:
             self.dispatcher.add_subscriber(fn)
@@ -130,7 +137,6 @@ class Engine(RunLifecycle):
             self.dispatcher.add_writer(w)
         self._journal_inode: Optional[int] = None
         self._failed_dirs: set[Path] = set()         # folders a write failed in: probed until they take data
-        self.mill_known_s: dict[str, float] = {}      # seconds milled per mill, as this process knows them
         max_tile_bytes = max((int(t[3][0]) * int(t[3][1]) for t in self.fingerprint["tiles"]), default=0)
         self.suspenders = suspenders if suspenders is not None else default_suspenders(
             setup, plan, self.out_dir, max_tile_bytes,
@@ -138,15 +144,16 @@ class Engine(RunLifecycle):
         self.run_uid = uuid.uuid4().hex
         self.incidents: list[Incident] = []
         self.result: Optional[RunResult] = None
-        # step context (read and written by acq/steps_*.py)
-        self.imaging_z = 0.0
-        self.scan_cache = None
-        self.last_frame_sample = None
-        self.ion_beam_safe = False
+        self.runner = Runner(self, self.suspenders, on_pause)
         rule = plan.cycles
-        self.flat_cv = rule.exhausted_flat_cv if not isinstance(rule, int) and rule.section_exhausted else None
-        self.qc_inspector = ImageInspector(plan.qc.checks) if plan.qc.enabled else None
-        self._init_lifecycle()
+        self.ctx = StepContext(
+            setup, plan, self.journal, self.exposures, self.run_uid, self.incident, lambda: self.runner.urgent,
+            qc_inspector=ImageInspector(plan.qc.checks) if plan.qc.enabled else None,
+            flat_cv=rule.exhausted_flat_cv if not isinstance(rule, int) and rule.section_exhausted else None)
+        self._handlers: dict[type, StepHandler] = {     # the handler table: event class -> step
+            Configure: self._configure, MoveStage: move_stage, AcquireTile: self._acquire,
+            Autofocus: self._autofocus, Irradiate: irradiate, Mill: self._mill,
+            SectionEnd: self._section_end, CycleEnd: self._cycle_end}
         self._tiles = 0
         self._pending: list[Incident] = []            # raised in writer threads, published by the engine
         self._pending_lock = threading.Lock()
@@ -162,52 +169,98 @@ class Engine(RunLifecycle):
 
     def close_unstarted(self) -> None:
         """Give up an engine that will not run (releases OUTDIR's lock)."""
-        if self._thread is None:
+        if self.runner.thread is None:
             self._release()
 
-    # ------------------------------------------------------------ step context
+    # ------------------------------------------------------------ lifecycle (acq/runner.py)
+    @property
+    def state(self) -> RunState:
+        return self.runner.state
+
+    @property
+    def alive(self) -> bool:
+        return self.runner.alive
+
+    @property
+    def urgent_stop(self) -> Optional[str]:
+        return self.runner.urgent
+
+    def start(self) -> None:
+        self.runner.start()
+
+    def pause(self) -> None:
+        self.runner.pause()
+
+    def resume(self) -> None:
+        self.runner.resume()
+
+    def abort(self) -> None:
+        self.runner.abort()
+
+    def stop_now(self, why: str) -> None:
+        """Stop as soon as it is safe (a signal): a mill or an irradiation under
+        way blanks its beam within a second and the run stops there, resumable."""
+        self.runner.stop_now(why)
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[RunResult]:
+        self.runner.join(timeout)
+        return self.result
+
+    def run(self) -> RunResult:
+        """Start and wait (blocking convenience)."""
+        self.start()
+        self.wait()
+        return self.result
+
+    def on_state_change(self, fn: Callable[[RunState, str], None]) -> None:
+        self.runner.on_state_change(fn)
+
+    def on_pause(self, fn: Callable[[Pause], None]) -> None:
+        self.runner.on_pause(fn)
+
+    def on_step(self, fn: Callable[[PlanEvent], None]) -> None:
+        self.runner.on_step(fn)
+
+    def after_step(self, fn: Callable[[PlanEvent, float], None]) -> None:
+        self.runner.after_step(fn)
+
+    def add_writer(self, writer) -> None:
+        """A Writer (acq/stream.py) whose acknowledgement a tile needs to count as done."""
+        self.dispatcher.add_writer(writer)
+
+    def subscribe(self, fn: Callable) -> None:
+        self.dispatcher.add_subscriber(fn)
+
+    def add_step(self, event_type: type, handler: StepHandler) -> None:
+        """Run ``handler(ctx, event)`` for events of ``event_type`` (a new plan
+        step: its events come from the expansion; see docs/architecture.md)."""
+        self._handlers[event_type] = handler
+
+    # ------------------------------------------------------------ RunBody (acq/runner.py)
     def incident(self, severity: str, cause: str, message: str, context: Optional[dict] = None) -> None:
         inc = Incident(self.run_uid, severity, cause, message, dict(context or {}))
-        log.log({"info": logging.INFO, "warning": logging.WARNING}.get(severity, logging.ERROR), "%s: %s",
-                cause, message)
-        if threading.current_thread() is self._thread:
+        log.log({Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING}.get(inc.severity, logging.ERROR),
+                "%s: %s", inc.cause, message)
+        if threading.current_thread() is self.runner.thread:
             self._publish_incident(inc)
         else:
             with self._pending_lock:
                 self._pending.append(inc)
 
     def devices_reconnected(self, role: Optional[str]) -> None:
-        self.invalidate_scan()
-        if role == "ion_gun":
-            self.ion_beam_safe = False
+        self.ctx.devices_reconnected(role)
 
-    def invalidate_scan(self) -> None:
-        self.scan_cache = None
+    def grant_exposure(self, key: str) -> None:
+        self.exposures.grant(key)
 
-    def refocus(self, ev: AcquireTile) -> None:
-        """QC asked for focus: the plan's autofocus method here, not journaled."""
-        if self.plan.autofocus.method == "none":
-            return
-        af = Autofocus(key=f"refocus:{ev.key}", cycle=ev.cycle, section=ev.section, grid=ev.grid,
-                       center_um=ev.center_um, step=self.plan.autofocus, tile_keys=(ev.key,))
-        self.exposures.extra(ev, why="refocus")
-        run_autofocus(self.setup, af)
-        self.invalidate_scan()
+    def make_safe(self) -> None:
+        """Paused or stopped: no beam on the specimen."""
+        self.setup.sem.set_blanked(True)
+        if self.setup.ion_gun is not None:
+            self.ctx.ion_beam_safe = False
+            self.ctx.ensure_ion_beam_safe()
 
-    def ensure_ion_beam_safe(self) -> None:
-        """Before any stage move or frame: the ion beam must be blanked."""
-        gun = self.setup.ion_gun
-        if gun is None or self.ion_beam_safe:
-            return
-        st = gun.gun_status()
-        if st.beam_on and not st.blanked:
-            gun.set_blanked(True)
-            st = gun.gun_status()
-            if st.beam_on and not st.blanked:
-                raise InterlockError("the ion beam does not blank", device="ion_gun", operation="blank")
-        self.ion_beam_safe = True
-
-    # ------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------ incidents and held writes
     def _publish_incident(self, inc: Incident) -> None:
         self.incidents.append(inc)
         rec = dict(severity=inc.severity, cause=inc.cause, message=inc.message)
@@ -219,30 +272,13 @@ class Engine(RunLifecycle):
                 self._unjournaled.append(("incident", rec))
         self.dispatcher.publish(inc)
 
-    def _flush_pending(self, wait: bool = True) -> None:
+    def flush_pending(self, wait: bool = True) -> None:
         """Publish what writer threads raised; write again what they could not."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
         for inc in pending:
             self._publish_incident(inc)
         self._rewrite_unwritten(wait)
-
-    def stop_now(self, why: str) -> None:
-        """Stop as soon as it is safe (a signal): a mill or an irradiation under
-        way blanks its beam within a second and the run stops there, resumable."""
-        self._urgent = why
-        self.abort()
-
-    @property
-    def urgent_stop(self) -> Optional[str]:
-        return self._urgent
-
-    def _wait_for_output(self, message: str) -> None:
-        """The output cannot take data: suspend (beams blanked) until it can."""
-        sus = next((s for s in self.suspenders if s.name == "disk_space"), None)
-        if sus is None:
-            raise OperatorStop(message)
-        self._suspend(sus, message)
 
     def _rewrite_unwritten(self, wait: bool = True) -> None:
         """Frames a primary writer failed on are written again from memory;
@@ -275,10 +311,11 @@ class Engine(RunLifecycle):
                 if not wait or not is_disk_error(e):
                     raise
                 if rounds > self.plan.retries.acquire:
-                    self._operator_pause(f"the journal cannot be written ({e}); records are kept in memory "
-                                         "while paused: resume to try again")
+                    self.runner.operator_pause(Pause(PauseReason.WRITE_FAILED, f"the journal cannot be written "
+                                                     f"({e}); records are kept in memory while paused: resume "
+                                                     "to try again"))
                 else:
-                    self._wait_for_output(f"journal not written: {e}")
+                    self.runner.wait_for_output(f"journal not written: {e}")
                 if isinstance(e, JournalBroken):         # a write and its undo failed: reopen (cuts the torn tail)
                     self.journal.open()
                 return
@@ -291,46 +328,23 @@ class Engine(RunLifecycle):
                 tries = self._write_tries[ev.key] = self._write_tries.get(ev.key, 0) + 1
                 if tries > self.plan.retries.acquire:        # also a disk error the suspender cannot see
                     self._write_tries[ev.key] = 0
-                    self._operator_pause(f"tile {ev.tile_id} v{ack.doc.version} could not be written "
-                                         f"({type(err).__name__}: {err}); the frame is kept in memory while "
-                                         "paused: resume to try writing it again")
+                    self.runner.operator_pause(Pause(
+                        PauseReason.WRITE_FAILED, f"tile {ev.tile_id} v{ack.doc.version} could not be written "
+                        f"({type(err).__name__}: {err}); the frame is kept in memory while paused: resume to try "
+                        "writing it again", {"tile_id": ev.tile_id}))
                 elif is_disk_error(err):
                     where = getattr(err, "filename", None)
                     folder = Path(where).parent if where else None
                     if folder is not None and self.out_dir.absolute() in folder.absolute().parents:
                         self._failed_dirs.add(folder)
-                    self._wait_for_output(f"tile {ev.tile_id} v{ack.doc.version} not written: {err}")
+                    self.runner.wait_for_output(f"tile {ev.tile_id} v{ack.doc.version} not written: {err}")
                 else:
                     self.clock.sleep(self.plan.retries.backoff_s)
             items[i] = None
             self._publish_tile(ev, ack.doc, again=True)
 
-    def _run(self) -> None:
-        status, reason = "failed", ""
-        try:
-            self._open()
-            for ev in expand(self.plan, self.setup, self._start_cycle, self._xstate):
-                self._do(ev)
-            self.dispatcher.wait_idle()
-            status = "success"
-        except Abort:
-            status, reason = "aborted", "aborted by the operator"
-            if self._urgent:
-                reason = (f"{self._urgent}: stopped at a safe point, beams blanked - continue with: "
-                          f"run PLAN --resume {self.out_dir}")
-        except OperatorStop as e:
-            reason = f"{e} - continue with: run PLAN --resume {self.out_dir}"
-        except Exception as e:                   # a bug or an unhandled device state: stop safely, say why
-            log.exception("engine failed")
-            reason = f"{type(e).__name__}: {e}"
-            try:
-                self._publish_incident(Incident(self.run_uid, "error", "engine_error", reason))
-            except Exception:
-                pass
-        self._set_state("stopping", reason or status)
-        self._finish(status, reason)
-
-    def _open(self) -> None:
+    def open(self) -> Iterable[PlanEvent]:
+        """Prepare the output and the journal; the events still to run."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # a crash may have cut the first run before any of these: each is written once
         if not (self.out_dir / fingerprint.FINGERPRINT).exists():
@@ -351,6 +365,7 @@ class Engine(RunLifecycle):
                                          str(self.out_dir), resumed=self.resume_run))
         if self.plan.mill is not None:
             self._interrupted_mills(st)
+        return self._expansion(self.plan, self.setup, self._start_cycle, self._xstate)
 
     def _interrupted_mills(self, st) -> None:
         for key in list(st.mill_started):
@@ -358,37 +373,39 @@ class Engine(RunLifecycle):
             if status != "unknown":
                 continue
             cycle = int(key.split(":c")[1])
-            self.incident("error", "mill_interrupted",
+            self.incident(Severity.ERROR, IncidentCause.MILL_INTERRUPTED,
                           f"mill of cycle {cycle} interrupted after unknown time (at least {done:.1f} s of "
                           f"{self.plan.mill.duration_s:g} s): the program stopped with the ion beam on",
                           {"cycle": cycle, "known_s": done})
             if not (self.accept_interrupted_mill or self.plan.mill.on_interrupted == "skip"):
-                self._operator_pause(f"mill of cycle {cycle} was interrupted after unknown time; check the "
-                                     "sections, then accept it (--accept-interrupted-mill) to go on without "
-                                     "milling it again")
+                self.runner.operator_pause(Pause(
+                    PauseReason.MILL_INTERRUPTED, f"mill of cycle {cycle} was interrupted after unknown time; "
+                    "check the sections, then accept it (--accept-interrupted-mill) to go on without milling it "
+                    "again", {"cycle": cycle, "known_s": done}))
             self.journal.append("mill_done", key=key, cycle=cycle, seconds=done, interrupted=True, accepted=True)
             self.incident("warning", "mill_accepted", f"interrupted mill of cycle {cycle} counted as done; "
                           "it is not repeated", {"cycle": cycle})
 
-    def _finish(self, status: str, reason: str) -> None:
+    def finish(self, status: FinishReason, reason: str) -> RunState:
+        """Blank the beams, let the writers finish, journal the stop; the final state."""
         try:
-            self._make_safe()
+            self.make_safe()
         except Exception as e:
             log.error("making the setup safe at the end failed: %s", e)
         try:
             self.dispatcher.wait_idle()
-            self._flush_pending(wait=False)      # one last try, no waiting: the run is ending
+            self.flush_pending(wait=False)      # one last try, no waiting: the run is ending
             held = len(self._unwritten)
             if held:
                 reason = (f"{reason}; " if reason else "") + (f"{held} frame(s) could not be written and are "
                                                               "lost; those tiles are imaged again on resume")
-                status = "failed" if status == "success" else status
+                status = FinishReason.FAILED if status is FinishReason.SUCCESS else status
             self.journal.append("run_stop", status=status, reason=reason)
             self.dispatcher.publish(RunStop(self.run_uid, status, reason, tiles=self._tiles,
                                             incidents=len(self.incidents)))
         except Exception as e:                   # e.g. the journal's disk is gone: still report the result
             log.error("closing the run failed: %s", e)
-            status, reason = "failed", reason or f"closing the run failed: {e}"
+            status, reason = FinishReason.FAILED, reason or f"closing the run failed: {e}"
         finally:
             try:
                 self.dispatcher.close()
@@ -401,17 +418,10 @@ class Engine(RunLifecycle):
                 files, size = disk_usage(self.out_dir)
                 self.result = RunResult(status, reason, self.run_uid, self._tiles, tiles_done,
                                         len(self.incidents), files, size)
-        self._set_state("idle" if status != "failed" else "error", reason or status)
-
-    def _make_safe(self) -> None:
-        """Paused or stopped: no beam on the specimen."""
-        self.setup.sem.set_blanked(True)
-        if self.setup.ion_gun is not None:
-            self.ion_beam_safe = False
-            self.ensure_ion_beam_safe()
+        return RunState.ERROR if status is FinishReason.FAILED else RunState.IDLE
 
     # ------------------------------------------------------------ events
-    def _skip(self, ev) -> bool:
+    def skip(self, ev: PlanEvent) -> bool:
         st = self.journal.state
         if isinstance(ev, AcquireTile):
             self._cycle_tiles.setdefault(ev.cycle, []).append(ev)
@@ -435,103 +445,62 @@ class Engine(RunLifecycle):
         version = st.tiles_started.get(ev.key)
         if version is None or "ome_tiff" not in self.plan.output.writers:
             return False
-        from acq.writers import CatchUp, tile_on_disk
+        from acq.writers import tile_on_disk
         path = tile_on_disk(self.out_dir, ev.section, ev.cycle, ev.tile_id, version)
         if path is None:
             return False
         self.journal.append("tile_done", key=ev.key, version=version, cycle=ev.cycle,
                             files=[path.relative_to(self.out_dir).as_posix()], qc={}, adopted=True)
-        self.incident("info", "tile_adopted", f"tile {ev.tile_id} v{version} was on disk before the restart: "
+        self.incident(Severity.INFO, IncidentCause.TILE_ADOPTED, f"tile {ev.tile_id} v{version} was on disk before the restart: "
                       "counted as done, not imaged again", {"tile_id": ev.tile_id, "version": version})
         self.dispatcher.publish(CatchUp(section_id=ev.section, cycle=ev.cycle))
         return True
 
-    def _do(self, ev) -> None:
-        if self._skip(ev):
-            return
-        while True:
-            self._checkpoint()
-            try:
-                for sus in self.suspenders:
-                    if sus.applies(ev):
-                        msg = sus.check()
-                        if msg:
-                            self._suspend(sus, msg)
-                self._report_step(ev)
-                self._execute(ev)
-                self._consecutive = 0
-                return
-            except SuspendCondition as e:
-                self._suspend(next(s for s in self.suspenders if s.name == e.suspender), str(e))
-            except LimitViolation as e:
-                self.incident("error", "limit_violation", f"{_label(ev)}: {e}", {"event": ev.key})
-                self._operator_pause(f"safety window: {e}")
-            except InterlockError as e:
-                sus = next((s for s in self.suspenders if s.name == "ion_interlock"), None)
-                msg = _try_check(sus)
-                if msg:
-                    self.incident("warning", "interlock", f"{_label(ev)}: {e}", {"event": ev.key})
-                    self._suspend(sus, msg)
-                else:
-                    self._failed(ev, e)
-            except DeviceError as e:
-                self._failed(ev, e)
-            except DoseBudgetReached as e:
-                self.incident("error", "dose_budget", f"{_label(ev)}: {e}",
-                              {"event": ev.key, "tile_id": e.tile_id, "exposures": e.count, "budget": e.budget})
-                self._operator_pause(f"exposure budget: {e}; resume to allow one more exposure of {e.tile_id} "
-                                     "(command line: --resume with --max-exposures N)")
-                self.exposures.grant(e.key)     # the operator resumed: one more for that tile, journaled
-            except OSError as e:
-                if not is_disk_error(e):
-                    raise
-                self._wait_for_output(f"{_label(ev)}: output not writable: {e}")
+    def execute(self, ev: PlanEvent) -> None:
+        handler = self._handlers.get(type(ev))
+        if handler is None:
+            raise TypeError(f"no step handler for {type(ev).__qualname__} events (Engine.add_step)")
+        handler(self.ctx, ev)
 
-    def _execute(self, ev) -> None:
+    # ------------------------------------------------------------ the built-in steps
+    def _configure(self, ctx: StepContext, ev: Configure) -> None:
         setup = self.setup
-        if isinstance(ev, Configure):
-            setup.sem.set_eht(ev.eht_kv * 1e3)
-            setup.sem.set_probe_current(ev.probe_current_na * 1e-9)
-            if ev.wd_mm is not None:
-                setup.sem.set_working_distance(ev.wd_mm * 1e-3)
-            self.ensure_ion_beam_safe()
-            awg = setup.waveform_generator
-            if awg is not None and awg.outputs_on():      # a raster left running by a crash
-                awg.set_outputs(False)
-            self.imaging_z = setup.stage.position().z if not setup.guard.near_mill_position(
-                setup.stage.position()) else 0.0
-        elif isinstance(ev, MoveStage):
-            move_stage(self, ev)
-        elif isinstance(ev, AcquireTile):
-            self._acquire(ev)
-        elif isinstance(ev, Autofocus):
-            res, wd, stig = with_retries(self, f"autofocus {ev.key}", self.plan.retries.autofocus,
-                                         lambda: run_autofocus(setup, ev), role="sem")
-            self.invalidate_scan()
-            if not res.ok:
-                self.incident("warning", "autofocus_failed", f"{_label(ev)}: {res.message}; focus unchanged",
-                              {"event": ev.key})
-            self.journal.append("autofocus_done", key=ev.key, cycle=ev.cycle, wd_m=wd, stig=list(stig), ok=res.ok,
-                                method=ev.step.method, frames=res.frames, message=res.message,
-                                **autofocus_area(ev))
-        elif isinstance(ev, Irradiate):
-            irradiate(self, ev)
-        elif isinstance(ev, Mill):
-            self._cycle_barrier(ev.cycle)
-            run_mill(self, ev)
-            self.invalidate_scan()
-        elif isinstance(ev, SectionEnd):
-            self._section_end(ev)
-        elif isinstance(ev, CycleEnd):
-            self._cycle_barrier(ev.cycle)
-            self.journal.append("cycle_done", key=ev.key, cycle=ev.cycle)
-            self.dispatcher.publish(CycleDone(self.run_uid, ev.cycle))
+        setup.sem.set_eht(ev.eht_kv * 1e3)
+        setup.sem.set_probe_current(ev.probe_current_na * 1e-9)
+        if ev.wd_mm is not None:
+            setup.sem.set_working_distance(ev.wd_mm * 1e-3)
+        ctx.ensure_ion_beam_safe()
+        awg = setup.waveform_generator
+        if awg is not None and awg.outputs_on():      # a raster left running by a crash
+            awg.set_outputs(False)
+        ctx.imaging_z = setup.stage.position().z if not setup.guard.near_mill_position(
+            setup.stage.position()) else 0.0
 
-    def _acquire(self, ev: AcquireTile) -> None:
+    def _autofocus(self, ctx: StepContext, ev: Autofocus) -> None:
+        res, wd, stig = with_retries(ctx, f"autofocus {ev.key}", self.plan.retries.autofocus,
+                                     lambda: run_autofocus(self.setup, ev), role="sem")
+        ctx.invalidate_scan()
+        if not res.ok:
+            self.incident(Severity.WARNING, IncidentCause.AUTOFOCUS_FAILED,
+                          f"{_label(ev)}: {res.message}; focus unchanged", {"event": ev.key})
+        self.journal.append("autofocus_done", key=ev.key, cycle=ev.cycle, wd_m=wd, stig=list(stig), ok=res.ok,
+                            method=ev.step.method, frames=res.frames, message=res.message, **autofocus_area(ev))
+
+    def _mill(self, ctx: StepContext, ev: Mill) -> None:
+        self._cycle_barrier(ev.cycle)
+        run_mill(ctx, ev)
+        ctx.invalidate_scan()
+
+    def _cycle_end(self, ctx: StepContext, ev: CycleEnd) -> None:
+        self._cycle_barrier(ev.cycle)
+        self.journal.append("cycle_done", key=ev.key, cycle=ev.cycle)
+        self.dispatcher.publish(CycleDone(self.run_uid, ev.cycle))
+
+    def _acquire(self, ctx: StepContext, ev: AcquireTile) -> None:
         self.exposures.check(ev)                 # before tile_started: a refused scan is no exposure
         version = self.journal.state.next_version(ev.key)
         self.journal.append("tile_started", key=ev.key, version=version, cycle=ev.cycle)
-        doc = acquire_tile(self, ev, version)
+        doc = acquire_tile(ctx, ev, version)
         self._tiles += 1
         self._publish_tile(ev, doc)
 
@@ -540,14 +509,14 @@ class Engine(RunLifecycle):
 
         def acked(ack: TileAck) -> None:        # in a writer thread
             if not ack.written:
-                self.incident("error", "writer_failed", f"tile {ev.tile_id} v{version} not written: "
+                self.incident(Severity.ERROR, IncidentCause.WRITER_FAILED, f"tile {ev.tile_id} v{version} not written: "
                               f"{ack.errors}; writing it again from memory (no new exposure)",
                               {"tile_id": ev.tile_id, "version": version})
                 with self._pending_lock:
                     self._unwritten.append((ev, ack))
                 return
             if ack.errors:
-                self.incident("error", "writer_failed", f"tile {ev.tile_id} v{version} is on disk, but "
+                self.incident(Severity.ERROR, IncidentCause.WRITER_FAILED, f"tile {ev.tile_id} v{version} is on disk, but "
                               f"{', '.join(sorted(ack.errors))} failed: {ack.errors}; rebuilt from disk later, "
                               "never imaged again for it", {"tile_id": ev.tile_id, "version": version,
                                                             "writers": sorted(ack.errors)})
@@ -556,7 +525,7 @@ class Engine(RunLifecycle):
             try:
                 self.journal.append("tile_done", **rec)
             except OSError as e:                 # e.g. disk full: journaled again after the suspension
-                self.incident("error", "journal_failed", f"tile {ev.tile_id} v{version} written but not "
+                self.incident(Severity.ERROR, IncidentCause.JOURNAL_FAILED, f"tile {ev.tile_id} v{version} written but not "
                               f"journaled: {e}", {"tile_id": ev.tile_id})
                 with self._pending_lock:
                     self._unjournaled.append(("tile_done", rec))
@@ -566,21 +535,21 @@ class Engine(RunLifecycle):
         """Every tile of the cycle durably written before the surface changes;
         tiles whose writing failed are acquired again first."""
         self.dispatcher.wait_idle(writers_only=True)
-        self._flush_pending()                    # frames in memory are written again first: no new scan
+        self.flush_pending()                    # frames in memory are written again first: no new scan
         st = self.journal.state
         missing = [t for t in self._cycle_tiles.get(cycle, []) if t.key not in st.tiles_done
                    and t.section not in self._xstate.exhausted]
         for t in missing:
-            move_stage(self, MoveStage(f"move:{t.key}", cycle, t.center_um[0], t.center_um[1], t.key))
-            self._acquire(t)
+            move_stage(self.ctx, MoveStage(f"move:{t.key}", cycle, t.center_um[0], t.center_um[1], t.key))
+            self._acquire(self.ctx, t)
         if missing:
             self.dispatcher.wait_idle(writers_only=True)
-            self._flush_pending()
+            self.flush_pending()
             still = [t.tile_id for t in missing if t.key not in st.tiles_done]
             if still:
                 raise StepFailed(f"writing the tiles of cycle {cycle}", DeviceError(f"not written: {still}"), 2)
 
-    def _section_end(self, ev: SectionEnd) -> None:
+    def _section_end(self, ctx: StepContext, ev: SectionEnd) -> None:
         self.dispatcher.publish(SectionDone(self.run_uid, ev.cycle, ev.section, list(ev.tile_ids)))
         rule = self.plan.cycles
         if not isinstance(rule, int) and rule.section_exhausted and ev.tile_ids:
@@ -590,16 +559,9 @@ class Engine(RunLifecycle):
             if flat and sum(flat) / len(flat) >= rule.exhausted_fraction:
                 self._xstate.exhausted.add(ev.section)
                 self.journal.append("exhausted", section=ev.section, cycle=ev.cycle)
-                self.incident("info", "section_exhausted", f"section {ev.section} milled through in cycle "
+                self.incident(Severity.INFO, IncidentCause.SECTION_EXHAUSTED, f"section {ev.section} milled through in cycle "
                               f"{ev.cycle} ({100 * sum(flat) / len(flat):.0f} % without tissue): no longer imaged",
                               {"section": ev.section, "cycle": ev.cycle})
         self.journal.append("section_done", key=ev.key, cycle=ev.cycle, section=ev.section)
 
 
-def _try_check(sus: Optional[Suspender]) -> Optional[str]:
-    if sus is None:
-        return None
-    try:
-        return sus.check()
-    except DeviceError:
-        return None

@@ -1,5 +1,5 @@
-"""Plan -> events. The events are plain frozen dataclasses; every one has a
-``key`` that is stable across runs of the same plan, which is what the
+"""Plan -> events. The events (acq/events.py) are frozen dataclasses with
+a ``key`` that is stable across runs of the same plan, which is what the
 journal records and what resume skips.
 
 One cycle is: (irradiation, first cycle only) -> (overview) -> per section in
@@ -13,93 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 from acq.documents import tile_id
-from acq.plan import (OVERVIEW_SECTION, AutofocusStep, Grid, IrradiationStep, MillStep, Plan, Section,
+from acq.events import AcquireTile, Autofocus, Configure, CycleEnd, Irradiate, Mill, MoveStage, PlanEvent, SectionEnd
+from acq.plan import (OVERVIEW_SECTION, Grid, Plan, Section,
                       check_positions, tile_centres)
 from devices.setup_config import ConfigError
-
-Point = tuple[float, float]
-
-
-@dataclass(frozen=True)
-class Configure:
-    """Imaging settings (EHT, probe current, start wd); run at every (re)start."""
-    key: str
-    eht_kv: float
-    probe_current_na: float
-    wd_mm: Optional[float]
-
-
-@dataclass(frozen=True)
-class MoveStage:
-    key: str
-    cycle: int
-    x_um: float
-    y_um: float
-    for_key: str                     # the event this move prepares; skipped with it on resume
-
-
-@dataclass(frozen=True)
-class Autofocus:
-    key: str
-    cycle: int
-    section: int
-    grid: Optional[int]
-    center_um: Point
-    step: AutofocusStep
-    tile_keys: tuple[str, ...]       # the tiles imaged with this focus
-
-
-@dataclass(frozen=True)
-class Irradiate:
-    key: str
-    section: int
-    center_um: Point
-    step: IrradiationStep
-
-
-@dataclass(frozen=True)
-class Mill:
-    key: str
-    cycle: int
-    step: MillStep
-
-
-@dataclass(frozen=True)
-class AcquireTile:
-    key: str
-    tile_id: str
-    cycle: int
-    section: int
-    grid: int
-    row: int
-    col: int
-    center_um: Point
-    pixel_size_nm: float
-    frame_size: tuple[int, int]
-    dwell_ns: float
-    rotation_deg: float
-    overview: bool = False
-
-
-@dataclass(frozen=True)
-class SectionEnd:
-    key: str
-    cycle: int
-    section: int
-    tile_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CycleEnd:
-    key: str
-    cycle: int
-    last: bool
-
-
-Event = Union[Configure, MoveStage, Autofocus, Irradiate, Mill, AcquireTile, SectionEnd, CycleEnd]
 
 
 @dataclass
@@ -183,7 +103,7 @@ def _af_due(plan: Plan, cycle: int) -> bool:
     return plan.autofocus.method != "none" and cycle % plan.autofocus.every_n_cycles == 0
 
 
-def expand(plan: Plan, setup, start_cycle: int = 0, state: Optional[ExpansionState] = None) -> Iterator[Event]:
+def expand(plan: Plan, setup, start_cycle: int = 0, state: Optional[ExpansionState] = None) -> Iterator[PlanEvent]:
     """Events of the plan from ``start_cycle`` on (lazily: exhaustion feedback
     through ``state`` shortens later cycles)."""
     state = state if state is not None else ExpansionState()

@@ -19,8 +19,9 @@ from typing import Optional, TextIO
 
 from common import crashpoints
 from common.atomic import fsync_dir
-from acq.journal import (_CHUNK, HEAD_BYTES, JOURNAL_NAME, LISTED, REPAIR_COMMAND, SNAPSHOT_NAME, _cycle_of,
-                         _embedded, _lines, _parse, _write_all, encode_record)
+from acq.journal import (_CHUNK, HEAD_BYTES, JOURNAL_NAME, LISTED, REPAIR_COMMAND, SNAPSHOT_NAME, _embedded,
+                         _lines, _parse, _write_all, encode_record)
+from acq.journal_state import _cycle_of
 from devices.setup_config import ConfigError
 
 _CONSEQUENCE = {

@@ -23,6 +23,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       field_validator, model_validator)
 
 from acq.qc import QCConfig, QCPolicy
+from common import geometry
 from devices.setup_config import (ConfigError, Options, SetupConfig, format_validation_error, json_like,
                                   load_setup, read_yaml, validate_config)
 
@@ -82,30 +83,29 @@ class TileGeometry(_Strict):
     def n_tiles(self) -> int:
         return self.rows * self.cols
 
+    def tile_grid(self, center_um: Pair = (0.0, 0.0), rotation_deg: float = 0.0) -> geometry.TileGrid:
+        """These tiles placed at ``center_um``, turned by ``rotation_deg`` (common/geometry.py)."""
+        return geometry.TileGrid.of_frames(center_um, rotation_deg, self.rows, self.cols, self.pixel_size_nm,
+                                           self.frame_size, self.overlap_px)
+
     def step_um(self) -> Pair:
         """Centre-to-centre tile distance (µm) along the grid's x and y."""
-        w, h = self.frame_size
-        p = self.pixel_size_nm * 1e-3
-        return (w - self.overlap_px) * p, (h - self.overlap_px) * p
+        return self.tile_grid().step_um
 
     def tile_offsets_um(self, rotation_deg: float) -> list[tuple[int, int, float, float]]:
         """(row, col, dx, dy) of every tile centre relative to the grid centre,
         row by row (serpentine would save little: moves are short)."""
-        sx, sy = self.step_um()
-        c, s = math.cos(math.radians(rotation_deg)), math.sin(math.radians(rotation_deg))
-        out = []
-        for r in range(self.rows):
-            for col in range(self.cols):
-                u = (col - (self.cols - 1) / 2) * sx
-                v = (r - (self.rows - 1) / 2) * sy
-                out.append((r, col, c * u - s * v, s * u + c * v))
-        return out
+        return self.tile_grid(rotation_deg=rotation_deg).tile_offsets()
 
 
 class Grid(TileGeometry):
     id: int = Field(ge=0, le=99)
     center_um: Position
     rotation_deg: float = Field(0.0, ge=-180, le=180)
+
+    @property
+    def geometry(self) -> geometry.TileGrid:
+        return self.tile_grid(self.center_um, self.rotation_deg)
 
 
 class GridTemplate(TileGeometry):
@@ -124,6 +124,12 @@ class Section(_Strict):
         if len(set(ids)) != len(ids):
             raise ValueError(f"grid ids must be unique within a section, got {ids}")
         return v
+
+    @property
+    def geometry(self) -> geometry.Section:
+        """The section as far as a plan knows it: its first grid's outline."""
+        g = self.grids[0].geometry
+        return geometry.Section(self.id, g.center_um, g.extent_um, g.rotation_deg)
 
 
 class Overview(TileGeometry):
@@ -153,11 +159,10 @@ class AutofocusStep(_Strict):
     @field_validator("method")
     @classmethod
     def _known(cls, v):
-        from acq.autofocus_step import AUTOFOCUS_METHODS, load_plugins
+        # the registry as the application filled it at start-up (autofocus.register_methods)
+        from acq.autofocus_step import AUTOFOCUS_METHODS, unknown_method
         if v not in AUTOFOCUS_METHODS:
-            load_plugins()              # plug-ins (DeepFocus ...) only when a plan names one
-        if v not in AUTOFOCUS_METHODS:
-            raise ValueError(f"unknown autofocus method {v!r}: allowed {sorted(AUTOFOCUS_METHODS)}")
+            raise ValueError(unknown_method(v))
         return v
 
 
@@ -371,15 +376,23 @@ def load_plan(path: str | Path, setup_path: str | Path | None = None) -> Plan:
         if not sp.is_file():
             raise ConfigError(f"--config: setup file {str(sp)!r} does not exist")
         data = {**data, "setup": str(sp.resolve())}
-    plan = validate_config(Plan, data, str(path), context={"base": path.parent})
+    plan = plan_from_data(data, str(path), base=path.parent)
     plan._source = path
+    return plan
+
+
+def plan_from_data(data, source: str, base: str | Path | None = None) -> Plan:
+    """Validate plan data (a mapping as read from a plan file) completely:
+    schema, the setup's safety windows and drivers, writer options. ``base``:
+    where a relative ``setup`` path starts. Raises ConfigError naming ``source``."""
+    plan = validate_config(Plan, data, source, context={"base": base})
     try:
         cfg = load_setup(plan.setup)
     except ConfigError as e:
-        raise ConfigError(f"{path}: setup = {str(plan.setup)!r}:\n{e}") from None
+        raise ConfigError(f"{source}: setup = {str(plan.setup)!r}:\n{e}") from None
     plan._setup_config = cfg
-    check_against_setup(plan, cfg, str(path))
-    writer_options(plan, str(path))
+    check_against_setup(plan, cfg, source)
+    writer_options(plan, source)
     return plan
 
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from common.constants import E_CHARGE
 from acq.device_ops import StepFailed, reconnect
-from acq.expand import Irradiate
-from acq.lifecycle import stop_point
+from acq.events import Irradiate
+from acq.runner import stop_point
 from acq.steps_tile import apply_scan
 from devices.errors import CommunicationError, DeviceError, DeviceTimeout, LimitViolation
 

@@ -19,8 +19,8 @@ import math
 import numpy as np
 
 from acq.device_ops import with_retries
-from acq.expand import Mill
-from acq.lifecycle import stop_point
+from acq.events import Mill
+from acq.runner import stop_point
 from devices.errors import DeviceError, InterlockError
 from devices.interfaces import RasterSettings, StagePosition
 

@@ -14,10 +14,10 @@ import numpy as np
 
 from acq.device_ops import with_retries
 from acq.documents import TileEvent
-from acq.expand import AcquireTile, MoveStage
+from acq.events import AcquireTile, MoveStage
 from acq.qc import GLITCHES
 from devices.errors import AcquisitionFailed, InterlockError
-from devices.interfaces import StagePosition
+from devices.interfaces import ScanParams, StagePosition
 
 _EDGE_ROWS = 4          # incomplete scans repeat or blank the first/last lines
 
@@ -71,15 +71,11 @@ def move_stage(ctx, ev: MoveStage) -> StagePosition:
 def apply_scan(ctx, pixel_m: float, frame: tuple[int, int], dwell_s: float, rotation_rad: float) -> None:
     """Set the scan only where it differs from what was last set (each set is
     a round trip on a real microscope)."""
-    sem = ctx.setup.sem
-    want = (pixel_m, tuple(frame), dwell_s, rotation_rad)
+    want = ScanParams(pixel_m, tuple(frame), dwell_s, rotation_rad)
     if ctx.scan_cache == want:
         return
     ctx.scan_cache = None                    # a half-applied scan must not count as set
-    sem.set_pixel_size(pixel_m)
-    sem.set_frame_size(*frame)
-    sem.set_dwell_time(dwell_s)
-    sem.set_scan_rotation(rotation_rad)
+    ctx.setup.sem.set_scan(want)
     ctx.scan_cache = want
 
 
@@ -151,4 +147,4 @@ def acquire_tile(ctx, ev: AcquireTile, version: int) -> TileEvent:
         grid_id=ev.grid, row=ev.row, col=ev.col, image=frame.image, pixel_size_m=ev.pixel_size_nm * 1e-9,
         dwell_s=ev.dwell_ns * 1e-9, stage=stage, target_um=tuple(ev.center_um), rotation_deg=ev.rotation_deg,
         wd_m=float(md.get("wd_m", sem.working_distance())), stig=tuple(md.get("stig", sem.stig())),
-        t_start=t0, t_end=t1, qc=result, metadata=md)
+        t_start=t0, t_end=t1, qc=result, metadata=md, overview=ev.overview)

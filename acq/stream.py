@@ -37,7 +37,7 @@ _STOP = object()
 
 @runtime_checkable
 class Writer(Protocol):
-    """What acq/writers/* implement."""
+    """What acq/writers/* implement (through acq.documents.DocumentRouter)."""
 
     def handle(self, doc: Any) -> Optional[Iterable[str | Path]]:
         """Write ``doc``; return when it is durably written (fsync'd), with the

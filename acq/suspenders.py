@@ -1,10 +1,10 @@
 """Suspenders: conditions checked at checkpoints (between events).
 
-When one fails, the engine suspends the run (state "paused", reason
+When one fails, the runner (acq/runner.py) suspends the run (state "paused", reason
 "suspended: ..."), polls the condition on the setup clock and resumes by
 itself once it clears; after ``max_suspend_s`` it pauses for the operator.
 Consecutive device failures are the fourth suspender; that one lives in the
-engine's failure handling (acq/engine.py) because it is fed by failures,
+runner's failure handling (acq/runner.py) because it is fed by failures,
 not polled.
 """
 from __future__ import annotations
@@ -14,18 +14,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
+from acq.documents import IncidentCause
 from common.atomic import root_problem
-from acq.expand import AcquireTile, Autofocus, Irradiate, Mill
-
-
-class SuspendCondition(Exception):
-    """Raised inside a step when a suspender condition is found mid-event."""
-
-    def __init__(self, suspender: str, message: str):
-        super().__init__(message)
-        self.suspender = suspender
+from acq.events import AcquireTile, Autofocus, Irradiate, Mill
 
 
 def free_bytes(path: Path) -> int:
@@ -41,6 +34,26 @@ class Suspender:
     name: str
     check: Callable[[], Optional[str]]          # None = fine, else what is wrong
     applies: Callable[[object], bool]            # before which events it is checked
+
+    @property
+    def suspended(self) -> IncidentCause:
+        return IncidentCause(f"suspended_{self.name}")
+
+    @property
+    def resumed(self) -> IncidentCause:
+        return IncidentCause(f"resumed_{self.name}")
+
+
+@dataclass
+class SuspenderSet:
+    """The run's suspenders, each in its own slot: the runner needs the
+    output and interlock ones by role, not by name."""
+    output: Optional[Suspender] = None           # disk space / writable output
+    probe_current: Optional[Suspender] = None
+    interlock: Optional[Suspender] = None        # the ion gun's interlocks (milling only)
+
+    def __iter__(self) -> Iterator[Suspender]:
+        return iter([s for s in (self.output, self.probe_current, self.interlock) if s is not None])
 
 
 def probe_current(setup, plan) -> Suspender:
@@ -149,9 +162,8 @@ def output_space(out_dir: Path, min_free_gb: float, tile_bytes: int,
 
 
 def default_suspenders(setup, plan, out_dir: Path, tile_bytes: int = 0,
-                       journal_state=lambda: (None, None), failed_dirs: Callable[[], set] = set) -> list[Suspender]:
-    out = [output_space(out_dir, plan.suspenders.min_free_gb, tile_bytes, journal_state, failed_dirs),
-           probe_current(setup, plan)]
-    if setup.ion_gun is not None and plan.mill is not None:
-        out.append(ion_interlock(setup))
-    return out
+                       journal_state=lambda: (None, None), failed_dirs: Callable[[], set] = set) -> SuspenderSet:
+    return SuspenderSet(
+        output=output_space(out_dir, plan.suspenders.min_free_gb, tile_bytes, journal_state, failed_dirs),
+        probe_current=probe_current(setup, plan),
+        interlock=ion_interlock(setup) if setup.ion_gun is not None and plan.mill is not None else None)

@@ -24,10 +24,10 @@ import numpy as np
 from autofocus.loop import AutofocusLoop, AutofocusTrace
 from autofocus.methods import MODELS_DIR, available_methods, deepscore_model, make_pair_method, sem_has_builtin
 from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
-from devices.interfaces import StagePosition
+from devices.interfaces import ScanParams, StagePosition
 from devices.safety import GuardedSEM, SafetyGuard
 from devices.setup_config import SetupConfig, Simulation
-from devices.sim.render_cli import specimen_world
+from devices.sim.frames import specimen_world
 from devices.sim.sem import SimSEM
 
 MARGIN_WD_UM, MARGIN_STIG = 1.0, 0.25
@@ -91,16 +91,14 @@ class SimBench:
         self.raw.set_blanked(False)
         self.guard = SafetyGuard(cfg.safety)
         self.sem = GuardedSEM(self.raw, self.guard)
-        self.sem.set_pixel_size(st.pixel_m)
-        self.sem.set_frame_size(*st.frame)
-        self.sem.set_dwell_time(st.dwell_s)
+        self.sem.set_scan(ScanParams(pixel_m=st.pixel_m, frame=tuple(st.frame), dwell_s=st.dwell_s))
         self.st = st
 
     def goto(self, xy: tuple[float, float], noise_key: Sequence[int] = ()) -> tuple[float, float, float]:
         """Move to a location; reset drift and frame noise; return the hidden baseline."""
         self.world.stage_actual = StagePosition(x=xy[0], y=xy[1])
         self.world.drift_m = np.zeros(2)
-        self.raw._rng = np.random.default_rng([self.st.seed, 101, *noise_key])
+        self.raw.reseed([self.st.seed, 101, *noise_key])
         return self.world.focus_baseline(*xy)
 
     def set_relative(self, base, ab) -> None:

@@ -29,7 +29,7 @@ import torch
 from autofocus.inference import resample
 from devices.setup_config import MicroscopeParams, Simulation
 from devices.sim import optics
-from devices.sim.render_cli import specimen_world
+from devices.sim.frames import specimen_world
 from devices.sim.sem import render
 
 BASE_MICROSCOPE = MicroscopeParams(alpha_mrad=3.0, sigma0_nm=1.5, stig_rotation_deg=15.0,

@@ -1,19 +1,20 @@
 """The autofocus loop as acquisition-engine methods (acq.autofocus_step).
 
-Importing this module registers "mapfost", "deepfocus" (and every shipped
-DeepFocus variant by name), "sharpness-nm" and "deepscore-nm" in
-AUTOFOCUS_METHODS. The engine calls ``fn(setup, request)``; the loop moves
-wd/stig itself (clamped, inside the windows) and returns where it ended; a
-diverged or failed loop has already put the SEM back and returns ok=False,
-so the engine keeps the previous focus. Per-plan knobs come in
-``request.options``: perturbation_um, max_iterations, n_patches,
-mapfost_calibration (a JSON file written by ``save_calibration``),
-stop_score (Nelder–Mead), nm_iterations.
+``register_all`` (what ``autofocus.register_methods`` calls) registers
+"mapfost", "deepfocus" (and every shipped DeepFocus variant by name),
+"sharpness-nm" and "deepscore-nm" in AUTOFOCUS_METHODS. The engine calls
+``fn(setup, request)``; the loop moves wd/stig itself (clamped, inside the
+windows) and returns where it ended; a diverged or failed loop has already
+put the SEM back and returns ok=False, so the engine keeps the previous
+focus. Per-plan knobs come in ``request.options``: perturbation_um,
+max_iterations, n_patches, mapfost_calibration (a JSON file written by
+``save_calibration``), stop_score (Nelder–Mead), nm_iterations.
 """
 from __future__ import annotations
 
 import json
 import logging
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,10 @@ from autofocus.methods import deepfocus_variants, make_pair_method
 from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
 
 log = logging.getLogger(__name__)
-_CACHE: dict = {}                       # (id(sem), name, options) -> method: models load once
+# Methods and objectives built for a microscope, per SEM object: models load
+# and MAPFoSt calibrates once per run, and the entries go with the SEM (an id
+# could be reused by the next run's SEM and hand it a stale calibration).
+_BUILT: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 LAST_TRACES: list[AutofocusTrace] = []  # most recent first is the last element; bounded
 
 
@@ -48,10 +52,15 @@ def _mapfost_calibration(setup, opts: dict):
     raise RuntimeError("MAPFoSt needs a calibration: options.mapfost_calibration = JSON from save_calibration")
 
 
+def built_for(sem) -> dict:
+    """What was built for ``sem`` so far: (name, options) -> method or objective."""
+    return _BUILT.setdefault(sem, {})
+
+
 def _pair_method(setup, name: str, req: AutofocusRequest):
     opts = req.options or {}
-    key = (id(setup.sem), name, json.dumps(opts, sort_keys=True, default=str))
-    if key not in _CACHE:
+    cache, key = built_for(setup.sem), (name, json.dumps(opts, sort_keys=True, default=str))
+    if key not in cache:
         kw = dict(sem=setup.sem, perturbation_m=float(opts.get("perturbation_um", 5.0)) * 1e-6,
                   n_patches=opts.get("n_patches"), seed=int(opts.get("seed", 0)))
         if name == "mapfost":
@@ -59,8 +68,8 @@ def _pair_method(setup, name: str, req: AutofocusRequest):
             kw.update(mapfost_calibration=_mapfost_calibration(setup, opts),
                       microscope=world.mp if world is not None else None,
                       scan_rotation_rad=setup.sem.scan_rotation())
-        _CACHE[key] = make_pair_method(name, **kw)
-    return _CACHE[key]
+        cache[key] = make_pair_method(name, **kw)
+    return cache[key]
 
 
 def _result(tr: AutofocusTrace) -> AutofocusResult:
@@ -94,8 +103,10 @@ def search_autofocus(name: str):
     def run(setup, req: AutofocusRequest) -> AutofocusResult:
         opts = req.options or {}
         try:
-            key = (name, "objective")
-            objective = _CACHE.get(key) or _CACHE.setdefault(key, make_objective(name))
+            cache, key = built_for(setup.sem), (name, "objective")
+            if key not in cache:
+                cache[key] = make_objective(name)
+            objective = cache[key]
         except (FileNotFoundError, ImportError) as e:
             return AutofocusResult(setup.sem.working_distance(), tuple(setup.sem.stig()), ok=False,
                                    message=f"{name} unavailable: {e}")
@@ -116,6 +127,3 @@ def register_all() -> list[str]:
     for n in ("sharpness-nm", "deepscore-nm"):
         register_autofocus(n, search_autofocus(n))
     return names + ["sharpness-nm", "deepscore-nm"]
-
-
-REGISTERED = register_all()

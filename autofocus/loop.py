@@ -22,9 +22,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from autofocus.methods import CorrectionMethod, Estimate, sharpness
-from devices.errors import DeviceError
+from autofocus.methods import CorrectionMethod, Estimate, tenengrad
 from common.constants import E_CHARGE
+from devices.errors import DeviceError
+from devices.interfaces import ScanParams
 
 
 @dataclass
@@ -103,36 +104,6 @@ def frame_dose(frame, sem) -> float:
     return float(sem.probe_current() * sem.dwell_time() / E_CHARGE / (px_nm * px_nm))
 
 
-class ScanSettings:
-    """Set dwell/frame/pixel (and unblank) for autofocus; restore on exit."""
-
-    def __init__(self, sem, dwell_s=None, frame_size=None, pixel_size_m=None):
-        self.sem, self.want = sem, (dwell_s, frame_size, pixel_size_m)
-
-    def __enter__(self):
-        s = self.sem
-        self.saved = (s.dwell_time(), tuple(s.frame_size()), s.pixel_size(), s.blanked())
-        dwell, frame, pixel = self.want
-        if dwell is not None:
-            s.set_dwell_time(dwell)
-        if frame is not None:
-            s.set_frame_size(*frame)
-        if pixel is not None:
-            s.set_pixel_size(pixel)
-        if self.saved[3]:
-            s.set_blanked(False)
-        return self
-
-    def __exit__(self, *exc):
-        s = self.sem
-        dwell, frame, pixel, blanked = self.saved
-        s.set_dwell_time(dwell)
-        s.set_frame_size(*frame)
-        s.set_pixel_size(pixel)
-        if blanked:
-            s.set_blanked(True)
-
-
 class Windows:
     """The absolute wd/stig windows and the step clamp of a SafetyGuard."""
 
@@ -171,7 +142,7 @@ class AutofocusLoop:
         self.perturbation_m = perturbation_m
         self.max_iterations = max_iterations
         self.threshold = (threshold_wd_m, threshold_stig)
-        self.settings = (dwell_s, frame_size, pixel_size_m)
+        self.scan = ScanParams(pixel_m=pixel_size_m, frame=frame_size, dwell_s=dwell_s)
         self.patience, self.growth_factor, self.growth_floor = patience, growth_factor, growth_floor
         self.collapse_fraction = collapse_fraction
         self.margins = margins
@@ -209,7 +180,7 @@ class AutofocusLoop:
         wd0, stig0 = sem.working_distance(), tuple(sem.stig())
         trace = AutofocusTrace(getattr(self.method, "name", type(self.method).__name__), wd0, stig0)
         try:
-            with ScanSettings(sem, *self.settings):
+            with sem.scanning(self.scan):        # the operator's scan and blanking come back afterwards
                 self._iterate(trace, wd0, stig0)
         except BaseException as e:
             trace.status, trace.message = "failed", f"{type(e).__name__}: {e}"
@@ -251,7 +222,7 @@ class AutofocusLoop:
             if self.method.needs_pair:
                 rec.pair_center_wd_m = center = self.pair_center(wd)
                 img_p, img_m = self.acquire_pair(center, rec)
-                rec.sharpness = 0.5 * (sharpness(img_p) + sharpness(img_m))
+                rec.sharpness = 0.5 * (tenengrad(img_p) + tenengrad(img_m))
                 est = self._estimate(lambda: self.method.estimate(img_p, img_m, sem.pixel_size(),
                                                                   self.perturbation_m))
             else:

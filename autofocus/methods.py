@@ -53,8 +53,9 @@ class CorrectionMethod(Protocol):
 
 
 # ----------------------------------------------------------- image metrics
-def sharpness(image: np.ndarray, sigma_px: float = 1.0) -> float:
-    """Tenengrad of a smoothed image over its squared mean (higher = sharper).
+def tenengrad(image: np.ndarray, sigma_px: float = 1.0) -> float:
+    """Tenengrad (mean squared Sobel gradient) of the image smoothed by a
+    Gaussian of ``sigma_px``, over its squared mean (higher = sharper).
 
     The Gaussian takes out most of the shot noise, which would otherwise add a
     focus-independent floor that flattens the curve at low dose; dividing by

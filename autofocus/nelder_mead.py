@@ -24,8 +24,9 @@ from typing import Optional
 import numpy as np
 from scipy.optimize import minimize
 
-from autofocus.loop import AutofocusTrace, IterationRecord, ScanSettings, Windows, frame_dose
-from autofocus.methods import deepscore_model, sharpness
+from autofocus.loop import AutofocusTrace, IterationRecord, Windows, frame_dose
+from autofocus.methods import deepscore_model, tenengrad
+from devices.interfaces import ScanParams
 
 
 class SharpnessObjective:
@@ -37,7 +38,7 @@ class SharpnessObjective:
         self.sigma_px = sigma_px
 
     def __call__(self, image: np.ndarray, pixel_size_m: float) -> float:
-        return -sharpness(image, self.sigma_px)
+        return -tenengrad(image, self.sigma_px)
 
 
 class DeepScoreObjective:
@@ -95,7 +96,7 @@ class NelderMeadAutofocus:
         self.stall_iterations = stall_iterations
         self.kick = np.asarray(kick, float)
         self.tolerance = np.asarray(tolerance, float)
-        self.settings = (dwell_s, frame_size, pixel_size_m)
+        self.scan = ScanParams(pixel_m=pixel_size_m, frame=frame_size, dwell_s=dwell_s)
         self.rng = np.random.default_rng(seed)
         s = guard.s
         self.box = np.array([s.max_autofocus_step_wd_um * 1e-6, s.max_autofocus_step_stig,
@@ -174,7 +175,7 @@ class NelderMeadAutofocus:
         self.frames, self.pending_images = 0, 0
         self.pending_dose = self.pending_scan = self.pending_est = 0.0
         try:
-            with ScanSettings(sem, *self.settings):
+            with sem.scanning(self.scan):
                 self._search(trace)
                 # leave the SEM at the best point seen (inside the windows by construction)
                 sem.set_working_distance(float(self.best_x[0]))

@@ -30,6 +30,7 @@ from autofocus.bench import (BenchSettings, MethodResult, SimBench, format_table
 from autofocus.loop import AutofocusLoop, Windows
 from autofocus.methods import MODELS_DIR, DeepFocusMethod, deepfocus_variants, deepscore_model
 from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
+from devices.interfaces import ScanParams
 from devices.setup_config import MicroscopeParams, SetupConfig
 
 TRAIN_CENTER_M = (400e-6, 0.0)              # training region, away from the test grid at (0, 0)
@@ -83,7 +84,7 @@ def find_baselines(bench: SimBench, st: RecalSettings, progress=print) -> list[d
     stop = None
     if use_deepscore:                       # seed: score of one manually focused image × 1.05
         bench.focus_by_hand((TRAIN_CENTER_M[0], TRAIN_CENTER_M[1] - 200e-6))
-        bench.sem.set_dwell_time(st.search_dwell_s)
+        bench.sem.set_scan(ScanParams(dwell_s=st.search_dwell_s))
         stop = 1.05 * objective(bench.sem.acquire_frame().image, st.pixel_m)
     rng = np.random.default_rng([st.seed, 17])
     locs = [(TRAIN_CENTER_M[0] + x, TRAIN_CENTER_M[1] + y)
@@ -129,7 +130,7 @@ def acquire_training_pairs(bench: SimBench, st: RecalSettings, baselines: list[d
                     break
             else:
                 raise RuntimeError(f"baseline {b['baseline']} leaves no room for aberrations inside the windows")
-            sem.set_dwell_time(float(rng.choice(st.train_dwell_s)))
+            sem.set_scan(ScanParams(dwell_s=float(rng.choice(st.train_dwell_s))))
             sem.set_stig(sx0 + ab[1], sy0 + ab[2])
             imgs = []
             for sign in (+1, -1):

@@ -52,10 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from acq.engine import Engine  # noqa: E402
-from acq.expand import AcquireTile, MoveStage  # noqa: E402
+from acq.documents import TileEvent  # noqa: E402
+from acq.events import AcquireTile, MoveStage  # noqa: E402
 from acq.plan import load_plan, writer_options  # noqa: E402
 from acq.writers import make_writers  # noqa: E402
+import autofocus  # noqa: E402
 from devices.factory import build_setup  # noqa: E402
+autofocus.register_methods()          # the application registers the autofocus methods a plan may name
 
 REFERENCE_FRACTION = 0.05
 WRITERS = ["ome_tiff", "mipmaps", "render_tilespecs", "trakem2", "ome_zarr"]
@@ -87,7 +90,7 @@ class TimedWriter:
     def handle(self, doc):
         t = time.perf_counter()
         files = self.inner.handle(doc)
-        if doc.kind == "tile":
+        if isinstance(doc, TileEvent):
             self.tile_s += time.perf_counter() - t
             self.tile_bytes += doc.image.nbytes
         return files
@@ -101,22 +104,22 @@ class TimedWriter:
             fn()
 
 
-class TimedEngine(Engine):
-    """Engine-thread time per event kind; first tile move and last tile ack."""
+class EngineTimes:
+    """Engine-thread time per event class (the engine's step hooks); first
+    tile move and last tile acknowledgement."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, engine: Engine):
         self.busy = defaultdict(float)
         self.first_tile = self.first_ack = self.last_ack = None
+        engine.on_step(self.before)
+        engine.after_step(self.after)
 
-    def _execute(self, ev):
-        t = time.perf_counter()
+    def before(self, ev):
         if self.first_tile is None and isinstance(ev, MoveStage):
-            self.first_tile = t
-        try:
-            super()._execute(ev)
-        finally:
-            self.busy[type(ev).__name__] += time.perf_counter() - t
+            self.first_tile = time.perf_counter()
+
+    def after(self, ev, seconds: float):
+        self.busy[type(ev)] += seconds
 
     def note_ack(self):
         self.last_ack = time.perf_counter()
@@ -169,15 +172,16 @@ def run_case(folder: Path, frame: tuple[int, int], tiles: int, saturate: bool = 
     meta: list[dict] = []
     try:
         writers = [TimedWriter(w) for w in make_writers(out, writer_options(plan))]
-        engine = TimedEngine(setup, plan, out, writers=writers, on_pause="stop")
-        engine.subscribe(lambda d: d.kind == "tile" and meta.append(
+        engine = Engine(setup, plan, out, writers=writers, on_pause="stop")
+        times = EngineTimes(engine)
+        engine.subscribe(lambda d: isinstance(d, TileEvent) and meta.append(
             {"render_s": d.metadata["render_s"], "scan_s": d.metadata["scan_time_s"], "bytes": d.image.nbytes}))
         append = engine.journal.append
 
         def journal_append(rec, **kw):                 # tile_done = every writer acknowledged the tile
             out_rec = append(rec, **kw)
             if rec == "tile_done":
-                engine.note_ack()
+                times.note_ack()
             return out_rec
         engine.journal.append = journal_append
         t = time.perf_counter()
@@ -190,16 +194,16 @@ def run_case(folder: Path, frame: tuple[int, int], tiles: int, saturate: bool = 
     n = len(meta)
     render = sum(m["render_s"] for m in meta) / n
     scan = meta[0]["scan_s"]
-    per_tile = (engine.last_ack - engine.first_tile) / n
-    engine_s = (engine.busy[AcquireTile.__name__] + engine.busy[MoveStage.__name__]) / n - render
+    per_tile = (times.last_ack - times.first_tile) / n
+    engine_s = (times.busy[AcquireTile] + times.busy[MoveStage]) / n - render
     return {"frame": frame, "tiles": n, "wall_per_tile": per_tile, "render": render, "scan": scan,
             "overhead": per_tile - render, "engine": engine_s, "bytes": meta[0]["bytes"],
             "writers": {w.name: (w.tile_bytes / 1e6 / w.tile_s if w.tile_s else float("inf"), w.tile_s / n)
                         for w in writers},
-            "start_s": engine.first_tile - t, "finish_s": t_end - engine.last_ack,
+            "start_s": times.first_tile - t, "finish_s": t_end - times.last_ack,
             # saturated runs: first tile acknowledged (its frame was rendered; the
             # others are replayed) .. end of the run (writers flushed and closed)
-            "stream_s": t_end - engine.first_ack, "disk_bytes": folder_bytes(out)}
+            "stream_s": t_end - times.first_ack, "disk_bytes": folder_bytes(out)}
 
 
 def main() -> int:

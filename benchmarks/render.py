@@ -17,11 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 from devices.setup_config import Simulation  # noqa: E402
 from devices.sim import optics  # noqa: E402
-from devices.sim.render_cli import render_frame, specimen_world  # noqa: E402
+from devices.sim.frames import render_frame, specimen_world  # noqa: E402
 
 SIZES = [(1024, 768), (2048, 1536), (6144, 4608)]
 

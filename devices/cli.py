@@ -7,7 +7,8 @@ from typing import Callable, Optional
 
 import typer
 
-from devices.setup_config import ConfigError, load_setup
+from devices.check import check_devices
+from devices.setup_config import ConfigError
 
 app = typer.Typer(add_completion=False, help="Configured devices.")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sim.yaml"
@@ -27,28 +28,6 @@ def finite(lo: Optional[float] = None, hi: Optional[float] = None) -> Callable:
                 raise typer.BadParameter(f"{v!r}: give {allowed}")
         return value
     return check
-
-
-def check_devices(config: Path) -> tuple[list[tuple[str, str, str, str, bool]], bool]:
-    from devices.factory import _link_simulation, build_setup
-    cfg = load_setup(config)
-    setup = build_setup(cfg, connect=False)
-    rows, ok_all = [], True
-    try:
-        for role, dev in setup.devices().items():
-            driver = getattr(cfg.devices, role).driver
-            try:
-                dev.connect()
-                ident = dev.identity()
-                st = dev.status()
-                ok, detail = st.healthy, st.detail
-            except Exception as e:       # report every device, whatever fails
-                ident, ok, detail = "-", False, f"{type(e).__name__}: {e}"
-            rows.append((role, driver, ident, detail, ok))
-            ok_all &= ok
-    finally:
-        setup.close()
-    return rows, ok_all
 
 
 @app.command()

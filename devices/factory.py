@@ -8,7 +8,6 @@ real transport. ``Setup`` owns everything it started and closes it in order
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -38,8 +37,9 @@ class Setup:
         return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
 
     def close(self) -> None:
-        # ion gun first: blanked and off before anything else goes away
-        for role in ("ion_gun", "waveform_generator", "sem", "stage", "multimeter", "current_preamp"):
+        # the ion beam and its raster first: blanked and off before anything else goes away
+        first = ("ion_gun", "waveform_generator")
+        for role in (*first, *(r for r in ROLES if r not in first)):
             dev = getattr(self, role)
             if dev is None:
                 continue

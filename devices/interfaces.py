@@ -6,9 +6,10 @@ feature checks ``Capability`` flags, never a model name.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -64,7 +65,23 @@ class Frame:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ScanParams:
+    """Scan parameters for ``SEM.set_scan``; None leaves that one as it is."""
+    pixel_m: Optional[float] = None
+    frame: Optional[tuple[int, int]] = None           # width, height
+    dwell_s: Optional[float] = None
+    rotation_rad: Optional[float] = None
+
+    def only(self, given: "ScanParams") -> "ScanParams":
+        """These values for the parameters ``given`` sets, None for the others."""
+        return ScanParams(**{f.name: getattr(self, f.name) if getattr(given, f.name) is not None else None
+                             for f in fields(self)})
+
+
 class SEM(Device):
+    """The per-parameter setters are what a driver implements; callers set a
+    scan through ``set_scan`` (or ``scanning``), which fixes the order."""
     role = "sem"
 
     @abc.abstractmethod
@@ -105,6 +122,37 @@ class SEM(Device):
     def set_blanked(self, blanked: bool) -> None: ...
     @abc.abstractmethod
     def acquire_frame(self) -> Frame: ...
+
+    def scan(self) -> ScanParams:
+        return ScanParams(self.pixel_size(), tuple(self.frame_size()), self.dwell_time(), self.scan_rotation())
+
+    def set_scan(self, scan: ScanParams) -> None:
+        """Set the given parameters, the frame size before the pixel size: on a
+        real column the pixel size follows from magnification and frame width,
+        so a frame set afterwards would change it again."""
+        if scan.frame is not None:
+            self.set_frame_size(*scan.frame)
+        if scan.pixel_m is not None:
+            self.set_pixel_size(scan.pixel_m)
+        if scan.dwell_s is not None:
+            self.set_dwell_time(scan.dwell_s)
+        if scan.rotation_rad is not None:
+            self.set_scan_rotation(scan.rotation_rad)
+
+    @contextlib.contextmanager
+    def scanning(self, scan: ScanParams, *, unblank: bool = True) -> Iterator["SEM"]:
+        """``scan`` (and the beam unblanked) for the block; afterwards the
+        parameters it changed and the blanking are put back, also after an error."""
+        before, blanked = self.scan().only(scan), self.blanked()
+        try:
+            self.set_scan(scan)
+            if unblank and blanked:
+                self.set_blanked(False)
+            yield self
+        finally:
+            self.set_scan(before)
+            if unblank and blanked:
+                self.set_blanked(True)
 
     def field_of_view(self) -> tuple[float, float]:
         w, h = self.frame_size()

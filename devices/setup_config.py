@@ -19,6 +19,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from common.roles import ROLES
+
 
 class ConfigError(ValueError):
     """A configuration or plan file is invalid; the message names the field."""
@@ -217,7 +219,7 @@ FRAME_FAULTS = ("incomplete_frame", "frozen_frame")     # corrupt a grabbed fram
 
 
 class FaultRule(_Strict):
-    device: Literal["sem", "stage", "ion_gun", "waveform_generator", "multimeter", "current_preamp"]
+    device: Literal[ROLES]
     operation: str = Field(description="an operation the simulated device counts (see devices.sim.faults), "
                                        "or '*' for all")
     kind: Literal["timeout", "grab_failure", "move_failure", "disconnect", "visa_error", "communication",

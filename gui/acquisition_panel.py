@@ -181,7 +181,7 @@ class AcquisitionPanel(QWidget):
         self.state_label.setStyleSheet(STATE_STYLE.get(state, "") + "font-weight: bold; padding: 4px;")
         self.advice.setVisible(state == "paused")
         if state == "paused":
-            self.advice.setText(f"<b>Paused:</b> {reason}<br>{pause_advice(reason)}")
+            self.advice.setText(f"<b>Paused:</b> {reason}<br>{pause_advice(self.ctl.pause_info)}")
             self.step_label.setText("paused (beams blanked)")
         self._buttons()
 

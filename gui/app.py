@@ -28,9 +28,11 @@ def make_app(argv: Optional[list[str]] = None):
 
 def build_window(config_path: str | Path, connect: bool = True):
     """Session + main window (tests use this with the ``qtbot`` fixture)."""
+    import autofocus
     from gui.main_window import MainWindow
     from gui.session import Session
 
+    autofocus.register_methods()               # the plan builder lists and validates these methods
     session = Session(config_path)
     win = MainWindow(session)
     if connect:

@@ -212,7 +212,7 @@ class AutofocusPanel(QWidget):
 
     # ------------------------------------------------------------ history
     def on_tile(self, doc) -> None:
-        if doc.section_id >= 9999:
+        if doc.overview:
             return
         cyc = self.history.setdefault(doc.cycle, {})
         if doc.section_id not in cyc:               # the focus each section was imaged with

@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from devices.interfaces import ScanParams
+
 OnIteration = Optional[Callable[[dict], None]]
 
 
@@ -100,16 +102,11 @@ def _sweep(setup, frame: int, pixel_nm: float, dwell_ns: float, on_iteration: On
     from acq.autofocus_step import AutofocusRequest, sweep
     sem = setup.sem
     wd0, stig0 = sem.working_distance(), tuple(sem.stig())
-    saved = (sem.pixel_size(), tuple(sem.frame_size()), sem.dwell_time(), sem.blanked())
-    try:
-        res = sweep(setup, AutofocusRequest((0.0, 0.0), pixel_nm * 1e-9, (frame, frame), dwell_ns * 1e-9))
+    scan = ScanParams(pixel_m=pixel_nm * 1e-9, frame=(frame, frame), dwell_s=dwell_ns * 1e-9)
+    with sem.scanning(scan):                 # the sweep sets this scan itself; the operator's comes back
+        res = sweep(setup, AutofocusRequest((0.0, 0.0), scan.pixel_m, scan.frame, scan.dwell_s))
         d_wd, _ = setup.guard.clamp_autofocus_step(res.wd_m - wd0, (0.0, 0.0))
         sem.set_working_distance(wd0 + d_wd)
-    finally:
-        sem.set_pixel_size(saved[0])
-        sem.set_frame_size(*saved[1])
-        sem.set_dwell_time(saved[2])
-        sem.set_blanked(saved[3])
     it = {"iteration": 1, "wd_m": wd0, "stig": stig0, "d_wd_m": d_wd, "d_stig": (0.0, 0.0),
           "wd_after_m": wd0 + d_wd, "stig_after": stig0, "clamped": d_wd != res.wd_m - wd0}
     if on_iteration:
@@ -127,43 +124,35 @@ def _mapfost_plain(setup, perturbation_um, max_iterations, frame, pixel_nm, dwel
     if world is None:
         raise RuntimeError("MAPFoSt without autofocus/loop.py needs the simulator's calibration")
     cal = calibration_from_microscope(world.mp, sem.scan_rotation())
-    saved = (sem.pixel_size(), tuple(sem.frame_size()), sem.dwell_time(), sem.blanked())
     wd0, stig0 = sem.working_distance(), tuple(sem.stig())
     its, status = [], "max_iterations"
     try:
-        sem.set_pixel_size(pixel_nm * 1e-9)
-        sem.set_frame_size(frame, frame)
-        sem.set_dwell_time(dwell_ns * 1e-9)
-        sem.set_blanked(False)
-        for k in range(1, max_iterations + 1):
-            if token is not None:
-                token.check()
-            wd, stig = sem.working_distance(), tuple(sem.stig())
-            sem.set_working_distance(wd + perturbation_um * 1e-6)
-            a = sem.acquire_frame().image
-            sem.set_working_distance(wd - perturbation_um * 1e-6)
-            b = sem.acquire_frame().image
-            dz, sx, sy = estimate_correction(a, b, perturbation_um, pixel_nm, cal, patch_size=frame)
-            d_wd, d_st = guard.clamp_autofocus_step(dz * 1e-6, (sx, sy))
-            sem.set_working_distance(wd + d_wd)
-            sem.set_stig(stig[0] + d_st[0], stig[1] + d_st[1])
-            it = {"iteration": k, "wd_m": wd, "stig": stig, "d_wd_m": d_wd, "d_stig": tuple(d_st),
-                  "wd_after_m": wd + d_wd, "stig_after": (stig[0] + d_st[0], stig[1] + d_st[1]), "clamped": False}
-            its.append(it)
-            if on_iteration:
-                on_iteration({**it, "final": False})
-            if abs(dz) < 0.2 and max(abs(sx), abs(sy)) < 0.05:
-                status = "converged"
-                break
+        with sem.scanning(ScanParams(pixel_m=pixel_nm * 1e-9, frame=(frame, frame), dwell_s=dwell_ns * 1e-9)):
+            for k in range(1, max_iterations + 1):
+                if token is not None:
+                    token.check()
+                wd, stig = sem.working_distance(), tuple(sem.stig())
+                sem.set_working_distance(wd + perturbation_um * 1e-6)
+                a = sem.acquire_frame().image
+                sem.set_working_distance(wd - perturbation_um * 1e-6)
+                b = sem.acquire_frame().image
+                dz, sx, sy = estimate_correction(a, b, perturbation_um, pixel_nm, cal, patch_size=frame)
+                d_wd, d_st = guard.clamp_autofocus_step(dz * 1e-6, (sx, sy))
+                sem.set_working_distance(wd + d_wd)
+                sem.set_stig(stig[0] + d_st[0], stig[1] + d_st[1])
+                it = {"iteration": k, "wd_m": wd, "stig": stig, "d_wd_m": d_wd, "d_stig": tuple(d_st),
+                      "wd_after_m": wd + d_wd, "stig_after": (stig[0] + d_st[0], stig[1] + d_st[1]),
+                      "clamped": False}
+                its.append(it)
+                if on_iteration:
+                    on_iteration({**it, "final": False})
+                if abs(dz) < 0.2 and max(abs(sx), abs(sy)) < 0.05:
+                    status = "converged"
+                    break
     except BaseException:
         sem.set_working_distance(wd0)
         sem.set_stig(*stig0)
         raise
-    finally:
-        sem.set_pixel_size(saved[0])
-        sem.set_frame_size(*saved[1])
-        sem.set_dwell_time(saved[2])
-        sem.set_blanked(saved[3])
     return {"method": "mapfost", "status": status, "message": f"{len(its)} MAPFoSt iterations", "iterations": its,
             "start_wd_m": wd0, "start_stig": stig0, "final_wd_m": sem.working_distance(),
             "final_stig": tuple(sem.stig()), "seconds": time.perf_counter() - t0, "ok": True}

@@ -8,6 +8,8 @@ import pyqtgraph as pg
 from PyQt5.QtCore import QTimer
 from PyQt5.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QTabWidget, QVBoxLayout, QWidget
 
+from acq.documents import TileEvent
+
 REFRESH_MS = 150
 QC_KEYS = ("focus", "mean", "sd")
 QC_PENS = {"focus": "#1565c0", "mean": "#2e7d32", "sd": "#ef6c00"}
@@ -109,11 +111,11 @@ class LiveView(QTabWidget):
     # ------------------------------------------------------------ inputs
     def on_tile(self, doc) -> None:
         """A TileEvent: keep it for the next refresh; record its QC values.
-        Overview tiles of a plan (section 9999) go to the overview tab."""
-        if doc.section_id >= 9999:
+        Overview tiles of a plan go to the overview tab."""
+        if doc.overview:
             self._pending_overview = doc
             return
-        self._pending = ("tile", doc)
+        self._pending = doc
         qc = doc.qc if isinstance(doc.qc, dict) else {}
         n = len(self.qc["mean"])
         for k in QC_KEYS:
@@ -127,7 +129,7 @@ class LiveView(QTabWidget):
 
     def on_frame(self, image, metadata: dict) -> None:
         """A frame grabbed by hand (SEM panel)."""
-        self._pending = ("frame", (image, metadata))
+        self._pending = (image, metadata)
 
     def show_overview(self, ov) -> None:
         if ov is None:
@@ -149,9 +151,8 @@ class LiveView(QTabWidget):
             self.overview_pane.show(ov.image, f"plan overview tile {ov.tile_id}, cycle {ov.cycle + 1}")
         pending, self._pending = self._pending, None
         if pending is not None:
-            kind, data = pending
-            if kind == "tile":
-                d = data
+            if isinstance(pending, TileEvent):
+                d = pending
                 caption = (f"{d.tile_id} v{d.version}  cycle {d.cycle + 1}  section {d.section_id}  "
                            f"wd {d.wd_m * 1e3:.4f} mm  stig ({d.stig[0]:.2f}, {d.stig[1]:.2f})")
                 q = d.qc if isinstance(d.qc, dict) else {}
@@ -159,7 +160,7 @@ class LiveView(QTabWidget):
                     caption += f"  focus {q['focus']:.3g}" + ("" if q.get("ok", True) else "  QC FAILED")
                 self.tile_pane.show(d.image, caption)
             else:
-                image, md = data
+                image, md = pending
                 self.tile_pane.show(image, f"grabbed frame {image.shape[1]}×{image.shape[0]}  "
                                            f"wd {md.get('wd_m', 0) * 1e3:.4f} mm")
             self.tiles_shown += 1

@@ -7,6 +7,7 @@ import math
 from PyQt5.QtCore import pyqtSignal
 from PyQt5.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QSpinBox, QWidget
 
+from devices.interfaces import ScanParams
 from gui.panel_base import DevicePanel
 from gui.widgets import spin
 
@@ -81,18 +82,20 @@ class SemPanel(DevicePanel):
                    precheck=lambda: self.session.guard.check_stig(x, y))
 
     def set_pixel(self):
-        self.apply(f"pixel size {self.pixel.value():g} nm", self.dev.set_pixel_size, self.pixel.value() * 1e-9)
+        self.apply(f"pixel size {self.pixel.value():g} nm", self.dev.set_scan,
+                   ScanParams(pixel_m=self.pixel.value() * 1e-9))
 
     def set_dwell(self):
-        self.apply(f"dwell {self.dwell.value():g} ns", self.dev.set_dwell_time, self.dwell.value() * 1e-9)
+        self.apply(f"dwell {self.dwell.value():g} ns", self.dev.set_scan,
+                   ScanParams(dwell_s=self.dwell.value() * 1e-9))
 
     def set_frame(self):
-        self.apply(f"frame {self.fw.value()}×{self.fh.value()}", self.dev.set_frame_size, self.fw.value(),
-                   self.fh.value())
+        self.apply(f"frame {self.fw.value()}×{self.fh.value()}", self.dev.set_scan,
+                   ScanParams(frame=(self.fw.value(), self.fh.value())))
 
     def set_rotation(self):
-        self.apply(f"scan rotation {self.rotation.value():g}°", self.dev.set_scan_rotation,
-                   math.radians(self.rotation.value()))
+        self.apply(f"scan rotation {self.rotation.value():g}°", self.dev.set_scan,
+                   ScanParams(rotation_rad=math.radians(self.rotation.value())))
 
     def set_blank(self):
         on = self.blank.isChecked()

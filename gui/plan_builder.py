@@ -49,18 +49,13 @@ def plan_dict(layout: WaferLayout, setup_path: Path, opts: PlanOptions) -> dict:
 
 
 def build_plan(data: dict, source: str = "GUI plan"):
-    """Validate like acq.plan.load_plan; raises ConfigError naming the field."""
-    from acq.plan import Plan, check_against_setup, writer_options
-    from devices.setup_config import ConfigError, load_setup, validate_config
+    """Validated by acq.plan's loader, as a plan file is; raises ConfigError naming the field."""
+    from acq.plan import plan_from_data
+    from devices.setup_config import ConfigError
 
     if not data.get("sections"):
         raise ConfigError(f"{source}: no section has a grid: create grids first")
-    plan = validate_config(Plan, data, source)
-    cfg = load_setup(plan.setup)
-    plan._setup_config = cfg
-    check_against_setup(plan, cfg, source)
-    writer_options(plan, source)
-    return plan
+    return plan_from_data(data, source)
 
 
 def save_plan(data: dict, path: Path) -> Path:

@@ -11,32 +11,14 @@ from typing import Optional
 
 from PyQt5.QtCore import QObject, pyqtSignal
 
+from acq.documents import IncidentCause
+from acq.events import AcquireTile
+from acq.runner import Pause, RunState
 from gui.doc_bridge import DocBridge
 from gui.run_progress import RunProgress
-from gui.wafer_model import ACQUIRED, ACQUIRING, FAILED, PLANNED, REACQUIRED, GridSpec, SectionItem
+from gui.wafer_model import ACQUIRED, ACQUIRING, FAILED, PLANNED, REACQUIRED, GridSpec
 
 log = logging.getLogger(__name__)
-
-
-def describe_event(ev) -> str:
-    kind = type(ev).__name__
-    if kind == "MoveStage":
-        return f"moving stage to ({ev.x_um / 1e3:.4f}, {ev.y_um / 1e3:.4f}) mm"
-    if kind == "AcquireTile":
-        return f"acquiring tile {ev.tile_id}" + (" (overview)" if ev.overview else "")
-    if kind == "Autofocus":
-        return f"autofocus ({ev.step.method}) on section {ev.section}, cycle {ev.cycle + 1}"
-    if kind == "Irradiate":
-        return f"irradiating section {ev.section}"
-    if kind == "Mill":
-        return f"milling, cycle {ev.cycle + 1} ({ev.step.duration_s:g} s at the mill position)"
-    if kind == "Configure":
-        return f"configuring imaging ({ev.eht_kv:g} kV, {ev.probe_current_na:g} nA)"
-    if kind == "SectionEnd":
-        return f"section {ev.section} done"
-    if kind == "CycleEnd":
-        return f"cycle {ev.cycle + 1} done"
-    return kind
 
 
 class RunController(QObject):
@@ -55,8 +37,10 @@ class RunController(QObject):
         self.engine = None
         self.progress: Optional[RunProgress] = None
         self.out_dir: Optional[Path] = None
-        self.state, self.reason, self.step = "idle", "", ""
+        self.state, self.reason, self.step = RunState.IDLE, "", ""
+        self.pause_info: Optional[Pause] = None     # why the run is paused, structured
         self._grid_cols: dict = {}
+        self.bridge.paused.connect(self._on_pause)
         self.bridge.state_changed.connect(self._on_state)
         self.bridge.tile.connect(self._on_tile)
         self.bridge.incident.connect(self._on_incident)
@@ -81,7 +65,7 @@ class RunController(QObject):
 
     @property
     def running(self) -> bool:
-        return self.engine is not None and self.state in ("running", "paused", "stopping")
+        return self.engine is not None and self.state in (RunState.RUNNING, RunState.PAUSED, RunState.STOPPING)
 
     # ------------------------------------------------------------ control
     def start(self, out_dir, resume: bool = False, writers: bool = True) -> bool:
@@ -94,7 +78,7 @@ class RunController(QObject):
         out_dir = Path(out_dir)
         try:
             from acq.engine import Engine
-            engine = Engine(setup, self.plan, out_dir, subscribers=[self.bridge], resume=resume)
+            engine = Engine(setup, self.plan, out_dir, resume=resume)
             if writers:
                 from acq.plan import writer_options
                 from acq.writers import make_writers
@@ -103,8 +87,8 @@ class RunController(QObject):
         except Exception as e:
             self.error.emit(f"cannot start: {e}")
             return False
-        engine.on_state_change(self.bridge.on_state)
-        engine.on_step(lambda ev: self.bridge.step.emit(describe_event(ev)) or self._acquiring(ev))
+        self.bridge.attach(engine)
+        engine.on_step(lambda ev: self.bridge.step.emit(ev.describe()) or self._acquiring(ev))
         done_before = engine.journal.read().tiles_done_total if resume else 0
         self.progress = RunProgress.for_plan(self.plan, engine.sections, done_before)
         self._show_plan_on_map(engine.sections, reset=not resume)
@@ -143,14 +127,19 @@ class RunController(QObject):
 
     # ------------------------------------------------------------ documents
     def _acquiring(self, ev) -> None:
-        if type(ev).__name__ == "AcquireTile" and not ev.overview:
+        if isinstance(ev, AcquireTile) and not ev.overview:
             self.bridge.acquiring.emit(ev.section, ev.grid, ev.row, ev.col)
 
+    def _on_pause(self, pause: Pause) -> None:
+        self.pause_info = pause
+
     def _on_state(self, state: str, reason: str) -> None:
-        self.state, self.reason = state, reason
-        if state in ("running", "stopping"):
+        self.state, self.reason = RunState(state), reason
+        if self.state is not RunState.PAUSED:
+            self.pause_info = None
+        if self.state in (RunState.RUNNING, RunState.STOPPING):
             self.session.set_run_active(True)
-        elif state == "paused":
+        elif self.state is RunState.PAUSED:
             self.session.set_run_active(False)     # the operator may fix settings while paused
         self.state_changed.emit(state, reason)
 
@@ -178,7 +167,7 @@ class RunController(QObject):
 
     def _on_tile(self, doc) -> None:
         if self.progress is not None:
-            first_of_cycle = doc.cycle != self.progress.cycle and doc.section_id < 9999
+            first_of_cycle = doc.cycle != self.progress.cycle and not doc.overview
             if first_of_cycle:
                 for key, arr in self.layout.tile_state.items():       # a new cycle: the surface is new
                     arr[:] = PLANNED
@@ -195,7 +184,7 @@ class RunController(QObject):
 
     def _on_incident(self, inc) -> None:
         tid = (inc.context or {}).get("tile_id")
-        if inc.cause != "qc_failed" or not tid:
+        if inc.cause is not IncidentCause.QC_FAILED or not tid:
             return
         try:
             sec, grid, row, col = tile_index_from_id(tid)
@@ -221,16 +210,12 @@ class RunController(QObject):
         lay.editable = True
         for sec in sections:
             for g in sec.grids:
-                spec = GridSpec(sec.id, g.id, tuple(g.center_um), float(g.rotation_deg), g.rows, g.cols,
-                                g.pixel_size_nm, tuple(g.frame_size), g.overlap_px, g.dwell_ns)
+                spec = GridSpec.from_plan(sec.id, g)
                 old = lay.grids.get(spec.key)
                 if old != spec:
                     lay.put_grid(spec.key, spec)
             if sec.id not in lay.sections:
-                g = sec.grids[0]
-                spec = lay.grids[(sec.id, g.id)]
-                w, h = spec.extent_um()
-                lay.put_section(sec.id, SectionItem(sec.id, tuple(g.center_um), (w, h), float(g.rotation_deg)))
+                lay.put_section(sec.id, sec.geometry)
         lay.order[:] = [s.id for s in sections] + [i for i in lay.order if i not in {s.id for s in sections}]
         if reset:
             lay.reset_tile_states()

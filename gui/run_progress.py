@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from acq.runner import Pause, PauseReason
+
 
 @dataclass
 class RunProgress:
@@ -43,7 +45,7 @@ class RunProgress:
             if doc.cycle != self.cycle:
                 self.exposures.clear()
             self.exposures[doc.tile_id] = int(n)
-        if doc.section_id >= 9999:              # overview tiles are not part of the section count
+        if doc.overview:                         # overview tiles are not part of the section count
             return
         if doc.cycle != self.cycle:
             self.cycle, self.cycle_tiles = doc.cycle, 0
@@ -81,25 +83,28 @@ class RunProgress:
         return f"ETA {h}:{m:02d}:{sec:02d}" if h else f"ETA {m}:{sec:02d}"
 
 
-def pause_advice(reason: str) -> str:
-    """What the operator can do, for a pause reason from the engine."""
-    r = reason.lower()
-    if "suspended" in r:
-        return ("The run waits for the condition to clear and resumes by itself. Fix the cause (see the "
-                "incidents), press Resume to retry now, or Stop (continue later with Resume run …).")
-    if "safety window" in r or "refused" in r:
-        return ("A setpoint was outside the setup's safety window. Check the device settings and the plan, "
-                "then Resume; or Stop and correct the plan.")
-    if "consecutive failures" in r:
-        return ("A device kept failing. Check it in the Devices tab (disconnect and connect it again), "
-                "then Resume to retry the step; or Stop and continue later with Resume run ….")
-    if "exposure budget" in r:
-        return ("A tile has been scanned as often as the dose budget allows this cycle. Check why (incidents: "
-                "QC, grab errors, refocus); Resume allows it one more scan, Stop ends the run (resume later "
-                "with a higher --max-exposures).")
-    if "interrupted" in r and "mill" in r:
-        return ("A mill was interrupted with the ion beam on. Inspect the sections; Resume accepts the mill "
-                "as done, Stop ends the run.")
-    if "operator" in r:
-        return "Paused at your request between two steps (beams blanked). Resume to continue, Stop to end the run."
-    return "The run is paused with the beams blanked. Resume to continue or Stop to end it (it can be resumed)."
+_ADVICE = {
+    PauseReason.SUSPENDED: "The run waits for the condition to clear and resumes by itself. Fix the cause (see the "
+                           "incidents), press Resume to retry now, or Stop (continue later with Resume run …).",
+    PauseReason.SAFETY_WINDOW: "A setpoint was outside the setup's safety window. Check the device settings and the "
+                               "plan, then Resume; or Stop and correct the plan.",
+    PauseReason.DEVICE_FAILURES: "A device kept failing. Check it in the Devices tab (disconnect and connect it "
+                                 "again), then Resume to retry the step; or Stop and continue later with Resume "
+                                 "run ….",
+    PauseReason.DOSE_BUDGET: "A tile has been scanned as often as the dose budget allows this cycle. Check why "
+                             "(incidents: QC, grab errors, refocus); Resume allows it one more scan, Stop ends the "
+                             "run (resume later with a higher --max-exposures).",
+    PauseReason.MILL_INTERRUPTED: "A mill was interrupted with the ion beam on. Inspect the sections; Resume accepts "
+                                  "the mill as done, Stop ends the run.",
+    PauseReason.OPERATOR: "Paused at your request between two steps (beams blanked). Resume to continue, Stop to "
+                          "end the run.",
+    PauseReason.WRITE_FAILED: "The output keeps refusing data that is held in memory. Free space or fix the output "
+                              "folder, then Resume to write it again; Stop loses what is held (imaged again on "
+                              "resume).",
+}
+
+
+def pause_advice(pause: Optional[Pause]) -> str:
+    """What the operator can do, for the engine's structured pause reason."""
+    default = "The run is paused with the beams blanked. Resume to continue or Stop to end it (it can be resumed)."
+    return _ADVICE.get(pause.reason, default) if pause is not None else default

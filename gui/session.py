@@ -139,8 +139,7 @@ class Session(QObject):
         if setup is None:
             return
         self.setup_changed.emit(None)
-        for lane in list(self.runner._lanes.values()):
-            lane.waitForDone(3000)             # let queued device calls finish before closing
+        self.runner.wait_for_lanes(3000)         # let queued device calls finish before closing
         setup.close()
         self.message.emit("setup disconnected", "info")
 

@@ -18,9 +18,10 @@ from PyQt5.QtCore import QEasingCurve, QPointF, QRectF, Qt, QVariantAnimation, p
 from PyQt5.QtGui import QColor, QPainter, QPen, QPolygonF
 from PyQt5.QtWidgets import QMenu, QMessageBox, QSizePolicy, QWidget
 
+from common.geometry import rotation
 from gui import wafer_commands as cmd
 from gui.stage_map_items import MapRenderer, View
-from gui.wafer_model import GridSpec, WaferLayout, rot
+from gui.wafer_model import GridSpec, WaferLayout
 
 HANDLE_PX = 9
 ROTATE_OFFSET_PX = 26
@@ -156,7 +157,7 @@ class StageMap(QWidget):
             (w, h), c, a = s.size_um, s.center_um, s.angle_deg
         else:
             return None
-        r = rot(a)
+        r = rotation(a)
         corner = r @ (w / 2, h / 2) + c
         top = r @ (0, -h / 2) + c
         up = r @ (0, -1.0)
@@ -181,7 +182,7 @@ class StageMap(QWidget):
     def grid_at(self, x: float, y: float):
         for key, g in reversed(list(self.layout_model.grids.items())):
             w, h = g.extent_um()
-            lx, ly = rot(-g.rotation_deg) @ (x - g.center_um[0], y - g.center_um[1])
+            lx, ly = g.geometry.to_local((x, y))
             if abs(lx) <= w / 2 and abs(ly) <= h / 2:
                 return key
         return None
@@ -270,7 +271,7 @@ class StageMap(QWidget):
         # resize: the opposite corner stays where it is
         a = orig.rotation_deg if is_grid else orig.angle_deg
         w, h = orig.extent_um() if is_grid else orig.size_um
-        r = rot(a)
+        r = rotation(a)
         fixed = r @ (-w / 2, -h / 2) + c
         ex, ey = r.T @ (wx - fixed[0], wy - fixed[1])
         if is_grid:

@@ -103,7 +103,7 @@ class OverviewPyramid:
 
     def draw(self, p: QPainter, view: View) -> None:
         ov = self.ov
-        px_on_screen = ov.pixel_size_um * view.scale
+        px_on_screen = ov.pixel_um * view.scale
         k = 0 if px_on_screen >= 1 else min(len(self.levels) - 1, int(math.floor(math.log2(1 / px_on_screen))))
         img = self.levels[k]
         x0, y0, w_um, h_um = ov.rect_um()

@@ -7,7 +7,8 @@ from typing import Iterable, Optional
 
 from PyQt5.QtWidgets import QUndoCommand
 
-from gui.wafer_model import GridKey, GridSpec, SectionItem, WaferLayout
+from common.geometry import Section
+from gui.wafer_model import GridKey, GridSpec, WaferLayout
 
 _MISSING = object()
 
@@ -65,7 +66,7 @@ def push(layout: WaferLayout, text: str, sections: Optional[dict] = None, grids:
 
 
 # ------------------------------------------------------------ common edits
-def set_sections(layout: WaferLayout, items: Iterable[SectionItem], text: str = "set sections") -> bool:
+def set_sections(layout: WaferLayout, items: Iterable[Section], text: str = "set sections") -> bool:
     """Replace all sections (e.g. detection results); their grids go too."""
     items = list(items)
     new_ids = {s.id for s in items}
@@ -86,7 +87,7 @@ def delete_grid(layout: WaferLayout, key: GridKey) -> bool:
 
 def add_section(layout: WaferLayout, center_um, size_um=(500.0, 250.0), angle_deg: float = 0.0) -> int:
     sid = layout.next_section_id()
-    push(layout, f"add section {sid}", {sid: SectionItem(sid, tuple(center_um), tuple(size_um), angle_deg)})
+    push(layout, f"add section {sid}", {sid: Section(sid, tuple(center_um), tuple(size_um), angle_deg)})
     return sid
 
 

@@ -1,79 +1,36 @@
 """What the stage map and the wafer workflow edit: sections, grids, tile
 states, imaging order and the overview image, in stage micrometres (y grows
-downwards, as rows do in an SEM frame). Items are immutable; an edit replaces
-them, which makes undo a matter of keeping the old ones (gui/wafer_commands.py).
+downwards, as rows do in an SEM frame; conventions in common/geometry.py).
+Items are immutable; an edit replaces them, which makes undo a matter of
+keeping the old ones (gui/wafer_commands.py).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
 from PyQt5.QtCore import QObject, pyqtSignal
 from PyQt5.QtWidgets import QUndoStack
 
+from common.geometry import OverviewImage, Section, TileGrid, rotation
+
 PLANNED, ACQUIRING, ACQUIRED, FAILED, REACQUIRED = range(5)
 STATE_NAMES = ("planned", "acquiring", "acquired", "failed", "re-acquired")
 GridKey = tuple[int, int]                      # (section id, grid id)
 
 
-def rot(deg: float) -> np.ndarray:
-    a = math.radians(deg)
-    return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-
-
-@dataclass(frozen=True)
-class SectionItem:
-    id: int
-    center_um: tuple[float, float]
-    size_um: tuple[float, float]
-    angle_deg: float
-    polygon_um: np.ndarray = field(compare=False, repr=False, default=None)     # (N, 2)
-    confidence: float = 1.0
-
-    def __post_init__(self):
-        if self.polygon_um is None:
-            object.__setattr__(self, "polygon_um", self.rectangle())
-
-    def rectangle(self) -> np.ndarray:
-        w, h = self.size_um
-        local = np.array([[-w / 2, -h / 2], [w / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]])
-        return local @ rot(self.angle_deg).T + self.center_um
-
-    def moved(self, dx: float, dy: float) -> "SectionItem":
-        return replace(self, center_um=(self.center_um[0] + dx, self.center_um[1] + dy),
-                       polygon_um=self.polygon_um + (dx, dy))
-
-    def rotated(self, angle_deg: float) -> "SectionItem":
-        c = np.asarray(self.center_um)
-        poly = (self.polygon_um - c) @ rot(angle_deg - self.angle_deg).T + c
-        return replace(self, angle_deg=angle_deg, polygon_um=poly)
-
-    def resized(self, size_um: tuple[float, float], center_um: tuple[float, float]) -> "SectionItem":
-        """New nominal size; the outline is scaled along the section's own axes."""
-        c0 = np.asarray(self.center_um)
-        r = rot(self.angle_deg)
-        local = (self.polygon_um - c0) @ r
-        sx = size_um[0] / max(self.size_um[0], 1e-9)
-        sy = size_um[1] / max(self.size_um[1], 1e-9)
-        poly = (local * (sx, sy)) @ r.T + center_um
-        return replace(self, size_um=tuple(size_um), center_um=tuple(center_um), polygon_um=poly)
-
-    def to_section(self):
-        from wafer.sections import Section
-        return Section(self.id, self.center_um, self.size_um, self.angle_deg,
-                       [tuple(p) for p in self.polygon_um], self.confidence)
-
-    @classmethod
-    def from_section(cls, s) -> "SectionItem":
-        return cls(int(s.id), tuple(s.center_um), tuple(s.size_um), float(s.angle_deg),
-                   np.asarray(s.polygon_um, float), float(getattr(s, "confidence", 1.0)))
+# The section and overview types are common/geometry.py's, shared with wafer/;
+# the GUI's older names stay for the callers that use them (benchmarks/viewport.py).
+SectionItem = Section
+rot = rotation
 
 
 @dataclass(frozen=True)
 class GridSpec:
-    """One tile grid; the geometry is acq.plan.TileGeometry's (same tile order)."""
+    """One tile grid as the GUI edits it; where its tiles are is
+    common.geometry.TileGrid's, the same code acquisition uses."""
     section_id: int
     id: int
     center_um: tuple[float, float]
@@ -85,6 +42,17 @@ class GridSpec:
     overlap_px: int = 0
     dwell_ns: float = 200.0
 
+    @classmethod
+    def from_plan(cls, section_id: int, g) -> "GridSpec":
+        """The GUI's copy of an acq.plan.Grid."""
+        return cls(section_id, g.id, tuple(g.center_um), float(g.rotation_deg), g.rows, g.cols, g.pixel_size_nm,
+                   tuple(g.frame_size), g.overlap_px, g.dwell_ns)
+
+    @cached_property
+    def geometry(self) -> TileGrid:
+        return TileGrid.of_frames(self.center_um, self.rotation_deg, self.rows, self.cols, self.pixel_size_nm,
+                                  self.frame_size, self.overlap_px)
+
     @property
     def key(self) -> GridKey:
         return (self.section_id, self.id)
@@ -94,49 +62,23 @@ class GridSpec:
         return self.rows * self.cols
 
     def tile_size_um(self) -> tuple[float, float]:
-        p = self.pixel_size_nm * 1e-3
-        return self.frame_size[0] * p, self.frame_size[1] * p
+        return self.geometry.tile_size_um
 
     def step_um(self) -> tuple[float, float]:
-        p = self.pixel_size_nm * 1e-3
-        return (self.frame_size[0] - self.overlap_px) * p, (self.frame_size[1] - self.overlap_px) * p
+        return self.geometry.step_um
 
     def extent_um(self) -> tuple[float, float]:
-        (tw, th), (sx, sy) = self.tile_size_um(), self.step_um()
-        return tw + (self.cols - 1) * sx, th + (self.rows - 1) * sy
-
-    def tile_local_um(self) -> np.ndarray:
-        """(rows*cols, 2) tile centres relative to the grid centre, unrotated, row by row."""
-        sx, sy = self.step_um()
-        r, c = np.divmod(np.arange(self.n_tiles), self.cols)
-        return np.stack([(c - (self.cols - 1) / 2) * sx, (r - (self.rows - 1) / 2) * sy], 1)
+        return self.geometry.extent_um
 
     def tile_centres_um(self) -> np.ndarray:
-        return self.tile_local_um() @ rot(self.rotation_deg).T + self.center_um
+        return self.geometry.tile_centres_um()
 
     def tile_corners_um(self) -> np.ndarray:
         """(n, 4, 2) corners of every tile, in stage µm."""
-        tw, th = self.tile_size_um()
-        box = np.array([[-tw / 2, -th / 2], [tw / 2, -th / 2], [tw / 2, th / 2], [-tw / 2, th / 2]])
-        local = self.tile_local_um()[:, None, :] + box[None]
-        return local @ rot(self.rotation_deg).T + self.center_um
+        return self.geometry.tile_corners_um()
 
     def outline_um(self) -> np.ndarray:
-        w, h = self.extent_um()
-        box = np.array([[-w / 2, -h / 2], [w / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]])
-        return box @ rot(self.rotation_deg).T + self.center_um
-
-
-@dataclass
-class OverviewImage:
-    image: np.ndarray                 # uint8 (h, w); row i at y = origin_y + i * pixel
-    origin_um: tuple[float, float]    # stage position of pixel (0, 0)'s centre
-    pixel_size_um: float
-
-    def rect_um(self) -> tuple[float, float, float, float]:
-        h, w = self.image.shape
-        p = self.pixel_size_um
-        return self.origin_um[0] - p / 2, self.origin_um[1] - p / 2, w * p, h * p
+        return self.geometry.outline_um()
 
 
 class WaferLayout(QObject):
@@ -146,7 +88,7 @@ class WaferLayout(QObject):
 
     def __init__(self, parent: Optional[QObject] = None):
         super().__init__(parent)
-        self.sections: dict[int, SectionItem] = {}
+        self.sections: dict[int, Section] = {}
         self.grids: dict[GridKey, GridSpec] = {}
         self.tile_state: dict[GridKey, np.ndarray] = {}
         self.order: list[int] = []
@@ -164,7 +106,7 @@ class WaferLayout(QObject):
         self.changed.emit(what)
 
     # ------------------------------------------------------------ raw setters (used by undo commands)
-    def put_section(self, sid: int, item: Optional[SectionItem]) -> None:
+    def put_section(self, sid: int, item: Optional[Section]) -> None:
         if item is None:
             self.sections.pop(sid, None)
             if sid in self.order:
@@ -190,7 +132,7 @@ class WaferLayout(QObject):
         self.put_grid(spec.key, spec)
         self.touch("grids")
 
-    def preview_section(self, item: SectionItem) -> None:
+    def preview_section(self, item: Section) -> None:
         self.sections[item.id] = item
         self.touch("sections")
 
@@ -207,7 +149,7 @@ class WaferLayout(QObject):
     def n_tiles(self) -> int:
         return sum(g.n_tiles for g in self.grids.values())
 
-    def ordered_sections(self) -> list[SectionItem]:
+    def ordered_sections(self) -> list[Section]:
         return [self.sections[i] for i in self.order if i in self.sections]
 
     def path_points_um(self) -> np.ndarray:

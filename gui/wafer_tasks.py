@@ -9,7 +9,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from gui.wafer_model import GridSpec, OverviewImage, SectionItem
+from common.geometry import OverviewImage, Section
+from devices.interfaces import ScanParams
+from gui.wafer_model import GridSpec
 
 Progress = Optional[Callable[[int, int, str], None]]
 
@@ -45,11 +47,8 @@ def acquire_overview(setup, region_um, pixel_um: float = 4.0, block: int = 1024,
     sem = setup.sem
     saved = None
     if not sim:
-        saved = (sem.pixel_size(), tuple(sem.frame_size()), sem.dwell_time(), sem.scan_rotation())
-        sem.set_pixel_size(pixel_um * 1e-6)
-        sem.set_frame_size(block, block)
-        sem.set_dwell_time(1e-6)
-        sem.set_scan_rotation(0.0)
+        saved = sem.scan()
+        sem.set_scan(ScanParams(pixel_m=pixel_um * 1e-6, frame=(block, block), dwell_s=1e-6, rotation_rad=0.0))
         sem.set_blanked(False)
     try:
         total = nx * ny
@@ -70,11 +69,10 @@ def acquire_overview(setup, region_um, pixel_um: float = 4.0, block: int = 1024,
     finally:
         if saved is not None:
             sem.set_blanked(True)
-            sem.set_pixel_size(saved[0])
-            sem.set_frame_size(*saved[1])
-            sem.set_dwell_time(saved[2])
-            sem.set_scan_rotation(saved[3])
-    return OverviewImage(out[:h, :w].copy(), (x0 + pixel_um / 2, y0 + pixel_um / 2), pixel_um)
+            sem.set_scan(saved)
+    # a frame's pixel (0, 0) is centred (block - 1)/2 pixels before its centre (the SEM's and the
+    # simulator's convention), so the overview's pixel (0, 0) is centred on (x0, y0)
+    return OverviewImage(out[:h, :w].copy(), (x0, y0), pixel_um)
 
 
 # ------------------------------------------------------------ detection
@@ -90,15 +88,15 @@ def detector_available() -> tuple[bool, str]:
 
 
 def detect_sections(ov: OverviewImage, threshold: float = 0.5, band: int = 512, progress: Progress = None,
-                    token=None) -> list[SectionItem]:
+                    token=None) -> list[Section]:
     """wafer.detect's U-Net and post-processing, run band by band so the
     operator sees progress and can cancel between bands."""
     from wafer import detect
     progress = progress or _noop
     model = detect.load_model()
     img = detect.as_unit_float(ov.image)
-    net_px = float(getattr(model, "net_pixel_um", ov.pixel_size_um))
-    small = detect.resample(img, ov.pixel_size_um / net_px)
+    net_px = float(getattr(model, "net_pixel_um", ov.pixel_um))
+    small = detect.resample(img, ov.pixel_um / net_px)
     h = small.shape[0]
     m = 64                                          # context rows above and below each band
     prob = np.empty(small.shape, np.float32)
@@ -112,19 +110,18 @@ def detect_sections(ov: OverviewImage, threshold: float = 0.5, band: int = 512, 
         prob[r0:r1] = part[r0 - a:r0 - a + (r1 - r0)]
         progress(k + 1, n + 1, f"detecting: band {k + 1}/{n}")
     prob = np.clip(detect.resample(prob, 1.0, shape=img.shape), 0, 1)
-    dets = detect.postprocess(prob, ov.pixel_size_um, ov.origin_um, threshold)
+    dets = detect.postprocess(prob, ov.pixel_um, ov.origin_um, threshold)
     progress(n + 1, n + 1, f"{len(dets)} sections found")
-    return [SectionItem(int(d["id"]), tuple(d["center_um"]), tuple(d["size_um"]), float(d["angle_deg"]),
-                        np.asarray(d["polygon_um"], float), float(d.get("confidence", 1.0))) for d in dets]
+    return [Section.from_dict(d) for d in dets]
 
 
-def truth_sections(setup) -> list[SectionItem]:
+def truth_sections(setup) -> list[Section]:
     """The simulator's own sections (what detection should find)."""
     out = []
     for s in setup.world.wafer.sections:
-        out.append(SectionItem(int(s.id), (s.center_m[0] * 1e6, s.center_m[1] * 1e6),
-                               (s.size_m[0] * 1e6, s.size_m[1] * 1e6), math.degrees(s.angle_rad),
-                               np.asarray(s.tissue_polygon_m, float) * 1e6, 1.0))
+        out.append(Section(int(s.id), (s.center_m[0] * 1e6, s.center_m[1] * 1e6),
+                           (s.size_m[0] * 1e6, s.size_m[1] * 1e6), math.degrees(s.angle_rad),
+                           np.asarray(s.tissue_polygon_m, float) * 1e6, 1.0))
     return out
 
 
@@ -137,7 +134,7 @@ def grids_available() -> tuple[bool, str]:
     return True, ""
 
 
-def grid_for_section(sec: SectionItem, template: GridSpec, grid_id: int = 0, margin_um: float = 0.0) -> GridSpec:
+def grid_for_section(sec: Section, template: GridSpec, grid_id: int = 0, margin_um: float = 0.0) -> GridSpec:
     """The smallest grid of the template's tiles covering the section outline
     (plus margin), turned with the section: wafer.grids.grid_for_section when
     present, else the section's rectangle covered tile by tile."""
@@ -147,7 +144,7 @@ def grid_for_section(sec: SectionItem, template: GridSpec, grid_id: int = 0, mar
         external = None
     t = template
     if external is not None:
-        g = external(sec.to_section(), frame_size_px=tuple(t.frame_size), pixel_size_nm=t.pixel_size_nm,
+        g = external(sec, frame_size_px=tuple(t.frame_size), pixel_size_nm=t.pixel_size_nm,
                      overlap_px=t.overlap_px, margin_um=margin_um, grid_id=grid_id)
         return from_wafer_grid(g, t, sec.id)
     (tw, th), (sx, sy) = t.tile_size_um(), t.step_um()

@@ -15,7 +15,7 @@ from gui import wafer_commands as cmd
 from gui import wafer_tasks as tasks
 from gui.section_table import SectionTable
 from gui.session import describe_error
-from gui.wafer_model import GridSpec, OverviewImage, SectionItem
+from gui.wafer_model import GridSpec
 from gui.widgets import Notice, spin
 
 
@@ -173,12 +173,8 @@ class WaferWorkflow(QScrollArea):
 
     # ------------------------------------------------------------ helpers
     def _fill_af_methods(self) -> None:
-        try:
-            from acq.autofocus_step import AUTOFOCUS_METHODS, load_plugins
-            load_plugins()
-            names = sorted(AUTOFOCUS_METHODS)
-        except Exception:
-            names = ["none"]
+        from acq.autofocus_step import AUTOFOCUS_METHODS
+        names = sorted(AUTOFOCUS_METHODS)        # as registered at start-up (gui.app.build_window)
         self.af_method.clear()
         self.af_method.addItems(names)
         self.af_method.setCurrentText("none")
@@ -202,7 +198,7 @@ class WaferWorkflow(QScrollArea):
         if what == "overview" and lay.overview is not None:
             ov = lay.overview
             h, w = ov.image.shape
-            self.ov_status.setText(f"{w} × {h} px at {ov.pixel_size_um:g} µm")
+            self.ov_status.setText(f"{w} × {h} px at {ov.pixel_um:g} µm")
 
     def _run(self, label: str, fn, *args, on_result, lane=None) -> None:
         if self._task is not None:
@@ -280,7 +276,7 @@ class WaferWorkflow(QScrollArea):
         except Exception as e:
             self.notice.show_notice(f"load {path}: {e}", "error")
             return
-        self.model.set_overview(OverviewImage(ov.image, ov.origin_um, ov.pixel_um))
+        self.model.set_overview(ov)
         self.job_label.setText(f"overview loaded from {Path(path).name}")
 
     def detect(self) -> None:
@@ -306,7 +302,7 @@ class WaferWorkflow(QScrollArea):
             return
         from wafer.sections import load_sections
         try:
-            items = [SectionItem.from_section(s) for s in load_sections(path)]
+            items = load_sections(path)
         except Exception as e:
             self.notice.show_notice(f"load {path}: {e}", "error")
             return
@@ -318,7 +314,7 @@ class WaferWorkflow(QScrollArea):
             return
         from wafer.sections import save_sections
         try:
-            save_sections([s.to_section() for s in self.model.ordered_sections()], path, overwrite=True)
+            save_sections(self.model.ordered_sections(), path, overwrite=True)
             self.notice.show_notice(f"saved {len(self.model.sections)} sections to {path}", "info")
         except Exception as e:
             self.notice.show_notice(f"save {path}: {e}", "error")

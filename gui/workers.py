@@ -148,6 +148,11 @@ class TaskRunner(QObject):
         for t in list(self._tasks):
             t.cancel()
 
+    def wait_for_lanes(self, timeout_ms: int) -> None:
+        """Let the device calls already queued finish (each lane up to ``timeout_ms``)."""
+        for pool in list(self._lanes.values()):
+            pool.waitForDone(timeout_ms)
+
     def shutdown(self, timeout_ms: int = 5000) -> None:
         """Cancel what can be cancelled and wait for the rest (closing the window)."""
         self.cancel_all()

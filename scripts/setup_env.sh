@@ -14,3 +14,5 @@ pip="$VENV/bin/python -m pip"
 $pip install -q --disable-pip-version-check "torch==2.13.0+cpu" 2>/dev/null \
   || $pip install -q --disable-pip-version-check "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 $pip install -q --disable-pip-version-check -r "$here/requirements.lock"
+# the project itself, editable: importable without sys.path edits (pyproject.toml)
+$pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$here"

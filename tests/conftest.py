@@ -12,6 +12,10 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from tests.gui_helpers import SIM_CONFIG, wait_for  # noqa: E402  (needs ROOT on sys.path)
 from tests.visa_fakes import SIM_YAML  # noqa: E402
 
+import autofocus  # noqa: E402
+
+autofocus.register_methods()          # as the application does at start-up: plans may name these methods
+
 SHARED_EM = ROOT.parent / "shared" / "data" / "em" / "isbi2012"
 
 

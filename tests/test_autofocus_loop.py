@@ -12,9 +12,10 @@ from autofocus.loop import AutofocusLoop, FocusMap
 from autofocus.methods import Estimate
 from autofocus.nelder_mead import NelderMeadAutofocus, SharpnessObjective
 from devices.errors import LimitViolation
+from devices.interfaces import ScanParams
 from devices.safety import GuardedSEM, SafetyGuard
 from devices.setup_config import Safety, Simulation
-from devices.sim.render_cli import specimen_world
+from devices.sim.frames import specimen_world
 from devices.sim.sem import SimSEM
 
 WD0 = 5e-3                                   # default simulated focus: wd 5 mm, stig (0, 0)
@@ -93,7 +94,7 @@ def assert_inside_windows(sem):
 def test_loop_converges_with_an_oracle(rig):
     raw, guard, sem = rig
     start_at(sem, 11.0, -3.2, 2.7)
-    sem.set_dwell_time(1e-6)
+    sem.set_scan(ScanParams(dwell_s=1e-6))
     tr = AutofocusLoop(sem, guard, Oracle(raw, np.random.default_rng(0)), max_iterations=6, **SCAN).run()
     ab = raw.aberration()
     assert tr.status == "converged", tr.message
@@ -233,3 +234,62 @@ def test_deepfocus_refuses_a_frame_smaller_than_its_patch_before_acquiring(rig):
     assert tr.status == "failed" and "refused before acquiring" in tr.message and "128² patch" in tr.message
     assert tr.evaluations == 0 and not tr.iterations and not sem.wd_calls and not sem.stig_calls
     assert sem.working_distance() == pytest.approx(WD0 + 6e-6) and sem.stig() == pytest.approx((0.5, -0.5))
+
+
+def test_methods_are_built_once_per_microscope_and_go_with_it(world, monkeypatch):
+    """Models load once per SEM (not per autofocus), and what was built for a
+    SEM is dropped with it: a later SEM never inherits a stale calibration."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from acq.autofocus_step import AutofocusRequest
+    from autofocus import engine_adapter
+    built = []
+    monkeypatch.setattr(engine_adapter, "make_pair_method", lambda name, **kw: built.append(name) or Oracle(
+        kw["sem"].inner, np.random.default_rng(0)))
+    guard = SafetyGuard(SAFETY)
+    raw = SimSEM(world)
+    raw.connect()
+    setup = SimpleNamespace(sem=GuardedSEM(raw, guard), guard=guard, world=world)
+    req = AutofocusRequest(center_um=(0, 0), pixel_size_m=10e-9, frame_size=(256, 256), dwell_s=200e-9)
+    gc.collect()
+    before = len(engine_adapter._BUILT)
+    first = engine_adapter._pair_method(setup, "mapfost", req)
+    assert engine_adapter._pair_method(setup, "mapfost", req) is first and built == ["mapfost"]
+    gone = weakref.ref(setup.sem)
+    del setup, first
+    gc.collect()
+    assert gone() is None                    # nothing the cache holds keeps the SEM alive
+    assert len(engine_adapter._BUILT) <= before          # and its entry went with it
+
+
+def test_acq_knows_only_its_own_methods_until_the_application_registers(tmp_path):
+    """acq never imports autofocus: a process that validates a plan without
+    registering gets acq's own methods and a clear error for the others."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\n"
+            "from acq.autofocus_step import AUTOFOCUS_METHODS\n"
+            "from acq.plan import AutofocusStep\n"
+            "from devices.setup_config import ConfigError, validate_config\n"
+            "print(sorted(AUTOFOCUS_METHODS), 'autofocus' in sys.modules)\n"
+            "try:\n    validate_config(AutofocusStep, {'method': 'mapfost'}, 'p.yaml')\n"
+            "except ConfigError as e:\n    print(e)\n"
+            "import autofocus\nautofocus.register_methods()\n"
+            "print(validate_config(AutofocusStep, {'method': 'mapfost'}, 'p.yaml').method)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "['none', 'sem-builtin', 'sweep'] False"
+    assert "method = 'mapfost'" in out and "unknown autofocus method 'mapfost'" in out
+    assert "allowed ['none', 'sem-builtin', 'sweep']" in out and out.splitlines()[-1] == "mapfost"
+
+
+def test_a_misspelt_method_names_the_field_and_the_nearest_method():
+    from acq.plan import AutofocusStep
+    from devices.setup_config import ConfigError, validate_config
+    with pytest.raises(ConfigError) as e:
+        validate_config(AutofocusStep, {"method": "sem_builtin"}, "p.yaml")
+    msg = str(e.value)
+    assert "method = 'sem_builtin'" in msg and "did you mean 'sem-builtin'?" in msg and "'mapfost'" in msg

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
+from acq.runner import PauseReason
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -119,7 +121,8 @@ def make_engine(tmp: Path, plan_over: dict | None = None, setup_kw: dict | None 
 
 
 def planned_tiles(engine) -> set[str]:
-    from acq.expand import AcquireTile, expand
+    from acq.events import AcquireTile
+    from acq.expand import expand
     return {e.tile_id for e in expand(engine.plan, engine.setup) if isinstance(e, AcquireTile)}
 
 
@@ -362,18 +365,19 @@ def test_every_fault_kind_is_survived(run_tiny, group):
 
 def test_consecutive_failures_pause_for_the_operator_then_resume(run_tiny):
     rule = {"device": "sem", "operation": "acquire_frame", "kind": "grab_failure", "at_calls": list(range(2, 40))}
-    reasons = []
+    found, pauses = {}, []
 
     def before(engine, setup):
-        reasons.extend([])
-        got = auto_resume(engine, fix=lambda: setup.world.faults.rules.clear())
-        engine._reasons = got
+        engine.on_pause(pauses.append)
+        found["reasons"] = auto_resume(engine, fix=lambda: setup.world.faults.rules.clear())
     engine, setup, docs, res = run_tiny(setup_kw={"faults": [rule]},
                                         plan_over={"suspenders": {"max_consecutive_failures": 2}}, before=before,
                                         on_pause="wait", max_exposures=10)
     assert res.status == "success", res.reason
-    assert engine._reasons and "2 consecutive failures" in engine._reasons[0]
-    assert "grab_failure" in engine._reasons[0] or "injected fault" in engine._reasons[0]
+    reasons = found["reasons"]
+    assert reasons and "2 consecutive failures" in reasons[0]
+    assert "grab_failure" in reasons[0] or "injected fault" in reasons[0]
+    assert PauseReason.DEVICE_FAILURES in [p.reason for p in pauses]      # the GUI's advice comes from this
     counts = done_counts(engine.out_dir)
     assert set(counts) == planned_tiles(engine) and set(counts.values()) == {1}
 

@@ -63,7 +63,7 @@ def test_grid_covers_section_polygon_with_margin(seed, overlap_px, margin):
     g = grid_for_section(sec, FRAME, PIX_NM, overlap_px=overlap_px, margin_um=margin)
     pts = sample_section_plus_margin(sec, margin, seed=seed)
     assert len(pts) > 100
-    assert in_some_tile(pts, g.tile_polygons_um()).all()
+    assert in_some_tile(pts, g.tile_corners_um()).all()
     assert g.rotation_deg == pytest.approx(sec.angle_deg)
     assert g.section_id == sec.id
 
@@ -75,8 +75,8 @@ def test_adjacent_tiles_overlap_by_requested_amount(seed):
     assert g.tile_size_um == pytest.approx((40.96, 30.72))
     assert g.overlap_um == pytest.approx((3.0, 3.0))
     assert g.rows >= 2 and g.cols >= 2
-    c = g.tile_centers_um().reshape(g.rows, g.cols, 2)
-    polys = g.tile_polygons_um().reshape(g.rows, g.cols, 4, 2)
+    c = g.tile_centres_um().reshape(g.rows, g.cols, 2)
+    polys = g.tile_corners_um().reshape(g.rows, g.cols, 4, 2)
     a = math.radians(g.rotation_deg)
     ux, uy = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
     # neighbours along a row: the overlap is the width of the shared strip
@@ -112,7 +112,7 @@ def test_grid_is_minimal(seed):
             continue
         smaller = Grid(id=0, section_id=1, origin_um=g.origin_um, rotation_deg=g.rotation_deg, rows=rows,
                        cols=cols, tile_size_um=g.tile_size_um, overlap_um=g.overlap_um)
-        assert not in_some_tile(pts, smaller.tile_polygons_um()).all()
+        assert not in_some_tile(pts, smaller.tile_corners_um()).all()
         local = smaller.to_local(pts)
         span = local.max(axis=0) - local.min(axis=0)
         assert (np.array(smaller.extent_um) < span - 1e-9).any()
@@ -122,7 +122,7 @@ def test_single_tile_for_a_small_section():
     sec = Section(id=5, center_um=(100.0, -50.0), size_um=(10.0, 8.0), angle_deg=37.0, polygon_um=[])
     g = grid_for_section(sec, FRAME, PIX_NM, overlap_px=100)
     assert (g.rows, g.cols) == (1, 1)
-    np.testing.assert_allclose(g.tile_centers_um(), [[100.0, -50.0]], atol=1e-9)
+    np.testing.assert_allclose(g.tile_centres_um(), [[100.0, -50.0]], atol=1e-9)
 
 
 def base_grid(gid=0, **kw):
@@ -133,7 +133,7 @@ def base_grid(gid=0, **kw):
 
 
 def centres_set(grids):
-    return sorted(map(tuple, np.round(np.vstack([g.tile_centers_um() for g in grids]), 6)))
+    return sorted(map(tuple, np.round(np.vstack([g.tile_centres_um() for g in grids]), 6)))
 
 
 def test_edits_undo_redo_restore_state():
@@ -197,9 +197,9 @@ def test_split_keeps_exactly_the_original_tiles():
 
 def test_resize_with_corner_anchor_keeps_first_tile():
     gs = GridSet([base_grid(0)])
-    first = gs.get(0).tile_centers_um()[0]
+    first = gs.get(0).tile_centres_um()[0]
     g = gs.resize(0, 6, 6, anchor="corner")
-    np.testing.assert_allclose(g.tile_centers_um()[0], first, atol=1e-9)
+    np.testing.assert_allclose(g.tile_centres_um()[0], first, atol=1e-9)
 
 
 def test_merge_covers_both_and_needs_same_pixel_size():
@@ -207,8 +207,8 @@ def test_merge_covers_both_and_needs_same_pixel_size():
     b = base_grid(1, rows=2, cols=3, origin_um=(1300.0, 2150.0), rotation_deg=40.0)
     gs = GridSet([a, b])
     m = gs.merge(0, 1)
-    corners = np.vstack([a.tile_polygons_um().reshape(-1, 2), b.tile_polygons_um().reshape(-1, 2)])
-    assert in_some_tile(corners, m.tile_polygons_um(), tol=1e-6).all()
+    corners = np.vstack([a.tile_corners_um().reshape(-1, 2), b.tile_corners_um().reshape(-1, 2)])
+    assert in_some_tile(corners, m.tile_corners_um(), tol=1e-6).all()
     assert m.rotation_deg == a.rotation_deg and len(gs) == 1
     c = base_grid(2, pixel_size_nm=5.0)
     gs2 = GridSet([a, c])

@@ -10,7 +10,8 @@ from PyQt5.QtWidgets import QApplication
 
 from gui import wafer_commands as cmd
 from gui.stage_map import StageMap
-from gui.wafer_model import ACQUIRED, FAILED, GridSpec, SectionItem, WaferLayout
+from common.geometry import Section
+from gui.wafer_model import ACQUIRED, FAILED, GridSpec, WaferLayout
 
 
 def send(widget, kind, pos, button=Qt.LeftButton):
@@ -162,7 +163,7 @@ def test_level_of_detail_and_tile_states(qtbot):
 
 def test_section_items_keep_outline_when_edited():
     poly = np.array([[-10, -5], [10, -5], [10, 5], [-10, 5]], float)
-    s = SectionItem(3, (0.0, 0.0), (20.0, 10.0), 0.0, poly)
+    s = Section(3, (0.0, 0.0), (20.0, 10.0), 0.0, poly)
     r = s.rotated(90).moved(5, 0)
     assert np.allclose(r.polygon_um, [[10, -10], [10, 10], [0, 10], [0, -10]])
     big = s.resized((40.0, 10.0), (10.0, 0.0))

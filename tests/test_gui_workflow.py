@@ -12,7 +12,7 @@ def test_overview_of_the_map_view(win, qtbot):
     assert wf.busy and wf.cancel_button.isEnabled()
     qtbot.waitUntil(lambda: not wf.busy, timeout=30000)
     ov = win.layout_model.overview
-    assert ov is not None and ov.pixel_size_um == 4.0
+    assert ov is not None and ov.pixel_um == 4.0
     assert ov.image.shape[1] == pytest.approx((x1 - x0) / 4.0, abs=2)
     assert ov.image.std() > 5                                     # sections on silicon, not a blank image
     assert "px at 4 µm" in wf.ov_status.text()
@@ -49,11 +49,11 @@ def test_sections_grids_order_and_plan(win, qtbot):
     wf.tile_pixel.setValue(50.0)
     wf.create_grids()
     assert len(lay.grids) == n
-    from gui.wafer_model import rot
+    from common.geometry import rotation
     for s in lay.sections.values():                               # every grid covers its section's outline
         g = lay.grids[(s.id, 0)]
         w, h = g.extent_um()
-        local = (s.polygon_um - g.center_um) @ rot(g.rotation_deg)
+        local = (s.polygon_um - g.center_um) @ rotation(g.rotation_deg)
         assert (abs(local[:, 0]) <= w / 2 + 1e-6).all() and (abs(local[:, 1]) <= h / 2 + 1e-6).all()
     assert f"{n} grids" in wf.grid_status.text()
     lay.order[:] = lay.order[::-1]                                # a poor order to start from
@@ -106,14 +106,15 @@ def test_a_plan_outside_the_travel_is_refused(win):
 
 def test_load_an_overview_mosaic(win, tmp_path):
     import numpy as np
-    from wafer.mosaic import Overview, save_overview
+    from common.geometry import OverviewImage
+    from wafer.mosaic import save_overview
     wf = win.workflow
     img = np.zeros((300, 400), np.uint8)
     img[100:150, 200:300] = 200
-    path = save_overview(tmp_path / "ov.ome.tif", Overview(img, (-800.0, -600.0), 4.0))
+    path = save_overview(tmp_path / "ov.ome.tif", OverviewImage(img, (-800.0, -600.0), 4.0))
     wf.load_overview(str(path))
     ov = win.layout_model.overview
-    assert ov.pixel_size_um == 4.0 and ov.origin_um == (-800.0, -600.0)
+    assert ov.pixel_um == 4.0 and ov.origin_um == (-800.0, -600.0)
     assert np.array_equal(ov.image, img)
     assert "px at 4 µm" in wf.ov_status.text()
     wf.load_overview(str(tmp_path / "missing.ome.tif"))

@@ -67,11 +67,6 @@ def setup_file(tmp_path):
     return write_setup(tmp_path)
 
 
-@pytest.fixture(autouse=True)
-def _no_model_plugins(monkeypatch):
-    monkeypatch.setattr("acq.autofocus_step.PLUGIN_MODULES", ())     # plans here never need DeepFocus
-
-
 def invoke(*args):
     from main import app
     return CliRunner().invoke(app, [str(a) for a in args])
@@ -302,7 +297,7 @@ def test_top_level_config_is_refused_where_it_cannot_apply(tmp_path, monkeypatch
 
 
 def test_a_bad_top_level_config_never_starts_the_gui(tmp_path, monkeypatch):
-    monkeypatch.setattr("devices.demo.run_demo_or_gui", lambda config: pytest.fail("GUI started"))
+    monkeypatch.setattr("main._gui_or_demo", lambda config: pytest.fail("GUI started"))
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"\xff\xfe binary")
     r = invoke("--config", bad)

@@ -11,7 +11,7 @@ import pytest
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_correction)
 from devices.setup_config import MicroscopeParams, Simulation
-from devices.sim.render_cli import render_frame, specimen_world
+from devices.sim.frames import render_frame, specimen_world
 
 PERTURBATION_UM = 4.0
 PIXEL_NM = 4.0

@@ -6,7 +6,7 @@ import pytest
 
 from devices.sim import optics
 from devices.setup_config import Simulation
-from devices.sim.render_cli import render_frame, specimen_world
+from devices.sim.frames import render_frame, specimen_world
 
 ALPHA, SIGMA0 = 3e-3, 1.5e-9
 SCALE = (3e-6, 3e-6)
@@ -95,7 +95,7 @@ def test_snr_grows_with_sqrt_of_current_times_dwell(world):
         a = _frame(world, 0, dwell_ns=dwell_ns, seed=5, current=current).astype(np.float32)
         # same field, different noise: render twice with different noise streams
         from devices.sim.sem import render
-        from devices.sim.render_cli import location_for_seed
+        from devices.sim.frames import location_for_seed
         rng = np.random.default_rng(99)
         b = render(world, location_for_seed(5), 4e-9, (256, 256), 0.0, optics.Aberration(0, 0, 0),
                    current, dwell_ns * 1e-9, rng).astype(np.float32)

@@ -53,7 +53,6 @@ EXPLICIT = {"sections_from": None, "grid_template": None,
 ])
 def test_bad_plans_name_the_field_and_write_nothing(tmp_path, setup_file, capsys, monkeypatch, over, field,
                                                     allowed):
-    monkeypatch.setattr("acq.autofocus_step.PLUGIN_MODULES", ())      # no model loading for a typo
     plan = write_plan(tmp_path, setup_file, **over)
     err = run_bad(tmp_path, plan, capsys)
     assert field in err and allowed in err, err
@@ -99,7 +98,8 @@ def test_yaml_errors_and_non_mappings(tmp_path, capsys):
 
 # ------------------------------------------------------------------ expansion
 def test_demo_plan_loads_and_expands_as_documented():
-    from acq.expand import AcquireTile, Autofocus, CycleEnd, Irradiate, Mill, MoveStage, expand
+    from acq.events import AcquireTile, Autofocus, CycleEnd, Irradiate, Mill, MoveStage
+    from acq.expand import expand
     from acq.plan import load_plan
     from devices.factory import build_setup
     plan = load_plan(DEMO)
@@ -123,7 +123,8 @@ def test_demo_plan_loads_and_expands_as_documented():
 
 
 def test_grid_geometry_and_autofocus_schedule(tmp_path, setup_file):
-    from acq.expand import AcquireTile, Autofocus, expand
+    from acq.events import AcquireTile, Autofocus
+    from acq.expand import expand
     from acq.plan import load_plan
     grid = dict(EXPLICIT["sections"][0]["grids"][0], rotation_deg=90)
     plan = load_plan(write_plan(tmp_path, setup_file, irradiation=None, mill=None, cycles=4,
@@ -147,7 +148,8 @@ def test_grid_geometry_and_autofocus_schedule(tmp_path, setup_file):
 
 
 def test_stop_rules_give_the_cycle_count_and_exhaustion_ends_the_run(tmp_path, setup_file):
-    from acq.expand import ExpansionState, Mill, SectionEnd, expand
+    from acq.events import Mill, SectionEnd
+    from acq.expand import ExpansionState, expand
     from acq.plan import load_plan
     from acq.steps_mill import estimated_depth_per_cycle_nm
     plan = load_plan(write_plan(tmp_path, setup_file, **EXPLICIT,

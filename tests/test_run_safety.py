@@ -392,7 +392,7 @@ def test_full_disk_pauses_before_the_next_exposure_and_resumes(tmp_path, tmpfs):
     state = {}
 
     def before_step(ev):            # in the engine thread, just before the second tile's grab
-        from acq.expand import AcquireTile
+        from acq.events import AcquireTile
         if isinstance(ev, AcquireTile) and ev.col == 1 and "filler" not in state:
             state["filler"] = _fill(mnt)
 
@@ -462,6 +462,7 @@ def test_bad_output_folders_are_messages_not_tracebacks(tmp_path):
 
 
 def test_the_gui_progress_shows_exposures_per_tile(tmp_path):
+    from acq.runner import Pause, PauseReason
     from gui.run_progress import RunProgress, pause_advice
     rule = {"device": "sem", "operation": "acquire_frame", "kind": "incomplete_frame", "at_calls": [2]}
     engine, setup, docs = make_engine(tmp_path, plan_over={"cycles": 1, "mill": None, "irradiation": None},
@@ -473,7 +474,8 @@ def test_the_gui_progress_shows_exposures_per_tile(tmp_path):
             progress.on_tile(d)
     text = progress.exposures_text()
     assert "max 2 (c0000_s0000_g00_r000_c001)" in text and "1 of 2 tiles" in text, text
-    assert "Resume allows it one more scan" in pause_advice("exposure budget: tile x has been exposed 3 times")
+    pause = Pause(PauseReason.DOSE_BUDGET, "exposure budget: tile x has been exposed 3 times")
+    assert "Resume allows it one more scan" in pause_advice(pause)
 
 
 def test_a_corrupt_journal_line_stops_resume_until_repaired(tmp_path):

@@ -5,12 +5,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from devices import errors
 from devices.factory import build_setup
-from devices.interfaces import RasterSettings, StagePosition
+from devices.interfaces import RasterSettings, ScanParams, StagePosition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,8 +90,7 @@ def test_stage_move_costs_focus_and_frames_follow_the_stage(sim_config):
         sec = s.world.wafer.sections[0]
         s.stage.move_to(StagePosition(x=sec.center_m[0], y=sec.center_m[1]))
         s.sem.set_blanked(False)
-        s.sem.set_pixel_size(10e-9)
-        s.sem.set_frame_size(256, 192)
+        s.sem.set_scan(ScanParams(pixel_m=10e-9, frame=(256, 192)))
         fr = s.sem.acquire_frame()
         assert fr.image.shape == (192, 256) and fr.image.std() > 5          # tissue, not bare wafer
         assert fr.metadata["stage"]["x"] == pytest.approx(sec.center_m[0], abs=2e-6)

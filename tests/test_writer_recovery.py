@@ -13,7 +13,8 @@ import zarr
 import common.crashpoints as crashpoints
 from acq.documents import RunStart, RunStop, SectionDone
 from acq.verify import verify_outdir
-from acq.writers import CatchUp, WriterOptions, make_writers, read_manifest, tile_relpath
+from acq.documents import CatchUp
+from acq.writers import WriterOptions, make_writers, read_manifest, tile_relpath
 from acq.writers.manifest import Manifest, latest_entries
 from acq.writers.mipmaps import MipmapWriter
 from acq.writers.ome_tiff import OmeTiffWriter

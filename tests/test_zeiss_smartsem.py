@@ -10,7 +10,7 @@ import tifffile
 
 from devices.errors import (AcquisitionFailed, CommunicationError, DeviceError, DeviceTimeout,
                             LimitViolation, MoveFailed, NotConnected)
-from devices.interfaces import Capability, StagePosition
+from devices.interfaces import Capability, ScanParams, StagePosition
 from devices.zeiss_smartsem import SmartSEMApi, SmartSEMError, ZeissSEM, ZeissStage
 
 K_MAG = 0.1142784          # m: pixel size = K / (mag * width), SBEMimage's Merlin factor
@@ -241,6 +241,25 @@ def test_pixel_size_is_set_through_magnification(sem, fake):
     assert fake.params["AP_MAG"] == pytest.approx(K_MAG / (512 * 10e-9))
     assert sem.pixel_size() == pytest.approx(10e-9)
     assert not fake.sets("AP_PIXEL_SIZE")              # read-only in SmartSEM
+
+
+def test_set_scan_sets_the_frame_before_the_pixel_size(sem, fake):
+    """The pixel size follows from mag and frame width: a frame set after it
+    would change it again, so set_scan orders them."""
+    sem.set_scan(ScanParams(pixel_m=10e-9, frame=(2048, 1536), dwell_s=0.8e-6))
+    assert sem.frame_size() == (2048, 1536) and sem.pixel_size() == pytest.approx(10e-9)
+    assert sem.dwell_time() == pytest.approx(0.8e-6)
+    assert not fake.sets("DP_SCAN_ROT")                 # not given: left alone
+
+
+def test_scanning_puts_back_what_it_changed(sem, fake):
+    sem.set_scan(ScanParams(pixel_m=10e-9, frame=(2048, 1536)))
+    sem.set_blanked(True)
+    with sem.scanning(ScanParams(pixel_m=4e-9, frame=(512, 384))):
+        assert (sem.frame_size(), sem.blanked()) == ((512, 384), False)
+        assert sem.pixel_size() == pytest.approx(4e-9)
+    assert sem.frame_size() == (2048, 1536) and sem.pixel_size() == pytest.approx(10e-9) and sem.blanked()
+    assert not fake.sets("DP_SCAN_ROT") and not fake.executed()      # rotation and dwell never touched
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -1e-3, 0.0, "5 mm"])

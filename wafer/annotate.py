@@ -22,8 +22,8 @@ import numpy as np
 import typer
 
 from common.atomic import atomic_write
-from wafer.detect_cli import read_overview
 from wafer.detect_data import BG_DILATION, labels_from_polygons
+from wafer.overview_image import read_overview
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 ELLIPSE_POINTS = 64

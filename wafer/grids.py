@@ -3,26 +3,24 @@
 A grid is a rectangle of tiles in its own frame, rotated by ``rotation_deg``
 (counter-clockwise, stage frame) about its centre ``origin_um``. Neighbouring
 tiles advance by ``tile - overlap`` so adjacent tiles share ``overlap_um``.
-Tile (r, c) has the row-major index r * cols + c; row 0 and column 0 are at
-the grid's local -y / -x side.
+Where the tiles are is common.geometry.TileGrid's (row-major, row 0 and
+column 0 at the grid's local -y / -x side), the same as acquisition's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
 
+from common.geometry import TileGrid, rotation
+
 from .sections import Section
 
 Pair = tuple[float, float]
-
-
-def _rot(deg: float) -> np.ndarray:
-    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-    return np.array([[c, -s], [s, c]])
 
 
 @dataclass(frozen=True)
@@ -57,51 +55,46 @@ class Grid:
         object.__setattr__(self, "tile_size_um", (float(w), float(h)))
         object.__setattr__(self, "overlap_um", (float(ox), float(oy)))
 
+    @cached_property
+    def geometry(self) -> TileGrid:
+        (w, h), (ox, oy) = self.tile_size_um, self.overlap_um
+        return TileGrid(self.origin_um, self.rotation_deg, self.rows, self.cols, (w, h), (w - ox, h - oy))
+
     @property
     def step_um(self) -> Pair:
-        return (self.tile_size_um[0] - self.overlap_um[0], self.tile_size_um[1] - self.overlap_um[1])
+        return self.geometry.step_um
 
     @property
     def extent_um(self) -> Pair:
         """Width and height of the union of all tiles (in the grid frame)."""
-        sx, sy = self.step_um
-        return (self.cols * sx + self.overlap_um[0], self.rows * sy + self.overlap_um[1])
+        return self.geometry.extent_um
 
     @property
     def n_tiles(self) -> int:
         return self.rows * self.cols
 
-    def _local_centers(self) -> np.ndarray:
-        (sx, sy), (W, H), (w, h) = self.step_um, self.extent_um, self.tile_size_um
-        r, c = np.divmod(np.arange(self.n_tiles), self.cols)
-        return np.column_stack([-W / 2 + w / 2 + c * sx, -H / 2 + h / 2 + r * sy])
-
     def to_stage(self, local: np.ndarray) -> np.ndarray:
-        return np.asarray(local, float) @ _rot(self.rotation_deg).T + np.asarray(self.origin_um)
+        return self.geometry.to_stage(local)
 
     def to_local(self, stage: np.ndarray) -> np.ndarray:
-        return (np.asarray(stage, float) - np.asarray(self.origin_um)) @ _rot(self.rotation_deg)
+        return self.geometry.to_local(stage)
 
-    def tile_centers_um(self) -> np.ndarray:
+    def tile_centres_um(self) -> np.ndarray:
         """(rows*cols, 2) tile centres in stage µm, row-major."""
-        return self.to_stage(self._local_centers())
+        return self.geometry.tile_centres_um()
 
-    def tile_polygons_um(self) -> np.ndarray:
+    def tile_corners_um(self) -> np.ndarray:
         """(rows*cols, 4, 2) tile corners in stage µm, counter-clockwise."""
-        w, h = self.tile_size_um
-        corners = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2.0
-        local = self._local_centers()[:, None, :] + corners[None, :, :]
-        return self.to_stage(local.reshape(-1, 2)).reshape(-1, 4, 2)
+        return self.geometry.tile_corners_um()
 
     def outline_um(self) -> np.ndarray:
         """(4, 2) corners of the whole grid in stage µm."""
-        W, H = self.extent_um
-        return self.to_stage(np.array([[-W, -H], [W, -H], [W, H], [-W, H]]) / 2.0)
+        return self.geometry.outline_um()
 
     def tiles_containing(self, points_um) -> np.ndarray:
         """(m, rows*cols) bool: which tiles contain each point (edges count)."""
         p = self.to_local(np.atleast_2d(points_um))
-        c = self._local_centers()
+        c = self.geometry.local_centres_um()
         w, h = self.tile_size_um
         tol = 1e-9 * max(w, h)
         dx = np.abs(p[:, None, 0] - c[None, :, 0])
@@ -111,7 +104,10 @@ class Grid:
 
 def tile_geometry(frame_size_px: Sequence[int], pixel_size_nm: float, overlap_px: float | None = None,
                   overlap_fraction: float | None = None) -> tuple[Pair, Pair]:
-    """Tile size and overlap in µm from the scan frame and pixel size."""
+    """Tile size and overlap in µm from the scan frame and pixel size. With
+    ``overlap_px`` the step (tile - overlap) is acquisition's to the bit
+    (common.geometry.TileGrid.of_frames), so a grid made here has the tile
+    centres the plan will image."""
     fw, fh = (int(v) for v in frame_size_px)
     if fw <= 0 or fh <= 0:
         raise ValueError(f"frame_size_px: must be positive, got {frame_size_px}")
@@ -119,16 +115,15 @@ def tile_geometry(frame_size_px: Sequence[int], pixel_size_nm: float, overlap_px
         raise ValueError(f"pixel_size_nm: must be > 0, got {pixel_size_nm}")
     if overlap_px is not None and overlap_fraction is not None:
         raise ValueError("give overlap_px or overlap_fraction, not both")
-    w, h = fw * pixel_size_nm / 1000.0, fh * pixel_size_nm / 1000.0
+    opx = 0.0 if overlap_fraction is not None else float(overlap_px or 0.0)
+    if not 0 <= opx < min(fw, fh):
+        raise ValueError(f"overlap_px: must be in [0, {min(fw, fh)}), got {overlap_px}")
+    frames = TileGrid.of_frames((0.0, 0.0), 0.0, 1, 1, pixel_size_nm, (fw, fh), opx)
+    (w, h), ov = frames.tile_size_um, frames.overlap_um
     if overlap_fraction is not None:
         if not 0 <= overlap_fraction < 1:
             raise ValueError(f"overlap_fraction: must be in [0, 1), got {overlap_fraction}")
         ov = (w * overlap_fraction, h * overlap_fraction)
-    else:
-        opx = float(overlap_px or 0.0)
-        if not 0 <= opx < min(fw, fh):
-            raise ValueError(f"overlap_px: must be in [0, {min(fw, fh)}), got {overlap_px}")
-        ov = (opx * pixel_size_nm / 1000.0, opx * pixel_size_nm / 1000.0)
     return (w, h), ov
 
 
@@ -150,11 +145,11 @@ def grid_for_points(points_um, angle_deg: float, tile_size_um: Pair, overlap_um:
     if margin_um < 0:
         raise ValueError(f"margin_um: must be >= 0, got {margin_um}")
     pts = np.asarray(points_um, float).reshape(-1, 2)
-    local = pts @ _rot(angle_deg)  # rotate by -angle into the grid frame
+    local = pts @ rotation(angle_deg)  # rotate by -angle into the grid frame
     lo, hi = local.min(axis=0) - margin_um, local.max(axis=0) + margin_um
     cols = _tiles_needed(hi[0] - lo[0], tile_size_um[0], overlap_um[0])
     rows = _tiles_needed(hi[1] - lo[1], tile_size_um[1], overlap_um[1])
-    centre = _rot(angle_deg) @ ((lo + hi) / 2.0)
+    centre = rotation(angle_deg) @ ((lo + hi) / 2.0)
     return Grid(id=grid_id, section_id=section_id, origin_um=(centre[0], centre[1]), rotation_deg=float(angle_deg),
                 rows=rows, cols=cols, tile_size_um=tile_size_um, overlap_um=overlap_um, margin_um=float(margin_um),
                 pixel_size_nm=float(pixel_size_nm), frame_size_px=(int(frame_size_px[0]), int(frame_size_px[1])))
@@ -256,7 +251,7 @@ class GridSet:
         g = self.get(grid_id)
         new = replace(g, rows=int(rows), cols=int(cols))
         if anchor == "corner":
-            shift = g.tile_centers_um()[0] - new.tile_centers_um()[0]
+            shift = g.tile_centres_um()[0] - new.tile_centres_um()[0]
             new = replace(new, origin_um=(new.origin_um[0] + shift[0], new.origin_um[1] + shift[1]))
         elif anchor != "center":
             raise ValueError(f"anchor: expected 'center' or 'corner', got {anchor!r}")
@@ -279,9 +274,9 @@ class GridSet:
         for n_here, offset in ((first, 0), (count - first, first)):
             part = replace(g, rows=n_here) if axis == "rows" else replace(g, cols=n_here)
             # Shift the part so its tile (0, 0) lands on original tile (offset) of that axis.
-            want = g._local_centers()[offset * (g.cols if axis == "rows" else 1)]
-            have = part._local_centers()[0]
-            shift = _rot(g.rotation_deg) @ (want - have)
+            want = g.geometry.local_centres_um()[offset * (g.cols if axis == "rows" else 1)]
+            have = part.geometry.local_centres_um()[0]
+            shift = rotation(g.rotation_deg) @ (want - have)
             parts.append(replace(part, origin_um=(g.origin_um[0] + shift[0], g.origin_um[1] + shift[1])))
         a, b = parts[0], replace(parts[1], id=self.new_id())
         self._replace(grid_id, a, b)
@@ -295,7 +290,7 @@ class GridSet:
             raise ValueError("merge: need two different grids")
         if not math.isclose(a.pixel_size_nm, b.pixel_size_nm, rel_tol=1e-9, abs_tol=1e-12):
             raise ValueError(f"merge: pixel sizes differ ({a.pixel_size_nm} vs {b.pixel_size_nm} nm)")
-        corners = np.vstack([a.tile_polygons_um().reshape(-1, 2), b.tile_polygons_um().reshape(-1, 2)])
+        corners = np.vstack([a.tile_corners_um().reshape(-1, 2), b.tile_corners_um().reshape(-1, 2)])
         m = grid_for_points(corners, a.rotation_deg, a.tile_size_um, a.overlap_um, grid_id=a.id,
                             section_id=a.section_id, margin_um=0.0, pixel_size_nm=a.pixel_size_nm,
                             frame_size_px=a.frame_size_px)

@@ -5,9 +5,10 @@ section detection) → OME-TIFF carrying its stage transform.
 
 Geometry follows the engine's tiles (acq/writers/layout.TileRecord): image
 pixel (col j, row i) of a tile lies at centre + (j − w/2, i − h/2)·pixel in
-stage µm (scan rotation 0 for overviews). The assembled overview maps pixel
-(col X, row Y) to stage µm as origin + (X, Y)·pixel, the convention of
-``wafer detect``.
+stage µm (scan rotation 0 for overviews). The assembled overview is a
+common.geometry.OverviewImage: pixel (col X, row Y) lies at stage
+origin + (X, Y)·pixel, pixel (0, 0) being the centre of the top-left pixel
+(the convention of ``wafer detect``, declared in common/geometry.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Optional
 
 import cv2
 import numpy as np
+
+from common.geometry import OverviewImage
 
 TRANSFORM_KEY = "acq.overview"          # MapAnnotation key of the stage transform (JSON)
 
@@ -172,22 +175,6 @@ def _solve(recorded: np.ndarray, links: list[Link], prior_weight: float) -> np.n
 
 
 # ------------------------------------------------------------ assembly
-@dataclass
-class Overview:
-    image: np.ndarray                    # uint8 (H, W)
-    origin_um: tuple[float, float]       # stage position of pixel (0, 0)
-    pixel_um: float
-    info: dict = field(default_factory=dict)
-
-    def stage_um(self, col: float, row: float) -> tuple[float, float]:
-        return self.origin_um[0] + col * self.pixel_um, self.origin_um[1] + row * self.pixel_um
-
-    def transform(self) -> list[list[float]]:
-        """Affine (col, row, 1) → stage (x, y) µm."""
-        p, (ox, oy) = self.pixel_um, self.origin_um
-        return [[p, 0.0, ox], [0.0, p, oy]]
-
-
 def _feather(h: int, w: int, ramp: int) -> np.ndarray:
     """Blend weight: 1 inside, falling linearly over ``ramp`` px to the edges."""
     ry = np.minimum(np.arange(h) + 1, np.arange(h)[::-1] + 1) / max(ramp, 1)
@@ -196,7 +183,7 @@ def _feather(h: int, w: int, ramp: int) -> np.ndarray:
 
 
 def assemble(tiles: list[MosaicTile], pixel_um: float, centers_um: Optional[np.ndarray] = None,
-             feather_px: int = 16) -> Overview:
+             feather_px: int = 16) -> OverviewImage:
     """One image at ``pixel_um`` (≥ the tiles' pixel size) with every tile
     placed at its centre (refined, else recorded); overlaps are blended."""
     if not tiles:
@@ -234,11 +221,11 @@ def assemble(tiles: list[MosaicTile], pixel_um: float, centers_um: Optional[np.n
         acc[y0:y0 + bh, x0:x0 + bw] += img
         wsum[y0:y0 + bh, x0:x0 + bw] += wt
     out = np.where(wsum > 1e-6, acc / np.maximum(wsum, 1e-6), 0.0)
-    return Overview(np.clip(out + 0.5, 0, 255).astype(np.uint8), (float(origin[0]), float(origin[1])), pixel_um,
+    return OverviewImage(np.clip(out + 0.5, 0, 255).astype(np.uint8), (float(origin[0]), float(origin[1])), pixel_um,
                     {"tiles": len(tiles), "tile_pixel_um": p, "tile_frame": [w, h]})
 
 
-def build_overview(tiles: list[MosaicTile], pixel_um: float, refine: bool = True) -> Overview:
+def build_overview(tiles: list[MosaicTile], pixel_um: float, refine: bool = True) -> OverviewImage:
     """Refine (optionally) and assemble; the refinement's summary goes in ``info``."""
     ref = refine_positions(tiles) if refine else None
     ov = assemble(tiles, pixel_um, None if ref is None else ref.centers_um)
@@ -247,20 +234,20 @@ def build_overview(tiles: list[MosaicTile], pixel_um: float, refine: bool = True
 
 
 # ------------------------------------------------------------ files
-def save_overview(path: Path, ov: Overview) -> Path:
+def save_overview(path: Path, ov: OverviewImage) -> Path:
     """OME-TIFF: physical pixel size, plane position = stage µm of pixel (0, 0),
     and the affine stage transform as JSON in a MapAnnotation. Never overwrites."""
     from common.atomic import atomic_write
     from acq.writers.ome_tiff import TiffEncoder
     info = {"origin_um": list(ov.origin_um), "pixel_um": ov.pixel_um,
-            "transform_col_row_to_stage_um": ov.transform(), **ov.info}
+            "transform_col_row_to_stage_um": ov.transform.affine(), **ov.info}
     data = TiffEncoder().encode(ov.image, ov.pixel_um, name=Path(path).name, position_um=(*ov.origin_um, 0.0),
                                 annotation={TRANSFORM_KEY: json.dumps(info)},
                                 description="overview mosaic in stage coordinates")
     return atomic_write(path, bytes(data))
 
 
-def load_overview(path: Path) -> Overview:
+def load_overview(path: Path) -> OverviewImage:
     """An overview written by save_overview (image, origin, pixel size).
     ValueError for any other TIFF, before its pixels are read."""
     import tifffile
@@ -272,7 +259,7 @@ def load_overview(path: Path) -> Overview:
         except ValueError:
             raise ValueError(f"{path}: not an overview mosaic (no {TRANSFORM_KEY} annotation)") from None
         img = tf.asarray()
-    return Overview(img, tuple(info.pop("origin_um")), float(info.pop("pixel_um")), info)
+    return OverviewImage(img, tuple(info.pop("origin_um")), float(info.pop("pixel_um")), info)
 
 
 def tiles_from_run(run_dir: Path, cycle: Optional[int] = None) -> list[MosaicTile]:

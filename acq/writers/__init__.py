@@ -19,7 +19,7 @@ returned. Every other writer (``primary = False``) derives from the OME-TIFFs
 and can re-derive what it missed from them: ``catch_up(planes=None)`` (all
 planes on disk, or [(section, cycle), ...]) and ``rebuild(tile)`` (a
 TileEvent or a tile's path), or in its own thread through a ``CatchUp``
-document (below). They also catch up by themselves: the plane at its
+document (acq/documents.py). They also catch up by themselves: the plane at its
 SectionDone (MIPmaps, OME-Zarr; tile specs and TrakEM2 retry planes that
 failed), everything on a resumed RunStart and at RunStop. So a derived
 writer's failure never calls for imaging a tile again.
@@ -38,7 +38,6 @@ name raise FileExists.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -50,20 +49,8 @@ from acq.writers.manifest import Manifest, WrittenFile, read_manifest, verify_ma
 
 __all__ = ["WrittenFile", "WriterOptions", "RenderPushOptions", "make_writers", "verify_manifest",
            "read_manifest", "next_version", "read_tile_header", "tile_relpath", "options_from_plan",
-           "CatchUp", "Manifest", "tile_on_disk"]
+           "Manifest", "tile_on_disk"]
 
-
-
-@dataclass
-class CatchUp:
-    """Document asking the derived writers to re-derive, from the OME-TIFFs on
-    disk, what they lack: every plane, or those of ``section_id`` / ``cycle``
-    (None: any). Publish it like any document (each writer handles it in its
-    own thread, in order); the primary writer ignores it."""
-    section_id: Optional[int] = None
-    cycle: Optional[int] = None
-    full: bool = False              # tile specs / TrakEM2: rewrite even planes that look up to date
-    kind: str = "catch_up"
 
 
 class RenderPushOptions(BaseModel):

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from acq.documents import CatchUp, DocumentRouter, RunStart, RunStop, SectionDone, TileEvent
+
 if TYPE_CHECKING:
     from acq.writers.manifest import WrittenFile
 
@@ -250,7 +252,7 @@ def newest_mtime(paths) -> float:
     return best
 
 
-class PlaneWriter:
+class PlaneWriter(DocumentRouter):
     """Base of the writers that write a plane's files on its SectionDone, from the
     latest version of each tile (Render tile specs, TrakEM2 lists). Subclasses set
     ``self.tiles = SectionTiles(out_dir)`` and implement ``_write_plane`` and
@@ -269,30 +271,34 @@ class PlaneWriter:
         """Planes whose files must be (re)written: a failure, or found so on disk."""
         return self.__dict__.setdefault("_stale_planes", set())
 
-    def handle(self, doc) -> list[WrittenFile]:
-        kind = getattr(doc, "kind", None)
-        if kind == "tile":
-            self.tiles.add(doc)
-        elif kind == "section_done":
-            out, err = [], None
-            if self._stale:                 # earlier planes first (TrakEM2 takes its origin from the first)
-                try:
-                    out += self._retry_stale()
-                except Exception as e:
-                    err = e
-            out += self._write(doc.section_id, doc.cycle, doc.tile_ids)
-            if err is not None:
-                raise err
-            return out
-        elif kind == "start" and getattr(doc, "resumed", False):
+    def on_tile(self, doc: TileEvent) -> list[WrittenFile]:
+        self.tiles.add(doc)
+        return []
+
+    def on_section_done(self, doc: SectionDone) -> list[WrittenFile]:
+        out, err = [], None
+        if self._stale:                 # earlier planes first (TrakEM2 takes its origin from the first)
+            try:
+                out += self._retry_stale()
+            except Exception as e:
+                err = e
+        out += self._write(doc.section_id, doc.cycle, doc.tile_ids)
+        if err is not None:
+            raise err
+        return out
+
+    def on_start(self, doc: RunStart) -> list[WrittenFile]:
+        if doc.resumed:
             # written at the next SectionDone (the plane cut by the crash is usually next: whole
             # by then) or at RunStop, rather than now from a plane that may be half acquired
             self._stale.update(p for p in planes_on_disk(self.tiles.out_dir) if self.needs_output(*p))
-        elif kind == "catch_up":
-            return self.catch_up(planes_for(self.tiles.out_dir, doc), full=bool(getattr(doc, "full", False)))
-        elif kind == "stop":
-            return self._write_pending()
         return []
+
+    def on_catch_up(self, doc: CatchUp) -> list[WrittenFile]:
+        return self.catch_up(planes_for(self.tiles.out_dir, doc), full=doc.full)
+
+    def on_stop(self, doc: RunStop) -> list[WrittenFile]:
+        return self._write_pending()
 
     def _write_plane(self, section: int, cycle: int, records: list[TileRecord]) -> list[WrittenFile]:
         """Write one plane's files (``records`` is never empty); the WrittenFiles."""

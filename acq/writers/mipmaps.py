@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from acq.documents import CatchUp, DocumentRouter, RunStart, SectionDone, TileEvent
 from acq.writers.layout import mipmap_relpath, planes_for, planes_on_disk, read_tile_header, tile_files, tile_relpath
 from acq.writers.manifest import Manifest, WrittenFile
 from acq.writers.ome_tiff import TiffEncoder, write_tiff_once
@@ -41,8 +42,8 @@ def pyramid(img: np.ndarray, levels: int):
         yield level, cur
 
 
-class MipmapWriter:
-    kind = "mipmap"
+class MipmapWriter(DocumentRouter):
+    file_kind = "mipmap"           # the manifest kind of its files
     primary = False
 
     def __init__(self, out_dir: Path, manifest: Manifest, levels: int = 3, prefix: str = "mipmaps"):
@@ -53,18 +54,18 @@ class MipmapWriter:
         self.encoders = [TiffEncoder() for _ in range(levels)]     # one buffer per level in flight
         self._pool = ThreadPoolExecutor(levels, thread_name_prefix="mipmap-write")
 
-    def handle(self, doc) -> list[WrittenFile]:
-        kind = getattr(doc, "kind", None)
-        if kind == "tile":
-            return self._write_levels(doc.section_id, doc.cycle, doc.tile_id, doc.version, doc.image,
-                                      doc.pixel_size_m, doc.run_uid)
-        if kind == "section_done":
-            return self.catch_up([(doc.section_id, doc.cycle)])
-        if kind == "start" and getattr(doc, "resumed", False):
-            return self.catch_up()
-        if kind == "catch_up":
-            return self.catch_up(planes_for(self.out_dir, doc))
-        return []
+    def on_tile(self, doc: TileEvent) -> list[WrittenFile]:
+        return self._write_levels(doc.section_id, doc.cycle, doc.tile_id, doc.version, doc.image,
+                                  doc.pixel_size_m, doc.run_uid)
+
+    def on_section_done(self, doc: SectionDone) -> list[WrittenFile]:
+        return self.catch_up([(doc.section_id, doc.cycle)])
+
+    def on_start(self, doc: RunStart) -> list[WrittenFile]:
+        return self.catch_up() if doc.resumed else []
+
+    def on_catch_up(self, doc: CatchUp) -> list[WrittenFile]:
+        return self.catch_up(planes_for(self.out_dir, doc))
 
     def _write_levels(self, section, cycle, tile_id, version, image, pixel_size_m, run_uid) -> list[WrittenFile]:
         rel0 = tile_relpath(section, cycle, tile_id, version)
@@ -75,7 +76,7 @@ class MipmapWriter:
             rel = mipmap_relpath(level, rel0, self.prefix)
             jobs.append(self._pool.submit(
                 write_tiff_once, self.manifest, self.encoders[level - 1], rel, img, px_um * 2 ** level,
-                self.kind, tile_id, version, batch, file_key=f"{run_uid}/{rel}",
+                self.file_kind, tile_id, version, batch, file_key=f"{run_uid}/{rel}",
                 name=f"{tile_id}_v{version} L{level}"))
         wait(jobs)                      # all done before the buffers are reused or we raise
         self.manifest.append(batch)     # what did get written is listed even if a level failed
@@ -90,7 +91,7 @@ class MipmapWriter:
         """Write the levels of ``tile`` (a TileEvent, or the path of its
         OME-TIFF: pixels and header are read from there). Levels already on
         disk are accepted as they are (same bytes) and listed again."""
-        if getattr(tile, "kind", None) == "tile":
+        if isinstance(tile, TileEvent):
             return self._write_levels(tile.section_id, tile.cycle, tile.tile_id, tile.version, tile.image,
                                       tile.pixel_size_m, tile.run_uid)
         path = Path(tile)

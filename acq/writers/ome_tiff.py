@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from acq.documents import TileEvent
+from acq.documents import DocumentRouter, TileEvent
 from acq.writers.layout import META_KEY, OME_NS, dumps, tile_relpath
 from acq.writers.manifest import Manifest, WrittenFile
 
@@ -147,8 +147,8 @@ def tile_annotation(doc: TileEvent) -> dict:
     return {META_KEY: dumps(doc.header(), separators=(",", ":"))}
 
 
-class OmeTiffWriter:
-    kind = "tile"
+class OmeTiffWriter(DocumentRouter):
+    file_kind = "tile"           # the manifest kind of its files
     primary = True          # the source of truth: the engine journals a tile once this writer has it
 
     def __init__(self, out_dir: Path, manifest: Manifest):
@@ -156,14 +156,12 @@ class OmeTiffWriter:
         self.manifest = manifest
         self.encoder = TiffEncoder()        # handle() runs in one thread: one buffer is enough
 
-    def handle(self, doc) -> list[WrittenFile]:
-        if getattr(doc, "kind", None) != "tile":
-            return []
+    def on_tile(self, doc: TileEvent) -> list[WrittenFile]:
         rel = tile_relpath(doc.section_id, doc.cycle, doc.tile_id, doc.version)
         st = doc.stage
         batch: list[dict] = []
         wf = write_tiff_once(
-            self.manifest, self.encoder, rel, doc.image, doc.pixel_size_m * 1e6, self.kind, doc.tile_id,
+            self.manifest, self.encoder, rel, doc.image, doc.pixel_size_m * 1e6, self.file_kind, doc.tile_id,
             doc.version, batch, name=f"{doc.tile_id}_v{doc.version}", annotation=tile_annotation(doc),
             file_key=f"{doc.run_uid}/{rel}",
             position_um=(st.get("x", 0.0) * 1e6, st.get("y", 0.0) * 1e6, st.get("z", 0.0) * 1e6))

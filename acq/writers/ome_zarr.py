@@ -73,6 +73,7 @@ import numpy as np
 import tifffile
 import zarr
 
+from acq.documents import CatchUp, DocumentRouter, RunStart, RunStop, SectionDone, TileEvent
 from common.atomic import atomic_write, ensure_dir, fsync_dir, is_temporary, temp_name
 from common.crashpoints import point
 from acq.writers.layout import (TileRecord, latest_versions, planes_for, planes_on_disk, plane_of,
@@ -136,8 +137,8 @@ class _Section:
     flushed: dict = field(default_factory=dict)     # cycle -> {(tile_id, version): t_start} durable in the volume
 
 
-class OmeZarrWriter:
-    kind = "zarr"
+class OmeZarrWriter(DocumentRouter):
+    file_kind = "zarr"           # the manifest kind of its files
     meta_kind = "zarr_meta"
     primary = False
 
@@ -162,29 +163,33 @@ class OmeZarrWriter:
         self._check_stores()
 
     # ------------------------------------------------------------ documents
-    def handle(self, doc) -> list[WrittenFile]:
-        kind = getattr(doc, "kind", None)
-        if kind == "tile":
-            rec = TileRecord.from_doc(doc)
-            out = self._paste_tile(rec, doc.image, doc.t_start)
-            if (rec.section_id, rec.cycle) in self._closed:     # late re-acquisition: write through
-                out += self._flush_plane(rec.section_id, rec.cycle)
-            return out
-        if kind == "section_done":
-            self._closed.add((doc.section_id, doc.cycle))
-            _n, errors = self._recover(doc.section_id, doc.cycle)
-            out = self._flush_plane(doc.section_id, doc.cycle)
-            if self._needs_catch_up:
-                out += self._recover_all()
-            if errors:
-                raise RuntimeError(f"OME-Zarr: {len(errors)} tiles not pasted: {'; '.join(errors[:3])}")
-            return out
-        if kind == "start" and (getattr(doc, "resumed", False) or self._needs_catch_up):
+    def on_tile(self, doc: TileEvent) -> list[WrittenFile]:
+        rec = TileRecord.from_doc(doc)
+        out = self._paste_tile(rec, doc.image, doc.t_start)
+        if (rec.section_id, rec.cycle) in self._closed:     # late re-acquisition: write through
+            out += self._flush_plane(rec.section_id, rec.cycle)
+        return out
+
+    def on_section_done(self, doc: SectionDone) -> list[WrittenFile]:
+        self._closed.add((doc.section_id, doc.cycle))
+        _n, errors = self._recover(doc.section_id, doc.cycle)
+        out = self._flush_plane(doc.section_id, doc.cycle)
+        if self._needs_catch_up:
+            out += self._recover_all()
+        if errors:
+            raise RuntimeError(f"OME-Zarr: {len(errors)} tiles not pasted: {'; '.join(errors[:3])}")
+        return out
+
+    def on_start(self, doc: RunStart) -> list[WrittenFile]:
+        if doc.resumed or self._needs_catch_up:
             return self._recover_all()      # a fresh run has nothing to catch up (and must not re-read)
-        if kind == "catch_up":
-            return self.catch_up(planes_for(self.out_dir, doc))
-        if kind == "stop":
-            self.flush()
+        return []
+
+    def on_catch_up(self, doc: CatchUp) -> list[WrittenFile]:
+        return self.catch_up(planes_for(self.out_dir, doc))
+
+    def on_stop(self, doc: RunStop) -> list[WrittenFile]:
+        self.flush()
         return []
 
     def flush(self) -> None:
@@ -348,7 +353,7 @@ class OmeZarrWriter:
             fsync_dir(log_path.parent)
         prefix = f"zarr/{section:04d}.ome.zarr/"
         latest = self.manifest.latest(prefix) if latest is None else latest
-        self.manifest.append([Manifest.deletion(rel, e.get("kind", self.kind)) for rel, e in sorted(latest.items())
+        self.manifest.append([Manifest.deletion(rel, e.get("kind", self.file_kind)) for rel, e in sorted(latest.items())
                               if rel.startswith(prefix) and not e.get("deleted")])
         aside = root.with_name(f".{root.name}.old.part")
         if aside.exists():
@@ -520,9 +525,9 @@ class OmeZarrWriter:
         for job in [self._pool.submit(_fsync, d, True) for d in sorted(dirs)]:
             job.result()
         rel = self.manifest.rel
-        self.manifest.append([self.manifest.entry(rel(p), sha, e[0].nbytes, self.kind)
+        self.manifest.append([self.manifest.entry(rel(p), sha, e[0].nbytes, self.file_kind)
                               for (p, e), sha in zip(dirty, shas)])
-        return [WrittenFile(p, self.kind, None) for p, _ in dirty]
+        return [WrittenFile(p, self.file_kind, None) for p, _ in dirty]
 
     def _evict(self) -> list[WrittenFile]:
         c2 = self.chunk * self.chunk

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import renderapi
 
+from acq.documents import CatchUp, DocumentRouter, RunStart, RunStop, SectionDone, TileEvent
 from common.atomic import ensure_dir
 from acq.writers.layout import SectionTiles, plane_of
 from acq.writers.manifest import WrittenFile, append_durably
@@ -55,8 +56,8 @@ def _connect(host, port, owner, project, client_scripts=None):
     return renderapi.render.Render(host=host, port=port, owner=owner, project=project)
 
 
-class RenderPushWriter:
-    kind = "render_push"
+class RenderPushWriter(DocumentRouter):
+    file_kind = "render_push"           # the manifest kind of its files
     primary = False
 
     def __init__(self, out_dir: Path, *, host: str, port: int, owner: str, project: str, stack: str,
@@ -100,25 +101,30 @@ class RenderPushWriter:
         append_durably(p, (json.dumps(d) + "\n").encode())
 
     # ------------------------------------------------------------ documents
-    def handle(self, doc) -> list[WrittenFile]:
-        kind = getattr(doc, "kind", None)
-        if kind == "tile":
-            self.tiles.add(doc)
-        elif kind == "start":
-            self._catch_up_from_disk()
-        elif kind == "section_done":
-            recs = self.tiles.resolve(doc.section_id, doc.cycle, doc.tile_ids)
-            if recs:
-                self.pending[(doc.section_id, doc.cycle)] = tilespec_dicts(
-                    recs, self.out_dir, self.mipmap_levels, self.url_root)
-            self.tiles.forget(doc.section_id, doc.cycle)
-            if time.monotonic() >= self._hold_until:
-                self._flush()
-        elif kind == "catch_up":
-            self.catch_up()
-        elif kind == "stop":
+    def on_tile(self, doc: TileEvent) -> list[WrittenFile]:
+        self.tiles.add(doc)
+        return []
+
+    def on_start(self, doc: RunStart) -> list[WrittenFile]:
+        self._catch_up_from_disk()
+        return []
+
+    def on_section_done(self, doc: SectionDone) -> list[WrittenFile]:
+        recs = self.tiles.resolve(doc.section_id, doc.cycle, doc.tile_ids)
+        if recs:
+            self.pending[(doc.section_id, doc.cycle)] = tilespec_dicts(
+                recs, self.out_dir, self.mipmap_levels, self.url_root)
+        self.tiles.forget(doc.section_id, doc.cycle)
+        if time.monotonic() >= self._hold_until:
             self._flush()
-            self._complete_all()
+        return []
+
+    def on_catch_up(self, doc: CatchUp) -> list[WrittenFile]:
+        return self.catch_up()
+
+    def on_stop(self, doc: RunStop) -> list[WrittenFile]:
+        self._flush()
+        self._complete_all()
         return []
 
     def catch_up(self) -> list[WrittenFile]:

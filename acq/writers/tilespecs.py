@@ -96,7 +96,7 @@ def write_revision(manifest: Manifest, section: int, cycle: int, data: bytes, ki
 
 
 class TileSpecWriter(PlaneWriter):
-    kind = "tilespec"
+    file_kind = "tilespec"           # the manifest kind of its files
 
     def __init__(self, out_dir: Path, manifest: Manifest, mipmap_levels: int = 3,
                  url_root: Optional[str] = None):
@@ -113,6 +113,6 @@ class TileSpecWriter(PlaneWriter):
     def _write_plane(self, section: int, cycle: int, records: list[TileRecord]) -> list[WrittenFile]:
         data = encode_specs(tilespec_dicts(records, self.out_dir, self.mipmap_levels, self.url_root))
         batch: list[dict] = []
-        wf = write_revision(self.manifest, section, cycle, data, self.kind, batch)
+        wf = write_revision(self.manifest, section, cycle, data, self.file_kind, batch)
         self.manifest.append(batch)
         return [wf]

@@ -41,7 +41,7 @@ _CYCLE_FILE = re.compile(r"^(\d+)_import(?:\.(\d+))?\.txt$")
 
 
 class TrakEM2Writer(PlaneWriter):
-    kind = "trakem2"
+    file_kind = "trakem2"           # the manifest kind of its files
 
     def __init__(self, out_dir: Path, manifest: Manifest):
         self.out_dir = Path(out_dir)
@@ -90,7 +90,7 @@ class TrakEM2Writer(PlaneWriter):
             d = {"x_px": math.floor(min(r.frame_topleft_px()[0] for r in records)),
                  "y_px": math.floor(min(r.frame_topleft_px()[1] for r in records)),
                  "pixel_size_m": records[0].pixel_size_m, "rotation_deg": records[0].rotation_deg}
-            self.manifest.write_once(rel, json.dumps(d).encode(), self.kind, batch=batch)
+            self.manifest.write_once(rel, json.dumps(d).encode(), self.file_kind, batch=batch)
         self._origins[section] = (int(d["x_px"]), int(d["y_px"]))
         return self._origins[section], batch
 
@@ -115,7 +115,7 @@ class TrakEM2Writer(PlaneWriter):
             rel = f"trakem2/{sec:04d}/{name}"
             p = self.out_dir / rel
             if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() == sha:
-                return self.manifest.write_once(rel, data, self.kind, batch=batch)
+                return self.manifest.write_once(rel, data, self.file_kind, batch=batch)
             rev += 1
 
     def _index_data(self, sec: int) -> bytes:

@@ -31,7 +31,7 @@ def frame(
 ) -> None:
     """Render one frame of the specimen plane and write it as a TIFF with its
     parameters in the metadata (ImageDescription, JSON)."""
-    from devices.sim.render_cli import render_frame_to_tiff   # torch-free, but heavy: import late
+    from devices.sim.frames import render_frame_to_tiff   # torch-free, but heavy: import late
 
     if not all(16 <= v <= 8192 for v in size):
         raise typer.BadParameter("give two values in 16..8192: --size W H", param_hint="--size")

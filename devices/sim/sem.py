@@ -32,6 +32,12 @@ class SimSEM(SEM):
         self._rng = np.random.default_rng(world.params.seed + 101)
         self.frames_acquired = 0
 
+    def reseed(self, seed) -> None:
+        """Restart the frame noise (and drift steps) from ``seed`` (an int or a
+        sequence of ints, as numpy takes it): the bench gives each location
+        its own reproducible noise."""
+        self._rng = np.random.default_rng(seed)
+
     # life cycle
     def connect(self) -> None:
         self._connected = True

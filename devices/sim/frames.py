@@ -1,5 +1,6 @@
-"""Frame rendering for the command line and the physics tests: a specimen
-plane (no wafer) at a chosen aberration relative to the hidden baseline."""
+"""Single simulated frames outside a setup: a specimen plane (no wafer) at
+a chosen aberration relative to the hidden baseline. Used by `sim frame`,
+the physics tests, autofocus training data and the autofocus bench."""
 from __future__ import annotations
 
 import json
