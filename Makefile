@@ -9,7 +9,7 @@ ARGS   ?=
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock scripts/setup_env.sh
+$(STAMP): requirements.lock scripts/setup_env.sh pyproject.toml
 	bash scripts/setup_env.sh $(PYTHON) $(VENV)
 	touch $(STAMP)
 

@@ -11,7 +11,6 @@ different --config after the command.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -169,5 +168,4 @@ def _default(ctx: typer.Context,
 _mount()
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     app()
