@@ -7,7 +7,7 @@
 # run is a genuine `python -m acq.cli` subprocess.
 PRELOAD = r"""
 import os, sys, json
-import acq.cli, acq.engine, acq.writers, devices.factory, devices.sim.wafer
+import acq.cli, acq.engine, acq.writers, common.crashpoints, devices.factory, devices.sim.wafer
 import serial.urlhandler.protocol_socket as ps
 ps.time = type("NoSleep", (), {"sleep": staticmethod(lambda s: None)})   # as fast_socket_close
 for name in ("acq.writers.ome_tiff", "acq.writers.ome_zarr", "acq.writers.mipmaps", "acq.writers.tilespecs",
