@@ -2,9 +2,9 @@
 the pyvisa-sim ``sim_lib`` fixture is in conftest.py."""
 from __future__ import annotations
 
-from pathlib import Path
+from tests.support import ROOT
 
-SIM_YAML = Path(__file__).parents[1] / "configs" / "visa" / "sim_instruments.yaml"
+SIM_YAML = ROOT / "configs" / "visa" / "sim_instruments.yaml"
 NO_ERROR = '+0,"No error"'
 
 
