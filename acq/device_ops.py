@@ -16,8 +16,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-
-
 class StepFailed(DeviceError):
     """An operation failed on every try."""
 

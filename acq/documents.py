@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar, Optional
 
 import numpy as np
@@ -67,16 +67,13 @@ class TileEvent:
         return d
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class IncidentCause(str, Enum):
+class IncidentCause(StrEnum):
     """Why an incident was raised; the value is what the journal and the
     logs record. ``context`` carries its structured data."""
     AUTOFOCUS_FAILED = "autofocus_failed"
@@ -106,9 +103,6 @@ class IncidentCause(str, Enum):
     RESUMED_DISK_SPACE = "resumed_disk_space"
     RESUMED_PROBE_CURRENT = "resumed_probe_current"
     RESUMED_ION_INTERLOCK = "resumed_ion_interlock"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
@@ -143,14 +137,11 @@ class CycleDone:
     kind: ClassVar[str] = "cycle_done"
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     """How a run ended (RunStop.exit_status, RunResult.status, the journal's run_stop)."""
     SUCCESS = "success"
     ABORTED = "aborted"             # the operator or a signal stopped it at a safe point: resumable
     FAILED = "failed"               # a bug, an operator-needing pause on the command line, lost frames
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass

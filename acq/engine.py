@@ -40,7 +40,7 @@ from acq.outdir_lock import OutdirLock
 from acq.plan import Plan, Retries, dump_plan
 from acq.qc import ImageInspector
 from acq.run_folder import PLAN_COPY, disk_usage, holds_nothing, run_started, same_plan
-from acq.runner import Pause, PauseReason, Runner, RunState, _label
+from acq.runner import Pause, PauseReason, Runner, RunState, _label, check_pause_policy
 from acq.step_context import StepContext
 from acq.steps_irradiation import irradiate
 from acq.steps_mill import run_mill
@@ -96,8 +96,7 @@ class Engine:
                  suspenders: Optional[SuspenderSet] = None, retries: Optional[Retries] = None,
                  accept_change: Iterable[str] = (), max_exposures: Optional[int] = None,
                  expansion: Callable = expand):
-        if on_pause not in ("wait", "stop"):                      # before the OUTDIR lock is taken
-            raise ValueError(f"on_pause = {on_pause!r}: allowed 'wait', 'stop'")
+        check_pause_policy(on_pause)                     # before the OUTDIR lock is taken
         if retries is not None:                          # the caller's retry policy replaces the plan's
             plan = plan.model_copy(update={"retries": retries})
         self.setup, self.plan, self.clock = setup, plan, setup.clock
@@ -383,10 +382,10 @@ class Engine:
                     "check the sections, then accept it (--accept-interrupted-mill) to go on without milling it "
                     "again", {"cycle": cycle, "known_s": done}))
             self.journal.append("mill_done", key=key, cycle=cycle, seconds=done, interrupted=True, accepted=True)
-            self.incident("warning", "mill_accepted", f"interrupted mill of cycle {cycle} counted as done; "
+            self.incident(Severity.WARNING, IncidentCause.MILL_ACCEPTED, f"interrupted mill of cycle {cycle} counted as done; "
                           "it is not repeated", {"cycle": cycle})
 
-    def finish(self, status: FinishReason, reason: str) -> RunState:
+    def finish(self, status: FinishReason, reason: str) -> RunResult:
         """Blank the beams, let the writers finish, journal the stop; the final state."""
         try:
             self.make_safe()
@@ -418,7 +417,7 @@ class Engine:
                 files, size = disk_usage(self.out_dir)
                 self.result = RunResult(status, reason, self.run_uid, self._tiles, tiles_done,
                                         len(self.incidents), files, size)
-        return RunState.ERROR if status is FinishReason.FAILED else RunState.IDLE
+        return self.result
 
     # ------------------------------------------------------------ events
     def skip(self, ev: PlanEvent) -> bool:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Protocol
 
 from acq.device_ops import reconnect, role_of
@@ -31,20 +31,18 @@ from acq.suspenders import Suspender, SuspenderSet, is_disk_error
 from devices.errors import DeviceError, InterlockError, LimitViolation
 
 if TYPE_CHECKING:
+    from acq.engine import RunResult
     from acq.events import PlanEvent
 
 log = logging.getLogger(__name__)
 
 
-class RunState(str, Enum):
+class RunState(StrEnum):
     IDLE = "idle"
     RUNNING = "running"
     PAUSED = "paused"
     STOPPING = "stopping"
     ERROR = "error"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
@@ -56,7 +54,7 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 }
 
 
-class PauseReason(str, Enum):
+class PauseReason(StrEnum):
     OPERATOR = "operator"                    # Pause pressed
     SUSPENDED = "suspended"                  # a suspender's condition (data: suspender); resumes by itself
     SAFETY_WINDOW = "safety_window"          # a setpoint outside the setup's windows
@@ -66,15 +64,17 @@ class PauseReason(str, Enum):
     WRITE_FAILED = "write_failed"            # a frame or journal record the disk keeps refusing
     OUTPUT = "output"                        # the output cannot take data and nothing watches it
 
-    def __str__(self) -> str:
-        return self.value
-
 
 @dataclass(frozen=True)
 class Pause:
     reason: PauseReason
     message: str                             # for the operator, as shown
     data: dict = field(default_factory=dict)
+
+
+def check_pause_policy(policy: str) -> None:
+    if policy not in ("wait", "stop"):
+        raise ValueError(f"on_pause = {policy!r}: allowed 'wait', 'stop'")
 
 
 class Abort(Exception):
@@ -94,6 +94,7 @@ class RunBody(Protocol):
     plan: object
     clock: object
     setup: object
+    out_dir: object                          # named in the resume hint of a stopped run
 
     def open(self) -> Iterable["PlanEvent"]:
         """Prepare the run (journal, files, writers); the events to run."""
@@ -117,20 +118,19 @@ class RunBody(Protocol):
     def grant_exposure(self, key: str) -> None:
         """The operator allowed one more exposure of a tile."""
 
-    def finish(self, status: FinishReason, reason: str) -> RunState:
-        """Close the run; the final state (idle or error)."""
+    def finish(self, status: FinishReason, reason: str) -> "RunResult":
+        """Close the run; its result (acq/engine.py RunResult)."""
 
 
 class Runner:
     """Runs a RunBody's events in a worker thread under the lifecycle rules.
 
-    on_pause: "wait" (GUI: wait for resume()/abort()) or "stop" (command
+    pause_policy: "wait" (GUI: wait for resume()/abort()) or "stop" (command
     line: a pause needing the operator ends the run, resumable)."""
 
-    def __init__(self, body: RunBody, suspenders: SuspenderSet, on_pause: str = "wait"):
-        if on_pause not in ("wait", "stop"):
-            raise ValueError(f"on_pause = {on_pause!r}: allowed 'wait', 'stop'")
-        self.body, self.suspenders, self.pause_policy = body, suspenders, on_pause
+    def __init__(self, body: RunBody, suspenders: SuspenderSet, pause_policy: str = "wait"):
+        check_pause_policy(pause_policy)
+        self.body, self.suspenders, self.pause_policy = body, suspenders, pause_policy
         self.plan = body.plan
         self._state = RunState.IDLE
         self._state_cbs: list[Callable[[RunState, str], None]] = []
@@ -213,8 +213,7 @@ class Runner:
         if state not in TRANSITIONS[self._state]:
             raise RuntimeError(f"run state {self._state} -> {state} is not a legal transition")
         self._state = state
-        for fn in self._state_cbs:
-            _call(fn, state, reason)
+        self._report(self._state_cbs, state, reason)
 
     def _report(self, cbs: list, *args) -> None:
         for fn in cbs:
@@ -243,8 +242,9 @@ class Runner:
             except Exception:                    # the journal may be what failed: the log has it
                 log.exception("could not record the engine failure as an incident")
         self._set_state(RunState.STOPPING, reason or status.value)
-        final = body.finish(status, reason)
-        self._set_state(final, body.result.reason or body.result.status.value)
+        res = body.finish(status, reason)
+        self._set_state(RunState.ERROR if res.status is FinishReason.FAILED else RunState.IDLE,
+                        res.reason or res.status.value)
 
     def _do(self, ev) -> None:
         body = self.body

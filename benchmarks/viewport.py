@@ -30,7 +30,8 @@ def synthetic_layout(layout, n_sections: int = 500, rows: int = 5, cols: int = 5
     """Fill ``layout`` with n sections (irregular 64-point outlines, like the
     simulator's) on a jittered lattice inside the wafer, one rows x cols grid
     each, and tile states of every kind."""
-    from gui.wafer_model import GridSpec, SectionItem, rot
+    from common.geometry import Section, rotation
+    from gui.wafer_model import GridSpec
 
     rng = np.random.default_rng(seed)
     pitch = math.sqrt(math.pi * (0.92 * wafer_radius_um) ** 2 / n_sections / 1.6)
@@ -48,8 +49,8 @@ def synthetic_layout(layout, n_sections: int = 500, rows: int = 5, cols: int = 5
         wob = 1 - 0.06 * rng.random(64)
         local = np.stack([np.sign(np.cos(t)) * np.abs(np.cos(t)) ** 0.4 * w / 2,
                           np.sign(np.sin(t)) * np.abs(np.sin(t)) ** 0.4 * h / 2], 1) * wob[:, None]
-        poly = local @ rot(ang).T + (x, y)
-        layout.sections[sid] = SectionItem(sid, (float(x), float(y)), (w, h), ang, poly)
+        poly = local @ rotation(ang).T + (x, y)
+        layout.sections[sid] = Section(sid, (float(x), float(y)), (w, h), ang, poly)
         layout.order.append(sid)
         g = GridSpec(sid, 0, (float(x), float(y)), ang, rows, cols, pixel_size_nm=10.0, frame_size=(1024, 768),
                      overlap_px=77)

@@ -343,17 +343,6 @@ class OverviewImage:
     def transform(self) -> OverviewTransform:
         return OverviewTransform(self.origin_um, self.pixel_um)
 
-    @property
-    def pixel_size_um(self) -> float:
-        """``pixel_um`` under the name gui/live_view.py reads."""
-        return self.pixel_um
-
-    def stage_um(self, col, row):
-        return self.transform.to_stage(col, row)
-
-    def pixel_at(self, x, y):
-        return self.transform.to_pixel(x, y)
-
     def rect_um(self) -> tuple[float, float, float, float]:
         """(x0, y0, width, height) µm the image covers, pixel edges included."""
         return self.transform.bounds_um(self.image.shape)

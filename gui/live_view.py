@@ -137,7 +137,7 @@ class LiveView(QTabWidget):
         img = ov.image
         f = max(1, int(np.ceil(max(img.shape) / 2048)))          # the screen needs no more than this
         h, w = img.shape
-        self.overview_pane.show(img[::f, ::f], f"overview {w} × {h} px at {ov.pixel_size_um:g} µm")
+        self.overview_pane.show(img[::f, ::f], f"overview {w} × {h} px at {ov.pixel_um:g} µm")
 
     def clear_qc(self) -> None:
         self.qc = {k: [] for k in QC_KEYS}

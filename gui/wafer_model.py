@@ -14,17 +14,11 @@ import numpy as np
 from PyQt5.QtCore import QObject, pyqtSignal
 from PyQt5.QtWidgets import QUndoStack
 
-from common.geometry import OverviewImage, Section, TileGrid, rotation
+from common.geometry import OverviewImage, Section, TileGrid
 
 PLANNED, ACQUIRING, ACQUIRED, FAILED, REACQUIRED = range(5)
 STATE_NAMES = ("planned", "acquiring", "acquired", "failed", "re-acquired")
 GridKey = tuple[int, int]                      # (section id, grid id)
-
-
-# The section and overview types are common/geometry.py's, shared with wafer/;
-# the GUI's older names stay for the callers that use them (benchmarks/viewport.py).
-SectionItem = Section
-rot = rotation
 
 
 @dataclass(frozen=True)

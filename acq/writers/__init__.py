@@ -52,7 +52,6 @@ __all__ = ["WrittenFile", "WriterOptions", "RenderPushOptions", "make_writers", 
            "Manifest", "tile_on_disk"]
 
 
-
 class RenderPushOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str

@@ -22,7 +22,6 @@ from tests.support.engine_runs import done_counts, make_engine, planned_tiles, r
 from tests.support.fork_server import ZYGOTE
 
 
-
 def resume_engine(tmp_path, out="out", **kw):
     from acq.engine import Engine
     from acq.plan import load_plan

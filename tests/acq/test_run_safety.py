@@ -18,7 +18,6 @@ from tests.support import ROOT
 from tests.support.engine_runs import make_engine, planned_tiles, write_plan, write_setup
 
 
-
 def journal(out: Path) -> list[dict]:
     from acq.journal import read_records
     return list(read_records(out))

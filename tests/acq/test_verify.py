@@ -4,7 +4,6 @@ the manifest is gone), rewritten, unreadable lines, leftover temporaries."""
 import io
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -67,9 +66,6 @@ def test_manifest_deleted_every_data_file_is_extra(out):
     rc, text = report(out)
     assert rc == 1 and "manifest.jsonl is missing" in text
     assert text.splitlines()[-1].startswith(f"NOT verified: manifest.jsonl missing, {n} extra")
-
-
-
 
 
 def test_changed_and_missing_files(out):

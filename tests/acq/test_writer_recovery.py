@@ -287,7 +287,7 @@ def test_derived_writers_that_failed_on_a_tile_catch_up_from_disk(tmp_path, clea
         for w in ws:
             try:
                 w.handle(d)
-            except OSError as e:
+            except OSError:
                 errors.setdefault(type(w).__name__, []).append((d.kind, getattr(d, "tile_id", None)))
     # each derived writer failed once, on the first tile it had to write
     assert errors == {"MipmapWriter": [("tile", docs[0].tile_id)], "OmeZarrWriter": [("tile", docs[0].tile_id)]}

@@ -115,7 +115,7 @@ def test_wafer_gui_and_plan_share_the_section_type():
     from acq.plan import Section as PlanSection
     from gui import wafer_model
     from wafer import sections
-    assert sections.Section is Section and wafer_model.SectionItem is Section
+    assert sections.Section is Section and wafer_model.Section is Section
     plan_sec = PlanSection(id=3, grids=[PlanGrid(id=0, center_um=(5.0, 6.0), rotation_deg=30.0, rows=2, cols=2,
                                                  pixel_size_nm=1000.0, frame_size=(20, 16))])
     shape = plan_sec.geometry
@@ -134,7 +134,7 @@ def test_overview_origin_is_the_centre_of_the_top_left_pixel():
     back = t.to_pixel(*t.to_stage(cols, rows))
     np.testing.assert_allclose(back, (cols, rows), atol=1e-12)
     ov = OverviewImage(np.zeros((300, 400), np.uint8), (-800, -600), 4)
-    assert ov.transform == t and ov.rect_um() == t.bounds_um((300, 400)) and ov.stage_um(0, 0) == (-800.0, -600.0)
+    assert ov.transform == t and ov.rect_um() == t.bounds_um((300, 400)) and ov.transform.to_stage(0, 0) == (-800.0, -600.0)
 
 
 def test_the_mosaic_places_pixel_zero_as_declared():
@@ -162,7 +162,7 @@ def test_the_guis_overview_acquisition_places_pixels_as_declared(sim_config):
         ov = acquire_overview(setup, (cx - 600, cy - 400, cx + 600, cy + 400), 4.0, block=128)
         assert ov.origin_um == (cx - 600, cy - 400)
         h, w = ov.image.shape
-        mid = ov.stage_um((w - 1) / 2, (h - 1) / 2)               # the image's centre, by the transform
+        mid = ov.transform.to_stage((w - 1) / 2, (h - 1) / 2)               # the image's centre, by the transform
         truth = wafer.signal((mid[0] * 1e-6, mid[1] * 1e-6), 4e-6, (h, w))
     rendered = np.clip(truth * 255.0 + 0.5, 0, 255).astype(np.uint8)
     assert np.abs(rendered.astype(float) - ov.image).mean() < 0.6       # half a pixel off: 1.3

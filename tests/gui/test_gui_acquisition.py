@@ -13,9 +13,6 @@ from tests.support import ROOT
 from tests.support.gui import small_plan
 
 
-
-
-
 def finish(qtbot, win, timeout=60000):
     qtbot.waitUntil(lambda: win.controller.finished() and win.controller.state == "idle", timeout=timeout)
     return win.controller.engine.result

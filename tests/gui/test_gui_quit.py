@@ -6,7 +6,6 @@ from PyQt5.QtWidgets import QMessageBox
 from tests.support.gui import small_plan
 
 
-
 def test_quit_while_running_stops_first_and_closes_the_devices_after(win, qtbot, tmp_path, monkeypatch):
     small_plan(win, rows=1, cols=2, cycles=3)
     acq = win.acquisition

@@ -84,7 +84,7 @@ def test_assembled_overview_is_the_area_in_stage_coordinates():
     (sx, sy), _ = cv2.phaseCorrelate(ref.astype(np.float32), ov.image.astype(np.float32))
     assert abs(sx) < 0.1 and abs(sy) < 0.1
     assert np.abs(ov.image.astype(int) - ref).mean() < 2.0
-    assert ov.stage_um(0, 0) == ov.origin_um
+    assert ov.transform.to_stage(0, 0) == ov.origin_um
     with pytest.raises(ValueError, match="at least the tiles' pixel size"):
         assemble(tiles, 0.5)
 
@@ -100,7 +100,7 @@ def test_saved_overview_carries_pixel_size_and_stage_transform(tmp_path):
     back = load_overview(path)
     assert back.pixel_um == 4.0 and np.allclose(back.origin_um, ov.origin_um)
     assert back.info["refinement"]["links_used"] == 17
-    assert np.allclose(np.array(back.info["transform_col_row_to_stage_um"]) @ [10, 20, 1], ov.stage_um(10, 20))
+    assert np.allclose(np.array(back.info["transform_col_row_to_stage_um"]) @ [10, 20, 1], ov.transform.to_stage(10, 20))
     with pytest.raises(FileExistsError):
         save_overview(path, ov)
 
