@@ -69,18 +69,32 @@ def root_problem(folder: Path) -> str | None:
 
 def ensure_dir(folder: Path) -> None:
     """mkdir -p ``folder``, except under a registered output root that has
-    vanished or changed file system: that raises FileNotFoundError."""
+    vanished or changed file system: that raises FileNotFoundError. Below a
+    root only the levels under it are created, one by one, so a root that
+    vanishes between the check and the mkdir is not created again either."""
     folder = Path(folder)
     absf = folder.absolute()
-    for root in list(_ROOTS):
-        if absf == root or root in absf.parents:
-            problem = root_problem(root)
-            if problem:
-                raise FileNotFoundError(2, problem, str(root))
+    root = next((r for r in list(_ROOTS) if absf == r or r in absf.parents), None)
+    if root is not None:
+        problem = root_problem(root)
+        if problem:
+            raise FileNotFoundError(2, problem, str(root))
     if folder.is_dir():
         return
     point("mkdir", folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if root is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        return
+    level = root
+    for name in absf.relative_to(root).parts:
+        level = level / name
+        try:
+            os.mkdir(level)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:            # the root went away just now
+            raise FileNotFoundError(2, root_problem(root) or f"output folder {root} has vanished",
+                                    str(root)) from None
 
 
 def temp_name(path: Path) -> Path:

@@ -30,3 +30,23 @@ def test_files_get_the_normal_permissions_not_mkstemps_0600(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
     assert issubclass(FileExists, FileExistsError)
+
+
+def test_a_root_that_vanishes_during_ensure_dir_is_not_created_again(tmp_path, monkeypatch):
+    """The output folder goes away (a dropped mount) between ensure_dir's
+    check and its mkdir: the write fails, the folder is not recreated (the
+    run would otherwise scatter over two places)."""
+    import common.atomic as atomic
+    root, away = tmp_path / "out", tmp_path / "away"
+    root.mkdir()
+    atomic.register_root(root)
+    try:
+        def vanish(op, path):
+            if op == "mkdir" and root.exists():
+                root.rename(away)
+        monkeypatch.setattr(atomic, "point", vanish)
+        with pytest.raises(FileNotFoundError, match="vanished"):
+            atomic.ensure_dir(root / "tiles" / "0000")
+        assert not root.exists() and not (away / "tiles").exists()
+    finally:
+        atomic.unregister_root(root)
