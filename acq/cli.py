@@ -263,5 +263,4 @@ def journal_repair(out_dir: Path = typer.Argument(..., help="output folder of a 
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     app()

@@ -49,15 +49,14 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from acq.engine import Engine  # noqa: E402
-from acq.documents import TileEvent  # noqa: E402
-from acq.events import AcquireTile, MoveStage  # noqa: E402
-from acq.plan import load_plan, writer_options  # noqa: E402
-from acq.writers import make_writers  # noqa: E402
-import autofocus  # noqa: E402
-from devices.factory import build_setup  # noqa: E402
+from acq.engine import Engine
+from acq.documents import TileEvent
+from acq.events import AcquireTile, MoveStage
+from acq.plan import load_plan, writer_options
+from acq.writers import make_writers
+import autofocus
+from devices.factory import build_setup
 autofocus.register_methods()          # the application registers the autofocus methods a plan may name
 
 REFERENCE_FRACTION = 0.05

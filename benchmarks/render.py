@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devices.setup_config import Simulation  # noqa: E402
-from devices.sim import optics  # noqa: E402
-from devices.sim.frames import render_frame, specimen_world  # noqa: E402
+from devices.setup_config import Simulation
+from devices.sim import optics
+from devices.sim.frames import render_frame, specimen_world
 
 SIZES = [(1024, 768), (2048, 1536), (6144, 4608)]
 

@@ -33,9 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from acq.journal import JOURNAL_NAME, SNAPSHOT_EVERY, SNAPSHOT_NAME, Journal  # noqa: E402
+from acq.journal import JOURNAL_NAME, SNAPSHOT_EVERY, SNAPSHOT_NAME, Journal
 
 SECTIONS, TILES = 500, 25                  # per cycle: 12.5 k tiles
 AZIMUTHS = 4
@@ -43,7 +42,6 @@ TARGET_S, TARGET_MB = 5.0, 500.0           # for 2.5 M tiles
 
 CHILD = r"""
 import gc, json, os, resource, sys, time
-sys.path.insert(0, sys.argv[1])
 from acq.journal import Journal
 
 
@@ -63,9 +61,9 @@ try:                                                 # peak RSS from here on (th
         f.write("5")
 except OSError:
     pass
-j = Journal(sys.argv[2])
+j = Journal(sys.argv[1])
 t0 = time.perf_counter()
-if sys.argv[3] == "open":
+if sys.argv[2] == "open":
     st = j.open()
 else:
     st = j.read(use_snapshot=False)
@@ -174,7 +172,7 @@ def pad_tail(out: Path, snapshot_every: int) -> None:
 
 
 def measure(out: Path, mode: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(out), mode], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", CHILD, str(out), mode], capture_output=True, text=True,
                        check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 

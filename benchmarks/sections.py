@@ -9,17 +9,15 @@ IoU >= 0.5; sections cut by the image border are not counted either way.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devices.setup_config import WaferParams  # noqa: E402
-from wafer import detect_data as dd  # noqa: E402
-from wafer.detect import detect_sections, load_model, match_sections  # noqa: E402
+from devices.setup_config import WaferParams
+from wafer import detect_data as dd
+from wafer.detect import detect_sections, load_model, match_sections
 
 # 14 x 19 tiles of 1024 x 768 px at 1 um (as in the seed's Fig. 2.2), seen at 4 um
 MOSAIC_UM = (14 * 1024.0, 19 * 768.0)

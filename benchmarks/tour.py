@@ -16,11 +16,10 @@ import sys
 import time
 
 sys.dont_write_bytecode = True
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from wafer import tour  # noqa: E402
+from wafer import tour
 
 SIZES = (100, 500, 1000)
 RADIUS_UM = 12_500.0

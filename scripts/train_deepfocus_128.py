@@ -27,11 +27,10 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autofocus.data import training_textures  # noqa: E402
-from autofocus.gain import fit_output_gain, write_gain  # noqa: E402
-from autofocus.train import train  # noqa: E402
+from autofocus.data import training_textures
+from autofocus.gain import fit_output_gain, write_gain
+from autofocus.train import train
 
 NEAR_FOCUS = ((0.2, 20.0, 5.0), (0.1, 20.0, 0.5), (0.45, 3.0, 0.75), (0.25, 1.5, 0.3))
 WIDE = ((0.15, 20.0, 5.0), (0.05, 20.0, 0.5), (0.25, 3.0, 0.75), (0.15, 1.5, 0.3), (0.4, 32.0, 6.5))

@@ -20,10 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autofocus.data import training_textures  # noqa: E402
-from autofocus.train import train  # noqa: E402
+from autofocus.data import training_textures
+from autofocus.train import train
 
 RECIPE = dict(steps=4000, seed=3, lr=1e-3, batch=8, dropout=0.0, pool_size=512, pool_refresh=2, val_samples=48)
 
