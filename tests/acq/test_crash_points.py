@@ -23,40 +23,19 @@ import pytest
 from common.crashpoints import CRASH_EXIT
 from tests.support import ROOT
 from tests.support.engine_runs import write_plan, write_setup
-from tests.support.fork_server import PRELOAD
+from tests.support.fork_server import SERVER
 
 WRITERS = ["ome_tiff", "mipmaps", "render_tilespecs", "trakem2", "ome_zarr"]
 MILL_S = 6.0
 
-# A server process imports the program once and forks one child per run
-# (a hundred interpreter start-ups would take most of the time). Each child
-# sets its crash point, runs acq.cli.run_plan and exits with its code; an
-# os._exit at the crash point ends it like a kill would.
-SERVER = PRELOAD + r"""
-for line in sys.stdin:
-    a = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        sys.stdin.close()
-        fd = os.open(a["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1); os.dup2(fd, 2)
-        common.crashpoints.configure(a.get("at"), a.get("ops"), a["out"])
-        try:
-            code = acq.cli.run_plan(a["plan"], out=a["out"] if a["mode"] == "out" else None,
-                                    resume=a["out"] if a["mode"] != "out" else None,
-                                    accept_interrupted_mill=a["mode"] == "resume-accept")
-        except BaseException:
-            import traceback; traceback.print_exc(); code = 3
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-"""
-
 
 class Runner:
+    """Runs through the fork server (tests/support/fork_server.py), each child
+    with its crash point; an os._exit at the crash point ends it like a kill."""
+
     def __init__(self, plan: Path, tmp: Path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("GCIB_CRASH")}
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         assert self.proc.stdout.readline().strip() == "ready"
         self.plan, self.tmp, self.n = plan, tmp, 0
@@ -64,9 +43,12 @@ class Runner:
     def __call__(self, out: Path, mode: str, at: str | None = None, ops: Path | None = None) -> tuple[int, str]:
         self.n += 1
         log = self.tmp / f"run{self.n}.log"
-        self.proc.stdin.write(json.dumps({"plan": str(self.plan), "out": str(out), "mode": mode, "at": at,
-                                          "ops": str(ops) if ops else None, "log": str(log)}) + "\n")
+        argv = ["run", str(self.plan), "--out" if mode == "out" else "--resume", str(out)]
+        argv += ["--accept-interrupted-mill"] if mode == "resume-accept" else []
+        crash = [at, str(ops) if ops else None, str(out)]          # set in the child only: a fresh point per run
+        self.proc.stdin.write(json.dumps({"log": str(log), "argv": argv, "crash": crash}) + "\n")
         self.proc.stdin.flush()
+        self.proc.stdout.readline()                                # the child's pid
         code = int(self.proc.stdout.readline())
         return code, log.read_text(errors="replace")
 

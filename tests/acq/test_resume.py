@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from tests.support import ROOT
 from tests.support.engine_runs import done_counts, make_engine, planned_tiles, records, write_plan, write_setup
-from tests.support.fork_server import ZYGOTE
+from tests.support.fork_server import SERVER
 
 
 def resume_engine(tmp_path, out="out", **kw):
@@ -230,7 +230,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     out = tmp_path / "run"
     rng = random.Random(20240601)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+    zygote = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x.strip()) for x in zygote.stdout], daemon=True).start()
@@ -251,7 +251,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
             else:
                 if runs == 2:
                     assert lines.get(timeout=60) == "ready"
-                zygote.stdin.write(json.dumps([str(log), *args]) + "\n")
+                zygote.stdin.write(json.dumps({"log": str(log), "argv": args}) + "\n")
                 zygote.stdin.flush()
                 proc = _Child(lines, log)
             if kills < 5:
