@@ -45,6 +45,11 @@ def _mount() -> None:
     from acq.cli import journal_app, verify
     app.command("verify")(verify)
     app.add_typer(journal_app, name="journal")
+    from acq.report_cli import report_cmd
+    from gui.view_cli import view_cmd
+    app.command("view", help="Show a run in napari (overview, section volumes, tiles) or write a neuroglancer "
+                             "state.")(view_cmd)
+    app.command("report", help="Write OUTDIR/report/report.html: how a run went (also while it runs).")(report_cmd)
     from wafer.cli import app as wafer_app
     from wafer.detect_cli import detect_cmd
     wafer_app.command("detect")(detect_cmd)
@@ -52,6 +57,8 @@ def _mount() -> None:
     wafer_app.command("mosaic")(mosaic_cmd)
     from wafer.annotate import annotate_cmd
     wafer_app.command("annotate")(annotate_cmd)
+    from wafer.magc_cli import magc_app
+    wafer_app.add_typer(magc_app, name="magc")
     app.add_typer(wafer_app, name="wafer")
     from autofocus.cli import app as autofocus_app
     app.add_typer(autofocus_app, name="autofocus")

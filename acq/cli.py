@@ -98,6 +98,8 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
         if resume is not None and not run_started(out_dir) and not (out_dir.is_dir() and holds_nothing(out_dir)):
             return bad(f"--resume {out_dir}: no journal.jsonl there, nothing to resume")
         options = writer_options(plan, str(plan_path))
+        from acq.notify import make_notifier
+        notifier = make_notifier(plan.setup_config)     # a missing password variable: refused before the run
     except ConfigError as e:
         return bad(str(e))
     except OSError as e:
@@ -132,6 +134,8 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
         except OSError as e:
             engine.close_unstarted()
             return bad(f"{out_dir}: cannot write the output: {e.strerror or e}")
+        if notifier is not None:
+            notifier.attach(engine)
         if on_engine is not None:
             on_engine(engine)
         restore = _stop_on_signals(engine, err)
@@ -142,6 +146,8 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
                 engine.stop_now("the command line is ending")
                 engine.wait(1.0)
             restore()
+            if notifier is not None:
+                notifier.close()            # the last messages, a bounded wait after the run
     finally:
         setup.close()
     if progress.tty:

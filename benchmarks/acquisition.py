@@ -202,7 +202,9 @@ def run_case(folder: Path, frame: tuple[int, int], tiles: int, saturate: bool = 
             "start_s": times.first_tile - t, "finish_s": t_end - times.last_ack,
             # saturated runs: first tile acknowledged (its frame was rendered; the
             # others are replayed) .. end of the run (writers flushed and closed)
-            "stream_s": t_end - times.first_ack, "disk_bytes": folder_bytes(out)}
+            "stream_s": t_end - times.first_ack, "disk_bytes": folder_bytes(out),
+            "tiles_bytes": folder_bytes(out / "tiles"),
+            "zarr_bytes": folder_bytes(out / "zarr") if (out / "zarr").is_dir() else 0}
 
 
 def main() -> int:
@@ -236,6 +238,10 @@ def main() -> int:
         print(f"{c['frame'][0]}x{c['frame'][1]:<6} {c['tiles']:>3} {c['scan']:>8.3f} {c['render']:>9.3f} "
               f"{c['wall_per_tile']:>12.3f} {c['overhead'] * 1e3:>12.1f} {c['engine'] * 1e3:>10.1f} "
               f"{100 * frac:>13.1f}% {'< 5.0%':>10}")
+    for c in cases:
+        print(f"{c['frame'][0]}x{c['frame'][1]}: OME-Zarr store {c['zarr_bytes'] / 1e6:.1f} MB against "
+              f"{c['tiles_bytes'] / 1e6:.1f} MB of OME-TIFF tiles ({c['zarr_bytes'] / c['tiles_bytes']:.2f}x; "
+              f"3 levels, sharded, zstd)")
     for c in cases:
         print(f"{c['frame'][0]}x{c['frame'][1]}: per run, not per tile: start {c['start_s']:.2f} s "
               f"(journal, RunStart, devices configured), finish {c['finish_s']:.2f} s (writers flush and close)")

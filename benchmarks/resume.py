@@ -124,7 +124,7 @@ def generate(out: Path, n_tiles: int, snapshot_every: int) -> dict:
                 rel = f"tiles/{s:04d}/{c:04d}/{key}_v0.ome.tif"
                 j.append("tile_started", key=key, version=0, cycle=c)
                 j.append("tile_done", key=key, version=0, cycle=c,
-                         files=[str(out / rel)] + [str(out / f"mipmaps/{lv}/{rel}") for lv in (1, 2, 3)], qc=qc(rng))
+                         files=[str(out / rel)] + [str(out / f"mipmaps/{lv}/{rel}.tif") for lv in (1, 2, 3)], qc=qc(rng))
                 done += 1
             j.append("section_done", key=f"sec:c{c:04d}_s{s:04d}", cycle=c, section=s)
         mk = f"mill:c{c:04d}"
@@ -166,7 +166,7 @@ def pad_tail(out: Path, snapshot_every: int) -> None:
         rel = f"tiles/{s:04d}/{c:04d}/{key}_v{v}.ome.tif"
         j.append("tile_started", key=key, version=v, cycle=c)
         j.append("tile_done", key=key, version=v, cycle=c,
-                 files=[str(out / rel)] + [str(out / f"mipmaps/{lv}/{rel}") for lv in (1, 2, 3)], qc=qc(rng))
+                 files=[str(out / rel)] + [str(out / f"mipmaps/{lv}/{rel}.tif") for lv in (1, 2, 3)], qc=qc(rng))
     os.close(j._fd)                          # like a crash: no snapshot at close
     j._fd = None
 

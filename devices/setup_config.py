@@ -11,6 +11,7 @@ and the ``Window`` outer limits below): a typo such as ``.inf`` or a tilt of
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional, TypeVar
@@ -330,12 +331,119 @@ class Calibration(_Strict):
     stage_to_image_rotation_deg: float = Field(0.0, ge=-360, le=360)
 
 
+# ---------------------------------------------------------- notifications
+NOTIFY_EVENTS = ("pause", "error", "suspension", "finish")
+# one address, no display name: a comma or space means two addresses typed as one
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")      # an HTTP token (RFC 9110)
+
+
+def _email_address(v: str) -> str:
+    if not _EMAIL.fullmatch(v):
+        raise ValueError("not an e-mail address (name@domain, one address per entry)")
+    return v
+
+
+def _env_name(v: str) -> str:
+    if not _ENV_NAME.fullmatch(v):
+        raise ValueError("not an environment variable name (letters, digits and _, not starting with a digit)")
+    return v
+
+
+def _one_line(v: str) -> str:
+    if "\r" in v or "\n" in v:
+        raise ValueError("must be one line (no line breaks)")
+    return v
+
+
+EmailAddress = Annotated[str, Field(max_length=254), AfterValidator(_email_address)]
+EnvName = Annotated[str, Field(max_length=100), AfterValidator(_env_name)]
+
+
+class EmailNotify(_Strict):
+    host: Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_one_line)]
+    port: int = Field(587, ge=1, le=65535)
+    starttls: bool = Field(True, description="upgrade the connection with STARTTLS (port 587)")
+    ssl: bool = Field(False, description="TLS from the first byte (port 465)")
+    username: Optional[Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_one_line)]] = None
+    password_env: Optional[EnvName] = Field(
+        None, description="name of the environment variable holding the password; never the password itself")
+    sender: EmailAddress
+    recipients: list[EmailAddress] = Field(min_length=1, max_length=50)
+    timeout_s: float = Field(20.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.ssl and self.starttls:
+            raise ValueError("ssl and starttls exclude each other: ssl for port 465, starttls for 587")
+        if (self.username is None) != (self.password_env is None):
+            raise ValueError("username and password_env go together (both, or neither for no login)")
+        return self
+
+
+class WebhookNotify(_Strict):
+    url: str = Field(max_length=2000, description="http:// or https:// address that takes a JSON POST")
+    headers: dict[str, str] = Field(default_factory=dict, max_length=20)
+    headers_env: dict[str, EnvName] = Field(
+        default_factory=dict, max_length=20,
+        description="header name -> environment variable holding its value (tokens stay out of the file)")
+    timeout_s: float = Field(10.0, gt=0, le=300)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str):
+        from urllib.parse import urlsplit
+        if any(c.isspace() for c in v):
+            raise ValueError("an address contains no spaces or line breaks")
+        try:
+            parts = urlsplit(v)
+            parts.port                              # raises on a port that is no number or out of range
+        except ValueError as e:
+            raise ValueError(f"not a valid address: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("allowed: an http:// or https:// address with a host name")
+        return v
+
+    @field_validator("headers", "headers_env")
+    @classmethod
+    def _headers(cls, v: dict):
+        for name, value in v.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {_short(name, 80)}: letters, digits and !#$%&'*+.^_`|~- only")
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"header {name}: the value must be one line")
+        return v
+
+
+class Notifications(_Strict):
+    """Messages to people away from the microscope (acq/notify.py)."""
+    enabled: bool = True
+    email: Optional[EmailNotify] = None
+    webhook: Optional[WebhookNotify] = None
+    events: list[Literal[NOTIFY_EVENTS]] = Field(default_factory=lambda: list(NOTIFY_EVENTS), min_length=1)
+    min_interval_s: float = Field(
+        600.0, ge=0, le=7 * 86400, description="at most one message per event kind in this time; the others "
+                                               "are counted and summarised in the next one")
+    subject_prefix: Annotated[str, Field(max_length=100), AfterValidator(_one_line)] = "[GCIB-SEM]"
+    retries: int = Field(2, ge=0, le=10, description="further tries of a message that could not be sent")
+    retry_delay_s: float = Field(30.0, ge=0, le=3600, description="before the first retry; doubles each time")
+
+    @model_validator(mode="after")
+    def _somewhere(self):
+        if self.email is None and self.webhook is None:
+            raise ValueError("give email, webhook or both (nowhere to send the notifications)")
+        return self
+
+
 class SetupConfig(_Strict):
     name: str = Field(min_length=1, max_length=200)
     devices: Devices
     safety: Safety = Safety()
     calibration: Calibration = Calibration()
     simulation: Optional[Simulation] = None
+    notifications: Optional[Notifications] = None
     source: Optional[Path] = Field(None, exclude=True)
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """Acquisition: choose or build a plan, start, pause, resume, stop, continue
 a run after a crash; progress per cycle / section / tile with ETA, the step
-under way, why a run is paused and what the operator can do, incidents."""
+under way, why a run is paused and what the operator can do, incidents;
+"Open run report" writes and opens the run's HTML report (acq/report/)."""
 from __future__ import annotations
 
 import time
@@ -8,10 +9,11 @@ from pathlib import Path
 
 from PyQt5.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QProgressBar,
                              QPushButton, QSplitter, QVBoxLayout, QWidget)
-from PyQt5.QtCore import Qt
+from PyQt5.QtCore import Qt, QUrl
+from PyQt5.QtGui import QDesktopServices
 
 from gui.incidents import IncidentList
-from gui.run_progress import pause_advice
+from gui.run_progress import pause_advice, report_folder
 from gui.widgets import Notice
 
 STATE_STYLE = {"running": "background: #2e7d32; color: white;", "paused": "background: #f9a825; color: black;",
@@ -97,6 +99,11 @@ class AcquisitionPanel(QWidget):
                                   "the run pauses at the setup's exposure budget")
         f.addRow("", self.exposures)
         f.addRow("Now", self.step_label)
+        self.report_button = QPushButton("Open run report")
+        self.report_button.setToolTip("write OUTDIR/report/report.html from the run's journal (also while it runs) "
+                                      "and open it in the browser: autofocus, QC, dose, exposures, incidents, ETA")
+        self.report_button.clicked.connect(lambda: self.open_report())
+        f.addRow("", self.report_button)
         split = QSplitter(Qt.Vertical)
         split.addWidget(box)
         self.incidents = IncidentList()
@@ -153,6 +160,31 @@ class AcquisitionPanel(QWidget):
             return False
         self.out_dir.setText(str(folder))
         return self.ctl.start(folder, resume=True)
+
+    def open_report(self, folder=None) -> bool:
+        """(Re)write the report of the run in ``folder`` (default: the output
+        folder field, else the last run's) off the GUI thread, then open it."""
+        folder = report_folder([folder] if folder else [self.out_dir.text(), self.ctl.out_dir])
+        if folder is None:
+            self.notice.show_notice("no run to report on: the output folder holds no journal.jsonl yet", "warning")
+            return False
+        from acq.report import write_report
+        self.report_button.setEnabled(False)
+        self.report_button.setText("Writing the run report …")
+        self.session.runner.submit("run report", write_report, folder, on_result=self._report_written,
+                                   on_error=self._report_failed, on_finished=self._report_done)
+        return True
+
+    def _report_written(self, path) -> None:
+        if not QDesktopServices.openUrl(QUrl.fromLocalFile(str(path))):
+            self.notice.show_notice(f"report written to {path}; no browser could be opened for it", "warning")
+
+    def _report_failed(self, err: Exception) -> None:
+        self.notice.show_notice(f"run report not written: {err}", "error")
+
+    def _report_done(self) -> None:
+        self.report_button.setText("Open run report")
+        self.report_button.setEnabled(True)
 
     # ------------------------------------------------------------ updates
     def _on_error(self, text: str) -> None:

@@ -78,6 +78,8 @@ class RunController(QObject):
         out_dir = Path(out_dir)
         try:
             from acq.engine import Engine
+            from acq.notify import make_notifier
+            notifier = make_notifier(setup.config)      # before the engine takes the folder: may refuse
             engine = Engine(setup, self.plan, out_dir, resume=resume)
             if writers:
                 from acq.plan import writer_options
@@ -88,6 +90,8 @@ class RunController(QObject):
             self.error.emit(f"cannot start: {e}")
             return False
         self.bridge.attach(engine)
+        if notifier is not None:
+            notifier.attach(engine)                 # its thread ends after the run's last message
         engine.on_step(lambda ev: self.bridge.step.emit(ev.describe()) or self._acquiring(ev))
         done_before = engine.journal.read().tiles_done_total if resume else 0
         self.progress = RunProgress.for_plan(self.plan, engine.sections, done_before)

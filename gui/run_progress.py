@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Iterable, Optional
 
 from acq.runner import Pause, PauseReason
 
@@ -81,6 +82,15 @@ class RunProgress:
         h, rem = divmod(int(s + 0.5), 3600)
         m, sec = divmod(rem, 60)
         return f"ETA {h}:{m:02d}:{sec:02d}" if h else f"ETA {m}:{sec:02d}"
+
+
+def report_folder(candidates: Iterable) -> Optional[Path]:
+    """The first of the folders given that holds a run (a journal) for the
+    run report; None if none does."""
+    for c in candidates:
+        if c and (Path(c) / "journal.jsonl").is_file():
+            return Path(c)
+    return None
 
 
 _ADVICE = {

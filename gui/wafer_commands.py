@@ -76,6 +76,18 @@ def set_sections(layout: WaferLayout, items: Iterable[Section], text: str = "set
     return push(layout, text, sections, grids, order=[s.id for s in items])
 
 
+def set_layout(layout: WaferLayout, items: Iterable[Section], specs: Iterable[GridSpec], order: list[int],
+               text: str) -> bool:
+    """Replace all sections, grids and the order in one undo step (e.g. a MagC file)."""
+    items = list(items)
+    new_ids = {s.id for s in items}
+    sections = {k: None for k in layout.sections if k not in new_ids}
+    sections.update({s.id: s for s in items})
+    grids = {k: None for k in layout.grids}
+    grids.update({g.key: g for g in specs})
+    return push(layout, text, sections, grids, order=list(order))
+
+
 def delete_section(layout: WaferLayout, sid: int) -> bool:
     grids = {k: None for k in layout.grids if k[0] == sid}
     return push(layout, f"delete section {sid}", {sid: None}, grids)

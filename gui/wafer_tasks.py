@@ -185,6 +185,22 @@ def merge_grids(a: GridSpec, b: GridSpec) -> GridSpec:
     return from_wafer_grid(m, a, a.section_id)
 
 
+# ------------------------------------------------------------ MagC
+def load_magc(path, template: GridSpec, margin_um: float = 0.0, landmarks_path=None):
+    """(sections, grid specs, order, registration summary or "") from a MagC
+    file: wafer.magc.import_magc with the template's tiles, mapped to the stage
+    by the landmarks' affine when a stage landmark file is given."""
+    from wafer.landmarks import load_stage_landmarks
+    from wafer.magc import import_magc
+    t = template
+    stage = load_stage_landmarks(landmarks_path) if landmarks_path else None
+    imp = import_magc(path, stage_landmarks=stage, frame_size_px=tuple(t.frame_size), pixel_size_nm=t.pixel_size_nm,
+                      overlap_px=t.overlap_px, margin_um=margin_um)
+    specs = [from_wafer_grid(g, t, g.section_id) for g in imp.grids]
+    summary = imp.registration.summary() if imp.registration is not None else ""
+    return imp.sections, specs, imp.order, summary
+
+
 # ------------------------------------------------------------ order
 def optimise_order(points_um: np.ndarray, ids: list[int], start_um, solver: str = "fast", progress: Progress = None,
                    token=None) -> tuple[list[int], float]:

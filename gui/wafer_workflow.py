@@ -94,8 +94,18 @@ class WaferWorkflow(QScrollArea):
             bt.clicked.connect(fn)
             files.append(bt)
         bl.addLayout(_row(self.truth_button, *files))
+        self.magc_button = QPushButton("Load MagC …")
+        self.magc_button.setToolTip("sections and ROIs (as grids of the tiles in 4) from a MagFinder/SBEMimage .magc "
+                                    "file; a stage landmark file (CSV id,x_um,y_um) maps them to the stage")
+        self.magc_button.clicked.connect(lambda: self.load_magc())
+        bl.addLayout(_row(self.magc_button))
         self.sec_status = QLabel("no sections")
         bl.addWidget(self.sec_status)
+        self.magc_status = QLabel("")                  # the landmark registration's residuals
+        self.magc_status.setWordWrap(True)
+        self.magc_status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.magc_status.hide()
+        bl.addWidget(self.magc_status)
         v.addWidget(b)
         # --- 3 review
         b, bl = _box("3  Review and edit")
@@ -307,6 +317,30 @@ class WaferWorkflow(QScrollArea):
             self.notice.show_notice(f"load {path}: {e}", "error")
             return
         cmd.set_sections(self.model, items, f"load {Path(path).name}")
+
+    def load_magc(self, path=None, landmarks_path=None) -> None:
+        """A MagC file's sections, with one grid per ROI of the tiles set in 4. Asked
+        for interactively, the stage landmark file is optional (cancel: the file's
+        coordinates are taken as stage µm)."""
+        if not path:
+            path = QFileDialog.getOpenFileName(self, "Load MagC", "", "MagC (*.magc)")[0]
+            if not path:
+                return
+            landmarks_path = landmarks_path or QFileDialog.getOpenFileName(
+                self, "Stage positions of the landmarks (optional)", str(Path(path).parent),
+                "Landmarks (*.csv *.json)")[0]
+        try:
+            items, specs, order, summary = tasks.load_magc(path, self.template(), self.margin.value(),
+                                                           landmarks_path or None)
+        except Exception as e:
+            self.notice.show_notice(f"load {path}: {describe_error(e)}", "error")
+            return
+        if not cmd.set_layout(self.model, items, specs, order, f"load MagC {Path(path).name}"):
+            self.notice.show_notice("the layout is in use by a run", "warning")
+            return
+        self.magc_status.setText(summary or "no landmark file: MagC coordinates taken as stage µm")
+        self.magc_status.show()
+        self.job_label.setText(f"{len(items)} sections, {len(specs)} grids from {Path(path).name}")
 
     def save_sections(self, path=None) -> None:
         path = path or QFileDialog.getSaveFileName(self, "Save sections", "sections.json", "JSON (*.json)")[0]

@@ -7,22 +7,29 @@ A .magc file is INI text (Python configparser). What we read and write::
                           area = A   angle = FILE_ANGLE
     [rois]                number = M
     [rois.0007]           template, polygon, center, area, angle  (one ROI per section)
-    [landmarksEM]         number = L
-    [landmarksEM.0000]    location = x,y
+    [landmarks]           number = L
+    [landmarks.0000]      location = x,y
     [tsporder]            tsporder = 7,3,12,...   ("[]" when empty)
 
-Readers accept both spellings in use: SBEMimage's (``sections.N``, ``rois.N``,
-``landmarksEM.N``, ``tsporder``) and newer MagFinder's (``section.N``,
-``roi.S.R`` with several ROIs per section, ``landmark.N``, ``stage_order``).
-``write_magc(dialect=...)`` writes either.
+That is the layout of SBEMimage's example file (array/example/wafer_example1.magc),
+whose reader (src/ArrayData.py) matches headers by prefix: ``sections.``/``section.``,
+``rois.``/``roi.``, ``landmarks.``/``landmark.``, ``tsporder``/``stage_order``; every
+dotted header must end in integer ids, and a ROI's section must come before it.
+We read those spellings plus ``landmarksEM.N`` (written by older versions of this
+module) and the other unknown blocks (``magnets``, ``focus``, ``serialorder``) are
+skipped. ``write_magc(dialect=...)`` writes the layout above ("sbemimage") or
+MagFinder's newer one ("magfinder": ``section.N``, ``roi.S.R`` with several ROIs
+per section, ``landmark.N``, ``stage_order``, ``serial_order``).
 
-Angles: both tools read ``angle = ((FILE_ANGLE + 90) % 360) - 180``; that value is
-our ``angle_deg``, and writing inverts it. Coordinates are written unchanged
-(times ``um_per_unit`` on read, divided on write), with Python's shortest
-round-trip float repr so a write/read cycle returns identical numbers. Fields
-the tools do not know (our exact angle, section size, detector confidence) go
-in extra keys that both tools ignore; when they disagree with the standard keys
-(a file edited in MagFinder), the standard keys win.
+Coordinates are the file's (MagFinder: overview-image pixels, x = column, y = row),
+times ``um_per_unit`` on read, divided on write; Python's shortest round-trip float
+repr keeps a write/read cycle exact. Angles: in the example file the polygon's first
+edge points at ``90 - FILE_ANGLE`` degrees in that (x, y) frame (checked on all 433
+sections and ROIs, to 0.002 deg), which is our ``angle_deg`` convention
+(common/geometry.py); SBEMimage's own ``((FILE_ANGLE + 90) % 360) - 180`` is its
+negative. Fields the tools do not know (our exact angle, section size, detector
+confidence) go in extra keys that both tools ignore; when they disagree with the
+standard keys (a file edited in MagFinder), the standard keys win.
 """
 
 from __future__ import annotations
@@ -58,11 +65,11 @@ class Roi:
 
 
 def _angle_from_file(a: float) -> float:
-    return ((a + 90.0) % 360.0) - 180.0
+    """File angle -> ours, in [-180, 180) (the map is its own inverse)."""
+    return ((90.0 - a + 180.0) % 360.0) - 180.0
 
 
-def _angle_to_file(a: float) -> float:
-    return ((a - 90.0) % 360.0) - 180.0
+_angle_to_file = _angle_from_file
 
 
 def _same_angle(a: float, b: float, tol: float = 1e-6) -> bool:
@@ -228,6 +235,9 @@ def magc_text(sections: Sequence[Section], rois: Sequence[Roi] | None = None,
     ids = [s.id for s in sections]
     if len(set(ids)) != len(ids):
         raise MagcFormatError("sections: duplicate section ids")
+    orphans = sorted({r.section_id for r in rois} - set(ids))
+    if orphans:  # SBEMimage files a ROI under its section: one without fails its reader
+        raise MagcFormatError(f"rois: section ids without a section: {orphans[:10]}")
     if tsporder is not None and sorted(set(tsporder) - set(ids)):
         raise MagcFormatError(f"tsporder: ids without a section: {sorted(set(tsporder) - set(ids))[:10]}")
     mf = dialect == "magfinder"
@@ -254,6 +264,9 @@ def magc_text(sections: Sequence[Section], rois: Sequence[Roi] | None = None,
         for r in sorted(rois, key=lambda r: (r.section_id, r.roi_id)):
             header = f"roi.{r.section_id:04d}.{r.roi_id}" if mf else f"rois.{r.section_id:04d}"
             body = dict(r.extra)
+            for key, val in body.items():
+                if not mf and "%" in str(val):  # SBEMimage's configparser interpolates '%'
+                    raise MagcFormatError(f"[{header}].{key}: '%' is not allowed in the sbemimage dialect")
             if r.template is not None:
                 body["template"] = str(int(r.template))
             body.update({
@@ -265,8 +278,8 @@ def magc_text(sections: Sequence[Section], rois: Sequence[Roi] | None = None,
             })
             cp[header] = body
     if landmarks:
-        name = "landmark" if mf else "landmarksEM"
-        cp["landmarks" if mf else "landmarksEM"] = {"number": str(len(landmarks))}
+        name = "landmark" if mf else "landmarks"
+        cp["landmarks"] = {"number": str(len(landmarks))}
         for lid, loc in sorted(landmarks.items()):
             cp[f"{name}.{int(lid):04d}"] = {"location": _fmt_points([loc], k)}
     order_key = "stage_order" if mf else "tsporder"
@@ -285,3 +298,71 @@ def write_magc(path: str | os.PathLike, sections: Sequence[Section], rois: Seque
     """Write a .magc file atomically (no clobber unless ``overwrite``)."""
     text = magc_text(sections, rois, tsporder, landmarks, um_per_unit=um_per_unit, dialect=dialect)
     return atomic_write_text(path, text, overwrite=overwrite)
+
+
+# ------------------------------------------------------------ MagC <-> the wafer workflow's sections and grids
+@dataclass
+class MagcImport:
+    """A MagC file in stage µm, as the wafer workflow uses it."""
+    sections: list[Section]            # stage µm, by id
+    rois: list[Roi]                    # stage µm
+    grids: list                        # wafer.grids.Grid: one per ROI, or per section without one
+    order: list[int]                   # section ids: the file's tsporder, then the rest by id
+    landmarks: dict[int, Point]        # as in the file (overview units)
+    transform: object                  # wafer.landmarks.Registration applied (file -> stage)
+    registration: object | None = None  # the same when fitted to landmarks (residuals, RMS)
+
+
+def import_magc(path: str | os.PathLike, *, stage_landmarks: dict[int, Sequence[float]] | None = None,
+                um_per_unit: float = 1.0, origin_um: Sequence[float] = (0.0, 0.0),
+                frame_size_px: Sequence[int] = (1024, 768), pixel_size_nm: float = 10.0, overlap_px: float = 0.0,
+                margin_um: float = 0.0) -> MagcImport:
+    """Read a .magc file and map it to the stage: by an affine fitted to
+    ``stage_landmarks`` (id -> stage µm; wafer.landmarks.fit_affine) when given,
+    else ``stage = origin_um + p * um_per_unit``. Each ROI gets the smallest grid
+    of the given tiles covering it, turned with the ROI; a section without ROI
+    gets one covering its outline."""
+    from .grids import grid_for_points, tile_geometry
+    from .landmarks import fit_affine, map_roi, map_section, scale_registration
+
+    sections, rois, tsporder, landmarks = read_magc(path)
+    registration = None
+    if stage_landmarks is not None:
+        if tuple(origin_um) != (0.0, 0.0) or um_per_unit != 1.0:
+            raise ValueError("give stage landmarks or a pixel size/origin, not both: the landmarks fix both")
+        registration = transform = fit_affine(landmarks, stage_landmarks)
+    else:
+        transform = scale_registration(um_per_unit, origin_um)
+    sections = [map_section(transform, s) for s in sections]
+    rois = [map_roi(transform, r) for r in rois]
+    tile, ov = tile_geometry(frame_size_px, pixel_size_nm, overlap_px)
+    frame = (int(frame_size_px[0]), int(frame_size_px[1]))
+    grids = []
+    with_roi = set()
+    for r in rois:
+        if len(r.polygon_um) < 3:
+            continue
+        with_roi.add(r.section_id)
+        grids.append(grid_for_points(r.polygon_um, r.angle_deg, tile, ov, grid_id=r.roi_id, section_id=r.section_id,
+                                     margin_um=margin_um, pixel_size_nm=pixel_size_nm, frame_size_px=frame))
+    for s in sections:
+        if s.id not in with_roi:
+            grids.append(grid_for_points(s.polygon_um, s.angle_deg, tile, ov, grid_id=0, section_id=s.id,
+                                         margin_um=margin_um, pixel_size_nm=pixel_size_nm, frame_size_px=frame))
+    grids.sort(key=lambda g: (g.section_id, g.id))
+    seen = set(tsporder)
+    order = list(dict.fromkeys(tsporder)) + [s.id for s in sections if s.id not in seen]
+    return MagcImport(sections, rois, grids, order, landmarks, transform, registration)
+
+
+def rois_from_grids(grids: Iterable[tuple[int, int, object]]) -> list[Roi]:
+    """MagC ROIs for ``(section id, grid id, common.geometry.TileGrid)`` items: the
+    outline of the tiles, turned with the grid, so a tool that builds its grid
+    from the ROI's rectangle images what ours would."""
+    out = []
+    for sid, gid, geo in grids:
+        outline = tuple((float(x), float(y)) for x, y in geo.outline_um())
+        out.append(Roi(section_id=int(sid), roi_id=int(gid), polygon_um=outline,
+                       center_um=(float(geo.center_um[0]), float(geo.center_um[1])),
+                       angle_deg=float(geo.rotation_deg)))
+    return sorted(out, key=lambda r: (r.section_id, r.roi_id))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +34,8 @@ class MosaicTile:
     row: int
     col: int
     tile_id: str = ""
+    t_start: Optional[float] = None       # when the frame began (epoch s), for the overview's AcquisitionDate
+    instrument: Optional[dict] = None     # the tile's OME Instrument (ome_tiff.Instrument fields)
 
 
 @dataclass
@@ -230,19 +232,43 @@ def build_overview(tiles: list[MosaicTile], pixel_um: float, refine: bool = True
     ref = refine_positions(tiles) if refine else None
     ov = assemble(tiles, pixel_um, None if ref is None else ref.centers_um)
     ov.info["refinement"] = ref.summary() if ref is not None else None
+    starts = [t.t_start for t in tiles if t.t_start is not None]
+    if starts:
+        ov.info["t_start"] = min(starts)
+    ins = next((t.instrument for t in tiles if t.instrument), None)
+    if ins:
+        ov.info["instrument"] = ins
     return ov
+
+
+def overview_key_values(ov: OverviewImage) -> dict:
+    """The overview's OME key-value pairs: the position convention, its
+    geometry and how it was made."""
+    from acq.writers.ome_tiff import POSITION_CONVENTION, POSITION_KEY
+    h, w = ov.image.shape[:2]
+    kv = {POSITION_KEY: POSITION_CONVENTION, "origin_x_um": ov.origin_um[0], "origin_y_um": ov.origin_um[1],
+          "pixel_size_um": ov.pixel_um, "width_px": w, "height_px": h,
+          "tiles": ov.info.get("tiles"), "tile_pixel_size_um": ov.info.get("tile_pixel_um")}
+    for k, v in (ov.info.get("refinement") or {}).items():
+        kv[f"refinement.{k}"] = v
+    return kv
 
 
 # ------------------------------------------------------------ files
 def save_overview(path: Path, ov: OverviewImage) -> Path:
-    """OME-TIFF: physical pixel size, plane position = stage µm of pixel (0, 0),
-    and the affine stage transform as JSON in a MapAnnotation. Never overwrites."""
+    """OME-TIFF: physical pixel size; Plane PositionX/Y = stage µm of the
+    centre of pixel (0, 0) (the tiles' convention, declared under
+    ``stage_position_refers_to``); the first tile's start as AcquisitionDate
+    and its Instrument when known; key-value pairs (overview_key_values); the
+    affine stage transform as JSON in a MapAnnotation. Never overwrites."""
     from common.atomic import atomic_write
-    from acq.writers.ome_tiff import TiffEncoder
+    from acq.writers.ome_tiff import Instrument, TiffEncoder
     info = {"origin_um": list(ov.origin_um), "pixel_um": ov.pixel_um,
             "transform_col_row_to_stage_um": ov.transform.affine(), **ov.info}
-    data = TiffEncoder().encode(ov.image, ov.pixel_um, name=Path(path).name, position_um=(*ov.origin_um, 0.0),
-                                annotation={TRANSFORM_KEY: json.dumps(info)},
+    ins = ov.info.get("instrument")
+    data = TiffEncoder().encode(ov.image, ov.pixel_um, name=Path(path).name, position_um=(*ov.origin_um, None),
+                                annotation={TRANSFORM_KEY: json.dumps(info)}, key_values=overview_key_values(ov),
+                                acquired=ov.info.get("t_start"), instrument=Instrument(**ins) if ins else None,
                                 description="overview mosaic in stage coordinates")
     return atomic_write(path, bytes(data))
 
@@ -269,6 +295,7 @@ def tiles_from_run(run_dir: Path, cycle: Optional[int] = None) -> list[MosaicTil
     import tifffile
 
     from acq.writers.layout import META_KEY, latest_versions, map_annotation_json, tile_relpath
+    from acq.writers.ome_tiff import Instrument
     base = Path(run_dir) / f"tiles/{OVERVIEW_SECTION:04d}"
     cycles = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit()) if base.is_dir() else []
     if not cycles:
@@ -282,9 +309,12 @@ def tiles_from_run(run_dir: Path, cycle: Optional[int] = None) -> list[MosaicTil
         path = Path(run_dir) / tile_relpath(OVERVIEW_SECTION, cycle, tid, ver)
         with tifffile.TiffFile(path) as tf:             # header and pixels in one open
             h = map_annotation_json(tf.ome_metadata, META_KEY, path)
+            ins = Instrument.from_ome_xml(tf.ome_metadata)
             if abs(float(h.get("rotation_deg") or 0.0)) > 1e-6:
                 raise ValueError(f"{path}: overview tiles must be taken at scan rotation 0")
             image = tf.asarray()
+        # the header's stage position is the frame centre (the Plane position is pixel (0, 0)'s)
         tiles.append(MosaicTile(image, (h["stage"]["x"] * 1e6, h["stage"]["y"] * 1e6),
-                                h["pixel_size_m"] * 1e6, int(h["row"]), int(h["col"]), tid))
+                                h["pixel_size_m"] * 1e6, int(h["row"]), int(h["col"]), tid,
+                                t_start=h.get("t_start"), instrument=None if ins is None else asdict(ins)))
     return tiles

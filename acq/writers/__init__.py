@@ -73,11 +73,17 @@ class WriterOptions(BaseModel):
     trakem2: bool = True
     ome_zarr: bool = True
     zarr_levels: int = Field(3, ge=1, le=8)
-    zarr_chunk: int = Field(1024, ge=64, le=8192, description="chunk edge (px), multiple of 2**(zarr_levels-1)")
+    zarr_chunk: int = Field(512, ge=32, le=8192, description="inner chunk edge (px): what a viewer reads at once")
+    zarr_shard: Optional[int] = Field(None, ge=64, le=16384, description=(
+        "shard edge (px; default 8 chunks): one object on disk, a multiple of zarr_chunk and of 2**(zarr_levels-1)"))
+    zarr_url: Optional[str] = Field(None, description=(
+        "fsspec URL for the OME-Zarr volumes (e.g. s3://bucket/run); default OUTDIR/zarr"))
     zarr_slice_um: float = Field(0.05, gt=0, description="z scale of the OME-Zarr: material removed per cycle")
     zarr_cache_mb: int = Field(512, ge=0, description="chunks held in memory until their plane is done")
     image_url_root: Optional[str] = Field(
         None, description="URL prefix replacing OUTDIR in tile-spec imageUrls (Render server's mount)")
+    scope_id: Optional[str] = Field(None, max_length=200, description=(
+        "microscope name for the Render tile specs' layout.scopeId (ASAP), e.g. 'merlin-1'"))
     render_push: Optional[RenderPushOptions] = None
 
     @model_validator(mode="after")
@@ -87,8 +93,10 @@ class WriterOptions(BaseModel):
             derived.append("render_push")
         if derived and not self.ome_tiff:
             raise ValueError(f"{', '.join(derived)} point at the OME-TIFF tiles: ome_tiff must be on")
-        if self.zarr_chunk % (2 ** (self.zarr_levels - 1)):
-            raise ValueError("zarr_chunk must be a multiple of 2**(zarr_levels-1)")
+        shard = self.zarr_shard or 8 * self.zarr_chunk
+        if shard % self.zarr_chunk or shard % (2 ** (self.zarr_levels - 1)):
+            raise ValueError(f"zarr_shard ({shard}) must be a multiple of zarr_chunk ({self.zarr_chunk}) "
+                             f"and of 2**(zarr_levels-1) ({2 ** (self.zarr_levels - 1)})")
         return self
 
 
@@ -136,20 +144,22 @@ def make_writers(out_dir: Path, options: WriterOptions | None = None, *, recover
     if options.ome_tiff:
         writers.append(OmeTiffWriter(out_dir, manifest))
     if options.mipmaps:
-        writers.append(MipmapWriter(out_dir, manifest, options.mipmap_levels))
+        writers.append(MipmapWriter(out_dir, manifest, options.mipmap_levels, url_root=options.image_url_root))
     levels = options.mipmap_levels if options.mipmaps else 0
     if options.render_tilespecs:
-        writers.append(TileSpecWriter(out_dir, manifest, levels, options.image_url_root))
+        writers.append(TileSpecWriter(out_dir, manifest, levels, options.image_url_root, scope_id=options.scope_id))
     if options.trakem2:
-        writers.append(TrakEM2Writer(out_dir, manifest))
+        writers.append(TrakEM2Writer(out_dir, manifest, slice_um=options.zarr_slice_um))
     if options.ome_zarr:
         writers.append(OmeZarrWriter(out_dir, manifest, options.zarr_levels, options.zarr_chunk,
-                                     options.zarr_slice_um, cache_mb=options.zarr_cache_mb))
+                                     options.zarr_slice_um, cache_mb=options.zarr_cache_mb,
+                                     shard=options.zarr_shard, url=options.zarr_url))
     if options.render_push is not None:
         from acq.writers.render_push import RenderPushWriter
         rp = options.render_push
         writers.append(RenderPushWriter(
             out_dir, host=rp.host, port=rp.port, owner=rp.owner, project=rp.project, stack=rp.stack,
             client_scripts=rp.client_scripts, mipmap_levels=levels, url_root=options.image_url_root,
-            slice_nm=options.zarr_slice_um * 1e3, retries=rp.retries, backoff_s=rp.backoff_s))
+            slice_nm=options.zarr_slice_um * 1e3, retries=rp.retries, backoff_s=rp.backoff_s,
+            scope_id=options.scope_id))
     return writers

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -33,9 +33,29 @@ def tile_relpath(section: int, cycle: int, tile_id: str, version: int) -> str:
     return f"tiles/{section:04d}/{cycle:04d}/{tile_id}_v{version}.ome.tif"
 
 
-def mipmap_relpath(level: int, level0_rel: str, prefix: str = "mipmaps") -> str:
-    # ASAP layout: {prefix}/{level}/{level-0 path relative to the data root}
-    return f"{prefix}/{level}/{level0_rel}"
+MIPMAP_EXT = "tif"
+
+
+def mipmap_source_root(url_root: str | None = None) -> str:
+    """The path part of ``url_root`` (where the Render server finds OUTDIR),
+    without its leading '/': what a MIPmap's path mirrors of where its tile
+    lives. '' without one: a local run's layout does not name the local
+    folder, so OUTDIR can move and two runs lay their MIPmaps out alike."""
+    from urllib.parse import unquote, urlparse
+    if not url_root:
+        return ""
+    # a Windows drive ('C:') cannot be a folder name; Render servers never see such paths anyway
+    return unquote(urlparse(url_root).path).replace(":", "").strip("/")
+
+
+def mipmap_relpath(level: int, level0_rel: str, prefix: str = "mipmaps", source_root: str = "") -> str:
+    """ASAP's create_mipmaps and Render's MipmapPathBuilder both derive level n
+    of a tile as {mipmap root}/{n}/{level-0 path without its leading '/'}.{ext},
+    the extension appended to the tile's own (x.ome.tif -> x.ome.tif.tif).
+    With ``source_root`` = mipmap_source_root(image_url_root) and the mipmap
+    root at {image_url_root}/{prefix}, that derivation finds these files."""
+    src = f"{source_root}/{level0_rel}" if source_root else level0_rel
+    return f"{prefix}/{level}/{src}.{MIPMAP_EXT}"
 
 
 def render_tile_id(tile_id: str, version: int) -> str:
@@ -59,6 +79,20 @@ def dumps(obj: Any, **kw) -> str:
     return json.dumps(obj, default=to_jsonable, **kw)
 
 
+def pixel_stage_m(centre_m, pixel_m: float, shape_hw, rotation_deg: float,
+                  col: float = 0.0, row: float = 0.0) -> tuple[float, float]:
+    """Stage position of the CENTRE of pixel (col, row) of a frame whose stage
+    position ``centre_m`` is the frame's geometric centre (the simulator puts
+    pixel centre ((w-1)/2, (h-1)/2) there): centre + R(rotation) @
+    (col + 1/2 - w/2, row + 1/2 - h/2) * pixel, the convention of
+    TileRecord.frame_topleft_px. Any unit, as long as centre and pixel agree."""
+    h, w = shape_hw
+    th = math.radians(rotation_deg)
+    c, s = math.cos(th), math.sin(th)
+    u, v = (col + 0.5 - w / 2.0) * pixel_m, (row + 0.5 - h / 2.0) * pixel_m
+    return centre_m[0] + c * u - s * v, centre_m[1] + s * u + c * v
+
+
 @dataclass(frozen=True)
 class TileRecord:
     """What tile specs and import lists need of a tile (no pixels)."""
@@ -75,6 +109,7 @@ class TileRecord:
     stage_x_m: float
     stage_y_m: float
     rotation_deg: float
+    detector: Optional[str] = None      # what the SEM reported (frame metadata): Render's cameraId
 
     @property
     def rel_path(self) -> str:
@@ -84,6 +119,12 @@ class TileRecord:
     def center_px(self) -> tuple[float, float]:
         """The stage position (= the frame centre) in stage pixels."""
         return self.stage_x_m / self.pixel_size_m, self.stage_y_m / self.pixel_size_m
+
+    def pixel_stage_m(self, col: float = 0.0, row: float = 0.0) -> tuple[float, float]:
+        """Stage position (m) of the centre of image pixel (col, row); pixel
+        (0, 0) is what the OME-TIFF's Plane PositionX/Y gives (in µm)."""
+        return pixel_stage_m((self.stage_x_m, self.stage_y_m), self.pixel_size_m, (self.height, self.width),
+                             self.rotation_deg, col, row)
 
     def frame_topleft_px(self, rotation_deg: float | None = None) -> tuple[float, float]:
         """Top-left corner in the SECTION frame: stage pixels turned by
@@ -103,7 +144,8 @@ class TileRecord:
                    section_id=int(h["section_id"]), grid_id=int(h["grid_id"]),
                    row=int(h["row"]), col=int(h["col"]), width=int(shape[1]), height=int(shape[0]),
                    pixel_size_m=float(h["pixel_size_m"]), stage_x_m=float(h["stage"]["x"]),
-                   stage_y_m=float(h["stage"]["y"]), rotation_deg=float(h.get("rotation_deg") or 0.0))
+                   stage_y_m=float(h["stage"]["y"]), rotation_deg=float(h.get("rotation_deg") or 0.0),
+                   detector=(h.get("metadata") or {}).get("detector"))
 
     @classmethod
     def from_doc(cls, doc) -> "TileRecord":

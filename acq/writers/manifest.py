@@ -55,11 +55,12 @@ BOOKKEEPING_PREFIXES = ("journal",)                 # journal.jsonl, its snapsho
 BOOKKEEPING_PATTERNS = [re.compile(p) for p in (
     r"^zarr/\d+\.tiles\.jsonl$",                    # OmeZarrWriter's log of flushed tiles
     r"^render/push_state\.jsonl$",                  # RenderPushWriter's log
+    r"^report/report\.html$",                      # `report`: a derived view, replaced on each call
 )]
 
 _KINDS = [(re.compile(p), kind) for p, kind in (
     (r"^tiles/\d+/\d+/(?P<tid>[^/]+)_v(?P<ver>\d+)\.ome\.tif$", "tile"),
-    (r"^mipmaps/\d+/tiles/\d+/\d+/(?P<tid>[^/]+)_v(?P<ver>\d+)\.ome\.tif$", "mipmap"),
+    (r"^mipmaps/\d+/(?:.+/)?tiles/\d+/\d+/(?P<tid>[^/]+)_v(?P<ver>\d+)\.ome\.tif\.tif$", "mipmap"),   # ASAP's names
     (r"^render/\d+/\d+/tilespecs(?:\.\d+)?\.json$", "tilespec"),
     (r"^trakem2/\d+_import\.txt$", "trakem2_index"),
     (r"^trakem2/\d+/\d+_import(?:\.\d+)?\.txt$", "trakem2"),

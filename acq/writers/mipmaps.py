@@ -1,9 +1,20 @@
-"""ASAP/Render MIPmaps: {prefix}/{level}/{level-0 relative path}.
+"""ASAP/Render MIPmaps: OUTDIR/{prefix}/{level}/[{source root}/]{level-0 relative path}.tif.
+
+ASAP's create_mipmaps writes, and ASAP's apply_mipmaps_to_render and Render's
+MipmapPathBuilder derive, level n of a tile as {root}/{n}/{tile's absolute
+path without the leading '/'}.{ext}: for the tile served at
+file:///nrs/em/run42/tiles/0000/0000/x_v0.ome.tif and root
+file:///nrs/em/run42/mipmaps, {root}/1/nrs/em/run42/tiles/0000/0000/x_v0.ome.tif.tif.
+With ``url_root`` (WriterOptions.image_url_root) the source root is its path
+(nrs/em/run42) and the files are exactly there. Without one (tile specs with
+this machine's file URLs) the source root is left out on purpose: the
+layout then does not name the local folder, so OUTDIR can be moved or
+copied, and a crash point or a manifest path is the same in every run. The
+tile specs list every level's URL either way, so Render needs no derivation.
 
 Level n is level n-1 halved with cv2.INTER_AREA (a 2x2 box mean), computed
 from the in-memory tile, never from a re-read. Each level is a small OME-TIFF
-whose physical pixel size is 2**level times the tile's, written atomically
-under the same name as the tile (Render finds level n by swapping the prefix).
+whose physical pixel size is 2**level times the tile's, written atomically.
 The levels are written concurrently: each write waits mostly on its fsyncs.
 
 Derived from the OME-TIFF (``primary = False``): levels missing after a
@@ -16,13 +27,15 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
 import tifffile
 
 from acq.documents import CatchUp, DocumentRouter, RunStart, SectionDone, TileEvent
-from acq.writers.layout import mipmap_relpath, planes_for, planes_on_disk, read_tile_header, tile_files, tile_relpath
+from acq.writers.layout import (mipmap_relpath, mipmap_source_root, planes_for, planes_on_disk, read_tile_header,
+                               tile_files, tile_relpath)
 from acq.writers.manifest import Manifest, WrittenFile
 from acq.writers.ome_tiff import TiffEncoder, write_tiff_once
 
@@ -46,11 +59,13 @@ class MipmapWriter(DocumentRouter):
     file_kind = "mipmap"           # the manifest kind of its files
     primary = False
 
-    def __init__(self, out_dir: Path, manifest: Manifest, levels: int = 3, prefix: str = "mipmaps"):
+    def __init__(self, out_dir: Path, manifest: Manifest, levels: int = 3, prefix: str = "mipmaps",
+                 url_root: Optional[str] = None):
         self.out_dir = Path(out_dir)
         self.manifest = manifest
         self.levels = levels
         self.prefix = prefix
+        self.source_root = mipmap_source_root(url_root)
         self.encoders = [TiffEncoder() for _ in range(levels)]     # one buffer per level in flight
         self._pool = ThreadPoolExecutor(levels, thread_name_prefix="mipmap-write")
 
@@ -73,7 +88,7 @@ class MipmapWriter(DocumentRouter):
         batch: list[dict] = []
         jobs = []
         for level, img in pyramid(image, self.levels):
-            rel = mipmap_relpath(level, rel0, self.prefix)
+            rel = mipmap_relpath(level, rel0, self.prefix, self.source_root)
             jobs.append(self._pool.submit(
                 write_tiff_once, self.manifest, self.encoders[level - 1], rel, img, px_um * 2 ** level,
                 self.file_kind, tile_id, version, batch, file_key=f"{run_uid}/{rel}",
@@ -85,7 +100,7 @@ class MipmapWriter(DocumentRouter):
     def missing_levels(self, tile_path: Path) -> list[int]:
         rel0 = Path(tile_path).relative_to(self.out_dir).as_posix()
         return [lv for lv in range(1, self.levels + 1)
-                if not (self.out_dir / mipmap_relpath(lv, rel0, self.prefix)).is_file()]
+                if not (self.out_dir / mipmap_relpath(lv, rel0, self.prefix, self.source_root)).is_file()]
 
     def rebuild(self, tile) -> list[WrittenFile]:
         """Write the levels of ``tile`` (a TileEvent, or the path of its

@@ -1,67 +1,66 @@
-"""Per-section OME-Zarr volume: zarr/{section:04d}.ome.zarr (zarr v3, NGFF 0.5).
+"""Per-section OME-Zarr volume in stage coordinates: {zarr}/{section:04d}.ome.zarr.
 
-Layout: arrays "0".."L-1", axes (z, y, x), uint8, chunks (1, C, C), z = cycle,
-raw "bytes" codec; y/x are the section frame: the stage axes turned by the
-scan rotation ("rotation_deg" in the attributes), where the grid is
-axis-aligned and tiles need no resampling. A tile goes where the stage put
-it, rounded to a multiple of 2**(L-1) px (<= 2 px at 3 levels, far below stage
-repeatability) so it covers whole 2x2 blocks at every level; the tile pasted
-last wins in overlaps. The origin ("acq" attributes): the first tile's
-top-left minus (col * width, row * height) minus a margin of 1/4 tile + 2 µm
-of stage error (unwritten chunks cost nothing). Parts of a tile beyond it
-are clipped and logged: the OME-TIFF stays the master copy.
+Frame: zarr v3, NGFF 0.5. Arrays "0".."L-1", axes (z, y, x), uint8; y/x are
+the STAGE axes (+x = +column, +y = +row, as common/geometry.py), z = cycle.
+Each level's coordinateTransformations are scale (slice thickness, pixel
+size * 2**l) and translation (the stage position, in µm, of the centre of its
+pixel (0, 0)), so every section of a run, and the overview, sit in one frame
+and any NGFF reader places them without our private attributes. Tiles
+acquired with a scan rotation are resampled into the stage frame (bilinear,
+by the same mapping the engine uses: layout.TileRecord.frame_topleft_px);
+only the pixels the tile covers are pasted, so rotated tiles' empty corners
+never cover a neighbour. Unrotated tiles (under half a pixel of turn at the
+corners) are pasted unresampled at the nearest pixel: a tile's centre is
+always within half a pixel of its stage position. The tile pasted last wins
+in overlaps; the OME-TIFFs stay the master copy.
 
-Sizing: arrays GROW as tiles arrive (resize rewrites zarr.json only), by
->= 1/4 each time; unwritten chunks are not stored (read as 0). Level-0 shapes
-are multiples of C * 2**(L-1): each level is exactly half the one below.
-Level n is the exact 2x2 box mean (cv2.INTER_AREA) of level n-1, updated per
-tile from the tile in memory (plus a one-pixel border from level n-1 for
-tiles whose size is not a multiple of 2**(L-1)).
+Storage: through zarr's store API (acq/writers/zarr_store.py: local disk or
+any fsspec URL). Arrays are sharded: shards (1, S, S) hold inner chunks
+(1, c, c), each zstd-compressed; chunks never written (or all zero) are not
+stored. The shard is also the unit of the in-memory cache (LRU,
+``cache_mb``): tiles are pasted into cached shards, and a plane's shards are
+written whole at its SectionDone (or on eviction, RunStop, close), so zarr
+never reads a shard back to update it.
 
-Writing: tiles are pasted into an in-memory chunk cache (LRU, ``cache_mb``);
-a plane's chunks are written at its SectionDone (or on eviction, RunStop,
-close): temp name, fsync, rename, folders fsynced. Writing every touched
-chunk for every tile instead cost 3-5x the tile's bytes in rewrites. zarr
-makes the group, arrays, NGFF metadata (ome_zarr's write_multiscales_metadata)
-and resizes; chunk files are written here (raw codec: a chunk file is the
-C-order chunk) as zarr's partial writes cost ~10 ms per call.
+Sizing: arrays GROW as tiles arrive, by >= 1/4 each time, in steps of
+Q = S * 2**(L-1) px so each level is exactly half the one below. A tile
+beyond the top or left edge moves the origin by whole steps: the shards
+already written are moved to their new keys (a rename of whole objects, no
+re-encoding) and the translation changes; the "acq" attribute "moving" marks
+the store meanwhile, and a store found with it is rebuilt. The initial origin
+leaves the grid's rows/columns before the first tile plus a quarter tile
+and 2 µm of stage error, so in most runs it never moves. Level n is the exact
+2x2 box mean (cv2.INTER_AREA) of level n-1, recomputed per tile over the
+tile's footprint from level n-1.
 
 Crash safety: handle(TileEvent) returns before the tile is in the volume; the
 tile is durable in its OME-TIFF, from which the volume derives (a derived
 writer, ``primary = False``). Flushed tiles are appended (fsynced) to
-zarr/{section:04d}.tiles.jsonl; on a resumed RunStart, on each SectionDone
-and by ``catch_up()``, tiles on disk (latest version) missing from that list
-and from memory are read back from their OME-TIFF and pasted: only those when
-they are newer than everything in the plane, else the whole plane again in
-acquisition order (so overlaps come out as without the crash). Only then is
-anything re-read.
+zarr/{section:04d}.tiles.jsonl (always local, also for a remote store); on a
+resumed RunStart, on each SectionDone and by ``catch_up()``, tiles on disk
+(latest version) missing from that list and from memory are read back from
+their OME-TIFF and pasted: only those when they are newer than everything in
+the plane, else the whole plane again in acquisition order (so overlaps come
+out as without the crash). On construction every store is checked: one whose
+group is unreadable, lacks the "acq" attributes or the multiscales, is not
+this layout, or was moving, is discarded (its manifest lines marked deleted,
+its tiles log removed) and rebuilt from the OME-TIFFs; arrays left with
+inconsistent shapes by a crash mid-resize are grown to agree; a plane with a
+shard file that the manifest lists but that is missing or of another size is
+pasted again. Every filesystem operation calls common.crashpoints.point.
 
-A store is never half-made under its name: it is built (group, arrays, NGFF
-and "acq" attributes) in zarr/.{section:04d}.ome.zarr.new.part, fsynced and
-renamed into place; array metadata (shape, as arrays grow) is rewritten by
-temp file + rename, never in place. On construction every store is checked:
-a store whose zarr.json is unreadable, lacks the "acq" attributes or the
-multiscales, or whose array metadata is missing or not this writer's layout,
-is discarded (its manifest lines marked deleted, its tiles log removed) and
-rebuilt from the OME-TIFFs; arrays left with inconsistent shapes by a crash
-mid-resize are grown to agree; a plane with a chunk file that the manifest
-lists but that is missing or truncated is re-pasted. Every filesystem
-operation calls common.crashpoints.point.
-
-Manifest: every chunk file written is recorded with the sha256 of the chunk
-in memory (kind "zarr"), every zarr.json written with its hash (kind
-"zarr_meta"); the last line per path wins, as both are rewritten. The
+Manifest (local stores): every object written is recorded with its sha256
+(kind "zarr" for shards, "zarr_meta" for zarr.json; the last line per path
+wins, as both are rewritten; removed shards get a deletion line). The
 .tiles.jsonl log is bookkeeping, not recorded.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-import shutil
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,68 +71,34 @@ import cv2
 import numpy as np
 import tifffile
 import zarr
+from zarr.core.sync import sync
 
 from acq.documents import CatchUp, DocumentRouter, RunStart, RunStop, SectionDone, TileEvent
-from common.atomic import atomic_write, ensure_dir, fsync_dir, is_temporary, temp_name
-from common.crashpoints import point
-from acq.writers.layout import (TileRecord, latest_versions, planes_for, planes_on_disk, plane_of,
-                                read_tile_header, tile_relpath)
+from acq.writers.layout import TileRecord, latest_versions, planes_for, planes_on_disk, plane_of, read_tile_header, \
+    tile_relpath
 from acq.writers.manifest import Manifest, WrittenFile, append_durably
+from acq.writers.stage_frame import AXES, footprint, ngff_datasets, resample
+from acq.writers.zarr_store import Volumes, remove_tree
+from common.atomic import ensure_dir, fsync_dir, is_temporary
+from common.crashpoints import point
 
 log = logging.getLogger(__name__)
-_STORE = re.compile(r"^(\d+)\.ome\.zarr$")
+LAYOUT = "stage-frame-sharded-1"        # the "acq" attribute naming this writer's layout
 _LOG = re.compile(r"^(\d+)\.tiles\.jsonl$")
-_CHUNK = re.compile(r"^zarr/(\d+)\.ome\.zarr/(\d+)/c/(\d+)/\d+/\d+$")
+_SHARD = re.compile(r"^(\d+)/c/(\d+)/(\d+)/(\d+)$")
 
 
 class _Broken(Exception):
     """A store this writer cannot use as it is (rebuilt from the OME-TIFFs)."""
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    point("fsync_dir" if directory else "fsync", path)
-    try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _put_chunk(path: Path, chunk: np.ndarray) -> str:
-    """Write one chunk file atomically; its sha256, hashed from memory."""
-    tmp = temp_name(path)
-    try:
-        point("create", tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            point("write", tmp)
-            f.write(memoryview(chunk).cast("B"))
-            f.flush()
-            point("fsync", tmp)
-            os.fsync(f.fileno())
-        point("rename", path)
-        os.replace(tmp, path)       # chunks are derived, mutable data: replacing is their nature
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return hashlib.sha256(chunk).hexdigest()
-
-
-def _rmtree(path: Path) -> None:
-    point("unlink", path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass
 class _Section:
-    root: Path
-    shapes: list                   # per level (z, y, x), as in its zarr.json
-    origin: tuple[int, int]        # section-frame pixels (x, y) of array pixel (0, 0)
+    group: zarr.Group
+    arrays: list                   # zarr.Array per level
+    shapes: list                   # per level (z, y, x)
+    origin: tuple[int, int]        # stage pixels (x, y) of array pixel (0, 0) at level 0
     pixel_size_m: float
-    rotation_deg: float            # array axes = stage axes turned by this
     flushed: dict = field(default_factory=dict)     # cycle -> {(tile_id, version): t_start} durable in the volume
 
 
@@ -142,23 +107,27 @@ class OmeZarrWriter(DocumentRouter):
     meta_kind = "zarr_meta"
     primary = False
 
-    def __init__(self, out_dir: Path, manifest: Manifest, levels: int = 3, chunk: int = 1024,
-                 slice_um: float = 0.05, margin: float = 0.25, margin_um: float = 2.0, cache_mb: int = 512):
-        if levels < 1 or chunk % (2 ** (levels - 1)):
-            raise ValueError("zarr chunk must be a multiple of 2**(levels-1)")
+    def __init__(self, out_dir: Path, manifest: Manifest, levels: int = 3, chunk: int = 512,
+                 slice_um: float = 0.05, margin: float = 0.25, margin_um: float = 2.0, cache_mb: int = 512,
+                 shard: Optional[int] = None, url: Optional[str] = None):
+        shard = shard or 8 * chunk
+        if levels < 1 or shard % chunk or shard % (2 ** (levels - 1)):
+            raise ValueError("zarr shard must be a multiple of the chunk and of 2**(levels-1)")
         self.out_dir = Path(out_dir)
         self.manifest = manifest
-        self.levels, self.chunk, self.slice_um = levels, chunk, slice_um
+        self.volumes = Volumes(self.out_dir, url)
+        self.levels, self.chunk, self.shard, self.slice_um = levels, chunk, shard, slice_um
         self.margin, self.margin_um = margin, margin_um
-        self._budget = max(cache_mb << 20, 2 * chunk * chunk)    # evicted after each tile at worst
+        self._budget = max(cache_mb << 20, 4 * shard * shard)    # a tile's shards at least
         self._sections: dict[int, _Section] = {}
-        self._cache: OrderedDict[tuple, list] = OrderedDict()   # (sec, l, z, cy, cx) -> [chunk, dirty]
+        self._cache: OrderedDict[tuple, list] = OrderedDict()   # (sec, l, z, sy, sx) -> [shard, dirty]
         self._pasted: dict[tuple[int, int], dict] = {}          # (sec, z) -> {(tile, ver): t_start} not flushed
         self._closed: set[tuple[int, int]] = set()
-        self._suspect: set[tuple[int, int]] = set()             # planes to paste again whole (chunks lost)
+        self._suspect: set[tuple[int, int]] = set()             # planes to paste again whole (shards lost)
         self._needs_catch_up = False                            # a store was discarded or planes are suspect
-        self._snap = 2 ** (levels - 1)
-        self._pool = ThreadPoolExecutor(8, thread_name_prefix="zarr-io")
+        self._written: list[dict] = []                          # manifest lines not yet appended
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="zarr-io")
         import ome_zarr.writer  # noqa: F401  (seconds to import: pay it now, not at the first tile)
         self._check_stores()
 
@@ -224,45 +193,71 @@ class OmeZarrWriter(DocumentRouter):
         every tile on disk, pasting from the OME-TIFFs what it lacks."""
         return self.catch_up([plane_of(tile)])
 
-    # ------------------------------------------------------------ sections
     def section_path(self, section: int) -> Path:
-        return self.out_dir / f"zarr/{section:04d}.ome.zarr"
+        return self.volumes.path(section)
 
+    # ------------------------------------------------------------ manifest
+    def _on_write(self, section: int):
+        if not self.volumes.local:
+            return None
+        base = f"zarr/{self.volumes.name(section)}/"
+
+        def record(key: str, sha: Optional[str], size: int) -> None:
+            kind = self.meta_kind if key.endswith("zarr.json") else self.file_kind
+            line = Manifest.deletion(base + key, kind) if sha is None else Manifest.entry(base + key, sha, size, kind)
+            with self._lock:
+                self._written.append(line)
+        return record
+
+    def _record(self) -> list[WrittenFile]:
+        with self._lock:
+            lines, self._written = self._written, []
+        self.manifest.append(lines)
+        return [WrittenFile(self.out_dir / e["path"], self.file_kind, None) for e in lines
+                if e["kind"] == self.file_kind and not e.get("deleted")]
+
+    # ------------------------------------------------------------ stores
     def _check_stores(self) -> None:
         """On construction: repair or discard what a crash (or an older
         version of this writer) left; see the module docstring."""
         zdir = self.out_dir / "zarr"
-        if not zdir.is_dir():
-            return
         sections = set()
-        for p in sorted(zdir.iterdir()):
-            if is_temporary(p.name):
-                if p.is_dir():
-                    _rmtree(p)
-                else:
-                    point("unlink", p)
-                    p.unlink(missing_ok=True)
-                continue
-            m = _STORE.match(p.name) or _LOG.match(p.name)
-            if m:
-                sections.add(int(m[1]))
+        if zdir.is_dir():
+            for p in sorted(zdir.iterdir()):
+                if is_temporary(p.name):
+                    if p.is_dir():
+                        remove_tree(p)
+                    else:
+                        point("unlink", p)
+                        p.unlink(missing_ok=True)
+                    continue
+                m = _LOG.match(p.name)
+                if m:
+                    sections.add(int(m[1]))
+            if self.volumes.local:
+                for d in zdir.glob("*.ome.zarr"):           # zarr's own leftovers in a store
+                    for p in d.rglob("*.partial"):
+                        point("unlink", p)
+                        p.unlink(missing_ok=True)
+        try:
+            sections |= self.volumes.sections()
+        except OSError as e:
+            log.error("OME-Zarr: cannot list %s: %s", self.volumes.url, e)
         latest = self.manifest.latest("zarr/")
-        listed: dict[int, list[str]] = {}
+        listed: dict[int, dict[str, dict]] = {}
         for rel, e in latest.items():
-            m = re.match(r"^zarr/(\d+)\.ome\.zarr/", rel)
+            m = re.match(r"^zarr/(\d+)\.ome\.zarr/(.*)$", rel)
             if m and not e.get("deleted"):
-                listed.setdefault(int(m[1]), []).append(rel)
+                listed.setdefault(int(m[1]), {})[m[2]] = e
         sections |= set(listed)
-        c2 = self.chunk * self.chunk
         for section in sorted(sections):
-            root = self.section_path(section)
-            if not root.exists():
+            if not self.volumes.exists(section):
                 log_path = self._journal_path(section)
                 if log_path.exists():       # it speaks of a store that is gone: the tiles go in again
                     point("unlink", log_path)
                     log_path.unlink()
                 if listed.get(section):
-                    log.warning("OME-Zarr %s is gone: rebuilt from the OME-TIFFs", root)
+                    log.warning("OME-Zarr %s is gone: rebuilt from the OME-TIFFs", self.volumes.location(section))
                     self._needs_catch_up = True
                 continue
             try:
@@ -271,97 +266,87 @@ class OmeZarrWriter(DocumentRouter):
                 self._discard(section, str(e), latest)
                 continue
             self._sections[section] = sec
-            for rel in listed.get(section, []):
-                m = _CHUNK.match(rel)
+            if not self.volumes.local:
+                continue
+            root = self.volumes.path(section)
+            for key, e in listed.get(section, {}).items():
+                m = _SHARD.match(key)
                 if not m:
                     continue
-                p = self.out_dir / rel
                 try:
-                    ok = p.stat().st_size == c2
+                    ok = (root / key).stat().st_size == e.get("bytes")
                 except OSError:
                     ok = False
                 if not ok:
-                    log.warning("OME-Zarr chunk %s missing or truncated: cycle %s is pasted again", rel, m[3])
-                    self._suspect.add((section, int(m[3])))
-            self.manifest.record_if_changed(self._meta_rels(section), self.meta_kind, latest)
+                    log.warning("OME-Zarr shard %s missing or truncated: cycle %s is pasted again", key, m[2])
+                    self._suspect.add((section, int(m[2])))
+            self.manifest.record_if_changed([f"zarr/{self.volumes.name(section)}/{k}" for k in self._meta_keys()],
+                                            self.meta_kind, latest)
         if self._suspect:
             self._needs_catch_up = True
 
-    def _meta_rels(self, section: int) -> list[str]:
-        base = f"zarr/{section:04d}.ome.zarr"
-        return [f"{base}/zarr.json"] + [f"{base}/{l}/zarr.json" for l in range(self.levels)]
+    def _meta_keys(self) -> list[str]:
+        return ["zarr.json"] + [f"{l}/zarr.json" for l in range(self.levels)]
 
     def _load(self, section: int) -> _Section:
-        """Open a store from disk, checked; _Broken if this writer cannot use it."""
-        root = self.section_path(section)
+        """Open a store, checked; _Broken if this writer cannot use it."""
         try:
-            g = json.loads((root / "zarr.json").read_bytes())
-        except (OSError, ValueError) as e:
-            raise _Broken(f"group metadata unreadable ({type(e).__name__})") from None
-        if not isinstance(g, dict) or g.get("node_type") != "group" or g.get("zarr_format") != 3:
-            raise _Broken("zarr.json is not a zarr v3 group")
-        attrs = g.get("attributes") or {}
-        a = attrs.get("acq")
+            group = zarr.open_group(store=self.volumes.store(section, self._on_write(section)), mode="r+",
+                                    zarr_format=3)
+        except Exception as e:
+            raise _Broken(f"group unreadable ({type(e).__name__}: {e})") from None
+        a = group.attrs.get("acq")
         try:
+            if a["layout"] != LAYOUT:
+                raise _Broken(f"layout {a['layout']!r}, this writer writes {LAYOUT!r}")
+            if a.get("moving"):
+                raise _Broken("its origin was being moved")
             origin = (int(a["origin_px"][0]), int(a["origin_px"][1]))
-            px, rot = float(a["pixel_size_m"]), float(a.get("rotation_deg") or 0.0)
+            px = float(a["pixel_size_m"])
         except (TypeError, KeyError, IndexError, ValueError):
-            raise _Broken("no 'acq' attributes (its creation was interrupted)") from None
-        ms = (attrs.get("ome") or {}).get("multiscales") or [{}]
+            raise _Broken("no 'acq' attributes of this layout (its creation was interrupted, or an older "
+                          "writer made it)") from None
+        ms = (group.attrs.get("ome") or {}).get("multiscales") or [{}]
         if [d.get("path") for d in ms[0].get("datasets", [])] != [str(l) for l in range(self.levels)]:
             raise _Broken(f"no multiscales metadata for {self.levels} levels")
-        shapes = []
+        arrays = []
         for l in range(self.levels):
             try:
-                m = json.loads((root / str(l) / "zarr.json").read_bytes())
-                chunks = m["chunk_grid"]["configuration"]["chunk_shape"]
-                codecs = [c["name"] for c in m["codecs"]]
-                shape = tuple(int(x) for x in m["shape"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise _Broken(f"array {l} metadata unreadable ({type(e).__name__})") from None
-            if (m.get("node_type") != "array" or m.get("data_type") != "uint8" or codecs != ["bytes"]
-                    or chunks != [1, self.chunk, self.chunk] or len(shape) != 3):
-                raise _Broken(f"array {l}: {m.get('data_type')}, codecs {codecs}, chunks {chunks}: this writer "
-                              f"needs raw uint8 chunks of {self.chunk} px")
-            shapes.append(shape)
-        try:
-            zg = zarr.open_group(root, mode="r", zarr_format=3)
-            for l in range(self.levels):
-                zg[str(l)].shape
-        except Exception as e:
-            raise _Broken(f"zarr cannot open it ({type(e).__name__}: {e})") from None
-        sec = _Section(root, shapes, origin, px, rot)
-        q = self.chunk << (self.levels - 1)
-        Z = max(s[0] for s in shapes)
-        H = -(-max(s[1] << l for l, s in enumerate(shapes)) // q) * q
-        W = -(-max(s[2] << l for l, s in enumerate(shapes)) // q) * q
+                arr = group[str(l)]
+                ok = (arr.dtype == np.uint8 and arr.ndim == 3 and arr.shards == (1, self.shard, self.shard)
+                      and arr.chunks == (1, self.chunk, self.chunk))
+            except Exception as e:
+                raise _Broken(f"array {l} unreadable ({type(e).__name__})") from None
+            if not ok:
+                raise _Broken(f"array {l}: {arr.dtype}, shards {arr.shards}, chunks {arr.chunks}: this writer "
+                              f"needs uint8 shards of {self.shard} px in chunks of {self.chunk} px")
+            arrays.append(arr)
+        sec = _Section(group, arrays, [tuple(a.shape) for a in arrays], origin, px)
+        q = self.shard << (self.levels - 1)
+        Z = max(s[0] for s in sec.shapes)
+        H = -(-max(s[1] << l for l, s in enumerate(sec.shapes)) // q) * q
+        W = -(-max(s[2] << l for l, s in enumerate(sec.shapes)) // q) * q
         want = [(Z, H >> l, W >> l) for l in range(self.levels)]
-        if want != shapes:
-            log.warning("OME-Zarr %s: array shapes %s disagree (a resize cut short): grown to %s", root, shapes, want)
-            self._write_shapes(sec, want)
+        if want != sec.shapes:
+            log.warning("OME-Zarr %s: array shapes %s disagree (a resize cut short): grown to %s",
+                        self.volumes.location(section), sec.shapes, want)
+            self._set_shapes(sec, want)
         self._load_journal(sec, section)
         return sec
 
     def _discard(self, section: int, reason: str, latest: Optional[dict] = None) -> None:
         """Remove an unusable store (it is rebuilt from the OME-TIFFs)."""
-        root = self.section_path(section)
-        log.warning("OME-Zarr %s unusable: %s; rebuilt from the OME-TIFFs", root, reason)
+        log.warning("OME-Zarr %s unusable: %s; rebuilt from the OME-TIFFs", self.volumes.location(section), reason)
         log_path = self._journal_path(section)
         if log_path.exists():           # first: a log without its store never claims a tile is in
             point("unlink", log_path)
             log_path.unlink()
             fsync_dir(log_path.parent)
-        prefix = f"zarr/{section:04d}.ome.zarr/"
+        prefix = f"zarr/{self.volumes.name(section)}/"
         latest = self.manifest.latest(prefix) if latest is None else latest
         self.manifest.append([Manifest.deletion(rel, e.get("kind", self.file_kind)) for rel, e in sorted(latest.items())
                               if rel.startswith(prefix) and not e.get("deleted")])
-        aside = root.with_name(f".{root.name}.old.part")
-        if aside.exists():
-            _rmtree(aside)
-        point("rename", root)
-        os.rename(root, aside)
-        fsync_dir(root.parent)
-        _rmtree(aside)
+        self.volumes.remove(section)
         self._sections.pop(section, None)
         for key in [k for k in self._cache if k[0] == section]:
             del self._cache[key]
@@ -371,12 +356,11 @@ class OmeZarrWriter(DocumentRouter):
         self._needs_catch_up = True
 
     def _open(self, section: int, rec: TileRecord | None = None) -> _Section | None:
-        """The section's volume: cached, opened from disk, or created for ``rec``."""
+        """The section's volume: cached, opened, or created for ``rec``."""
         sec = self._sections.get(section)
         if sec is not None:
             return sec
-        root = self.section_path(section)
-        if root.exists():
+        if self.volumes.exists(section):
             try:
                 sec = self._load(section)
             except _Broken as e:
@@ -384,161 +368,180 @@ class OmeZarrWriter(DocumentRouter):
         if sec is None:
             if rec is None:
                 return None
-            sec = self._create(root, rec)
+            sec = self._create(section, rec)
         self._sections[section] = sec
         return sec
 
-    def _create(self, root: Path, rec: TileRecord) -> _Section:
-        """Build the store under a temporary name, fsync it, rename it into place."""
+    def _write_ngff(self, group: zarr.Group, section: int, origin: tuple[int, int], px_m: float) -> None:
         from ome_zarr.format import FormatV05
         from ome_zarr.writer import write_multiscales_metadata
-        x0, y0 = rec.frame_topleft_px()
-        slack = self.margin_um * 1e-6 / rec.pixel_size_m      # stage repeatability; empty chunks cost nothing
-        ox = math.floor(x0 - rec.col * rec.width - self.margin * rec.width - slack)
-        oy = math.floor(y0 - rec.row * rec.height - self.margin * rec.height - slack)
-        tmp = root.with_name(f".{root.name}.new.part")
-        if tmp.exists():
-            _rmtree(tmp)
-        ensure_dir(root.parent)
-        point("mkdir", tmp)
-        point("metadata", tmp / "zarr.json")
-        group = zarr.open_group(tmp, mode="w-", zarr_format=3)
-        c, big = self.chunk, self.chunk << (self.levels - 1)
+        write_multiscales_metadata(group, ngff_datasets(self.levels, self.slice_um, origin, px_m), fmt=FormatV05(),
+                                   axes=AXES, name=f"section {section:04d}")
+
+    def _acq_attrs(self, section: int, origin, px_m: float, moving: bool = False) -> dict:
+        return {"layout": LAYOUT, "section_id": section, "frame": "stage", "origin_px": [origin[0], origin[1]],
+                "pixel_size_m": px_m, "z": "cycle", "slice_um": self.slice_um, "moving": moving}
+
+    def _create(self, section: int, rec: TileRecord) -> _Section:
+        """Build the store (locally: under a temporary name, then renamed)."""
+        # the first tile's footprint, less the grid's rows/columns before it (in the stage frame) and a margin
+        (x0, y0), (x1, y1) = footprint(rec)
+        th = math.radians(rec.rotation_deg)
+        before = (rec.col + self.margin) * rec.width, (rec.row + self.margin) * rec.height
+        slack = self.margin_um * 1e-6 / rec.pixel_size_m
+        ox = math.floor(x0 - abs(math.cos(th)) * before[0] - abs(math.sin(th)) * before[1] - slack)
+        oy = math.floor(y0 - abs(math.sin(th)) * before[0] - abs(math.cos(th)) * before[1] - slack)
+        big = self.shard << (self.levels - 1)
         shapes = [(1, big >> l, big >> l) for l in range(self.levels)]
-        for l in range(self.levels):
-            point("metadata", tmp / str(l) / "zarr.json")
-            group.create_array(str(l), shape=shapes[l], chunks=(1, c, c), dtype="uint8", fill_value=0,
-                               dimension_names=("z", "y", "x"), compressors=None)
-        px_um = rec.pixel_size_m * 1e6
-        datasets = []
-        for l in range(self.levels):
-            s = px_um * 2 ** l
-            half = (2 ** l - 1) / 2 * px_um     # box-mean pixel centres move by half a block
-            datasets.append({"path": str(l), "coordinateTransformations": [
-                {"type": "scale", "scale": [self.slice_um, s, s]},
-                {"type": "translation", "translation": [0.0, oy * px_um + half, ox * px_um + half]}]})
-        point("metadata", tmp / "zarr.json")
-        write_multiscales_metadata(
-            group, datasets, fmt=FormatV05(),
-            axes=[{"name": "z", "type": "space", "unit": "micrometer"},
-                  {"name": "y", "type": "space", "unit": "micrometer"},
-                  {"name": "x", "type": "space", "unit": "micrometer"}],
-            name=f"section {rec.section_id:04d}")
-        point("metadata", tmp / "zarr.json")
-        group.attrs["acq"] = {"section_id": rec.section_id, "origin_px": [ox, oy],
-                              "rotation_deg": rec.rotation_deg, "pixel_size_m": rec.pixel_size_m,
-                              "z": "cycle", "slice_um": self.slice_um}
-        for dirpath, _dirs, files in os.walk(tmp):
-            for f in sorted(files):
-                _fsync(Path(dirpath) / f)
-            _fsync(Path(dirpath), directory=True)
-        point("rename", root)
-        os.rename(tmp, root)
-        _fsync(root.parent, directory=True)
-        self.manifest.append([self.manifest.entry_from_disk(rel, self.meta_kind)
-                              for rel in self._meta_rels(rec.section_id)])
-        return _Section(root, shapes, (ox, oy), rec.pixel_size_m, rec.rotation_deg)
 
-    def _write_shapes(self, sec: _Section, shapes: list) -> None:
-        """Set the arrays' shapes: each zarr.json rewritten by temp file + rename."""
-        batch = []
+        def make(store) -> None:
+            from zarr.codecs import ZstdCodec
+            group = zarr.open_group(store=store, mode="w-", zarr_format=3)
+            for l in range(self.levels):
+                group.create_array(str(l), shape=shapes[l], chunks=(1, self.chunk, self.chunk),
+                                   shards=(1, self.shard, self.shard), dtype="uint8", fill_value=0,
+                                   compressors=ZstdCodec(level=1), dimension_names=("z", "y", "x"),
+                                   config={"write_empty_chunks": False})
+            self._write_ngff(group, section, (ox, oy), rec.pixel_size_m)
+            group.attrs["acq"] = self._acq_attrs(section, (ox, oy), rec.pixel_size_m)   # last: the store is whole
+
+        self.volumes.build(section, make)
+        if self.volumes.local:
+            base = f"zarr/{self.volumes.name(section)}/"
+            self.manifest.append([self.manifest.entry_from_disk(base + k, self.meta_kind) for k in self._meta_keys()])
+        group = zarr.open_group(store=self.volumes.store(section, self._on_write(section)), mode="r+", zarr_format=3)
+        return _Section(group, [group[str(l)] for l in range(self.levels)], shapes, (ox, oy), rec.pixel_size_m)
+
+    def _set_shapes(self, sec: _Section, shapes: list) -> None:
         for l, shape in enumerate(shapes):
-            if tuple(sec.shapes[l]) == tuple(shape):
-                continue
-            p = sec.root / str(l) / "zarr.json"
-            meta = json.loads(p.read_bytes())
-            meta["shape"] = list(shape)
-            data = json.dumps(meta, indent=2).encode()
-            point("metadata", p)
-            atomic_write(p, data, overwrite=True)
-            sec.shapes[l] = tuple(shape)
-            batch.append(self.manifest.entry(self.manifest.rel(p), hashlib.sha256(data).hexdigest(), len(data),
-                                             self.meta_kind))
-        self.manifest.append(batch)
+            if tuple(sec.shapes[l]) != tuple(shape):
+                sec.arrays[l].resize(shape)
+                sec.shapes[l] = tuple(shape)
+        self._record()
 
-    def _grow(self, sec: _Section, z: int, y1: int, x1: int) -> None:
+    def _grow(self, sec_id: int, sec: _Section, z: int, x0: int, y0: int, x1: int, y1: int) -> tuple[int, int]:
+        """Make room for [y0, y1) x [x0, x1) (level-0 array pixels); the shift
+        (dx, dy) when the origin had to move."""
+        q = self.shard << (self.levels - 1)
+        dx = -(-max(0, -x0, (sec.shapes[0][2] // 4) if x0 < 0 else 0) // q) * q
+        dy = -(-max(0, -y0, (sec.shapes[0][1] // 4) if y0 < 0 else 0) // q) * q
+        if dx or dy:
+            self._move_origin(sec_id, sec, dx, dy)
         Z, H, W = sec.shapes[0]
+        x1, y1 = x1 + dx, y1 + dy
         if z < Z and y1 <= H and x1 <= W:
-            return
-        q = self.chunk << (self.levels - 1)
+            return dx, dy
         if y1 > H:
             H = -(-max(y1, H + H // 4) // q) * q
         if x1 > W:
             W = -(-max(x1, W + W // 4) // q) * q
-        Z = max(Z, z + 1)
-        self._write_shapes(sec, [(Z, H >> l, W >> l) for l in range(self.levels)])
+        self._set_shapes(sec, [(max(Z, z + 1), H >> l, W >> l) for l in range(self.levels)])
+        return dx, dy
 
-    # ------------------------------------------------------------ chunk cache
-    def _chunk_path(self, key: tuple) -> Path:
-        sec_id, l, z, cy, cx = key
-        return self.section_path(sec_id) / str(l) / "c" / str(z) / str(cy) / str(cx)
+    def _move_origin(self, sec_id: int, sec: _Section, dx: int, dy: int) -> None:
+        """Grow to the top/left by (dx, dy) px (multiples of Q): shards move to
+        their new keys, the origin and translation change."""
+        log.info("OME-Zarr section %d: origin moved by (%d, %d) px", sec_id, -dx, -dy)
+        sec.group.attrs["acq"] = self._acq_attrs(sec_id, sec.origin, sec.pixel_size_m, moving=True)
+        Z, H, W = sec.shapes[0]
+        self._set_shapes(sec, [(Z, (H + dy) >> l, (W + dx) >> l) for l in range(self.levels)])
+        moves = []
+        for l in range(self.levels):
+            sy, sx = (dy >> l) // self.shard, (dx >> l) // self.shard
+            keys = []
+            for key in self.volumes.keys(sec_id, f"{l}/c/"):
+                m = _SHARD.match(key)
+                if m:
+                    keys.append((int(m[3]), int(m[4]), int(m[2])))
+            for ky, kx, kz in sorted(keys, reverse=True):       # far end first: no shard lands on an unmoved one
+                moves.append((f"{l}/c/{kz}/{ky}/{kx}", f"{l}/c/{kz}/{ky + sy}/{kx + sx}"))
+        self.volumes.move(sec_id, moves, self._on_write(sec_id))
+        shifted = OrderedDict()
+        for (s, l, z, ky, kx), entry in self._cache.items():
+            if s == sec_id:
+                ky, kx = ky + (dy >> l) // self.shard, kx + (dx >> l) // self.shard
+            shifted[(s, l, z, ky, kx)] = entry
+        self._cache = shifted
+        sec.origin = (sec.origin[0] - dx, sec.origin[1] - dy)
+        self._write_ngff(sec.group, sec_id, sec.origin, sec.pixel_size_m)
+        sec.group.attrs["acq"] = self._acq_attrs(sec_id, sec.origin, sec.pixel_size_m)
+        self._record()
 
-    def _chunk(self, key: tuple) -> np.ndarray:
+    # ------------------------------------------------------------ shard cache
+    def _shard(self, sec_id: int, key: tuple) -> np.ndarray:
         entry = self._cache.get(key)
         if entry is not None:
             self._cache.move_to_end(key)
             return entry[0]
-        c = self.chunk
-        try:
-            ch = np.fromfile(self._chunk_path(key), np.uint8, c * c).reshape(c, c)
-        except (FileNotFoundError, ValueError):    # never written: the fill value
-            ch = np.zeros((c, c), np.uint8)
-        self._cache[key] = [ch, False]
-        return ch
+        _s, l, z, ky, kx = key
+        s = self.shard
+        sec = self._sections[sec_id]
+        data = np.zeros((s, s), np.uint8)
+        if z < sec.shapes[l][0]:
+            try:
+                data = np.ascontiguousarray(sec.arrays[l][z, ky * s:(ky + 1) * s, kx * s:(kx + 1) * s])
+            except Exception as e:      # damaged after the start-up check: the whole plane goes in again
+                log.warning("OME-Zarr section %d: shard %s unreadable (%s): cycle %d is pasted again",
+                            sec_id, key[1:], e, z)
+                self._suspect.add((sec_id, z))
+                self._needs_catch_up = True
+        self._cache[key] = [data, False]
+        return data
 
     def _read(self, sec_id, l, z, y0, y1, x0, x1) -> np.ndarray:
-        c = self.chunk
+        s = self.shard
         out = np.empty((y1 - y0, x1 - x0), np.uint8)
-        for cy in range(y0 // c, (y1 - 1) // c + 1):
-            for cx in range(x0 // c, (x1 - 1) // c + 1):
-                ch = self._chunk((sec_id, l, z, cy, cx))
-                ya, yb, xa, xb = max(y0, cy * c), min(y1, (cy + 1) * c), max(x0, cx * c), min(x1, (cx + 1) * c)
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = ch[ya - cy * c:yb - cy * c, xa - cx * c:xb - cx * c]
+        for ky in range(y0 // s, (y1 - 1) // s + 1):
+            for kx in range(x0 // s, (x1 - 1) // s + 1):
+                ch = self._shard(sec_id, (sec_id, l, z, ky, kx))
+                ya, yb, xa, xb = max(y0, ky * s), min(y1, (ky + 1) * s), max(x0, kx * s), min(x1, (kx + 1) * s)
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = ch[ya - ky * s:yb - ky * s, xa - kx * s:xb - kx * s]
         return out
 
-    def _update(self, sec_id, l, z, y0, x0, data) -> None:
-        c = self.chunk
+    def _update(self, sec_id, l, z, y0, x0, data, mask=None) -> None:
+        s = self.shard
         y1, x1 = y0 + data.shape[0], x0 + data.shape[1]
-        for cy in range(y0 // c, (y1 - 1) // c + 1):
-            for cx in range(x0 // c, (x1 - 1) // c + 1):
-                key = (sec_id, l, z, cy, cx)
-                ya, yb, xa, xb = max(y0, cy * c), min(y1, (cy + 1) * c), max(x0, cx * c), min(x1, (cx + 1) * c)
+        for ky in range(y0 // s, (y1 - 1) // s + 1):
+            for kx in range(x0 // s, (x1 - 1) // s + 1):
+                key = (sec_id, l, z, ky, kx)
+                ya, yb, xa, xb = max(y0, ky * s), min(y1, (ky + 1) * s), max(x0, kx * s), min(x1, (kx + 1) * s)
                 part = data[ya - y0:yb - y0, xa - x0:xb - x0]
-                if yb - ya == c and xb - xa == c:
+                if mask is None and yb - ya == s and xb - xa == s:
                     self._cache[key] = [np.ascontiguousarray(part), True]
                     self._cache.move_to_end(key)
+                    continue
+                dst = self._shard(sec_id, key)[ya - ky * s:yb - ky * s, xa - kx * s:xb - kx * s]
+                if mask is None:
+                    dst[...] = part
                 else:
-                    self._chunk(key)[ya - cy * c:yb - cy * c, xa - cx * c:xb - cx * c] = part
-                    self._cache[key][1] = True
+                    m = mask[ya - y0:yb - y0, xa - x0:xb - x0]
+                    dst[m] = part[m]
+                self._cache[key][1] = True
 
-    def _write_chunks(self, keys) -> list[WrittenFile]:
-        """Write dirty chunks (parallel temp+fsync+rename), fsync their folders,
-        list them in the manifest (hashed from memory)."""
-        dirty = [(self._chunk_path(k), self._cache[k]) for k in keys if self._cache[k][1]]
-        dirs = {p.parent for p, _ in dirty}
-        for d in sorted(dirs):
-            ensure_dir(d)
-        shas = [j.result() for j in [self._pool.submit(_put_chunk, p, e[0]) for p, e in dirty]]
-        for _p, e in dirty:
-            e[1] = False                    # (an error above re-raised: the plane stays pending)
-        dirs |= {d.parent for d in dirs} | {d.parent.parent for d in dirs} | {d.parent.parent.parent for d in dirs}
-        for job in [self._pool.submit(_fsync, d, True) for d in sorted(dirs)]:
+    def _write_shards(self, keys) -> list[WrittenFile]:
+        """Write dirty shards through zarr (in parallel), list them in the manifest."""
+        s = self.shard
+
+        def put(key, data):
+            sec_id, l, z, ky, kx = key
+            self._sections[sec_id].arrays[l][z, ky * s:(ky + 1) * s, kx * s:(kx + 1) * s] = data
+        dirty = [(k, self._cache[k]) for k in keys if self._cache[k][1]]
+        for job in [self._pool.submit(put, k, e[0]) for k, e in dirty]:
             job.result()
-        rel = self.manifest.rel
-        self.manifest.append([self.manifest.entry(rel(p), sha, e[0].nbytes, self.file_kind)
-                              for (p, e), sha in zip(dirty, shas)])
-        return [WrittenFile(p, self.file_kind, None) for p, _ in dirty]
+        for _k, e in dirty:
+            e[1] = False                    # (an error above re-raised: the plane stays pending)
+        return self._record()
 
     def _evict(self) -> list[WrittenFile]:
-        c2 = self.chunk * self.chunk
-        if len(self._cache) * c2 <= self._budget:
+        s2 = self.shard * self.shard
+        if len(self._cache) * s2 <= self._budget:
             return []
         victims = []
         for key in self._cache:                         # oldest first
             victims.append(key)
-            if (len(self._cache) - len(victims)) * c2 <= 0.75 * self._budget:
+            if (len(self._cache) - len(victims)) * s2 <= 0.75 * self._budget:
                 break
-        out = self._write_chunks(victims)
+        out = self._write_shards(victims)
         for key in victims:
             del self._cache[key]
         return out
@@ -552,38 +555,22 @@ class OmeZarrWriter(DocumentRouter):
                         rec.tile_id, rec.pixel_size_m, sec.pixel_size_m)
             self._pasted.setdefault(plane, {})[(rec.tile_id, rec.version)] = t_start
             return []
-        if abs(rec.rotation_deg - sec.rotation_deg) > 0.05:
-            log.warning("%s: scan rotation %.2f deg, section's is %.2f deg: pasted unrotated",
-                        rec.tile_id, rec.rotation_deg, sec.rotation_deg)
-        x0, y0 = rec.frame_topleft_px(sec.rotation_deg)
-        q = self._snap
-        ox, oy = round((x0 - sec.origin[0]) / q) * q, round((y0 - sec.origin[1]) / q) * q
-        tile = image
-        if ox < 0 or oy < 0:
-            log.warning("%s lies %d px left / %d px above the section origin; clipped in the OME-Zarr",
-                        rec.tile_id, max(0, -ox), max(0, -oy))
-            tile = tile[max(0, -oy):, max(0, -ox):]
-            ox, oy = max(0, ox), max(0, oy)
-        if tile.size:
-            self._grow(sec, rec.cycle, oy + tile.shape[0], ox + tile.shape[1])
-            self._paste(rec.section_id, rec.cycle, oy, ox, tile)
+        x0, y0, pixels, mask = resample(rec, image, sec.origin)
+        dx, dy = self._grow(rec.section_id, sec, rec.cycle, x0, y0, x0 + pixels.shape[1], y0 + pixels.shape[0])
+        self._paste(rec.section_id, rec.cycle, y0 + dy, x0 + dx, pixels, mask)
         # only now: a tile whose paste failed is missing, and recovery pastes it from its OME-TIFF
         self._pasted.setdefault(plane, {})[(rec.tile_id, rec.version)] = t_start
         return self._evict()
 
-    def _paste(self, sec_id, z, y0, x0, tile) -> None:
+    def _paste(self, sec_id, z, y0, x0, tile, mask) -> None:
         y1, x1 = y0 + tile.shape[0], x0 + tile.shape[1]
-        self._update(sec_id, 0, z, y0, x0, tile)
-        cur = tile
+        self._update(sec_id, 0, z, y0, x0, tile, mask)
         for l in range(1, self.levels):
-            ay0, ax0, ay1, ax1 = y0 & ~1, x0 & ~1, y1 + (y1 & 1), x1 + (x1 & 1)
-            if (ay0, ax0, ay1, ax1) != (y0, x0, y1, x1):
-                # complete the 2x2 blocks on the border with what level l-1 holds
-                buf = self._read(sec_id, l - 1, z, ay0, ay1, ax0, ax1)
-                buf[y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0] = cur
-                cur = buf
-            cur = cv2.resize(cur, ((ax1 - ax0) // 2, (ay1 - ay0) // 2), interpolation=cv2.INTER_AREA)
-            y0, y1, x0, x1 = ay0 // 2, ay1 // 2, ax0 // 2, ax1 // 2
+            # the footprint's 2x2 blocks, whole, from the level below
+            y0, x0, y1, x1 = y0 & ~1, x0 & ~1, y1 + (y1 & 1), x1 + (x1 & 1)
+            below = self._read(sec_id, l - 1, z, y0, y1, x0, x1)
+            cur = cv2.resize(below, ((x1 - x0) // 2, (y1 - y0) // 2), interpolation=cv2.INTER_AREA)
+            y0, y1, x0, x1 = y0 // 2, y1 // 2, x0 // 2, x1 // 2
             self._update(sec_id, l, z, y0, x0, cur)
 
     # ------------------------------------------------------------ flushing, journal, recovery
@@ -603,7 +590,7 @@ class OmeZarrWriter(DocumentRouter):
 
     def _flush_plane(self, sec_id: int, z: int) -> list[WrittenFile]:
         keys = [k for k in self._cache if k[0] == sec_id and k[2] == z]
-        written = self._write_chunks(keys)
+        written = self._write_shards(keys)
         for k in keys:
             del self._cache[k]                          # the next planes do not need them
         tiles = self._pasted.pop((sec_id, z), {})
@@ -611,6 +598,7 @@ class OmeZarrWriter(DocumentRouter):
             lines = "".join(json.dumps({"cycle": z, "tile_id": t, "version": v, "t_start": tiles[(t, v)]}) + "\n"
                             for (t, v) in sorted(tiles, key=lambda k: (tiles[k] or 0.0, k[1])))
             try:
+                ensure_dir(self.out_dir / "zarr")        # (only the log is local when the volumes are not)
                 append_durably(self._journal_path(sec_id), lines.encode())
             except BaseException:
                 self._pasted.setdefault((sec_id, z), {}).update(tiles)     # not durable: still pending
@@ -632,6 +620,8 @@ class OmeZarrWriter(DocumentRouter):
             return 0, []
         sec = self._open(section)
         suspect = plane in self._suspect
+        if suspect and sec is not None:
+            self._clear_plane(section, cycle)
         flushed = {} if (sec is None or suspect) else sec.flushed.get(cycle, {})
         done = {**flushed, **self._pasted.get(plane, {})}
         missing = [(t, v) for t, v in on_disk.items() if (t, v) not in done]
@@ -671,6 +661,17 @@ class OmeZarrWriter(DocumentRouter):
         if not errors:
             self._suspect.discard(plane)
         return n, errors
+
+    def _clear_plane(self, section: int, cycle: int) -> None:
+        """Drop a suspect plane (shards on disk and in memory) before it is pasted again whole."""
+        for key in [k for k in self._cache if k[0] == section and k[2] == cycle]:
+            del self._cache[key]
+        self._pasted.pop((section, cycle), None)
+        store = self.volumes.store(section, self._on_write(section))
+        for l in range(self.levels):
+            for key in self.volumes.keys(section, f"{l}/c/{cycle}/"):
+                sync(store.delete(key))
+        self._record()
 
     def _recover_all(self) -> list[WrittenFile]:
         self._needs_catch_up = False

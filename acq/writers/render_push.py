@@ -4,7 +4,12 @@ One Render stack per wafer section, ``{stack}_s{section:04d}``, z = cycle (see
 tilespecs.py). On SectionDone the specs of that section and cycle are PUT as
 resolved tiles (stack created / set LOADING first); tile ids pushed earlier
 for the same z and now superseded (a re-acquired tile: ``_v1``) are deleted.
-On RunStop every stack touched is set COMPLETE.
+On RunStop every stack touched is set COMPLETE. render-ws takes tiles and
+deletions only into a LOADING stack; POSTing the stack's metadata saves a
+new version of an existing stack, which makes a COMPLETE one LOADING again
+(StackMetaDataService.saveStackVersion), so a resumed run can add to stacks
+an earlier run completed. Tested against tests/support/render_ws.py, a
+stand-in that follows render-ws's published API (not a real render-ws).
 
 A Render outage must not stop acquisition: a push is retried with
 exponential backoff; if it still fails, the section stays pending and the
@@ -64,10 +69,11 @@ class RenderPushWriter(DocumentRouter):
                  client_scripts: Optional[str] = None, mipmap_levels: int = 3,
                  url_root: Optional[str] = None, slice_nm: float = 50.0, retries: int = 4,
                  backoff_s: float = 0.5, connect: Optional[Callable] = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, scope_id: Optional[str] = None):
         self.out_dir = Path(out_dir)
         self.stack = stack
         self.mipmap_levels, self.url_root, self.slice_nm = mipmap_levels, url_root, slice_nm
+        self.scope_id = scope_id        # as the tile-spec files say: the pushed specs match them
         self.retries, self.backoff_s, self.sleep = retries, backoff_s, sleep
         self.render = (connect or _connect)(host=host, port=port, owner=owner, project=project,
                                             client_scripts=client_scripts)
@@ -113,7 +119,7 @@ class RenderPushWriter(DocumentRouter):
         recs = self.tiles.resolve(doc.section_id, doc.cycle, doc.tile_ids)
         if recs:
             self.pending[(doc.section_id, doc.cycle)] = tilespec_dicts(
-                recs, self.out_dir, self.mipmap_levels, self.url_root)
+                recs, self.out_dir, self.mipmap_levels, self.url_root, self.scope_id)
         self.tiles.forget(doc.section_id, doc.cycle)
         if time.monotonic() >= self._hold_until:
             self._flush()
@@ -139,7 +145,8 @@ class RenderPushWriter(DocumentRouter):
         recs = self.tiles.resolve(section, cycle, [])
         self.tiles.forget(section, cycle)
         if recs:
-            self.pending[(section, cycle)] = tilespec_dicts(recs, self.out_dir, self.mipmap_levels, self.url_root)
+            self.pending[(section, cycle)] = tilespec_dicts(recs, self.out_dir, self.mipmap_levels, self.url_root,
+                                                            self.scope_id)
         self._flush()
         return []
 

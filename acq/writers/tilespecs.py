@@ -1,11 +1,17 @@
 """Render tile specs per section and cycle: render/{section:04d}/{cycle:04d}/tilespecs.json.
 
 Convention: each wafer section is its own volume (GCIB mills it cycle after
-cycle), so it gets its own Render stack and **z = cycle** (float). Render
-world coordinates are stage pixels: one AffineModel2D per tile, the rotation
-of the scan (rotation_deg) and the translation B = stage position / pixel
-size - R @ (w/2, h/2), so a tile lands where the stage put it and every cycle
-of a section shares one frame of reference.
+cycle), so it gets its own Render stack and **z = cycle** (float; the stack's
+stackResolutionZ carries the slice thickness). As ASAP does, the layout's
+sectionId is str(z) ("0.0", "1.0" ...) and it carries scopeId (the
+microscope: WriterOptions.scope_id) when given one, and cameraId = the
+detector the SEM reported with the frame (ASAP's camera). MIPmap URLs follow
+ASAP's layout (see mipmaps.py).
+
+Render world coordinates are stage pixels: one AffineModel2D per tile, the
+rotation of the scan (rotation_deg) and the translation B = stage position /
+pixel size - R @ (w/2, h/2), so a tile lands where the stage put it and every
+cycle of a section shares one frame of reference.
 
 The list is written on SectionDone, from the latest version of each tile. If
 a later SectionDone for the same section and cycle brings different content
@@ -24,10 +30,12 @@ import json
 import math
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote
 
 import renderapi
 
-from acq.writers.layout import PlaneWriter, SectionTiles, TileRecord, mipmap_relpath, render_tile_id
+from acq.writers.layout import (PlaneWriter, SectionTiles, TileRecord, mipmap_relpath, mipmap_source_root,
+                               render_tile_id)
 from acq.writers.manifest import Manifest, WrittenFile, sha256_file
 
 
@@ -35,7 +43,7 @@ def file_url(out_dir: Path, rel: str, url_root: Optional[str] = None) -> str:
     """file:// URL of ``rel``; ``url_root`` replaces the output folder when the
     Render server mounts it elsewhere (e.g. 'file:///nrs/em/run42')."""
     if url_root:
-        return url_root.rstrip("/") + "/" + rel
+        return url_root.rstrip("/") + "/" + quote(rel)
     return (Path(out_dir).resolve() / rel).as_uri()
 
 
@@ -43,17 +51,25 @@ def section_stack(stack: str, section: int) -> str:
     return f"{stack}_s{section:04d}"
 
 
+def section_id(z: float) -> str:
+    """ASAP's sectionId: the z value as a string (str(float(z)))."""
+    return str(float(z))
+
+
 def make_tilespec(rec: TileRecord, out_dir: Path, mipmap_levels: int,
-                  url_root: Optional[str] = None, mipmap_prefix: str = "mipmaps") -> renderapi.tilespec.TileSpec:
+                  url_root: Optional[str] = None, mipmap_prefix: str = "mipmaps",
+                  scope_id: Optional[str] = None) -> renderapi.tilespec.TileSpec:
     px_nm = rec.pixel_size_m * 1e9
+    z = float(rec.cycle)
     layout = renderapi.tilespec.Layout(
-        sectionId=f"s{rec.section_id:04d}_c{rec.cycle:04d}", imageRow=rec.row, imageCol=rec.col,
+        sectionId=section_id(z), scopeId=scope_id, cameraId=rec.detector, imageRow=rec.row, imageCol=rec.col,
         stageX=rec.stage_x_m * 1e6, stageY=rec.stage_y_m * 1e6, rotation=rec.rotation_deg,
         pixelsize=px_nm)
     levels = {0: renderapi.image_pyramid.MipMap(imageUrl=file_url(out_dir, rec.rel_path, url_root))}
+    src = mipmap_source_root(url_root)
     for lv in range(1, mipmap_levels + 1):
         levels[lv] = renderapi.image_pyramid.MipMap(
-            imageUrl=file_url(out_dir, mipmap_relpath(lv, rec.rel_path, mipmap_prefix), url_root))
+            imageUrl=file_url(out_dir, mipmap_relpath(lv, rec.rel_path, mipmap_prefix, src), url_root))
     # pixel (x, y) -> stage pixels: centre + R(rotation) @ (x - w/2, y - h/2)
     th = math.radians(rec.rotation_deg)
     c, s = math.cos(th), math.sin(th)
@@ -62,14 +78,15 @@ def make_tilespec(rec: TileRecord, out_dir: Path, mipmap_levels: int,
     tform = renderapi.transform.AffineModel(M00=c, M01=-s, M10=s, M11=c,
                                             B0=cx - c * w2 + s * h2, B1=cy - s * w2 - c * h2)
     return renderapi.tilespec.TileSpec(
-        tileId=render_tile_id(rec.tile_id, rec.version), z=float(rec.cycle),
+        tileId=render_tile_id(rec.tile_id, rec.version), z=z,
         width=rec.width, height=rec.height, minint=0, maxint=255, layout=layout,
         tforms=[tform], imagePyramid=renderapi.image_pyramid.ImagePyramid(levels),
         groupId=f"s{rec.section_id:04d}_g{rec.grid_id:02d}")
 
 
-def tilespec_dicts(records, out_dir: Path, mipmap_levels: int, url_root: Optional[str] = None) -> list[dict]:
-    specs = [make_tilespec(r, out_dir, mipmap_levels, url_root).to_dict() for r in records]
+def tilespec_dicts(records, out_dir: Path, mipmap_levels: int, url_root: Optional[str] = None,
+                   scope_id: Optional[str] = None) -> list[dict]:
+    specs = [make_tilespec(r, out_dir, mipmap_levels, url_root, scope_id=scope_id).to_dict() for r in records]
     return sorted(specs, key=lambda d: d["tileId"])
 
 
@@ -99,11 +116,12 @@ class TileSpecWriter(PlaneWriter):
     file_kind = "tilespec"           # the manifest kind of its files
 
     def __init__(self, out_dir: Path, manifest: Manifest, mipmap_levels: int = 3,
-                 url_root: Optional[str] = None):
+                 url_root: Optional[str] = None, scope_id: Optional[str] = None):
         self.out_dir = Path(out_dir)
         self.manifest = manifest
         self.mipmap_levels = mipmap_levels
         self.url_root = url_root
+        self.scope_id = scope_id
         self.tiles = SectionTiles(out_dir)
 
     def _outputs(self, section: int, cycle: int) -> list[Path]:
@@ -111,7 +129,7 @@ class TileSpecWriter(PlaneWriter):
         return sorted(folder.glob("tilespecs*.json")) if folder.is_dir() else []
 
     def _write_plane(self, section: int, cycle: int, records: list[TileRecord]) -> list[WrittenFile]:
-        data = encode_specs(tilespec_dicts(records, self.out_dir, self.mipmap_levels, self.url_root))
+        data = encode_specs(tilespec_dicts(records, self.out_dir, self.mipmap_levels, self.url_root, self.scope_id))
         batch: list[dict] = []
         wf = write_revision(self.manifest, section, cycle, data, self.file_kind, batch)
         self.manifest.append(batch)

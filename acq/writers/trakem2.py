@@ -1,7 +1,7 @@
 """TrakEM2 'Import from text file' lists.
 
-Two files, both tab-separated ``path<TAB>x<TAB>y<TAB>z`` (absolute path, x/y in
-pixels, z = cycle):
+Two files, both tab-separated ``path<TAB>x<TAB>y<TAB>z`` (absolute path, x, y
+and z all in pixels):
 
 * trakem2/{section:04d}/{cycle:04d}_import.txt - one per section and cycle,
   written once on SectionDone (write-once, like every data file);
@@ -16,6 +16,16 @@ per-section origin (the floor of the smallest top-left corner of the
 section's first listed cycle), kept in trakem2/{section:04d}_origin.json so
 that later cycles and resumed runs share the frame; later tiles may get small
 negative x/y, which TrakEM2 accepts.
+
+z: TrakEM2's Loader.importImages reads column 4 as the layer's z in PIXELS
+and scales x, y and z by the one "Calibration (data to pixels)" factor, so
+z = cycle * slice thickness / pixel size (50 nm milled per cycle at 10 nm
+pixels: z = 0, 5, 10 ...). The step (z_px_per_cycle) is fixed in the origin
+file with the section's first list, so every cycle of a section, resumed
+runs included, uses the same one; an origin file from before this rule has
+none and keeps z = cycle. In the import dialog enter "Layer thickness" =
+the slice thickness in the project's calibrated unit (50 with pixel width 10
+nm; it is divided by the pixel width) and calibration 1.
 
 Derived from the OME-TIFFs (``primary = False``): a plane whose list failed
 is written later (PlaneWriter: next SectionDone or RunStop, also for what a
@@ -43,11 +53,14 @@ _CYCLE_FILE = re.compile(r"^(\d+)_import(?:\.(\d+))?\.txt$")
 class TrakEM2Writer(PlaneWriter):
     file_kind = "trakem2"           # the manifest kind of its files
 
-    def __init__(self, out_dir: Path, manifest: Manifest):
+    def __init__(self, out_dir: Path, manifest: Manifest, slice_um: float = 0.05):
+        if not (isinstance(slice_um, (int, float)) and math.isfinite(slice_um) and slice_um > 0):
+            raise ValueError(f"slice_um (material removed per cycle, um) must be a number > 0, not {slice_um!r}")
         self.out_dir = Path(out_dir)
         self.manifest = manifest
+        self.slice_m = slice_um * 1e-6
         self.tiles = SectionTiles(out_dir)
-        self._origins: dict[int, tuple[int, int]] = {}
+        self._origins: dict[int, tuple[int, int, float]] = {}     # x_px, y_px, z_px_per_cycle
         self._check_indexes()
 
     def _outputs(self, section: int, cycle: int) -> list[Path]:
@@ -78,7 +91,7 @@ class TrakEM2Writer(PlaneWriter):
         self.manifest.append(batch)
         return out
 
-    def _origin(self, section: int, records) -> tuple[tuple[int, int], list]:
+    def _origin(self, section: int, records) -> tuple[tuple[int, int, float], list]:
         if section in self._origins:
             return self._origins[section], []
         rel = f"trakem2/{section:04d}_origin.json"
@@ -89,18 +102,22 @@ class TrakEM2Writer(PlaneWriter):
         else:
             d = {"x_px": math.floor(min(r.frame_topleft_px()[0] for r in records)),
                  "y_px": math.floor(min(r.frame_topleft_px()[1] for r in records)),
-                 "pixel_size_m": records[0].pixel_size_m, "rotation_deg": records[0].rotation_deg}
+                 "pixel_size_m": records[0].pixel_size_m, "rotation_deg": records[0].rotation_deg,
+                 "slice_m": self.slice_m, "z_px_per_cycle": self.slice_m / records[0].pixel_size_m}
             self.manifest.write_once(rel, json.dumps(d).encode(), self.file_kind, batch=batch)
-        self._origins[section] = (int(d["x_px"]), int(d["y_px"]))
+        if "z_px_per_cycle" not in d:
+            log.warning("%s predates z in pixels: this section keeps z = cycle", rel)
+        self._origins[section] = (int(d["x_px"]), int(d["y_px"]), float(d.get("z_px_per_cycle", 1.0)))
         return self._origins[section], batch
 
     def _write_plane(self, sec: int, cyc: int, records: list[TileRecord]) -> list[WrittenFile]:
-        (ox, oy), batch = self._origin(sec, records)
+        (ox, oy, z_step), batch = self._origin(sec, records)
         lines = []
         for r in records:
             x, y = r.frame_topleft_px()
             path = (self.out_dir / r.rel_path).resolve()
-            lines.append(f"{path}\t{x - ox:.3f}\t{y - oy:.3f}\t{float(r.cycle):.1f}\n")
+            # TrakEM2 puts a tile in the layer whose z matches within 1e-7 px: one rounding for all files
+            lines.append(f"{path}\t{x - ox:.3f}\t{y - oy:.3f}\t{r.cycle * z_step:.6f}\n")
         out = [self._write_cycle(sec, cyc, "".join(lines).encode(), batch)]
         out.append(self._rebuild_index(sec, batch))
         self.manifest.append(batch)

@@ -8,7 +8,7 @@ from tests.support.writer_docs import feed, run_docs
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    writers = make_writers(out, WriterOptions())
+    writers = make_writers(out, WriterOptions(zarr_chunk=64))      # small shards: small planes
     docs = run_docs()
     files = feed(writers, docs)
     for w in writers:

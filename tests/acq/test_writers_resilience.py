@@ -1,11 +1,9 @@
 """Writers, resilience: no overwrite, atomicity, late re-acquisition, crash
 recovery, restart of the tile-spec writer, options, and the Render push
-against a fake Render web service on 127.0.0.1."""
+against a local stand-in of render-ws's API on 127.0.0.1 (tests/support/render_ws.py)."""
 import json
 import os
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from acq.writers import (WriterOptions, make_writers, options_from_plan, read_ma
                          verify_manifest)
 from acq.writers.manifest import Manifest
 from acq.writers.tilespecs import TileSpecWriter
+from tests.support.render_ws import RenderWS
 from tests.support.writer_docs import H, W, expected_plane, feed, run_docs, tile_doc
 
 
@@ -151,8 +150,10 @@ def test_options_validation(tmp_path):
     with pytest.raises(Exception):
         WriterOptions(ome_tiff=False)                       # MIPmaps/specs would point at nothing
     assert WriterOptions(ome_tiff=False, mipmaps=False, render_tilespecs=False, trakem2=False)
-    with pytest.raises(Exception):
-        WriterOptions(zarr_levels=4, zarr_chunk=100)
+    with pytest.raises(Exception, match="zarr_shard"):
+        WriterOptions(zarr_levels=4, zarr_chunk=100, zarr_shard=300)      # 300: not a multiple of 2**3
+    with pytest.raises(Exception, match="zarr_shard"):
+        WriterOptions(zarr_chunk=64, zarr_shard=96)
     o = options_from_plan(["ome_tiff", "ome_zarr"], {"ome_zarr": {"zarr_levels": 4}})
     assert o.ome_zarr and not o.mipmaps and o.zarr_levels == 4 and o.render_push is None
     with pytest.raises(ValueError):
@@ -161,71 +162,11 @@ def test_options_validation(tmp_path):
     assert kinds == ["OmeTiffWriter", "MipmapWriter", "TileSpecWriter", "OmeZarrWriter"]
 
 
-# ---------------------------------------------------------------- Render push
-class FakeRender:
-    """The few render-ws endpoints the push uses, in memory; can refuse requests."""
-
-    def __init__(self):
-        self.stacks: dict[str, dict] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.fail_next = 0            # answer this many requests with 503
-        self.down = False
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _answer(self, code, body=b"{}"):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _handle(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(n)) if n else None
-                path = self.path.split("?")[0]
-                fake.calls.append((self.command, path))
-                if fake.down or fake.fail_next > 0:
-                    fake.fail_next = max(0, fake.fail_next - 1)
-                    return self._answer(503, b'{"error": "maintenance"}')
-                parts = path.split("/")            # '', render-ws, v1, owner, o, project, p, stack, s, ...
-                if parts[1:3] != ["render-ws", "v1"] or parts[3] != "owner" or parts[7] != "stack":
-                    return self._answer(404)
-                st = fake.stacks.setdefault(parts[8], {"state": None, "tiles": {}, "version": None})
-                rest = parts[9:]
-                if self.command == "POST" and not rest:
-                    st["version"], st["state"] = body, "LOADING"
-                elif self.command == "PUT" and rest[:1] == ["state"]:
-                    st["state"] = rest[1]
-                elif self.command == "PUT" and rest == ["resolvedTiles"]:
-                    if st["state"] != "LOADING":
-                        return self._answer(400, b'{"error": "stack not LOADING"}')
-                    st["tiles"].update(body["tileIdToSpecMap"])
-                elif self.command == "DELETE" and rest[:1] == ["tile"]:
-                    st["tiles"].pop(rest[1], None)
-                else:
-                    return self._answer(404)
-                return self._answer(201)
-
-            do_POST = do_PUT = do_DELETE = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
+# ---------------------------------------------------------------- Render push (tests/support/render_ws.py)
 @pytest.fixture
 def render_ws():
-    fake = FakeRender()
-    yield fake
-    fake.close()
+    with RenderWS() as server:
+        yield server
 
 
 def push_options(fake, **kw):
@@ -240,16 +181,22 @@ def test_render_push_imports_sections_and_completes_stacks(tmp_path, render_ws):
     docs = run_docs()
     feed(writers, docs)
     assert sum(1 for c in render_ws.calls if c[0] == "POST") >= 2
-    assert set(render_ws.stacks) == {"raw_s0000", "raw_s0003"}
-    for name, st in render_ws.stacks.items():
-        assert st["state"] == "COMPLETE"
-        assert st["version"]["stackResolutionX"] == pytest.approx(8.0)
+    assert render_ws.stack_names() == {"raw_s0000", "raw_s0003"}
+    for name in ("raw_s0000", "raw_s0003"):
+        st = render_ws.stack(name, owner="lab", project="gcib")
+        assert st.state == "COMPLETE"
+        assert st.version["stackResolutionX"] == pytest.approx(8.0)
+        assert st.version["stackResolutionZ"] == pytest.approx(50.0)
         section = int(name[-4:])
         local = []
         for cycle in (0, 1):
             local += json.loads((out / f"render/{section:04d}/{cycle:04d}/tilespecs.json").read_text())
-        assert st["tiles"] == {d["tileId"]: d for d in local}     # exactly what was written locally
-        assert {d["z"] for d in st["tiles"].values()} == {0.0, 1.0}
+        assert len(local) == 8
+        # what was written locally, plus the bounding box the server derives
+        stored = {i: {k: v for k, v in t.items() if k not in ("minX", "minY", "maxX", "maxY")}
+                  for i, t in st.tiles.items()}
+        assert stored == {d["tileId"]: d for d in local}
+        assert {d["z"] for d in st.tiles.values()} == {0.0, 1.0}
     state = [json.loads(x) for x in (out / "render/push_state.jsonl").read_text().splitlines()]
     assert sorted((d["section"], d["cycle"]) for d in state if "cycle" in d) == [(0, 0), (0, 1), (3, 0), (3, 1)]
     assert sorted(d["stack"] for d in state if d.get("complete")) == ["raw_s0000", "raw_s0003"]
@@ -287,8 +234,8 @@ def test_render_push_survives_an_outage_and_catches_up(tmp_path, render_ws):
     feed(again, [RunStart("run1", plan={}, setup={}, software_version="t", out_dir=str(out), resumed=True)])
     feed(again, [RunStop("run1", "success")])
     for name in ("raw_s0000", "raw_s0003"):
-        st = render_ws.stacks[name]
-        assert len(st["tiles"]) == 4 and st["state"] == "COMPLETE"
+        st = render_ws.stack(name)
+        assert len(st.tiles) == 4 and st.state == "COMPLETE"
 
 
 def test_render_push_replaces_a_superseded_tile(tmp_path, render_ws):
@@ -298,5 +245,5 @@ def test_render_push_replaces_a_superseded_tile(tmp_path, render_ws):
     feed(writers, docs)
     late = tile_doc(0, 0, 1, 1, version=1)
     feed(writers, [late, SectionDone("run1", 0, 0, [late.tile_id]), RunStop("run1", "success")])
-    tiles = render_ws.stacks["raw_s0000"]["tiles"]
+    tiles = render_ws.stack("raw_s0000").tiles
     assert late.tile_id + "_v1" in tiles and late.tile_id not in tiles and len(tiles) == 4

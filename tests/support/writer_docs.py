@@ -12,6 +12,7 @@ STEP_X, STEP_Y = 113, 83         # odd steps (tiles overlap on odd pixels), no r
 SECTIONS, CYCLES = (0, 3), (0, 1)
 REACQ = (3, 1, 0, 1)             # (section, cycle, row, col) acquired twice
 ROT = {0: 0.0, 3: 30.0}          # scan rotation per section: section 3 lies turned on the wafer
+SUBPX = 0.25                     # the stage reports tiles a quarter pixel off the pixel grid: no rounding ties
 
 
 def rot(deg):
@@ -30,14 +31,15 @@ def origin(section):
 
 
 def tile_doc(section, cycle, row, col, version=0, image=None):
-    """The tile's top-left is (x0 + col * STEP_X, y0 + row * STEP_Y) in the section
-    frame; the stage sees that frame turned by the section's rotation."""
+    """The tile's top-left corner is (x0 + col * STEP_X, y0 + row * STEP_Y) + SUBPX in
+    the section frame (its pixel (0, 0) centre half a pixel further); the stage
+    sees that frame turned by the section's rotation."""
     x0, y0 = origin(section)
     tx, ty = x0 + col * STEP_X, y0 + row * STEP_Y
     if image is None:
         wx, wy = col * STEP_X, row * STEP_Y
         image = world(section, cycle)[wy:wy + H, wx:wx + W].copy()
-    cx, cy = rot(ROT[section]) @ [tx + W / 2, ty + H / 2] * PX
+    cx, cy = rot(ROT[section]) @ [tx + W / 2 + SUBPX, ty + H / 2 + SUBPX] * PX
     t = 1.7e9 + cycle * 100 + row * 10 + col
     return TileEvent(
         run_uid="run1", tile_id=tile_id(cycle, section, 0, row, col), version=version, cycle=cycle,
@@ -74,16 +76,18 @@ def feed(writers, docs):
     return files
 
 
-def expected_plane(docs, section, cycle, origin_px, shape, snap=4):
-    """Independent model of the mosaic: paste tiles in arrival order, last wins."""
+def expected_plane(docs, section, cycle, origin_px, shape):
+    """Independent model of an unrotated section's mosaic in the stage frame:
+    tiles pasted in arrival order at their nearest pixel, last wins."""
     plane = np.zeros(shape, np.uint8)
     for d in docs:
         if d.kind != "tile" or (d.section_id, d.cycle) != (section, cycle):
             continue
-        cx, cy = rot(-d.rotation_deg) @ [d.stage["x"] / d.pixel_size_m, d.stage["y"] / d.pixel_size_m]
-        tx = cx - d.image.shape[1] / 2 - origin_px[0]
-        ty = cy - d.image.shape[0] / 2 - origin_px[1]
-        x, y = round(tx / snap) * snap, round(ty / snap) * snap
+        assert d.rotation_deg == 0
+        # the centre of pixel (0, 0): half a pixel in from the frame's corner
+        tx = d.stage["x"] / d.pixel_size_m - d.image.shape[1] / 2 + 0.5 - origin_px[0]
+        ty = d.stage["y"] / d.pixel_size_m - d.image.shape[0] / 2 + 0.5 - origin_px[1]
+        x, y = round(tx), round(ty)
         assert x >= 0 and y >= 0
         plane[y:y + d.image.shape[0], x:x + d.image.shape[1]] = d.image
     return plane

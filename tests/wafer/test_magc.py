@@ -44,9 +44,10 @@ def test_round_trip_is_lossless(tmp_path, dialect, multi):
 def test_file_layout_matches_the_tools(tmp_path):
     sections, rois, order, landmarks = make_content(n=2)
     text = magc_text(sections, rois, order, landmarks)
-    for header in ("[sections]", "[sections.0001]", "[sections.0004]", "[rois.0001]", "[landmarksEM.0000]",
-                   "[tsporder]"):
+    for header in ("[sections]", "[sections.0001]", "[sections.0004]", "[rois.0001]", "[landmarks]",
+                   "[landmarks.0000]", "[tsporder]"):
         assert header in text
+    assert "landmarksEM" not in text  # SBEMimage matches only landmarks./landmark. headers
     mf = magc_text(sections, rois, order, landmarks, dialect="magfinder")
     for header in ("[section.0001]", "[roi.0001.0]", "[landmark.0000]", "[stage_order]", "[serial_order]"):
         assert header in mf
@@ -68,13 +69,13 @@ def test_reads_a_file_written_by_the_tools(tmp_path):
     )
     sections, rois, order, landmarks = read_magc(p)
     assert [s.id for s in sections] == [0, 1]
-    assert sections[0].angle_deg == pytest.approx(0.0)  # ((90 + 90) % 360) - 180
+    assert sections[0].angle_deg == pytest.approx(0.0)  # 90 - FILE_ANGLE: the first edge runs along +x
     assert sections[1].angle_deg == pytest.approx(-180.0)
     assert sections[0].size_um == pytest.approx((100.0, 50.0))
     assert sections[0].confidence == 1.0
     assert rois[0].section_id == 1 and rois[0].roi_id == 0 and rois[0].template == 0
-    assert rois[0].angle_deg == pytest.approx(90.0)
-    assert order == [] and landmarks == {0: (5.5, 6.5)}
+    assert rois[0].angle_deg == pytest.approx(-90.0)
+    assert order == [] and landmarks == {0: (5.5, 6.5)}  # the old [landmarksEM.N] spelling is still read
 
 
 def test_external_angle_edit_wins_over_our_exact_copy(tmp_path):
@@ -83,7 +84,7 @@ def test_external_angle_edit_wins_over_our_exact_copy(tmp_path):
     p = tmp_path / "edited.magc"
     p.write_text(text)
     (s,), _, _, _ = read_magc(p)
-    assert s.angle_deg == pytest.approx(((12.5 + 90) % 360) - 180)
+    assert s.angle_deg == pytest.approx(90.0 - 12.5)
 
 
 def test_scaling_from_overview_pixels(tmp_path):
