@@ -1,11 +1,17 @@
 """OME-Zarr storage: any fsspec file system, origin moves, sharded zstd objects."""
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import zarr
-from zarr.storage import FsspecStore
+from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, MemoryStore
 
 from acq.documents import SectionDone
 from acq.verify import verify_outdir
 from acq.writers import WriterOptions, make_writers
+from acq.writers.zarr_shard import encode_shard
 from tests.support.writer_docs import PX, feed, run_docs, tile_doc
 from tests.support.zarr_checks import centre_offset_px, ngff_levels
 
@@ -71,3 +77,26 @@ def test_store_is_sharded_and_compressed(tmp_path):
     assert len(objects) < filled.sum()                    # fewer files than unsharded chunks at level 0 alone
     stored = sum(p.stat().st_size for p in objects)
     assert stored < filled.sum() * 64 * 64                # random test tiles barely compress: empty chunks do
+
+
+def test_shards_encoded_here_read_back_through_zarr_as_zarrs_own():
+    """The writer encodes shards itself (parallel zstd); zarr decodes them to
+    the same pixels as a shard zarr wrote, empty chunks included, and reads
+    an all-zero shard as absent."""
+    rng = np.random.default_rng(3)
+    plane = rng.integers(0, 256, (256, 256), dtype=np.uint8)
+    plane[:64, :] = 0                                  # whole empty chunks: not stored
+    plane[100:110, 200:210] = 0                        # a partly empty chunk: stored
+    group = zarr.open_group(store=MemoryStore(), mode="w-", zarr_format=3)
+    ours, theirs = [group.create_array(n, shape=(1, 512, 256), chunks=(1, 64, 64), shards=(1, 256, 256),
+                                       dtype="uint8", fill_value=0, compressors=ZstdCodec(level=1),
+                                       config={"write_empty_chunks": False}) for n in ("ours", "theirs")]
+    theirs[0, :256] = plane
+    with ThreadPoolExecutor(2) as pool:
+        data = encode_shard(plane, 64, 1, pool)
+        assert encode_shard(np.zeros_like(plane), 64, 1, pool) is None
+    sync(group.store.set("ours/c/0/0/0", default_buffer_prototype().buffer.from_bytes(data)))
+    np.testing.assert_array_equal(ours[0, :256], plane)
+    np.testing.assert_array_equal(ours[:], theirs[:])
+    assert not ours[0, 256:].any()                      # the shard never written reads as fill value
+    assert len(data) < plane.nbytes                     # 4 empty chunks of 16 left out

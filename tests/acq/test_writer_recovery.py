@@ -445,9 +445,10 @@ def test_crash_at_every_point_of_one_tile_recovers(tmp_path, monkeypatch):
         finally:
             monkeypatch.setattr(crashpoints, "_target", None)
             for w in ws:
-                pool = getattr(w, "_pool", None)
-                if pool is not None:
-                    pool.shutdown(wait=True)
+                for name in ("_pool", "_io"):
+                    pool = getattr(w, name, None)
+                    if pool is not None:
+                        pool.shutdown(wait=True)
         again = make_writers(out, opts)
         todo = [resumed(out)] + [d for d in docs if d.kind != "tile" or not (
             out / tile_relpath(d.section_id, d.cycle, d.tile_id, d.version)).exists()]
