@@ -17,8 +17,10 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
+from common.paths import default_config
+
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "configs" / "sim.yaml"
+DEFAULT_CONFIG = default_config()      # the checkout's configs/, or the installed copy (common/paths.py)
 _ARGS = "main.subcommand_args"
 
 

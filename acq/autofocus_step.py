@@ -7,9 +7,12 @@ engine applies the proposal through the safety guard (step clamped to
 the microscope out of its windows.
 
 The registry holds this module's own methods ("none", "sem-builtin",
-"sweep"); the application adds the others explicitly at start-up
-(``autofocus.register_methods()`` in main.py, the GUI, the benchmarks and
-the tests): acq never imports the layers above it.
+"sweep"; "sem-builtin" with ``options: {stig: true}`` adds the SEM's
+autostig); the application adds the others explicitly at
+start-up (``autofocus.register_methods()`` in main.py, the GUI, the
+benchmarks and the tests): acq never imports the layers above it.
+``METHOD_NEEDS`` names the SEM capabilities a method needs, so a plan naming
+it is refused on a setup without them.
 """
 from __future__ import annotations
 
@@ -72,14 +75,57 @@ def _none(setup, req: AutofocusRequest) -> AutofocusResult:
     return AutofocusResult(setup.sem.working_distance(), tuple(setup.sem.stig()), message="no autofocus")
 
 
+def _flag_option(options: dict, key: str) -> bool:
+    v = options.get(key, False)
+    if not isinstance(v, bool):
+        raise ValueError(f"options.{key} = {v!r}: allowed true or false")
+    return v
+
+
+# What the microscope must offer for a method (checked against the setup when a
+# plan is loaded, acq/plan.py): the method name -> (options -> capabilities).
+METHOD_NEEDS: dict[str, Callable[[dict], Capability]] = {
+    "sem-builtin": lambda o: Capability.AUTOFOCUS | (Capability.AUTOSTIG if _flag_option(o, "stig")
+                                                     else Capability.NONE),
+}
+
+
+def method_needs(name: str, options: Optional[dict] = None) -> Capability:
+    """The SEM capabilities method ``name`` uses with ``options``; ValueError
+    naming the option when one is malformed."""
+    need = METHOD_NEEDS.get(name)
+    return need(dict(options or {})) if need is not None else Capability.NONE
+
+
+def _missing(sem, need: Capability) -> Optional[str]:
+    have = getattr(sem, "capabilities", Capability.NONE)
+    lack = [f.name for f in Capability if f and f in need and f not in have]
+    return f"this SEM lacks {', '.join(f'Capability.{n}' for n in lack)}" if lack else None
+
+
 @register_autofocus("sem-builtin")
 def _builtin(setup, req: AutofocusRequest) -> AutofocusResult:
+    """The SEM's own autofocus (SmartSEM: CMD_AUTO_FOCUS_FINE); with
+    ``options: {stig: true}`` focus, autostig (CMD_AUTO_STIG), focus again.
+    Run at the request's pixel size and dwell; the routines change wd/stig
+    themselves, so the values read afterwards are the proposal (the engine
+    clamps the step)."""
     sem = setup.sem
-    if not Capability.AUTOFOCUS & getattr(sem, "capabilities", Capability.NONE):
-        return AutofocusResult(sem.working_distance(), tuple(sem.stig()), ok=False,
-                               message="this SEM has no built-in autofocus (Capability.AUTOFOCUS)")
+    stig = _flag_option(req.options, "stig")
+    what = "SEM built-in autofocus" + (" and autostig" if stig else "")
+    why = _missing(sem, method_needs("sem-builtin", req.options))
+    if why:
+        return AutofocusResult(sem.working_distance(), tuple(sem.stig()), ok=False, message=f"{what}: {why}")
+    wd0, stig0 = sem.working_distance(), tuple(sem.stig())
+    sem.set_scan(ScanParams(pixel_m=req.pixel_size_m, frame=tuple(req.frame_size), dwell_s=req.dwell_s))
+    sem.set_blanked(False)                 # SmartSEM focuses on the live image
     sem.run_autofocus()
-    return AutofocusResult(sem.working_distance(), tuple(sem.stig()), message="SEM built-in autofocus")
+    if stig:                               # stigmation needs a focused image; focus again after it
+        sem.run_autostig()
+        sem.run_autofocus()
+    wd, st = sem.working_distance(), tuple(sem.stig())
+    return AutofocusResult(wd, st, message=f"{what}: wd {wd0 * 1e3:.4f} -> {wd * 1e3:.4f} mm, stig "
+                                           f"({stig0[0]:.3g}, {stig0[1]:.3g}) -> ({st[0]:.3g}, {st[1]:.3g})")
 
 
 def gradient_energy(image: np.ndarray) -> float:

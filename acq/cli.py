@@ -163,15 +163,21 @@ def run_plan(plan_path: str | Path, out: Optional[str | Path] = None, resume: Op
     return 0 if res.status == "success" else 1
 
 
+def stop_signal_names(sig=signal) -> list[str]:
+    """The signals that stop a run, those ``sig`` (the signal module) has:
+    SIGHUP (terminal closed) is POSIX only, SIGBREAK (Ctrl-Break) Windows only."""
+    return ["SIGINT", "SIGTERM"] + [n for n in ("SIGHUP", "SIGBREAK") if hasattr(sig, n)]
+
+
 def _stop_on_signals(engine, err: TextIO) -> Callable[[], None]:
     """Ctrl-C: stop at the next checkpoint (a mill under way completes).
-    SIGTERM, SIGHUP or a second Ctrl-C: stop now - a mill or irradiation
-    blanks its beam within a second - and end resumable. The devices are
-    closed only after the engine thread has stopped, never under a step."""
+    SIGTERM, SIGHUP, Ctrl-Break (Windows) or a second Ctrl-C: stop now - a
+    mill or irradiation blanks its beam within a second - and end resumable.
+    The devices are closed only after the engine thread has stopped, never
+    under a step."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    names = ["SIGINT", "SIGTERM"] + (["SIGHUP"] if hasattr(signal, "SIGHUP") else [])
-    sigs = [getattr(signal, n) for n in names]
+    sigs = [getattr(signal, n) for n in stop_signal_names(signal)]
     old = {s: signal.getsignal(s) for s in sigs}
     interrupts = [0]
 

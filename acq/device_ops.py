@@ -11,6 +11,7 @@ from typing import Callable, Optional, TypeVar
 
 from common.roles import ROLES
 from devices.errors import CommunicationError, DeviceError, DeviceTimeout, InterlockError, LimitViolation
+from devices.interfaces import BeamOff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,7 +67,7 @@ def with_retries(ctx, what: str, tries: int, fn: Callable[[], T], *, role: Optio
     for attempt in range(1, tries + 1):
         try:
             return fn()
-        except (LimitViolation, InterlockError):
+        except (LimitViolation, InterlockError, BeamOff):      # no retry scans anything: pause at once
             raise
         except DeviceError as e:
             last = e

@@ -79,6 +79,7 @@ class IncidentCause(StrEnum):
     AUTOFOCUS_FAILED = "autofocus_failed"
     DEVICE_ERROR = "device_error"            # context: event, consecutive, error
     DOSE_BUDGET = "dose_budget"              # context: event, tile_id, exposures, budget
+    EHT_OFF = "eht_off"                      # a grab found the SEM's gun off; context: event, error
     ENGINE_ERROR = "engine_error"
     INTERLOCK = "interlock"
     IRRADIATION_DOSE = "irradiation_dose"
@@ -100,9 +101,11 @@ class IncidentCause(StrEnum):
     SUSPENDED_DISK_SPACE = "suspended_disk_space"          # context: suspender
     SUSPENDED_PROBE_CURRENT = "suspended_probe_current"
     SUSPENDED_ION_INTERLOCK = "suspended_ion_interlock"
+    SUSPENDED_EHT = "suspended_eht"
     RESUMED_DISK_SPACE = "resumed_disk_space"
     RESUMED_PROBE_CURRENT = "resumed_probe_current"
     RESUMED_ION_INTERLOCK = "resumed_ion_interlock"
+    RESUMED_EHT = "resumed_eht"
 
 
 @dataclass

@@ -255,6 +255,8 @@ class Engine:
     def make_safe(self) -> None:
         """Paused or stopped: no beam on the specimen."""
         self.setup.sem.set_blanked(True)
+        if getattr(self.setup, "electron_source", None) is not None:
+            self.setup.electron_source.beam_off()
         if self.setup.ion_gun is not None:
             self.ctx.ion_beam_safe = False
             self.ctx.ensure_ion_beam_safe()

@@ -67,7 +67,7 @@ from typing import Iterator, Optional
 
 from acq.journal_state import JournalState, apply
 from common import crashpoints
-from common.atomic import fsync_dir
+from common.atomic import O_BINARY, fsync_dir
 from devices.setup_config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ class Journal:
                     self._cut(pos.end)
             if created:
                 crashpoints.point("create", self.path)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_BINARY | getattr(os, "O_CLOEXEC", 0),
                                0o666)
             if created and self.durable:
                 fsync_dir(self.dir)
@@ -452,7 +452,7 @@ class Journal:
         s = os.fspath(p) if isinstance(p, (str, os.PathLike)) else str(p)
         for pre in self._prefixes:
             if s.startswith(pre):
-                return s[len(pre):]
+                return s[len(pre):].replace(os.sep, "/")    # as the manifest names files, on Windows too
         return s
 
     def write_snapshot(self) -> bool:
@@ -479,7 +479,7 @@ class Journal:
                               "t": round(time.time(), 3), "state": self.state.to_json()})
         snap, tmp = self.snapshot_path, self.dir / f".{SNAPSHOT_NAME}.part"
         crashpoints.point("create", snap)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_BINARY | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
             try:
                 crashpoints.point("write", snap)

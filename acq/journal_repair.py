@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from common import crashpoints
-from common.atomic import fsync_dir
+from common.atomic import O_BINARY, fsync_dir
 from acq.journal import (_CHUNK, HEAD_BYTES, JOURNAL_NAME, LISTED, REPAIR_COMMAND, SNAPSHOT_NAME, _embedded,
                          _lines, _parse, _write_all, encode_record)
 from acq.journal_state import _cycle_of
@@ -168,7 +168,7 @@ def _make_backup(path: Path) -> Path:
             continue
         except OSError:
             try:
-                fd = os.open(b, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = os.open(b, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY, 0o666)
             except FileExistsError:
                 continue
             try:

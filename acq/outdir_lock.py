@@ -3,7 +3,9 @@
 The lock is held on an open file descriptor (flock on POSIX, msvcrt.locking
 on Windows), so it dies with the process however it ends, kill -9 included:
 a stale lock file never blocks a resume. The file holds the holder's pid,
-read only to name it in the refusal.
+read only to name it in the refusal. Windows locks are mandatory (a locked
+byte cannot be read by another process), so there the locked byte lies far
+past the pid, which stays readable.
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import os
 import sys
 from pathlib import Path
 
+from common.atomic import O_BINARY
 from devices.setup_config import ConfigError
 
 LOCK_NAME = ".lock"
+WINDOWS_LOCK_OFFSET = 1 << 30               # beyond the end of the file: Windows allows it, nothing is written
 
 
 class OutdirBusy(ConfigError):
@@ -31,7 +35,7 @@ class OutdirLock:
             raise ConfigError(f"{self.out_dir}: exists and is not a folder")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
         except OSError as e:
             raise ConfigError(f"{self.out_dir}: cannot use as output folder: {e.strerror or e}") from None
         if not _try_lock(fd):
@@ -42,6 +46,7 @@ class OutdirLock:
         self._fd = fd
         try:                                    # the pid only names the holder: best effort (a full disk)
             os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)        # the Windows lock moved the position
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError:
             pass
@@ -73,29 +78,36 @@ def _read_pid(path: Path) -> str:
         return ""
 
 
-if sys.platform == "win32":
-    import msvcrt
+def lock_functions(platform: str = sys.platform):
+    """(try_lock(fd) -> bool, unlock(fd)) for ``platform`` (a sys.platform value)."""
+    if platform == "win32":
+        import msvcrt
 
-    def _try_lock(fd: int) -> bool:
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)     # byte 0; the pid is written after it is held
-            return True
-        except OSError:
-            return False
+        def try_lock(fd: int) -> bool:
+            try:
+                os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)     # locks 1 byte at the position
+                return True
+            except OSError:
+                return False
 
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-else:
+        def unlock(fd: int) -> None:
+            os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        return try_lock, unlock
+
     import fcntl
 
-    def _try_lock(fd: int) -> bool:
+    def try_lock(fd: int) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except OSError:
             return False
 
-    def _unlock(fd: int) -> None:
+    def unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
+    return try_lock, unlock
+
+
+_try_lock, _unlock = lock_functions()

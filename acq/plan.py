@@ -167,13 +167,22 @@ class AutofocusStep(_Strict):
 
 
 class IrradiationStep(_Strict):
-    target_dose_1e27_ev_cm3: float = Field(gt=0, le=10)
+    """Irradiate to a deposited energy density ρ_E = U·q/(A·d) (seed eq. 2.1),
+    given in 1e27 eV/cm³ (the unit of the seed's Table 2.1): 0.5 means
+    0.5e27 eV/cm³. ``source``: the SEM's scan, or the setup's external
+    electron source (devices.electron_source); either way q is the measured
+    specimen current (preamp + DMM) integrated over time."""
+    source: Literal["sem", "external"] = "sem"
+    target_dose_1e27_ev_cm3: float = Field(gt=0, le=10, description="ρ_E in 1e27 eV/cm³")
     area_um2: float = Field(gt=0, le=1e8, description="at most 10 x 10 mm")
     thickness_nm: float = Field(gt=0, le=100_000)
     sample_interval_s: float = Field(1.0, gt=0, le=3600)
     max_duration_s: float = Field(gt=0, le=DAY_S, description="at most 24 h")
-    eht_kv: float = Field(3.0, gt=0, le=30, description="U in ρ = U·q/(A·d)")
-    probe_current_na: float = Field(10.0, gt=0, le=1000)
+    eht_kv: float = Field(3.0, gt=0, le=30, description="U in ρ = U·q/(A·d): the SEM's EHT (sem) or the "
+                          "external source's beam energy (external; set on it if it can, else checked against it)")
+    probe_current_na: float = Field(10.0, gt=0, le=1000, description="sem only")
+    emission_current_na: Optional[float] = Field(None, gt=0, le=1e6, description="external only: the source's "
+                                                 "emission setpoint; None = as set on the source")
     preamp_sensitivity_a_per_v: float = Field(1e-8, gt=0, le=1, description="a setting of the setup's preamp")
     dmm_range_v: float = Field(10.0, gt=0, le=1000, description="a range of the setup's multimeter")
     dmm_nplc: float = Field(1.0, gt=0, le=100, description="an integration time of the setup's multimeter")
@@ -183,6 +192,8 @@ class IrradiationStep(_Strict):
         if self.sample_interval_s > self.max_duration_s:
             raise ValueError(f"sample_interval_s = {self.sample_interval_s} is longer than max_duration_s = "
                              f"{self.max_duration_s}")
+        if self.emission_current_na is not None and self.source != "external":
+            raise ValueError("emission_current_na is a setting of the external source: only with source: external")
         return self
 
 
@@ -490,9 +501,18 @@ def _sem_frame_check(cfg: SetupConfig):
         return (lambda w, h: 16 <= w <= MAX_FRAME[0] and 16 <= h <= MAX_FRAME[1],
                 f"16..{MAX_FRAME[0]} px per side")
     if driver == "zeiss_smartsem":
-        from devices.zeiss_smartsem import DEFAULT_STORE_TABLE
-        return (lambda w, h: (w, h) in DEFAULT_STORE_TABLE,
-                "one of " + ", ".join(f"{w}x{h}" for w, h in DEFAULT_STORE_TABLE))
+        # any frame inside a store: the driver scans the smallest store holding it and crops the centre
+        from devices.zeiss_tables import snap_store, stores_from_options
+        stores = stores_from_options(cfg.devices.sem.options or {})
+        biggest = max(stores, key=lambda s: s[0] * s[1])
+
+        def fits(w, h) -> bool:
+            try:
+                snap_store(w, h, stores)
+                return True
+            except ValueError:
+                return False
+        return fits, f"up to {biggest[0]}x{biggest[1]} px (a SmartSEM store; smaller frames are cropped from one)"
     return (lambda w, h: True), "any"
 
 
@@ -502,6 +522,45 @@ def _sem_dwell_ns(cfg: SetupConfig) -> Optional[tuple[float, float]]:
         from devices.zeiss_smartsem import DEFAULT_DWELL_TABLE    # nearest scan rate within 2x
         return min(DEFAULT_DWELL_TABLE.values()) * 1e9 / 2, max(DEFAULT_DWELL_TABLE.values()) * 1e9 * 2
     return None
+
+
+def _sem_capabilities(cfg: SetupConfig):
+    """What the setup's SEM driver can do (its Capability flags), None when unknown.
+    ZEISS: the features every SmartSEM has; those probed at connect (VP, FCC,
+    high current) are not needed by a plan step."""
+    driver = cfg.devices.sem.driver
+    if driver == "sim":
+        from devices.sim.sem import SimSEM
+        return SimSEM.capabilities
+    if driver == "zeiss_smartsem":
+        from devices.zeiss_smartsem import ZeissSEM
+        return ZeissSEM.BASE_CAPABILITIES
+    return None
+
+
+def check_autofocus_method(plan: Plan, cfg: SetupConfig, source: str) -> None:
+    """A method that runs the microscope's own routine needs a SEM that has it."""
+    from acq.autofocus_step import method_needs
+    af = plan.autofocus
+    try:
+        need = method_needs(af.method, af.options)
+    except ValueError as e:
+        raise ConfigError(f"{source}: autofocus.{e} (method {af.method!r})") from None
+    have = _sem_capabilities(cfg)
+    if have is None or need in have:
+        return
+    lack = ", ".join(f"Capability.{f.name}" for f in type(need) if f and f in need and f not in have)
+    raise ConfigError(f"{source}: autofocus.method = {af.method!r}: the setup's SEM ({cfg.devices.sem.driver}) "
+                      f"lacks {lack}; allowed a method that works on images (e.g. sweep, mapfost, deepfocus)")
+
+
+def sections_from_truth_ok(cfg: SetupConfig) -> bool:
+    """``sections_from: wafer_truth`` needs the simulated wafer: the simulator,
+    or the ZEISS driver on its fake SmartSEM (api: sim), which images that
+    same wafer. A real microscope has no ground truth to place grids on."""
+    sem = cfg.devices.sem
+    on_fake = sem.driver == "zeiss_smartsem" and (sem.options or {}).get("api") == "sim"
+    return cfg.simulation is not None and (sem.driver == "sim" or on_fake)
 
 
 def check_sem_settings(plan: Plan, cfg: SetupConfig, source: str) -> None:
@@ -536,6 +595,7 @@ def _one_of(where: str, value: float, allowed, what: str, unit: str, source: str
 def check_against_setup(plan: Plan, cfg: SetupConfig, source: str) -> None:
     check_tile_count(plan, cfg, source)          # first: the checks below enumerate every tile
     check_sem_settings(plan, cfg, source)
+    check_autofocus_method(plan, cfg, source)
     s = cfg.safety
     want = plan.retries.max_exposures_per_tile
     if want is not None and want > s.max_exposures_per_tile:
@@ -563,17 +623,22 @@ def check_against_setup(plan: Plan, cfg: SetupConfig, source: str) -> None:
                  frame_size=ov.frame_size, dwell_ns=ov.dwell_ns, overlap_px=ov.overlap_px)
         check_positions(cfg, [(f"overview {lbl.split(' ', 1)[1]}", x, y)
                               for lbl, x, y in tile_centres(plan, [(OVERVIEW_SECTION, g)])], source)
-    if plan.sections_from == "wafer_truth" and (cfg.simulation is None or cfg.devices.sem.driver != "sim"):
+    if plan.sections_from == "wafer_truth" and not sections_from_truth_ok(cfg):
         raise ConfigError(f"{source}: sections_from = 'wafer_truth': needs a simulated setup "
-                          f"(devices.sem.driver: sim), {cfg.source} has {cfg.devices.sem.driver!r}")
+                          f"(devices.sem.driver: sim, or zeiss_smartsem with options.api: sim), {cfg.source} has "
+                          f"{cfg.devices.sem.driver!r}")
     if plan.irradiation is not None:
         ir = plan.irradiation
         for role in ("multimeter", "current_preamp"):
             if getattr(cfg.devices, role) is None:
                 raise ConfigError(f"{source}: irradiation: needs devices.{role} in the setup {cfg.source}")
-        _within("irradiation.eht_kv", ir.eht_kv, s.eht_kv, "safety.eht_kv", "kV", source)
-        _within("irradiation.probe_current_na", ir.probe_current_na, s.probe_current_na,
-                "safety.probe_current_na", "nA", source)
+        if ir.source == "external":
+            from acq.steps_irradiation import check_external
+            check_external(ir, cfg, source)
+        else:                                    # the SEM's own beam: its windows
+            _within("irradiation.eht_kv", ir.eht_kv, s.eht_kv, "safety.eht_kv", "kV", source)
+            _within("irradiation.probe_current_na", ir.probe_current_na, s.probe_current_na,
+                    "safety.probe_current_na", "nA", source)
         if cfg.devices.multimeter.driver == "keysight_34465a":
             from devices.dmm_34465a import VALID_NPLC, VALID_RANGES_V
             _one_of("irradiation.dmm_range_v", ir.dmm_range_v, VALID_RANGES_V, "the setup's multimeter "
@@ -604,6 +669,8 @@ def check_against_setup(plan: Plan, cfg: SetupConfig, source: str) -> None:
         tilt_hi = min(s.mill_position.max_tilt_deg, s.stage.t_deg[1])
         _within("mill.glancing_angle_deg", angle, (max(0.0, s.stage.t_deg[0]), tilt_hi),
                 "safety.mill_position.max_tilt_deg and safety.stage.t_deg", "deg", source)
+        from acq.mill_approach import check_plan_windows     # every step of the approach inside the windows
+        check_plan_windows(s, m.azimuths, source)
 
 
 def dump_plan(plan: Plan) -> dict:

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional, Protocol
 from acq.device_ops import reconnect, role_of
 from acq.documents import FinishReason, IncidentCause, Severity
 from acq.dose_budget import DoseBudgetReached
-from acq.suspenders import Suspender, SuspenderSet, is_disk_error
+from acq.suspenders import EHT_ADVICE, Suspender, SuspenderSet, is_disk_error
 from devices.errors import DeviceError, InterlockError, LimitViolation
+from devices.interfaces import BeamOff
 
 if TYPE_CHECKING:
     from acq.engine import RunResult
@@ -63,6 +64,8 @@ class PauseReason(StrEnum):
     MILL_INTERRUPTED = "mill_interrupted"    # a mill cut short with the beam on, time unknown (data: cycle)
     WRITE_FAILED = "write_failed"            # a frame or journal record the disk keeps refusing
     OUTPUT = "output"                        # the output cannot take data and nothing watches it
+    EHT_OFF = "eht_off"                      # the SEM's gun is off (data: suspender or event); resumes by itself
+                                             # once the operator has switched it on
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,11 @@ class Runner:
                 else:
                     self.failed(ev, e)
             except DeviceError as e:
-                self.failed(ev, e)
+                off = _beam_off(e)
+                if off is not None:
+                    self.beam_off(ev, off)
+                else:
+                    self.failed(ev, e)
             except DoseBudgetReached as e:
                 data = {"event": ev.key, "tile_id": e.tile_id, "exposures": e.count, "budget": e.budget}
                 body.incident(Severity.ERROR, IncidentCause.DOSE_BUDGET, f"{_label(ev)}: {e}", data)
@@ -336,12 +343,27 @@ class Runner:
             raise OperatorStop(Pause(PauseReason.OUTPUT, message))
         self.suspend(sus, message)
 
+    def beam_off(self, ev, err: BeamOff) -> None:
+        """A grab found the SEM's gun off: the same pause as the EHT suspender's
+        (not counted among consecutive device failures, no reconnect), then the
+        event again."""
+        body = self.body
+        body.incident(Severity.ERROR, IncidentCause.EHT_OFF, f"{_label(ev)}: {err}",
+                      {"event": ev.key, "error": type(err).__name__})
+        msg = f"EHT is off ({err}): {EHT_ADVICE}"
+        sus = self.suspenders.eht
+        if sus is not None:
+            self.suspend(sus, msg)
+        else:                                    # no state to poll: the operator says when it is on
+            self.operator_pause(Pause(PauseReason.EHT_OFF, msg, {"event": ev.key}))
+
     def suspend(self, sus: Suspender, message: str) -> None:
         p, body = self.plan.suspenders, self.body
+        reason = PauseReason(sus.pause_reason)
+        shown = f"suspended: {message}" if reason is PauseReason.SUSPENDED else message
         body.incident(Severity.WARNING, sus.suspended, f"suspended: {message}", {"suspender": sus.name})
         self._safe_for_pause()
-        self._enter_pause(Pause(PauseReason.SUSPENDED, f"suspended: {message}", {"suspender": sus.name}),
-                          f"suspended: {message}")
+        self._enter_pause(Pause(reason, shown, {"suspender": sus.name}), shown)
         waited = 0.0
         while True:
             if self._abort_req:
@@ -358,7 +380,7 @@ class Runner:
                 return
             if waited >= p.max_suspend_s:
                 body.incident(Severity.ERROR, sus.suspended, f"{still} for {waited:.0f} s; operator needed")
-                self.operator_pause(Pause(PauseReason.SUSPENDED, f"{still} (suspended {waited:.0f} s)",
+                self.operator_pause(Pause(reason, f"{still} (suspended {waited:.0f} s)",
                                           {"suspender": sus.name, "waited_s": waited}))
                 return
 
@@ -392,6 +414,15 @@ def stop_point(ctx) -> None:
     to stop (Runner.stop_now); the step's ``finally`` blanks its beam."""
     if ctx.urgent_stop:
         raise Abort()
+
+
+def _beam_off(err: BaseException) -> Optional[BeamOff]:
+    """The BeamOff behind ``err`` (a step's retries wrap it in StepFailed), or None."""
+    while err is not None:
+        if isinstance(err, BeamOff):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__
+    return None
 
 
 def _label(ev) -> str:

@@ -3,10 +3,13 @@ glancing angle, sawtooth raster from the waveform generator (X 100 Hz, Y 1 Hz),
 the duration split over azimuths 360°/n apart with a delay (beam blanked)
 before each rotation.
 
-Safety: the SEM beam is blanked first; the ion beam is unblanked only at the
-mill position; every stage move (rotations included) happens blanked; and
-whatever fails, ``finally`` blanks the ion beam, stops the raster, turns the
-beam off and brings the stage flat (t = 0, r = 0) at the mill position.
+Safety: the SEM beam is blanked first; the stage goes to the mill position
+and back as verified single-axis moves in a safe order (acq/mill_approach.py:
+z, x/y, rotation, tilt in; the mirror out), each azimuth change a verified
+rotation-only move; the ion beam is unblanked only at the mill position and
+every stage move happens blanked; and whatever fails, ``finally`` blanks the
+ion beam, stops the raster, turns the beam off and, unless a stage step
+failed, takes the stage back to imaging (flat, at the imaging height).
 
 Journal: ``mill_beam_on`` before each unblank and ``mill_beam_off`` (with the
 seconds milled so far) after each blank, so after a crash the time milled is
@@ -20,6 +23,7 @@ import numpy as np
 
 from acq.device_ops import with_retries
 from acq.events import Mill
+from acq.mill_approach import MillApproach, azimuth_deg
 from acq.runner import stop_point
 from devices.errors import DeviceError, InterlockError
 from devices.interfaces import RasterSettings, StagePosition
@@ -52,6 +56,13 @@ def mill_position(setup, angle_deg: float, azimuth_rad: float) -> StagePosition:
     mp = setup.config.safety.mill_position
     return StagePosition(x=mp.x_mm * 1e-3, y=mp.y_mm * 1e-3, z=mp.z_mm * 1e-3, r=azimuth_rad,
                          t=math.radians(angle_deg))
+
+
+def azimuth_rad(setup, index: int, count: int) -> float:
+    """Stage rotation of azimuth ``index`` (360°/count apart), as an angle the
+    rotation window allows; outside it the approach's window check refuses it."""
+    deg = azimuth_deg(setup.config.safety.stage.r_deg, index, count)
+    return math.radians(360.0 * index / count if deg is None else deg)
 
 
 def _safe_off(ctx) -> list[str]:
@@ -112,6 +123,7 @@ def run_mill(ctx, ev: Mill) -> float:
     tries = ctx.plan.retries.mill
     beam_on = False
     ok = False
+    way = None
     sem.set_blanked(True)                        # SEM beam off the specimen while ions are on it
     ctx.ion_beam_safe = False
     try:
@@ -121,9 +133,10 @@ def run_mill(ctx, ev: Mill) -> float:
         raster = RasterSettings(step.raster_vpp[0], step.raster_vpp[1], step.raster_hz[0], step.raster_hz[1])
         with_retries(ctx, "raster setup", tries, lambda: awg.configure_raster(raster), role="waveform_generator")
         first_az = min(int((done + _EPS) // per_az), step.azimuths - 1)
-        az_rad = 2 * math.pi * first_az / step.azimuths
-        with_retries(ctx, "stage to mill position", ctx.plan.retries.move,
-                     lambda: stage.move_to(mill_position(setup, angle, az_rad)), role="stage")
+        rotations = [azimuth_rad(setup, az, step.azimuths) for az in range(first_az, step.azimuths)]
+        # every waypoint checked against the windows here, before anything moves
+        way = MillApproach(ctx, mill_position(setup, angle, rotations[0]), rotations)
+        way.approach()
         with_retries(ctx, "ion beam on", tries, lambda: gun.set_beam(True), role="ion_gun")
         with_retries(ctx, "raster on", tries, lambda: (awg.set_outputs(True), gun.set_raster(True)),
                      role="waveform_generator")
@@ -134,9 +147,7 @@ def run_mill(ctx, ev: Mill) -> float:
             if az > first_az:                   # delay, then rotate, beam blanked throughout
                 _sleep_unless_stopped(ctx, step.delay_s)
                 stop_point(ctx)
-                rot = mill_position(setup, angle, 2 * math.pi * az / step.azimuths)
-                with_retries(ctx, f"stage rotation to azimuth {az}", ctx.plan.retries.move,
-                             lambda: stage.move_to(rot), role="stage")
+                way.rotate(rotations[az - first_az], f"azimuth {az}")
             if not setup.guard.near_mill_position(stage.position()):
                 raise InterlockError("ion beam refused: stage is not at the mill position", device="ion_gun",
                                      operation="unblank")
@@ -174,12 +185,15 @@ def run_mill(ctx, ev: Mill) -> float:
                 journal.append("mill_beam_off", key=ev.key, done_s=done, safe=ctx.ion_beam_safe)
             except OSError as e:                # kept in memory: a retry here continues from it
                 failed.append(f"journal: {e}")
-        if ctx.ion_beam_safe:
-            try:                                # flat again, still at the mill position (clear of the columns)
-                with_retries(ctx, "stage back to flat", ctx.plan.retries.move,
-                             lambda: stage.move_to(mill_position(setup, 0.0, 0.0)), role="stage")
+        # back to imaging in the mirror order; never after a failed stage step (the
+        # operator looks first) nor with the beam unconfirmed (no move with ions on)
+        if ctx.ion_beam_safe and way is not None and way.started and not way.failed:
+            try:
+                way.back_to_imaging()
             except Exception as e:
-                failed.append(f"stage back to flat: {e}")
+                failed.append(f"stage back to imaging: {e}")
+        elif way is not None and way.failed:
+            failed.append("a stage step failed: the stage was left where it stopped")
         if failed:
             ctx.incident("error", "mill_safing", "after the mill: " + "; ".join(failed) +
                          ". Check the ion gun and stage before resuming.", {"cycle": ev.cycle})

@@ -5,7 +5,8 @@ When one fails, the runner (acq/runner.py) suspends the run (state "paused", rea
 itself once it clears; after ``max_suspend_s`` it pauses for the operator.
 Consecutive device failures are the fourth suspender; that one lives in the
 runner's failure handling (acq/runner.py) because it is fed by failures,
-not polled.
+not polled. The EHT suspender pauses with its own reason (``eht_off``): the
+operator has to switch the gun on, which no program should do unasked.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from acq.documents import IncidentCause
-from common.atomic import root_problem
+from common.atomic import O_BINARY, root_problem
 from acq.events import AcquireTile, Autofocus, Irradiate, Mill
+from devices.interfaces import Capability
 
 
 def free_bytes(path: Path) -> int:
@@ -34,6 +36,7 @@ class Suspender:
     name: str
     check: Callable[[], Optional[str]]          # None = fine, else what is wrong
     applies: Callable[[object], bool]            # before which events it is checked
+    pause_reason: str = "suspended"              # the runner's PauseReason value for this pause
 
     @property
     def suspended(self) -> IncidentCause:
@@ -51,9 +54,11 @@ class SuspenderSet:
     output: Optional[Suspender] = None           # disk space / writable output
     probe_current: Optional[Suspender] = None
     interlock: Optional[Suspender] = None        # the ion gun's interlocks (milling only)
+    eht: Optional[Suspender] = None              # the SEM's gun is on (SEMs with Capability.EHT_CONTROL)
 
     def __iter__(self) -> Iterator[Suspender]:
-        return iter([s for s in (self.output, self.probe_current, self.interlock) if s is not None])
+        # the EHT first: with the gun off a probe-current reading means nothing
+        return iter([s for s in (self.output, self.eht, self.probe_current, self.interlock) if s is not None])
 
 
 def probe_current(setup, plan) -> Suspender:
@@ -67,6 +72,26 @@ def probe_current(setup, plan) -> Suspender:
             return f"SEM probe current {na:.3g} nA outside [{lo:.3g}, {hi:.3g}] nA"
         return None
     return Suspender("probe_current", check, lambda ev: isinstance(ev, AcquireTile))
+
+
+EHT_ADVICE = "switch it on (run-up ~1 min) and resume"
+
+
+def _needs_sem_beam(ev) -> bool:
+    """Events that scan with the SEM's beam: tiles, autofocus, an SEM-scan irradiation."""
+    if isinstance(ev, (AcquireTile, Autofocus)):
+        return True
+    return isinstance(ev, Irradiate) and getattr(ev.step, "source", "sem") == "sem"
+
+
+def eht_on(setup) -> Suspender:
+    """Checked before every SEM exposure: a frame with the gun off is noise."""
+    def check():
+        sem = setup.sem
+        if sem.eht_on():
+            return None
+        return f"EHT is off (SEM reports {sem.eht_state()!r}): {EHT_ADVICE}"
+    return Suspender("eht", check, _needs_sem_beam, pause_reason="eht_off")
 
 
 def ion_interlock(setup) -> Suspender:
@@ -102,7 +127,7 @@ def _probe(folder: Path) -> Optional[OSError]:
     """Create, write, fsync and remove a file in ``folder``: the error, or None."""
     probe = folder / ".write_probe"
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o644)
         try:
             os.write(fd, b"x")
             os.fsync(fd)
@@ -166,4 +191,5 @@ def default_suspenders(setup, plan, out_dir: Path, tile_bytes: int = 0,
     return SuspenderSet(
         output=output_space(out_dir, plan.suspenders.min_free_gb, tile_bytes, journal_state, failed_dirs),
         probe_current=probe_current(setup, plan),
+        eht=eht_on(setup) if Capability.EHT_CONTROL & getattr(setup.sem, "capabilities", Capability.NONE) else None,
         interlock=ion_interlock(setup) if setup.ion_gun is not None and plan.mill is not None else None)

@@ -6,10 +6,12 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from common.paths import default_config
+from common.paths import models_dir as shipped_models_dir
 from devices.setup_config import ConfigError, load_setup
 
 app = typer.Typer(add_completion=False, help="Autofocus: convergence benchmark and DeepFocus recalibration.")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sim.yaml"
+DEFAULT_CONFIG = default_config()
 
 
 def _config(path: Path):
@@ -52,7 +54,7 @@ def bench(
                                             help="induced (fit on known aberrations) or microscope"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of the convergence traces"),
-    models_dir: Path = typer.Option(Path(__file__).resolve().parents[1] / "models", "--models-dir",
+    models_dir: Path = typer.Option(shipped_models_dir(), "--models-dir",
                                     help="where the DeepFocus/DeepScore models and cards are"),
     config: Path = typer.Option(DEFAULT_CONFIG, "--config"),
 ) -> None:
@@ -95,7 +97,7 @@ def recalibrate(
     frame: Tuple[int, int] = typer.Option((1024, 768), "--frame"),
     seed: int = typer.Option(0, "--seed"),
     json_out: Optional[Path] = typer.Option(None, "--json"),
-    models_dir: Path = typer.Option(Path(__file__).resolve().parents[1] / "models", "--models-dir"),
+    models_dir: Path = typer.Option(shipped_models_dir(), "--models-dir"),
 ) -> None:
     """Recalibrate DeepFocus for a second microscope: DeepScore (or sharpness)
     + Nelder–Mead finds the focus at each location, known aberrations around it

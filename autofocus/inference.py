@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from autofocus.models import read_card, read_verified_model
+from common.paths import models_dir
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+MODELS_DIR = models_dir()
 DEFAULT_MODEL = MODELS_DIR / "deepfocus_128.pt"
 DEFAULT_SCORE_MODEL = MODELS_DIR / "deepscore_512.pt"
 

@@ -24,10 +24,10 @@ import numpy as np
 
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
+from common.paths import models_dir
 from devices.interfaces import Capability
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = ROOT / "models"
+MODELS_DIR = models_dir()
 # known aberrations (Δwd µm, stig x, stig y) induced around the focused state to
 # calibrate MAPFoSt: non-zero defocus for the aperture, independent stig pairs
 DEEPFOCUS_KINDS = ("scalar", "patchscore", "pixelscore")       # card "kind" of a DeepFocus model

@@ -22,6 +22,12 @@ from common.crashpoints import point
 
 TEMP_SUFFIX = ".part"
 
+# Windows: the C runtime opens an os.open() descriptor in text mode unless
+# O_BINARY is given (\n written as \r\n, Ctrl-Z read as the end); a folder
+# cannot be opened to fsync it (NTFS journals its entries itself).
+WINDOWS = os.name == "nt"
+O_BINARY = getattr(os, "O_BINARY", 0)    # OR it into every os.open of a data file
+
 
 def _umask() -> int:
     old = os.umask(0)
@@ -153,7 +159,7 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None], *, over
         ensure_dir(path.parent)
     tmp = temp_name(path)
     point("create", tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0666 & ~umask, as open() gives
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY, 0o666)   # 0666 & ~umask, as open() gives
     try:
         if callable(data):
             os.close(fd)
@@ -196,6 +202,8 @@ def fsync_dir(folder: Path) -> None:
     platform cannot (Windows, some network file systems), but an I/O error
     is raised: the entry may not be durable."""
     point("fsync_dir", folder)
+    if WINDOWS:
+        return
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -207,3 +215,13 @@ def fsync_dir(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def pread(fd: int, n: int, pos: int) -> bytes:
+    """os.pread where the platform has it; else (Windows) seek and read, which
+    moves the file position: use it on descriptors opened with O_APPEND or
+    read from one thread only."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, pos)
+    os.lseek(fd, pos, os.SEEK_SET)
+    return os.read(fd, n)

@@ -30,6 +30,7 @@ class Setup:
     waveform_generator: Any = None
     multimeter: Any = None
     current_preamp: Any = None
+    electron_source: Any = None           # external flood gun (irradiation.source: external)
     world: Any = None                     # SimWorld when simulated
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -37,8 +38,8 @@ class Setup:
         return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
 
     def close(self) -> None:
-        # the ion beam and its raster first: blanked and off before anything else goes away
-        first = ("ion_gun", "waveform_generator")
+        # the ion beam and its raster first, the electron source next: off before anything else goes away
+        first = ("ion_gun", "waveform_generator", "electron_source")
         for role in (*first, *(r for r in ROLES if r not in first)):
             dev = getattr(self, role)
             if dev is None:
@@ -86,12 +87,22 @@ def build_setup(cfg: SetupConfig, *, connect: bool = True) -> Setup:
         from devices.sim.stage import SimStage
         stage = SimStage(world)
     if "zeiss_smartsem" in (d.sem.driver, d.stage.driver):
-        from devices.zeiss_smartsem import SmartSEMApi, ZeissSEM, ZeissStage
-        api = SmartSEMApi()
+        from devices.zeiss_setup import build_sem, build_stage, make_api
+        zeiss_options = d.sem.options if d.sem.driver == "zeiss_smartsem" else d.stage.options
+        if zeiss_options.get("api") == "sim" and world is None:
+            # the fake SmartSEM renders and moves the simulated world
+            from devices.sim.world import SimWorld
+            world = SimWorld(cfg.simulation, cfg.safety, cfg.calibration)
+            clock = world.clock
+        api = make_api(zeiss_options, clock=clock, world=world)
+        # timeout_s, when the setup names one, is only the margin on top of the
+        # drivers' work-derived bounds (scan time, travel time), never the bound
         if d.sem.driver == "zeiss_smartsem":
-            sem = ZeissSEM(api, timeout_s=d.sem.timeout_s, clock=clock)
+            sem = build_sem(api, d.sem.options, clock=clock,
+                            timeout_s=d.sem.timeout_s if "timeout_s" in d.sem.model_fields_set else None)
         if d.stage.driver == "zeiss_smartsem":
-            stage = ZeissStage(api, timeout_s=d.stage.timeout_s, clock=clock)
+            stage = build_stage(api, d.stage.options, clock=clock,
+                                timeout_s=d.stage.timeout_s if "timeout_s" in d.stage.model_fields_set else None)
 
     setup = Setup(cfg, sem=None, stage=None, clock=clock, guard=guard, world=world, _closers=closers)
     faults = world.faults if world is not None else None
@@ -122,6 +133,9 @@ def build_setup(cfg: SetupConfig, *, connect: bool = True) -> Setup:
         setup.multimeter = Keysight34465A(c.resource, visa_library=c.visa_library or "@py", timeout_s=c.timeout_s,
                                           resource_wrapper=_visa_faults(faults, "multimeter"))
 
+    if d.electron_source is not None:
+        setup.electron_source = _electron_source(d.electron_source, closers)
+
     ion_on = (lambda: world.ion_beam_hits_specimen()) if world is not None else _ion_beam_reported_on(setup)
     setup.sem = GuardedSEM(sem, guard)
     setup.stage = GuardedStage(stage, guard, ion_beam_on=ion_on)
@@ -151,6 +165,22 @@ def _ion_gun(cfg, world, faults, closers):
     limits = {"energy_v": (s.ion_energy_kv[0] * 1e3, s.ion_energy_kv[1] * 1e3),
               "cluster_size": tuple(s.ion_cluster_size), "current_a_max": s.ion_current_na_max * 1e-9}
     return SerialIonGun(url, c.command_table, limits=limits, timeout_s=c.timeout_s)
+
+
+def _electron_source(c, closers):
+    if c.driver == "sim":
+        from devices.sim.electron_source import SimElectronSource
+        return SimElectronSource(c.options)
+    from devices.electron_source_serial import SerialShutterSource
+    url, emu = c.url, None
+    if _is_emulated(url):
+        from devices.sim.electron_source import ShutterEmulator
+        emu = ShutterEmulator().start()
+        closers.append(emu.stop)
+        url = emu.url
+    src = SerialShutterSource(url, c.options, timeout_s=c.timeout_s)
+    src.emulator = emu                    # the simulated dose chain reads the current behind its shutter
+    return src
 
 
 def _ion_state_to_world(world, st) -> None:
@@ -195,4 +225,8 @@ def _link_simulation(setup: Setup, preamp_emulator) -> None:
         world.raster_size_m = raster_size
     if setup.multimeter is not None and preamp_emulator is not None:
         from devices.sim.visa_link import attach_voltage_source
-        attach_voltage_source(setup.multimeter, lambda: preamp_emulator.output_voltage(world.specimen_current_a()))
+        src = setup.electron_source        # a simulated flood gun adds its current to the SEM's
+        extra = (getattr(src, "delivered_current_a", None)
+                 or getattr(getattr(src, "emulator", None), "delivered_current_a", None) or (lambda: 0.0))
+        attach_voltage_source(setup.multimeter,
+                              lambda: preamp_emulator.output_voltage(world.specimen_current_a() + extra()))

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from devices.errors import AcquisitionFailed, DeviceError
+
 
 class Capability(enum.Flag):
     NONE = 0
@@ -24,6 +26,12 @@ class Capability(enum.Flag):
     BEAM_BLANKING = enum.auto()
     RASTER = enum.auto()             # ion gun's own raster / deflectors
     CLUSTER_SIZE = enum.auto()
+    EHT_CONTROL = enum.auto()        # SEM gun on/off and its run-up state
+    APERTURE = enum.auto()
+    HIGH_CURRENT = enum.auto()
+    VARIABLE_PRESSURE = enum.auto()
+    CHARGE_COMPENSATION = enum.auto()  # focal charge compensation (gas jet)
+    AUTOSTIG = enum.auto()           # the microscope's own autostig routine
 
 
 @dataclass
@@ -77,6 +85,19 @@ class ScanParams:
         """These values for the parameters ``given`` sets, None for the others."""
         return ScanParams(**{f.name: getattr(self, f.name) if getattr(given, f.name) is not None else None
                              for f in fields(self)})
+
+
+class NotSupported(DeviceError):
+    """The device lacks this feature (its Capability flag is not set)."""
+
+
+class BeamOff(AcquisitionFailed):
+    """The SEM's EHT is off (or still running up): no frame can be scanned."""
+
+
+def _unsupported(dev: "Device", what: str, flag: Capability):
+    raise NotSupported(f"{what} is not available (Capability.{flag.name} not set)",
+                       device=type(dev).__name__, operation=what)
 
 
 class SEM(Device):
@@ -161,7 +182,64 @@ class SEM(Device):
 
     def run_autofocus(self) -> None:
         """The microscope's own autofocus (only with Capability.AUTOFOCUS)."""
-        raise NotImplementedError("this SEM has no built-in autofocus")
+        _unsupported(self, "run_autofocus", Capability.AUTOFOCUS)
+
+    # A SEM that scans only inside acquire_frame (the simulator) has nothing to
+    # freeze; SmartSEM stays frozen between frames and scans live only between
+    # unfreeze() and freeze() (an SEM-scan irradiation needs exactly that).
+    def unfreeze(self) -> None:
+        """Scan live until freeze()."""
+
+    def freeze(self) -> None:
+        """Stop the live scan (at the end of the frame being scanned)."""
+
+    # Optional controls: each raises NotSupported unless its Capability is set.
+    def run_autostig(self) -> None:
+        _unsupported(self, "run_autostig", Capability.AUTOSTIG)
+
+    def eht_on(self) -> bool:
+        """True only when the beam is fully on (run-up finished)."""
+        _unsupported(self, "eht_on", Capability.EHT_CONTROL)
+
+    def eht_state(self) -> str:
+        """The gun's state as the microscope names it ("Beam On", "EHT Off", ...)."""
+        _unsupported(self, "eht_state", Capability.EHT_CONTROL)
+
+    def set_eht_on(self, on: bool, *, wait: bool = True) -> None:
+        """Switch the gun; with ``wait`` until run-up (or shut-down) is over."""
+        _unsupported(self, "set_eht_on", Capability.EHT_CONTROL)
+
+    def aperture(self) -> float:
+        """Aperture diameter in m."""
+        _unsupported(self, "aperture", Capability.APERTURE)
+
+    def set_aperture(self, index: int) -> None:
+        """Select the aperture by the microscope's index."""
+        _unsupported(self, "set_aperture", Capability.APERTURE)
+
+    def high_current(self) -> bool:
+        _unsupported(self, "high_current", Capability.HIGH_CURRENT)
+
+    def set_high_current(self, on: bool) -> None:
+        _unsupported(self, "set_high_current", Capability.HIGH_CURRENT)
+
+    def variable_pressure(self) -> bool:
+        """True in variable-pressure mode, False in high vacuum."""
+        _unsupported(self, "variable_pressure", Capability.VARIABLE_PRESSURE)
+
+    def set_variable_pressure(self, on: bool, target_pa: Optional[float] = None) -> None:
+        _unsupported(self, "set_variable_pressure", Capability.VARIABLE_PRESSURE)
+
+    def chamber_pressure(self) -> float:
+        """Pa."""
+        _unsupported(self, "chamber_pressure", Capability.VARIABLE_PRESSURE)
+
+    def charge_compensation(self) -> bool:
+        _unsupported(self, "charge_compensation", Capability.CHARGE_COMPENSATION)
+
+    def set_charge_compensation(self, on: bool, level: Optional[float] = None) -> None:
+        """Focal charge compensation in (``level``: the microscope's AP_CC_PRESSURE) or out."""
+        _unsupported(self, "set_charge_compensation", Capability.CHARGE_COMPENSATION)
 
 
 # ------------------------------------------------------------------- stage
@@ -195,6 +273,11 @@ class Stage(Device):
 
     @abc.abstractmethod
     def stop(self) -> None: ...
+
+    def is_moving(self) -> bool:
+        """Whether the stage reports motion (drivers that cannot tell: False
+        once move_to has returned)."""
+        return False
 
     def move_by(self, **delta: float) -> StagePosition:
         pos = self.position()
@@ -294,3 +377,40 @@ class CurrentPreamp(Device):
         return self.sign * self.sensitivity() * volts
 
     sign: float = -1.0   # SR570 inverts; configurable per setup
+
+
+# ------------------------------------------------- external electron source
+@dataclass
+class ElectronSourceStatus:
+    beam_on: bool                               # emission on and shutter open: electrons reach the specimen
+    emission_current: Optional[float] = None    # A, the source's own read-back (None: it has none)
+    energy: Optional[float] = None              # V, the beam energy it reports (None: not reported)
+    error: str = ""
+
+
+class ElectronSource(Device):
+    """An external electron source (flood gun) that irradiates sections for
+    conductivity (seed ch. 2: an EH-50 from STAIB). The dose is not taken
+    from the source: the specimen current is measured by the preamp + DMM
+    chain. ``beam_off`` is the safe state every error path calls."""
+    role = "electron_source"
+    emission_setpoint: bool = False            # set_emission_current is available
+    energy_setpoint: bool = False              # set_energy is available
+
+    @abc.abstractmethod
+    def set_beam(self, on: bool) -> None:
+        """Open (True) or close the shutter / switch emission; verified by read-back."""
+    @abc.abstractmethod
+    def source_status(self) -> ElectronSourceStatus: ...
+
+    def beam_on(self) -> bool:
+        return self.source_status().beam_on
+
+    def beam_off(self) -> None:
+        self.set_beam(False)
+
+    def set_emission_current(self, amperes: float) -> None:
+        raise NotImplementedError("this electron source has no emission setpoint")
+
+    def set_energy(self, volts: float) -> None:
+        raise NotImplementedError("this electron source has no energy setpoint")

@@ -133,6 +133,15 @@ class MillPosition(_Strict):
         5.0, ge=0, le=400, description="ion beam may be on only within this radius of the mill position")
 
 
+class ElectronSourceSafety(_Strict):
+    """Windows of the external electron source (devices.electron_source)."""
+    max_current_na: float = Field(
+        10_000.0, gt=0, le=1e6, description="measured specimen current above this: the source is closed and the "
+        "run pauses (a wrong setting or a short)")
+    max_exposure_s: float = Field(
+        86_400.0, gt=0, le=86_400.0, description="longest the source may stay open for one irradiation")
+
+
 class Safety(_Strict):
     stage: StageTravel = StageTravel()
     wd_mm: Window(0, 100, "mm", "working distance ", positive=True) = (2.0, 15.0)
@@ -150,6 +159,7 @@ class Safety(_Strict):
         3, ge=1, le=100, description="scans of one tile's area per cycle before the run pauses (electron dose); "
         "a plan may set fewer, never more")
     mill_position: MillPosition = MillPosition()
+    electron_source: ElectronSourceSafety = ElectronSourceSafety()
 
 
 # ---------------------------------------------------------- simulation
@@ -305,6 +315,7 @@ KNOWN_DRIVERS = {
     "waveform_generator": {"keysight_33522a"},
     "multimeter": {"keysight_34465a"},
     "current_preamp": {"sr570"},
+    "electron_source": {"sim", "serial_shutter"},
 }
 
 
@@ -315,6 +326,7 @@ class Devices(_Strict):
     waveform_generator: Optional[DeviceConfig] = None
     multimeter: Optional[DeviceConfig] = None
     current_preamp: Optional[DeviceConfig] = None
+    electron_source: Optional[DeviceConfig] = None      # external flood gun: irradiation.source = external
 
     @model_validator(mode="after")
     def _known(self):
@@ -322,6 +334,33 @@ class Devices(_Strict):
             dev = getattr(self, role)
             if dev is not None and dev.driver not in allowed:
                 raise ValueError(f"devices.{role}.driver = {dev.driver!r}: allowed {sorted(allowed)}")
+        return self
+
+    @model_validator(mode="after")
+    def _electron_source_options(self):
+        # checked at load: a typo in the shutter's vocabulary must not surface at the first irradiation
+        c = self.electron_source
+        if c is None:
+            return self
+        if c.driver == "sim":
+            from devices.sim.electron_source import sim_options
+            sim_options(c.options)
+        else:
+            from devices.electron_source_serial import shutter_options
+            shutter_options(c.options)
+            if not c.url:
+                raise ValueError(f"devices.electron_source.url: {c.driver} needs the serial port "
+                                 "(COM3, /dev/ttyUSB0, socket://host:port, or sim:// for the emulator)")
+        return self
+
+    @model_validator(mode="after")
+    def _zeiss_options(self):
+        # the SmartSEM driver's options are checked at load, not at the first run
+        from devices.zeiss_setup import check_options
+        for role in ("sem", "stage"):
+            dev = getattr(self, role)
+            if dev.driver == "zeiss_smartsem":
+                check_options(role, dev.options)
         return self
 
 

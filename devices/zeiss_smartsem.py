@@ -1,11 +1,13 @@
 """ZEISS SmartSEM remote API driver (COM control ``CZ.EMApiCtrl.1``): SEM and stage.
 
-Facts relied on (SBEMimage src/sem/SEM_SmartSEM.py, WaferMapper MATLAB scripts,
-the ZeissTrial manual, wrappers declaring ZeissErrorCode): calls return a code,
-0 = success; win32com returns ``Get(name, 0)`` as (code, value), ``Set`` as
-(code, variant), ``GetStagePosition()`` as (code, x, y, z, t, r, m). AP_ values
-are SI, not the UI/TIFF display units (see each reader). DP_ values read back as
-labels ("Frozen", "Busy", "1024 * 768").
+Behaviour as SmartSEM needs it: every frame is a valid store resolution (a
+smaller request is cropped from the centre of the smallest store holding it);
+every wait is bounded by the work (scan time, travel time) rather than a fixed
+timeout; the scan is frozen between frames, so the beam does not dwell on the
+sample while the program moves or thinks; a frame starts only after the stage
+has settled. The COM wrapper: devices/zeiss_api.py; tables and timeout
+arithmetic: devices/zeiss_tables.py; building from a setup: devices/zeiss_setup.py.
+AP_ values are SI, not the UI/TIFF display units (see each reader).
 """
 from __future__ import annotations
 
@@ -22,146 +24,20 @@ from typing import Any, Callable
 import numpy as np
 import tifffile
 
-from devices.errors import (AcquisitionFailed, CommunicationError, DeviceError, DeviceTimeout,
-                            LimitViolation, MoveFailed, NotConnected)
-from devices.interfaces import SEM, Capability, Frame, Stage, StagePosition
+from common.constants import E_CHARGE
+from devices.calibration import PIXEL_SCALE_RANGE
+from devices.errors import AcquisitionFailed, DeviceError, DeviceTimeout, LimitViolation, MoveFailed
+from devices.interfaces import (SEM, BeamOff, Capability, Frame, Stage, StagePosition,
+                                _unsupported)
+from devices.zeiss_api import (DEVICE, PROG_ID, SmartSEMApi, SmartSEMError, _as_api, _comm,
+                               _finite, _flag)
+from devices.zeiss_tables import (API_ERRORS, DEFAULT_DWELL_TABLE, DEFAULT_STAGE_SPEED,
+                                  DEFAULT_STORE_TABLE, RUNUP_OFF, RUNUP_ON, TimeoutPolicy,
+                                  centre_crop, scan_time_s, snap_store)
 
-PROG_ID = "CZ.EMApiCtrl.1"
-DEVICE = "zeiss_smartsem"
-
-# ZeissErrorCode values, as declared by several independent API wrappers.
-API_ERRORS = dict(enumerate((
-    "GET_TRANSLATE_FAIL GET_AP_FAIL GET_DP_FAIL GET_BAD_PARAMETER SET_TRANSLATE_FAIL "
-    "SET_STATE_FAIL SET_FLOAT_FAIL SET_FLOAT_LIMIT_LOW SET_FLOAT_LIMIT_HIGH SET_BAD_VALUE "
-    "SET_BAD_PARAMETER EXEC_TRANSLATE_FAIL EXEC_CMD_FAIL EXEC_MCF_FAIL EXEC_MCL_FAIL "
-    "EXEC_BAD_COMMAND GRAB_FAIL").split(), start=1000)) | {1019: "NOT_INITIALISED",
-                                                           1022: "GET_LIMITS_FAIL"}
-
-# Scan rate n -> pixel dwell (s): Merlin/GeminiSEM/Ultra presets of SBEMimage.
-DEFAULT_DWELL_TABLE = {n: 50e-9 * 2 ** n for n in range(9)}
-# Store resolution (w, h) -> DP_IMAGE_STORE index (SBEMimage presets; Sigma stops at 3).
-DEFAULT_STORE_TABLE = {(1024, 768): 0, (512, 384): 1, (2048, 1536): 2, (3072, 2304): 3,
-                       (4096, 3072): 4}
-
-_TRUE = {"yes", "on", "1", "1.0", "true", "blanked", "frozen", "enabled"}
-_FALSE = {"no", "off", "0", "0.0", "false", "unblanked", "live", "disabled"}
-
-
-def _comm(message: str, operation: str) -> CommunicationError:
-    return CommunicationError(message, device=DEVICE, operation=operation)
-
-
-class SmartSEMError(CommunicationError):
-    """The API answered with a non-zero return code."""
-    def __init__(self, what: str, code: int, *, operation: str):
-        self.what, self.code = what, code
-        super().__init__(f"{what} returned {code} ({API_ERRORS.get(code, 'unknown code')})",
-                         device=DEVICE, operation=operation)
-
-
-def _dispatch_com():
-    """Create the COM control; pywin32 is imported here so the module imports on Linux."""
-    try:
-        import pythoncom
-        import win32com.client
-    except ImportError as e:
-        raise DeviceError(f"the SmartSEM remote API needs Windows, pywin32 and the ZEISS EM API "
-                          f"({PROG_ID}) ({e}); elsewhere pass api= (an object with its interface)",
-                          device=DEVICE, operation="connect") from e
-    try:
-        com = win32com.client.Dispatch(PROG_ID)
-    except Exception as e:  # pywintypes.com_error: control not registered
-        raise _comm(f"cannot create {PROG_ID}: {e}", "connect") from e
-
-    def variant(v):
-        # VT_R4 as in SBEMimage; a float also escapes locale parsing of strings.
-        return v if isinstance(v, str) else win32com.client.VARIANT(pythoncom.VT_R4, float(v))
-    return com, variant
-
-
-def _flag(name: str, value) -> bool:
-    s = str(value).strip().lower()
-    if s in _TRUE or s in _FALSE:
-        return s in _TRUE
-    raise _comm(f"{name}: unexpected state {value!r}", "get")
-
-
-def _finite(quantity: str, value, positive: bool = False) -> float:
-    v = float(value) if isinstance(value, (int, float, np.number)) else math.nan
-    if not math.isfinite(v) or (positive and v <= 0):
-        raise LimitViolation(quantity, value, "> 0 and finite" if positive else "finite",
-                             device=DEVICE)
-    return v
-
-
-class SmartSEMApi:
-    """Thin, strict wrapper over the COM control: every non-zero code raises."""
-    def __init__(self, com=None, *, to_variant: Callable[[Any], Any] | None = None):
-        if com is None:
-            com, to_variant = _dispatch_com()
-        self._com = com
-        self._variant = to_variant or (lambda v: v)
-        self._users = 0          # ZeissSEM and ZeissStage share one remoting session
-
-    def _call(self, what: str, operation: str, fn, *, reply_len: int = 0):
-        if operation not in ("connect", "close") and not self._users:
-            raise NotConnected("SmartSEM API not connected", device=DEVICE, operation=operation)
-        try:
-            reply = fn()
-        except Exception as e:   # COM transport errors (pywintypes.com_error)
-            raise _comm(f"{what}: {e}", operation) from e
-        if reply_len and (not isinstance(reply, (tuple, list)) or len(reply) < reply_len):
-            raise _comm(f"{what}: unexpected reply {reply!r}", operation)
-        code = int(reply[0] if isinstance(reply, (tuple, list)) else reply)
-        if code != 0:
-            raise SmartSEMError(what, code, operation=operation)
-        return reply
-
-    def connect(self) -> None:
-        if not self._users:
-            self._call("InitialiseRemoting", "connect", self._com.InitialiseRemoting)
-        self._users += 1
-
-    def close(self) -> None:
-        was, self._users = self._users, max(0, self._users - 1)
-        if was == 1:             # the last user leaves: end the remoting session
-            self._call("ClosingControl", "close", self._com.ClosingControl)
-
-    def get(self, name: str):
-        return self._call(f"Get({name})", "get", lambda: self._com.Get(name, 0), reply_len=2)[1]
-
-    def get_float(self, name: str) -> float:
-        value = self.get(name)
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise _comm(f"Get({name}): not a number: {value!r}", "get") from None
-
-    def set(self, name: str, value) -> None:
-        self._call(f"Set({name}={value!r})", "set",
-                   lambda: self._com.Set(name, self._variant(value)))
-
-    def execute(self, command: str) -> None:
-        self._call(f"Execute({command})", "execute", lambda: self._com.Execute(command))
-
-    def stage_position(self) -> tuple[float, ...]:
-        """(x, y, z, t, r, m) in the API's units: metres and degrees."""
-        reply = self._call("GetStagePosition", "stage_position", self._com.GetStagePosition,
-                           reply_len=7)
-        return tuple(float(v) for v in reply[1:7])
-
-    def move_stage(self, x, y, z, t, r, m) -> None:
-        self._call("MoveStage", "move_stage", lambda: self._com.MoveStage(x, y, z, t, r, m))
-
-    def grab(self, x: int, y: int, w: int, h: int, reduction: int, filename: str) -> None:
-        try:
-            self._call("Grab", "grab", lambda: self._com.Grab(x, y, w, h, reduction, filename))
-        except SmartSEMError as e:
-            raise AcquisitionFailed(str(e), device=DEVICE, operation="grab") from e
-
-
-def _as_api(api) -> SmartSEMApi:
-    return api if isinstance(api, SmartSEMApi) else SmartSEMApi(api)
+# the names callers import from here (the API wrapper and tables live beside)
+__all__ = ["API_ERRORS", "DEFAULT_DWELL_TABLE", "DEFAULT_STORE_TABLE", "PROG_ID", "SmartSEMApi",
+           "SmartSEMError", "ZeissSEM", "ZeissStage"]
 
 
 # SI accessors for analogue parameters; scale = SI units per API unit. The
@@ -183,6 +59,9 @@ class _OnSharedApi:
     def _init_common(self, api, timeout_s, poll_s, clock, sleep) -> None:
         self.api = _as_api(api)
         self.timeout_s, self.poll_s = timeout_s, poll_s
+        # clock: a devices.clock.Clock (now/sleep) or a bare callable
+        if clock is not None and hasattr(clock, "now"):
+            clock, sleep = clock.now, sleep or clock.sleep
         self._clock, self._sleep = clock or time.monotonic, sleep or time.sleep
 
     def connect(self) -> None:
@@ -203,25 +82,57 @@ class _OnSharedApi:
         return value
 
 
-class ZeissSEM(_OnSharedApi, SEM):
-    capabilities = (Capability.AUTOFOCUS | Capability.FREEZE | Capability.SCAN_ROTATION
-                    | Capability.BEAM_BLANKING)
+def _requested_fits(requested, store, stores) -> bool:
+    return requested is not None and snap_store(*requested, stores) == store
 
-    def __init__(self, api=None, *, timeout_s: float = 30.0, poll_s: float = 0.05,
-                 image_dir: str | None = None, clock: Callable[[], float] | None = None,
+
+class ZeissSEM(_OnSharedApi, SEM):
+    # Fitted-or-not features (high current, VP, FCC) are probed at connect.
+    BASE_CAPABILITIES = (Capability.AUTOFOCUS | Capability.AUTOSTIG | Capability.FREEZE
+                         | Capability.SCAN_ROTATION | Capability.BEAM_BLANKING
+                         | Capability.EHT_CONTROL | Capability.APERTURE)
+    capabilities = BASE_CAPABILITIES
+
+    def __init__(self, api=None, *, timeout_s: float = 5.0, poll_s: float = 0.05,
+                 image_dir: str | None = None, clock=None,
                  sleep: Callable[[float], None] | None = None,
                  dwell_table: dict[int, float] | None = None,
                  store_table: dict[tuple[int, int], int] | None = None,
                  grab_region=(0, 0, 1024, 768), grab_reduction: int = 0,
-                 autofocus_start_s: float = 2.0, pixel_size_rel_tol: float = 0.01):
+                 autofocus_start_s: float = 2.0, pixel_size_rel_tol: float = 0.01,
+                 policy: TimeoutPolicy | None = None, focus_settle_s: float = 0.2,
+                 pixel_size_scale: float = 1.0):
         self._init_common(api, timeout_s, poll_s, clock, sleep)
+        lo, hi = PIXEL_SCALE_RANGE
+        if isinstance(pixel_size_scale, bool) or not (isinstance(pixel_size_scale, (int, float))
+                                                       and lo <= pixel_size_scale <= hi):
+            raise ValueError(f"pixel_size_scale = {pixel_size_scale!r}: allowed {lo:g}..{hi:g}")
+        # true pixel size / SmartSEM's AP_PIXEL_SIZE, from devices/calibration.py
+        self.pixel_size_scale = float(pixel_size_scale)
+        # timeout_s is the margin on top of the work, never the whole bound
+        self.policy = policy or TimeoutPolicy(margin_s=timeout_s)
         self.image_dir, self.autofocus_start_s = image_dir, autofocus_start_s
         self.dwell_table = dict(dwell_table or DEFAULT_DWELL_TABLE)
         self.store_table = dict(store_table or DEFAULT_STORE_TABLE)
         # Grab's region is in the 1024x768 display frame; reduction 0 writes the
         # full store resolution (how SBEMimage grabs its 4096x3072 tiles).
         self.grab_region, self.grab_reduction = grab_region, grab_reduction
-        self.pixel_size_rel_tol = pixel_size_rel_tol
+        self.pixel_size_rel_tol, self.focus_settle_s = pixel_size_rel_tol, focus_settle_s
+        self._requested: tuple[int, int] | None = None   # frame asked for, maybe not a store
+
+    def connect(self) -> None:
+        super().connect()
+        caps = self.BASE_CAPABILITIES
+        for flag, probe in ((Capability.HIGH_CURRENT, "DP_HIGH_CURRENT"),
+                            (Capability.VARIABLE_PRESSURE, "DP_VP_SYSTEM"),
+                            (Capability.CHARGE_COMPENSATION, "DP_CAPCC_FITTED")):
+            try:
+                value = str(self.api.get(probe)).strip().lower()
+            except SmartSEMError:          # the parameter does not exist: not fitted
+                continue
+            if probe == "DP_HIGH_CURRENT" or value in ("yes", "fitted", "1"):
+                caps |= flag
+        self.capabilities = caps
 
     def identity(self) -> str:
         return f"ZEISS SmartSEM {self.api.get('SV_VERSION')}".strip()
@@ -230,14 +141,23 @@ class ZeissSEM(_OnSharedApi, SEM):
     # mm/nm/kV/pA: WaferMapper sets AP_WD 0.009 for 9 mm and divides stage metres
     # by AP_PIXEL_SIZE (ZeissTrial: "pixel size in m"); SBEMimage sets AP_MANUALKV
     # to kV*1000 and AP_IPROBE to pA*1e-12.
-    eht = _reader("AP_ACTUALKV")                                  # V, measured
+    eht = _reader("AP_ACTUALKV")                                  # V, measured (0 when off)
     set_eht = _writer("AP_MANUALKV", "eht")                       # V, target
     probe_current = _reader("AP_IPROBE")                          # A
     set_probe_current = _writer("AP_IPROBE", "probe_current")
     working_distance = _reader("AP_WD")                           # m
-    set_working_distance = _writer("AP_WD", "working_distance")
-    pixel_size = _reader("AP_PIXEL_SIZE")                         # m, read-only: set via mag
+    raw_pixel_size = _reader("AP_PIXEL_SIZE")                     # m, SmartSEM's: set via mag
     magnification = _reader("AP_MAG")
+    aperture = _reader("AP_APERTURESIZE")                         # m
+    chamber_pressure = _reader("AP_CHAMBER_PRESSURE")             # Pa
+
+    def _lens_step(self) -> None:
+        # a focus or stigmator step: the next frame waits for the lens to follow
+        self.api.ready_at = max(self.api.ready_at, self._clock() + self.focus_settle_s)
+
+    def set_working_distance(self, metres: float) -> None:
+        self.api.set("AP_WD", _finite("working_distance", metres, positive=True))
+        self._lens_step()
 
     def stig(self) -> tuple[float, float]:
         return self.api.get_float("AP_STIG_X"), self.api.get_float("AP_STIG_Y")   # %
@@ -246,9 +166,15 @@ class ZeissSEM(_OnSharedApi, SEM):
         x, y = _finite("stig_x", x), _finite("stig_y", y)
         self.api.set("AP_STIG_X", x)
         self.api.set("AP_STIG_Y", y)
+        self._lens_step()
+
+    def pixel_size(self) -> float:
+        """The calibrated pixel size: SmartSEM's reading x pixel_size_scale."""
+        return self.raw_pixel_size() * self.pixel_size_scale
 
     def set_pixel_size(self, metres: float) -> None:
-        """Via AP_MAG (pixel size ∝ 1/mag); AP_PIXEL_SIZE itself is read-only."""
+        """Via AP_MAG (pixel size ∝ 1/mag); AP_PIXEL_SIZE itself is read-only.
+        Aims at the calibrated size, so SmartSEM's reading ends at target/scale."""
         target = _finite("pixel_size", metres, positive=True)
         mag, px = self.magnification(), self.pixel_size()
         for _ in range(3):    # re-correct: the column may round or clip the mag
@@ -276,19 +202,41 @@ class ZeissSEM(_OnSharedApi, SEM):
                                  f"{max(table.values()):.3g} s", device=DEVICE)
         self.api.execute(f"CMD_SCANRATE{n}")
 
-    def frame_size(self) -> tuple[int, int]:
+    # -------------------------------------------------------- store and frame
+    def store_size(self) -> tuple[int, int]:
+        """The store SmartSEM scans (DP_IMAGE_STORE), whatever was asked for."""
         value = self.api.get("DP_IMAGE_STORE")
         m = re.fullmatch(r"\s*(\d+)\s*\*\s*(\d+)\s*", str(value))
         if not m:
             raise _comm(f"DP_IMAGE_STORE: unexpected value {value!r}", "get")
         return int(m.group(1)), int(m.group(2))
 
+    def frame_size(self) -> tuple[int, int]:
+        """The frame acquire_frame returns: the size asked for when the store
+        is the one chosen for it, else the store itself."""
+        store = self.store_size()
+        return self._requested if _requested_fits(self._requested, store, self.store_table) \
+            else store
+
     def set_frame_size(self, width: int, height: int) -> None:
-        index = self.store_table.get((width, height))
-        if index is None:
-            raise LimitViolation("frame_size", (width, height),
-                                 ", ".join(f"{w}x{h}" for w, h in self.store_table), device=DEVICE)
-        self.api.set("DP_IMAGE_STORE", index)   # SmartSEM unfreezes on this change
+        """Any size up to the largest store: the smallest store that holds it is
+        scanned and the frame cropped from its centre (pixel size unchanged)."""
+        if not (isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer))
+                and width > 0 and height > 0):
+            raise LimitViolation("frame_size", (width, height), "positive whole pixels",
+                                 device=DEVICE)
+        try:
+            store = snap_store(int(width), int(height), self.store_table)
+        except ValueError as e:
+            raise LimitViolation("frame_size", (width, height), str(e), device=DEVICE) from None
+        if store != self.store_size():
+            # SmartSEM unfreezes on a store change: freeze on command around it,
+            # then back to freeze at end of frame (SBEMimage does the same).
+            self.api.set("DP_FREEZE_ON", 2)
+            self.api.set("DP_IMAGE_STORE", self.store_table[store])
+            self.api.execute("CMD_FREEZE_ALL")
+            self.api.set("DP_FREEZE_ON", 0)
+        self._requested = (int(width), int(height))
 
     def scan_rotation(self) -> float:
         if not _flag("DP_SCAN_ROT", self.api.get("DP_SCAN_ROT")):
@@ -300,49 +248,149 @@ class ZeissSEM(_OnSharedApi, SEM):
         self.api.set("DP_SCAN_ROT", 1 if degrees else 0)
         self.api.set("AP_SCANROTATION", degrees)
 
-    # CMD_BEAM_ON / CMD_EHT_OFF switch the gun (EHT), not the blanker.
     def blanked(self) -> bool:
         return _flag("DP_BEAM_BLANKING", self.api.get("DP_BEAM_BLANKING"))
 
     def set_blanked(self, blanked: bool) -> None:
         self.api.set("DP_BEAM_BLANKING", 1 if blanked else 0)
 
+    # ------------------------------------------------ EHT and column options
+    # CMD_BEAM_ON / CMD_EHT_OFF switch the gun (EHT), not the blanker.
+    def eht_state(self) -> str:
+        return str(self.api.get("DP_RUNUPSTATE")).strip()
+
+    def eht_on(self) -> bool:
+        return self.eht_state().lower() == RUNUP_ON.lower()
+
+    def set_eht_on(self, on: bool, *, wait: bool = True) -> None:
+        self.api.execute("CMD_BEAM_ON" if on else "CMD_EHT_OFF")
+        if wait:
+            label = (RUNUP_ON if on else RUNUP_OFF).lower()
+            self._wait(f"DP_RUNUPSTATE={label}", self.eht_state, lambda v: v.lower() == label,
+                       self.policy.eht_runup_s, "eht")
+
+    def _require_beam(self, operation: str) -> None:
+        state = self.eht_state()
+        if state.lower() != RUNUP_ON.lower():
+            raise BeamOff(f"EHT is not on (DP_RUNUPSTATE {state!r})", device=DEVICE,
+                          operation=operation)
+
+    def set_aperture(self, index: int) -> None:
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise LimitViolation("aperture", index, "an aperture index >= 0", device=DEVICE)
+        self.api.set("DP_APERTURE", int(index))
+
+    def _need(self, flag: Capability, what: str) -> None:
+        if not flag & self.capabilities:
+            _unsupported(self, what, flag)
+
+    def high_current(self) -> bool:
+        self._need(Capability.HIGH_CURRENT, "high_current")
+        return _flag("DP_HIGH_CURRENT", self.api.get("DP_HIGH_CURRENT"))
+
+    def set_high_current(self, on: bool) -> None:
+        self._need(Capability.HIGH_CURRENT, "set_high_current")
+        self.api.set("DP_HIGH_CURRENT", 1 if on else 0)
+
+    def variable_pressure(self) -> bool:
+        self._need(Capability.VARIABLE_PRESSURE, "variable_pressure")
+        return "variable" in str(self.api.get("DP_VAC_MODE")).lower()
+
+    def set_variable_pressure(self, on: bool, target_pa: float | None = None) -> None:
+        self._need(Capability.VARIABLE_PRESSURE, "set_variable_pressure")
+        if target_pa is not None:
+            self.api.set("AP_HP_TARGET", _finite("vp_target", target_pa, positive=True))
+        self.api.execute("CMD_GOTO_VP" if on else "CMD_GOTO_HV")
+
+    def charge_compensation(self) -> bool:
+        self._need(Capability.CHARGE_COMPENSATION, "charge_compensation")
+        return _flag("DP_CC_STATUS", self.api.get("DP_CC_STATUS"))
+
+    def set_charge_compensation(self, on: bool, level: float | None = None) -> None:
+        self._need(Capability.CHARGE_COMPENSATION, "set_charge_compensation")
+        if level is not None:
+            self.api.set("AP_CC_PRESSURE", _finite("fcc_level", level, positive=True))
+        self.api.execute("CMD_CC_IN" if on else "CMD_CC_OUT")
+
+    # ------------------------------------------------------- freeze and grab
     def _until(self, frozen: bool, timeout_s: float, operation: str) -> None:
         self._wait(f"DP_FROZEN={'Frozen' if frozen else 'Live'}", lambda: self.api.get("DP_FROZEN"),
                    lambda v: _flag("DP_FROZEN", v) == frozen, timeout_s, operation)
 
+    def _frame_bound(self) -> float:
+        return self.policy.grab(*self.store_size(), self.dwell_time())
+
     def freeze(self, timeout_s: float | None = None) -> None:
+        """Freeze at the end of the frame being scanned; waits up to a frame's time."""
         self.api.execute("CMD_FREEZE_ALL")
-        self._until(True, timeout_s or self.timeout_s, "freeze")
+        self._until(True, timeout_s or self._frame_bound(), "freeze")
 
     def unfreeze(self) -> None:
         self.api.execute("CMD_UNFREEZE_ALL")
-        self._until(False, self.timeout_s, "unfreeze")
+        self._until(False, self.policy.margin_s, "unfreeze")
+
+    def _wait_ready(self, operation: str) -> None:
+        """No scan before the stage is idle and settled, and the lens has followed
+        a focus step: a frame never mixes two positions or two focus values."""
+        self._wait("DP_STAGE_IS=Idle", lambda: str(self.api.get("DP_STAGE_IS")).strip(),
+                   lambda v: v.lower() != "busy", self.policy.margin_s, operation)
+        left = self.api.ready_at - self._clock()
+        if left > 0:
+            self._sleep(left)
+
+    def _safe_freeze(self) -> None:
+        with contextlib.suppress(DeviceError):       # keep the original error
+            self.api.execute("CMD_FREEZE_ALL")
 
     def acquire_frame(self) -> Frame:
-        (w, h), dwell = self.frame_size(), self.dwell_time()
-        budget = self.timeout_s + 2.0 * w * h * dwell   # a whole frame must fit in the wait
+        self._require_beam("acquire_frame")
+        store, dwell = self.store_size(), self.dwell_time()
+        want = self._requested if _requested_fits(self._requested, store, self.store_table) \
+            else store
+        budget = self.policy.grab(*store, dwell)
+        self._wait_ready("acquire_frame")
         started, t0 = datetime.now(timezone.utc).isoformat(), self._clock()
         try:
             self.api.set("DP_FREEZE_ON", 0)              # 0 = freeze at end of frame
-            # See it live first, else the stale frozen frame ends the poll at once.
+            # Live first (a fresh frame starts), else the stale frozen frame ends the
+            # poll at once; then freeze at the end of that frame: one frame of dose.
             self.unfreeze()
-            self.freeze(budget)
+            self.api.execute("CMD_FREEZE_ALL")
+            self._sleep(scan_time_s(*store, dwell, self.policy.line_flyback_s))
+            self._until(True, budget, "acquire_frame")
             t_frozen = self._clock()
-            image = self._grab(w, h)
-            metadata = {"source": DEVICE, "frame_size": (w, h), "dwell_time": dwell,  # frozen
-                        "working_distance": self.working_distance(), "stig": self.stig(),
-                        "pixel_size": self.pixel_size(), "magnification": self.magnification(),
-                        "eht": self.eht(), "probe_current": self.probe_current(),
-                        "scan_rotation": self.scan_rotation()}
+            image = self._grab(*store)
+            metadata = self._frame_metadata(store, want, dwell)     # read while frozen
         except BaseException:
-            with contextlib.suppress(DeviceError):       # keep the original error
-                self.api.execute("CMD_UNFREEZE_ALL")
+            self._safe_freeze()
             raise
-        self.unfreeze()
-        metadata.update(started_utc=started, t_start=t0, t_frozen=t_frozen, t_end=self._clock(),
+        if want != store:
+            x0, y0 = centre_crop(store, want)
+            image = image[y0:y0 + want[1], x0:x0 + want[0]]
+            metadata.update(cropped_from_store=True, crop_offset=(x0, y0))
+        # stays frozen: the beam waits on a frozen frame until the next grab
+        metadata.update(started_utc=started, t_start=t0, timestamp=t0, t_frozen=t_frozen,
+                        t_end=self._clock(), timeout_s=budget,
                         finished_utc=datetime.now(timezone.utc).isoformat())
-        return Frame(image=image, metadata=metadata)
+        return Frame(image=np.ascontiguousarray(image), metadata=metadata)
+
+    def _frame_metadata(self, store, want, dwell) -> dict:
+        """SmartSEM's names (working_distance, eht ...) and the simulator's SI
+        keys the engine and writers read (wd_m, eht_v, stage, electrons_per_nm2)."""
+        wd, stig, raw = self.working_distance(), self.stig(), self.raw_pixel_size()
+        px = raw * self.pixel_size_scale                      # calibrated: what the frame shows
+        eht, current, rot = self.eht(), self.probe_current(), self.scan_rotation()
+        x, y, z, t, r, _m = self.api.stage_position()
+        return {"source": DEVICE, "frame_size": want, "store_size": store, "dwell_time": dwell,
+                "working_distance": wd, "stig": stig, "pixel_size": px,
+                "magnification": self.magnification(), "eht": eht, "probe_current": current,
+                "scan_rotation": rot, "pixel_size_m": px, "smartsem_pixel_size_m": raw,
+                "pixel_size_scale": self.pixel_size_scale, "dwell_s": dwell, "wd_m": wd,
+                "eht_v": eht, "probe_current_a": current, "scan_rotation_rad": rot,
+                "scan_time_s": scan_time_s(*store, dwell, self.policy.line_flyback_s),
+                "blanked": self.blanked(),
+                "stage": {"x": x, "y": y, "z": z, "r": math.radians(r), "t": math.radians(t)},
+                "electrons_per_nm2": current * dwell / E_CHARGE / (px * 1e9) ** 2}
 
     def _grab(self, w: int, h: int) -> np.ndarray:
         # SmartSEM's host writes this path: remoting needs a share seen by both.
@@ -365,35 +413,59 @@ class ZeissSEM(_OnSharedApi, SEM):
                                     f"uint8 {(h, w)}", device=DEVICE, operation="grab")
         return image
 
-    def run_autofocus(self) -> None:
-        self.unfreeze()                                   # the routine needs a live scan
-        self.api.execute("CMD_AUTO_FOCUS_FINE")
-        busy = lambda: str(self.api.get("DP_AUTO_FN_STATUS")).strip().lower() == "busy"  # noqa
-        with contextlib.suppress(DeviceTimeout):   # Busy may show late; never seen = done
-            self._wait("DP_AUTO_FN_STATUS=Busy", busy, bool, self.autofocus_start_s, "autofocus")
+    # ------------------------------------------------- SmartSEM's own routines
+    def _run_auto(self, command: str, operation: str) -> None:
+        """A SmartSEM routine needs a live scan; frozen again afterwards."""
+        self._require_beam(operation)
+        self._wait_ready(operation)
         try:
-            self._wait("DP_AUTO_FN_STATUS=Idle", busy, lambda b: not b, self.timeout_s,
-                       "autofocus")
-        except DeviceTimeout:
-            with contextlib.suppress(DeviceError):
-                self.api.execute("CMD_ABORT_AUTO")
+            self.unfreeze()
+            self.api.execute(command)
+            busy = lambda: str(self.api.get("DP_AUTO_FN_STATUS")).strip().lower() == "busy"  # noqa
+            with contextlib.suppress(DeviceTimeout):   # Busy may show late; never seen = done
+                self._wait("DP_AUTO_FN_STATUS=Busy", busy, bool, self.autofocus_start_s, operation)
+            try:
+                self._wait("DP_AUTO_FN_STATUS=Idle", busy, lambda b: not b, self.policy.autofocus_s,
+                           operation)
+            except DeviceTimeout:
+                with contextlib.suppress(DeviceError):
+                    self.api.execute("CMD_ABORT_AUTO")
+                raise
+            self.freeze()
+        except BaseException:
+            self._safe_freeze()
             raise
+
+    def run_autofocus(self) -> None:
+        self._run_auto("CMD_AUTO_FOCUS_FINE", "autofocus")
+
+    def run_autostig(self) -> None:
+        self._run_auto("CMD_AUTO_STIG", "autostig")
 
 
 class ZeissStage(_OnSharedApi, Stage):
     capabilities = Capability.STAGE_ROTATION | Capability.STAGE_TILT
     DEFAULT_TOLERANCE = dict(x=1e-6, y=1e-6, z=1e-6, r=math.radians(0.05), t=math.radians(0.05))
 
-    def __init__(self, api=None, *, timeout_s: float = 60.0, poll_s: float = 0.05,
+    def __init__(self, api=None, *, timeout_s: float = 5.0, poll_s: float = 0.05,
                  tolerance: dict[str, float] | None = None, backlash_m: float = 0.0,
-                 settle_s: float = 1.0, clock: Callable[[], float] | None = None,
-                 sleep: Callable[[float], None] | None = None):
+                 settle_s: float = 1.0, clock=None,
+                 sleep: Callable[[float], None] | None = None,
+                 speed: dict[str, float] | None = None, policy: TimeoutPolicy | None = None):
         if not (math.isfinite(backlash_m) and backlash_m >= 0):
             raise ValueError(f"backlash_m must be >= 0, got {backlash_m}")
+        if not (math.isfinite(settle_s) and settle_s >= 0):
+            raise ValueError(f"settle_s must be >= 0, got {settle_s}")
         self._init_common(api, timeout_s, poll_s, clock, sleep)
+        self.policy = policy or TimeoutPolicy(margin_s=timeout_s)
+        self.speed = {**DEFAULT_STAGE_SPEED, **(speed or {})}
+        for a, v in self.speed.items():
+            if a not in DEFAULT_STAGE_SPEED or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"stage speed {a}={v!r}: allowed axes x, y, z, r, t with speed > 0")
         self.tolerance = {**self.DEFAULT_TOLERANCE, **(tolerance or {})}
         self.backlash_m, self.settle_s = backlash_m, settle_s
         self._m = 0.0             # the API's 6th axis: read and passed back unchanged
+        self.last_timeout_s = 0.0
 
     def identity(self) -> str:
         return "ZEISS SmartSEM stage"
@@ -406,13 +478,26 @@ class ZeissStage(_OnSharedApi, Stage):
         self._m = m
         return StagePosition(x=x, y=y, z=z, r=math.radians(r), t=math.radians(t))
 
-    def _wait_idle(self) -> None:
-        self._wait("DP_STAGE_IS=Idle", lambda: str(self.api.get("DP_STAGE_IS")).strip(),
-                   lambda v: v.lower() != "busy", self.timeout_s, "move")
+    def move_timeout(self, start: StagePosition, target: StagePosition) -> float:
+        """distance / speed per axis (the slowest bounds) x factor + settle + margin."""
+        return self.policy.move(start.as_dict(), target.as_dict(), self.speed, self.settle_s)
 
-    def _send(self, p: StagePosition) -> None:
+    def _wait_idle(self, timeout_s: float) -> None:
+        self._wait("DP_STAGE_IS=Idle", lambda: str(self.api.get("DP_STAGE_IS")).strip(),
+                   lambda v: v.lower() != "busy", timeout_s, "move")
+        # no frame before the stage has settled (ZeissSEM waits for this)
+        self.api.ready_at = max(self.api.ready_at, self._clock() + self.settle_s)
+
+    def _send(self, start: StagePosition, p: StagePosition) -> None:
+        self.last_timeout_s = self.move_timeout(start, p)
         self.api.move_stage(p.x, p.y, p.z, math.degrees(p.t), math.degrees(p.r), self._m)
-        self._wait_idle()
+        try:
+            self._wait_idle(self.last_timeout_s)
+        except DeviceTimeout:
+            # stop it: a stage still moving would refuse the retry (and go on moving)
+            with contextlib.suppress(DeviceError):
+                self.stop()
+            raise
 
     def _off_axes(self, target: StagePosition, actual: StagePosition) -> dict[str, float]:
         off = {a: getattr(actual, a) - getattr(target, a) for a in StagePosition.AXES}
@@ -424,23 +509,30 @@ class ZeissStage(_OnSharedApi, Stage):
             _finite(f"stage.{a}", v)
         current, b = self.position(), self.backlash_m
         # Approach x, y from the negative side so the last motion takes up the lash
-        # the same way each time; no detour when already coming from there.
-        if b > 0 and not (current.x <= target.x - b and current.y <= target.y - b):
-            self._send(target.with_(x=target.x - b, y=target.y - b))
-        self._send(target)
+        # the same way each time; no detour when already coming from there, nor
+        # when x/y do not change (a z-, r- or t-only step stays single-axis).
+        moves_xy = abs(target.x - current.x) > self.tolerance["x"] or abs(target.y - current.y) > self.tolerance["y"]
+        if b > 0 and moves_xy and not (current.x <= target.x - b and current.y <= target.y - b):
+            via = current.with_(x=target.x - b, y=target.y - b)       # the detour changes x/y only
+            self._send(current, via)
+            current = via
+        self._send(current, target)
         if not verify:
             return self.position()
         # SmartSEM may still say Idle before a move starts: poll up to settle_s
         # (waiting out Busy again) before calling the move failed.
         t_idle = self._clock()
         while off := self._off_axes(target, actual := self.position()):
-            if self._clock() - t_idle >= self.settle_s:
+            if self._clock() - t_idle >= max(self.settle_s, self.poll_s):
                 detail = ", ".join(f"{a} off by {d:.3g}" for a, d in off.items())
                 raise MoveFailed(f"target {target} not reached: {detail} (actual {actual})",
                                  device=DEVICE, operation="move")
             self._sleep(self.poll_s)
-            self._wait_idle()
+            self._wait_idle(self.last_timeout_s)
         return actual
+
+    def is_moving(self) -> bool:
+        return str(self.api.get("DP_STAGE_IS")).strip().lower() == "busy"
 
     def stop(self) -> None:
         self.api.execute("CMD_STAGE_ABORT")

@@ -12,6 +12,7 @@ from PyQt5.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, Q
 from PyQt5.QtCore import Qt, QUrl
 from PyQt5.QtGui import QDesktopServices
 
+from common.paths import configs_dir, default_out_root
 from gui.incidents import IncidentList
 from gui.run_progress import pause_advice, report_folder
 from gui.widgets import Notice
@@ -19,7 +20,8 @@ from gui.widgets import Notice
 STATE_STYLE = {"running": "background: #2e7d32; color: white;", "paused": "background: #f9a825; color: black;",
                "stopping": "background: #ef6c00; color: white;", "idle": "background: #607d8b; color: white;",
                "error": "background: #c62828; color: white;"}
-ROOT = Path(__file__).resolve().parents[1]
+PLANS_DIR = configs_dir() / "plans"
+OUT_ROOT = default_out_root()
 
 
 class AcquisitionPanel(QWidget):
@@ -38,13 +40,13 @@ class AcquisitionPanel(QWidget):
         load.clicked.connect(self.load_plan)
         demo = QPushButton("Demo plan")
         demo.setToolTip("configs/plans/demo_wafer.yaml")
-        demo.clicked.connect(lambda: self.load_plan(ROOT / "configs" / "plans" / "demo_wafer.yaml"))
+        demo.clicked.connect(lambda: self.load_plan(PLANS_DIR / "demo_wafer.yaml"))
         row.addWidget(load)
         row.addWidget(demo)
         row.addStretch(1)
         f.addRow(self.plan_label)
         f.addRow(row)
-        self.out_dir = QLineEdit(str(ROOT / "out" / time.strftime("run_%Y%m%d_%H%M%S")))
+        self.out_dir = QLineEdit(str(OUT_ROOT / time.strftime("run_%Y%m%d_%H%M%S")))
         browse = QPushButton("…")
         browse.setMaximumWidth(30)
         browse.clicked.connect(self._browse_out)
@@ -122,7 +124,7 @@ class AcquisitionPanel(QWidget):
 
     # ------------------------------------------------------------ actions
     def load_plan(self, path=None) -> bool:
-        path = path or QFileDialog.getOpenFileName(self, "Load plan", str(ROOT / "configs" / "plans"),
+        path = path or QFileDialog.getOpenFileName(self, "Load plan", str(PLANS_DIR),
                                                    "Plan (*.yaml *.yml)")[0]
         if not path:
             return False
@@ -130,7 +132,7 @@ class AcquisitionPanel(QWidget):
         return self.ctl.load_plan(path)
 
     def _browse_out(self) -> None:
-        d = QFileDialog.getExistingDirectory(self, "Output folder", str(ROOT / "out"))
+        d = QFileDialog.getExistingDirectory(self, "Output folder", str(OUT_ROOT))
         if d:
             self.out_dir.setText(d)
 
@@ -145,7 +147,7 @@ class AcquisitionPanel(QWidget):
         return self.ctl.start(out)
 
     def recover(self, folder=None) -> bool:
-        folder = folder or QFileDialog.getExistingDirectory(self, "Run folder to continue", str(ROOT / "out"))
+        folder = folder or QFileDialog.getExistingDirectory(self, "Run folder to continue", str(OUT_ROOT))
         if not folder:
             return False
         folder = Path(folder)
@@ -204,7 +206,7 @@ class AcquisitionPanel(QWidget):
             extra.append("irradiation")
         src = plan.source or "built in the wafer workflow"
         self.plan_label.setText(f"{src}\n{n}; {plan.n_cycles()} cycle(s); {', '.join(extra)}")
-        self.out_dir.setText(str(ROOT / "out" / time.strftime("run_%Y%m%d_%H%M%S")))
+        self.out_dir.setText(str(OUT_ROOT / time.strftime("run_%Y%m%d_%H%M%S")))
         self._buttons()
 
     def _on_state(self, state: str, reason: str) -> None:

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "sim.yaml"
+from common.paths import default_config
+
+DEFAULT_CONFIG = default_config()
 
 
 def make_app(argv: Optional[list[str]] = None):

@@ -45,6 +45,8 @@ class IncidentList(QWidget):
         self.incidents: list = []
 
     def add(self, inc) -> None:
+        if (getattr(inc, "context", None) or {}).get("progress"):
+            return                  # irradiation progress points: the dose panel plots them
         self.incidents.append(inc)
         self.table.insertRow(0)
         t = time.strftime("%H:%M:%S", time.localtime(getattr(inc, "time", time.time())))

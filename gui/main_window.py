@@ -86,6 +86,7 @@ class MainWindow(QMainWindow):
         session.message.connect(self.show_message)
         session.runner.busy_changed.connect(self._busy)
         self.sem_panel.frame_ready.connect(self.live.on_frame)
+        self.dose_panel.follow(self.controller.bridge)
         self.controller.bridge.tile.connect(self.live.on_tile)
         self.controller.bridge.tile.connect(self.autofocus.on_tile)
         self.controller.state_changed.connect(self._run_state)

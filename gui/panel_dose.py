@@ -1,12 +1,16 @@
 """Ion raster (waveform generator) and the dose chain (SR570 preamp + DMM):
 configure the raster, switch its outputs, set the preamp gain, read the
-specimen current and integrate it into an electron dose estimate."""
+specimen current and integrate it into an electron dose estimate; during a
+run, plot the irradiation step's dose over time (its progress incidents)."""
 from __future__ import annotations
 
 import time
 
+import pyqtgraph as pg
+from PyQt5.QtCore import Qt
 from PyQt5.QtWidgets import QCheckBox, QComboBox, QHBoxLayout
 
+from acq.documents import IncidentCause
 from devices.errors import LimitViolation
 from devices.interfaces import RasterSettings
 from gui.panel_base import DevicePanel
@@ -106,6 +110,54 @@ class DosePanel(DevicePanel):
         self._last_t = None
         self.current_a = None
         session.state.connect(self._preamp_state)
+        self._build_plot()
+
+    # ------------------------------------------------------------ dose over time (a run's irradiation)
+    def _build_plot(self) -> None:
+        self.plot = pg.PlotWidget()
+        self.plot.setMinimumHeight(160)
+        self.plot.setLabel("bottom", "irradiation time", units="s")
+        self.plot.setLabel("left", "dose (10²⁷ eV/cm³)")
+        self.plot.showGrid(x=True, y=True, alpha=0.3)
+        self.plot.addLegend(offset=(5, 5))
+        self.target_line = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen("#c62828", style=Qt.DashLine))
+        self.target_line.setVisible(False)
+        self.plot.addItem(self.target_line)
+        self.body.addWidget(self.plot)
+        self.curves: dict[int, pg.PlotDataItem] = {}            # section -> its dose curve
+        self.points: dict[int, tuple[list[float], list[float]]] = {}
+
+    def follow(self, bridge) -> None:
+        """Plot the irradiation progress of the runs this DocBridge carries."""
+        bridge.run_started.connect(self.clear_plot)
+        bridge.incident.connect(self.on_incident)
+
+    def clear_plot(self, *_) -> None:
+        for c in self.curves.values():
+            self.plot.removeItem(c)
+        self.curves.clear()
+        self.points.clear()
+        self.target_line.setVisible(False)
+
+    def on_incident(self, doc) -> None:
+        ctx = doc.context
+        if doc.cause != IncidentCause.IRRADIATION_DOSE or not ctx.get("progress"):
+            return
+        sec = int(ctx["section"])
+        t, d = self.points.setdefault(sec, ([], []))
+        if t and ctx["seconds"] < t[-1]:            # the section irradiated again (next cycle): a new curve
+            t.clear()
+            d.clear()
+        t.append(float(ctx["seconds"]))
+        d.append(float(ctx["dose_1e27_ev_cm3"]))
+        curve = self.curves.get(sec)
+        if curve is None:
+            color = pg.intColor(len(self.curves), hues=9)
+            curve = self.curves[sec] = self.plot.plot([], [], pen=pg.mkPen(color, width=2), symbol="o",
+                                                      symbolSize=4, name=f"section {sec} ({ctx['source']})")
+        curve.setData(t, d)
+        self.target_line.setValue(float(ctx["target_1e27_ev_cm3"]))
+        self.target_line.setVisible(True)
 
     def set_sensitivity(self):
         preamp = self.session.device("current_preamp")

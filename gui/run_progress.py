@@ -108,6 +108,9 @@ _ADVICE = {
                                   "the mill as done, Stop ends the run.",
     PauseReason.OPERATOR: "Paused at your request between two steps (beams blanked). Resume to continue, Stop to "
                           "end the run.",
+    PauseReason.EHT_OFF: "The SEM's EHT (gun) is off, so nothing can be imaged. Switch it on in SmartSEM (Beam On; "
+                         "run-up takes about a minute): the run resumes by itself once the beam is on, or press "
+                         "Resume then. Stop ends the run (continue later with Resume run …).",
     PauseReason.WRITE_FAILED: "The output keeps refusing data that is held in memory. Free space or fix the output "
                               "folder, then Resume to write it again; Stop loses what is held (imaged again on "
                               "resume).",

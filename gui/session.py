@@ -15,7 +15,7 @@ from gui.workers import TaskRunner
 
 log = logging.getLogger(__name__)
 ROLE_LABELS = {"sem": "SEM", "stage": "Stage", "ion_gun": "Ion gun", "waveform_generator": "Raster (AWG)",
-               "multimeter": "DMM", "current_preamp": "Current preamp"}
+               "multimeter": "DMM", "current_preamp": "Current preamp", "electron_source": "Electron source"}
 
 
 def describe_error(e: BaseException) -> str:
@@ -60,9 +60,14 @@ def _read_preamp(preamp) -> dict:
     return {"sensitivity": sens, "detail": st.detail}
 
 
+def _read_electron_source(src) -> dict:
+    st = src.source_status()
+    return {"beam_on": st.beam_on, "emission_a": st.emission_current, "energy_v": st.energy}
+
+
 READERS: dict[str, Callable[[Any], dict]] = {
     "sem": _read_sem, "stage": _read_stage, "ion_gun": _read_ion_gun, "waveform_generator": _read_awg,
-    "multimeter": _read_dmm, "current_preamp": _read_preamp}
+    "multimeter": _read_dmm, "current_preamp": _read_preamp, "electron_source": _read_electron_source}
 
 
 class Session(QObject):

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from common.paths import models_dir
 from wafer.unet import UNet, build_from_config, fold_batchnorm
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "models" / "sections_unet.pt"
+DEFAULT_MODEL = models_dir() / "sections_unet.pt"
 MIN_AREA_UM2 = 200 * 4.0 ** 2        # the seed's 200 px at 4 um, kept physical for other pixel sizes
 # After the seed's post-processing, drop what is not a section (chosen on
 # validation wafers, seeds 20001-20040, never on the benchmark's): mean tissue

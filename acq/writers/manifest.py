@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from common.atomic import FileExists, atomic_write, ensure_dir, is_temporary, remove_temporaries
+from common.atomic import O_BINARY, FileExists, atomic_write, ensure_dir, is_temporary, pread, remove_temporaries
 from common.crashpoints import point
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _tail_fragment(fd: int, size: int) -> tuple[int, bytes]:
     while pos > 0:
         n = min(1 << 16, pos)
         pos -= n
-        block = os.pread(fd, n, pos)
+        block = pread(fd, n, pos)
         i = block.rfind(b"\n")
         if i >= 0:
             return pos + i + 1, block[i + 1:] + tail
@@ -101,7 +101,7 @@ def _tail_fragment(fd: int, size: int) -> tuple[int, bytes]:
 
 def _repair_fd(fd: int, path: Path) -> Optional[str]:
     size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+    if size == 0 or pread(fd, 1, size - 1) == b"\n":
         return None
     start, frag = _tail_fragment(fd, size)
     try:
@@ -127,7 +127,7 @@ def repair_tail(path: Path) -> Optional[str]:
     whole record); what was done, or None when the file ends with a newline."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | O_BINARY)
     except FileNotFoundError:
         return None
     try:
@@ -142,7 +142,7 @@ def append_durably(path: Path, data: bytes) -> None:
     path = Path(path)
     if not path.exists():
         point("create", path)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_BINARY, 0o644)
     try:
         _repair_fd(fd, path)
         view = memoryview(data)

@@ -30,7 +30,7 @@ from zarr.core.buffer import Buffer
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from common.atomic import fsync_dir, temp_name
+from common.atomic import atomic_write, fsync_dir
 from common.crashpoints import point
 
 # (store key, sha256 or None when deleted, size) after each durable write
@@ -59,22 +59,8 @@ def _put_durably(root: Path, key: str, data: bytes) -> None:
     _mkdirs(path.parent, root)
     if key.endswith("zarr.json"):
         point("metadata", path)
-    tmp = temp_name(path)
-    try:
-        point("create", tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            point("write", tmp)
-            f.write(data)
-            f.flush()
-            point("fsync", tmp)
-            os.fsync(f.fileno())
-        point("rename", path)
-        os.replace(tmp, path)       # zarr objects are mutable by nature (metadata grows, shards fill)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    # zarr objects are mutable by nature (metadata grows, shards fill): replaced, atomically
+    atomic_write(path, data, overwrite=True)
 
 
 def _delete_durably(root: Path, key: str) -> None:

@@ -6,11 +6,12 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from common.paths import default_config
 from devices.cli import finite
 from devices.setup_config import ConfigError, load_setup
 
 app = typer.Typer(add_completion=False, help="The simulated microscope.")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sim.yaml"
+DEFAULT_CONFIG = default_config()
 
 
 @app.command()

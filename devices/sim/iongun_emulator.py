@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from common.paths import configs_dir
 from devices.command_table import CommandTable, command_parser, load_command_table, render, reply_template
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TABLE = Path(__file__).resolve().parents[2] / "configs" / "iongun" / "ionoptika_sim.yaml"
+DEFAULT_TABLE = configs_dir() / "iongun" / "ionoptika_sim.yaml"
 _CHANGES = ("beam_on", "beam_off", "blank", "unblank", "set_energy", "set_cluster_size", "raster_on", "raster_off")
 # error codes of the emulated gun
 E_UNKNOWN, E_RANGE, E_INTERLOCK, E_SYNTAX = 1, 2, 3, 4

@@ -9,7 +9,7 @@ import numpy as np
 
 from common.constants import E_CHARGE
 from devices import errors
-from devices.interfaces import SEM, Capability, Frame
+from devices.interfaces import SEM, BeamOff, Capability, Frame
 from devices.sim import optics
 from devices.sim.faults import SEM_FRAME
 from devices.sim.world import SimWorld
@@ -18,7 +18,8 @@ MAX_FRAME = (8192, 8192)
 
 
 class SimSEM(SEM):
-    capabilities = Capability.FREEZE | Capability.SCAN_ROTATION | Capability.BEAM_BLANKING
+    capabilities = (Capability.FREEZE | Capability.SCAN_ROTATION | Capability.BEAM_BLANKING
+                    | Capability.EHT_CONTROL)
 
     def __init__(self, world: SimWorld, name: str = "sem"):
         self.world = world
@@ -31,6 +32,7 @@ class SimSEM(SEM):
         self._last: np.ndarray | None = None
         self._rng = np.random.default_rng(world.params.seed + 101)
         self.frames_acquired = 0
+        self._eht_on = True          # the gun: a test (or a fault) switches it off
 
     def reseed(self, seed) -> None:
         """Restart the frame noise (and drift steps) from ``seed`` (an int or a
@@ -70,6 +72,10 @@ class SimSEM(SEM):
     def blanked(self): return self.world.sem.blanked
     def set_blanked(self, blanked): self.world.sem.blanked = bool(blanked)
 
+    def eht_on(self): return self._eht_on
+    def eht_state(self): return "Beam On" if self._eht_on else "EHT Off"
+    def set_eht_on(self, on, *, wait=True): self._eht_on = bool(on)
+
     def set_pixel_size(self, metres):
         if not 0 < metres <= 1e-4:
             raise errors.LimitViolation("pixel_size", metres, "(0, 100 µm]", device=self.name)
@@ -96,6 +102,8 @@ class SimSEM(SEM):
 
     def acquire_frame(self) -> Frame:
         self._need()
+        if not self._eht_on:
+            raise BeamOff("EHT is off: no frame", device=self.name, operation="acquire_frame")
         w = self.world
         fault = w.faults.check(self.name, SEM_FRAME)
         t_start = w.clock.now()

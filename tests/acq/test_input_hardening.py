@@ -257,16 +257,24 @@ def test_a_sweep_wider_than_the_wd_window_is_refused(tmp_path):
     assert "autofocus.sweep_range_um = 600" in err and "safety.wd_mm" in err and "at most 500" in err, err
 
 
-def test_zeiss_setups_allow_only_the_store_resolutions(tmp_path):
+def test_zeiss_setups_allow_frames_inside_a_store(tmp_path):
+    """A SmartSEM scans store resolutions only: a smaller frame (256x256) is
+    cropped from the smallest store holding it, a bigger one than every store
+    is refused naming the largest."""
     from acq.plan import Plan, check_sem_settings
     from devices.setup_config import validate_config
     d = setup_data()
     d["devices"]["sem"] = {"driver": "zeiss_smartsem"}
     cfg = load_setup(write_yaml(tmp_path / "zeiss.yaml", d))
-    plan = validate_config(Plan, {"setup": str(tmp_path / "zeiss.yaml"), **_explicit(1, 1)}, "p.yaml",
-                           context={"base": tmp_path})
-    with pytest.raises(ConfigError, match=r"frame_size = \[256, 256\].*one of 1024x768"):
-        check_sem_settings(plan, cfg, "p.yaml")
+
+    def plan(frame):
+        grid = {**GRID, "frame_size": frame}
+        return validate_config(Plan, {"setup": str(tmp_path / "zeiss.yaml"), **_explicit(1, 1),
+                                      "sections": [{"id": 1, "grids": [{**grid, "rows": 1, "cols": 1}]}]},
+                               "p.yaml", context={"base": tmp_path})
+    check_sem_settings(plan([256, 256]), cfg, "p.yaml")
+    with pytest.raises(ConfigError, match=r"frame_size = \[30000, 30000\].*up to 32768x24576"):
+        check_sem_settings(plan([30000, 30000]), cfg, "p.yaml")
 
 
 # ------------------------------------------------------------------ 6. top-level --config

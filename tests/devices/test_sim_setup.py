@@ -18,9 +18,9 @@ def test_devices_check_cli_reports_every_role_healthy():
     r = subprocess.run([sys.executable, str(ROOT / "main.py"), "devices", "check"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    for role in ("sem", "stage", "ion_gun", "waveform_generator", "multimeter", "current_preamp"):
+    for role in ("sem", "stage", "ion_gun", "waveform_generator", "multimeter", "current_preamp", "electron_source"):
         assert role in r.stdout
-    assert "6/6 devices healthy" in r.stdout
+    assert "7/7 devices healthy" in r.stdout
 
 
 def test_devices_check_fails_when_a_device_is_unreachable(tmp_path):
@@ -35,7 +35,7 @@ def test_devices_check_fails_when_a_device_is_unreachable(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "main.py"), "devices", "check", "--config", str(cfg)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1
-    assert "FAIL" in r.stdout and "5/6 devices healthy" in r.stdout
+    assert "FAIL" in r.stdout and "6/7 devices healthy" in r.stdout
 
 
 def test_multimeter_reads_the_specimen_current_through_the_preamp(sim_config):

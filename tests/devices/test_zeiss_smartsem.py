@@ -39,7 +39,7 @@ class FakeEMApi:
                        "AP_MANUALKV": 3000.0, "AP_ACTUALKV": 2990.0, "AP_IPROBE": 1e-10,
                        "AP_SCANROTATION": 0.0, "DP_SCAN_ROT": "Off", "DP_SCANRATE": "4",
                        "DP_BEAM_BLANKING": "No", "DP_FREEZE_ON": "End Frame",
-                       "SV_VERSION": "V06.00"}
+                       "SV_VERSION": "V06.00", "DP_RUNUPSTATE": "Beam On"}
         self.store = 1                     # 512 x 384 keeps the TIFFs small
         self.frozen, self.freeze_polls, self.unfreeze_polls = "Frozen", 0, 0
         self._pending: tuple[str, int] | None = None
@@ -259,7 +259,8 @@ def test_scanning_puts_back_what_it_changed(sem, fake):
         assert (sem.frame_size(), sem.blanked()) == ((512, 384), False)
         assert sem.pixel_size() == pytest.approx(4e-9)
     assert sem.frame_size() == (2048, 1536) and sem.pixel_size() == pytest.approx(10e-9) and sem.blanked()
-    assert not fake.sets("DP_SCAN_ROT") and not fake.executed()      # rotation and dwell never touched
+    # rotation and dwell never touched; a store change is re-frozen at once (SmartSEM unfreezes on it)
+    assert not fake.sets("DP_SCAN_ROT") and set(fake.executed()) == {"CMD_FREEZE_ALL"}
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -1e-3, 0.0, "5 mm"])
@@ -309,12 +310,15 @@ def test_dwell_maps_to_nearest_scan_rate(sem, fake):
     assert len(fake.executed()) == n
 
 
-def test_frame_size_maps_to_store_index_and_refuses_unsupported(sem, fake):
+def test_frame_size_maps_to_store_index_snaps_and_refuses_oversize(sem, fake):
     sem.set_frame_size(2048, 1536)
     assert fake.sets("DP_IMAGE_STORE") == [2]
     assert sem.frame_size() == (2048, 1536)
-    with pytest.raises(LimitViolation, match="1000, 1000"):
-        sem.set_frame_size(1000, 1000)
+    sem.set_frame_size(1000, 1000)                    # no store: 2048x1536 holds it
+    assert fake.sets("DP_IMAGE_STORE") == [2] and sem.frame_size() == (1000, 1000)
+    for bad in ((40000, 100), (0, 10)):
+        with pytest.raises(LimitViolation, match="frame_size"):
+            sem.set_frame_size(*bad)
     assert fake.sets("DP_IMAGE_STORE") == [2]
 
 
@@ -343,7 +347,8 @@ def test_freeze_that_never_happens_times_out(sem, fake, clock):
     fake.frozen, fake.never_freeze = "Live", True
     with pytest.raises(DeviceTimeout, match="DP_FROZEN=Frozen"):
         sem.freeze()
-    assert 1.0 <= clock.t < 1.1
+    bound = sem.policy.grab(512, 384, 0.8e-6)         # a frame's time, not a fixed timeout
+    assert bound <= clock.t < bound + 0.1
 
 
 # ------------------------------------------------------------------- acquire
@@ -359,21 +364,21 @@ def test_acquire_frame_returns_the_tiff_pixels_and_metadata(sem, fake, tmp_path)
     assert md["dwell_time"] == pytest.approx(0.8e-6)
     assert md["eht"] == pytest.approx(2990.0) and md["probe_current"] == pytest.approx(1e-10)
     assert md["t_start"] <= md["t_frozen"] <= md["t_end"] and md["started_utc"]
-    # freeze on end of frame, see the scan live, freeze, grab, then go live again
+    # freeze on end of frame, see the scan live, freeze, grab, and stay frozen
     kinds = [(e[0], e[1] if len(e) > 1 else None) for e in fake.log]
     i_live = max(i for i, e in enumerate(fake.log) if e[:2] == ("Get", "DP_FROZEN")
                  and e[2] == "Live" and i < kinds.index(("Execute", "CMD_FREEZE_ALL")))
     assert kinds.index(("Set", "DP_FREEZE_ON")) < i_live < kinds.index(("Grab", 0))
-    assert fake.executed() == ["CMD_UNFREEZE_ALL", "CMD_FREEZE_ALL", "CMD_UNFREEZE_ALL"]
+    assert fake.executed() == ["CMD_UNFREEZE_ALL", "CMD_FREEZE_ALL"]
     assert fake.sets("DP_FREEZE_ON") == [0]
     assert list(tmp_path.iterdir()) == []             # temp TIFF removed
 
 
-def test_grab_failure_raises_and_unfreezes(sem, fake, tmp_path):
+def test_grab_failure_raises_and_leaves_the_scan_frozen(sem, fake, tmp_path):
     fake.fail["Grab"] = 1016
     with pytest.raises(AcquisitionFailed, match="1016"):
         sem.acquire_frame()
-    assert fake.executed()[-1] == "CMD_UNFREEZE_ALL"
+    assert fake.executed()[-1] == "CMD_FREEZE_ALL" and fake.frozen == "Frozen"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -387,7 +392,7 @@ def test_acquire_times_out_when_the_frame_never_freezes(sem, fake):
     fake.never_freeze = True
     with pytest.raises(DeviceTimeout):
         sem.acquire_frame()
-    assert fake.executed()[-1] == "CMD_UNFREEZE_ALL" and not any(e[0] == "Grab" for e in fake.log)
+    assert fake.executed()[-1] == "CMD_FREEZE_ALL" and not any(e[0] == "Grab" for e in fake.log)
 
 
 # ----------------------------------------------------------------- autofocus
@@ -401,7 +406,7 @@ def test_autofocus_that_never_ends_is_aborted(sem, fake):
     fake.af_polls = 10 ** 6
     with pytest.raises(DeviceTimeout, match="DP_AUTO_FN_STATUS"):
         sem.run_autofocus()
-    assert fake.executed()[-1] == "CMD_ABORT_AUTO"
+    assert fake.executed()[-2:] == ["CMD_ABORT_AUTO", "CMD_FREEZE_ALL"]
 
 
 # --------------------------------------------------------------------- stage

@@ -41,7 +41,7 @@ def test_mapfost_run_now_converges_and_plots(win, qtbot):
     xs, ys = p.wd_curve.getData()
     assert len(xs) == len(res["iterations"]) + 1                      # start + every iteration
     assert res["status"] in p.result.text() and "→" in p.result.text()
-    assert p.run_button.isEnabled()
+    qtbot.waitUntil(p.run_button.isEnabled, timeout=5000)      # the task's end arrives just after its result
     assert (sem.pixel_size(), tuple(sem.frame_size()), sem.dwell_time()) == scan   # scan settings restored
 
 
