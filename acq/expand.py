@@ -17,8 +17,8 @@ from typing import Iterator, Optional
 
 from acq.documents import tile_id
 from acq.events import AcquireTile, Autofocus, Configure, CycleEnd, Irradiate, Mill, MoveStage, PlanEvent, SectionEnd
-from acq.plan import (OVERVIEW_SECTION, Grid, Plan, Section,
-                      check_positions, tile_centres)
+from acq.plan import OVERVIEW_SECTION, Grid, Plan, Section
+from acq.plan_checks import check_positions, tile_centres
 from devices.setup_config import ConfigError
 
 

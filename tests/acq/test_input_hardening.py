@@ -261,7 +261,8 @@ def test_zeiss_setups_allow_frames_inside_a_store(tmp_path):
     """A SmartSEM scans store resolutions only: a smaller frame (256x256) is
     cropped from the smallest store holding it, a bigger one than every store
     is refused naming the largest."""
-    from acq.plan import Plan, check_sem_settings
+    from acq.plan import Plan
+    from acq.plan_checks import check_sem_settings
     from devices.setup_config import validate_config
     d = setup_data()
     d["devices"]["sem"] = {"driver": "zeiss_smartsem"}
