@@ -3,7 +3,11 @@
     python main.py                      start the operator GUI (configs/sim.yaml)
     python main.py devices check        connect every configured device
     python main.py sim frame ...        render one simulated frame
-    python main.py wafer ...            section ordering and wafer tools
+    python main.py wafer ...            section detection, ordering, MagC import/export
+    python main.py run PLAN --out DIR   run an acquisition plan (--resume DIR continues one)
+    python main.py report DIR           the run at a glance: DIR/report/report.html
+    python main.py view DIR             napari (or a neuroglancer state) of everything a run wrote
+    gcib-acq ...                        the same commands, once installed (pip install .)
 
 ``--config CFG`` before the command applies to every command that takes a
 setup (as if given after it); a command without one refuses it, as does a
