@@ -91,6 +91,7 @@ class IncidentCause(StrEnum):
     MILL_CONTINUED = "mill_continued"
     MILL_INTERRUPTED = "mill_interrupted"
     MILL_SAFING = "mill_safing"
+    STAGE_CHECK = "stage_check"              # a mill approach/return step failed; context: event
     QC_FAILED = "qc_failed"
     RETRY = "retry"
     SAFING_UNCONFIRMED = "safing_unconfirmed"

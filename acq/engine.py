@@ -254,12 +254,23 @@ class Engine:
 
     def make_safe(self) -> None:
         """Paused or stopped: no beam on the specimen."""
-        self.setup.sem.set_blanked(True)
+        # each beam on its own: the device that fails (often the one that caused the pause)
+        # must not keep the others on; the first error is raised once all were tried
+        errors = []
+
+        def attempt(fn) -> None:
+            try:
+                fn()
+            except Exception as e:
+                errors.append(e)
+        attempt(lambda: self.setup.sem.set_blanked(True))
         if getattr(self.setup, "electron_source", None) is not None:
-            self.setup.electron_source.beam_off()
+            attempt(self.setup.electron_source.beam_off)
         if self.setup.ion_gun is not None:
             self.ctx.ion_beam_safe = False
-            self.ctx.ensure_ion_beam_safe()
+            attempt(self.ctx.ensure_ion_beam_safe)
+        if errors:
+            raise errors[0]
 
     # ------------------------------------------------------------ incidents and held writes
     def _publish_incident(self, inc: Incident) -> None:

@@ -61,6 +61,25 @@ class MillApproachFailed(MoveFailed):
         super().__init__(message, device="stage", operation=step)
 
 
+def check_at_imaging(ctx, pos: StagePosition, when: str) -> None:
+    """Refuse (MillApproachFailed: the operator looks) unless the stage is at
+    an imaging pose: flat, unrotated, outside the mill position's radius. After
+    a failed step the stage may be tilted at the mill: nothing is commanded
+    from there automatically, neither a new approach nor a tile's move."""
+    mp = ctx.setup.config.safety.mill_position
+    near = math.hypot(pos.x - mp.x_mm * 1e-3, pos.y - mp.y_mm * 1e-3) < mp.imaging_exclusion_mm * 1e-3
+    bad = [f"tilt {math.degrees(pos.t):.2f} deg"] if abs(pos.t) > TOLERANCE["t"] else []
+    if abs(_angle_diff(pos.r, 0.0)) > TOLERANCE["r"]:
+        bad.append(f"rotation {math.degrees(pos.r):.2f} deg")
+    if near:
+        bad.append(f"within {mp.imaging_exclusion_mm:g} mm of the mill position")
+    if bad:
+        raise MillApproachFailed(
+            f"{when}: the stage is not at an imaging pose ({', '.join(bad)}; at x={pos.x * 1e3:.3f} mm, "
+            f"y={pos.y * 1e3:.3f} mm, z={pos.z * 1e3:.3f} mm). Bring it back flat, unrotated and away from "
+            "the mill position by hand, then resume", step=when, axes=("t", "r", "x", "y"))
+
+
 @dataclass(frozen=True)
 class Waypoint:
     axes: tuple[str, ...]
@@ -125,6 +144,7 @@ class MillApproach:
         self.stage = ctx.setup.stage
         self.target = mill_target
         start = self.stage.position()
+        check_at_imaging(ctx, start, "start of the mill approach")
         self.imaging = StagePosition(x=start.x, y=start.y, z=ctx.imaging_z, r=0.0, t=0.0)
         self.failed = False          # a step failed: nothing else may be commanded automatically
         self.started = False         # the approach began: the way back is needed

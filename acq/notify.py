@@ -65,6 +65,8 @@ PAUSE_ADVICE: dict[PauseReason, str] = {
                                   "accepting the mill as done.",
     PauseReason.WRITE_FAILED: "The output keeps refusing data held in memory. Free space or repair the output "
                               "folder, then resume; stopping loses what is held (imaged again on resume).",
+    PauseReason.STAGE_CHECK: "A stage step to or from the mill position did not verify; the stage may be tilted at the "
+                             "mill position. Someone at the microscope has to bring it back by hand, then resume.",
     PauseReason.EHT_OFF: "The SEM's EHT (gun) is off, so nothing can be imaged. Someone at the microscope has to "
                          "switch it on (run-up about a minute); the run then resumes by itself.",
     PauseReason.OUTPUT: "The output cannot take data. Free space or restore the output folder, then continue the "

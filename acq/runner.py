@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional, Protocol
 from acq.device_ops import reconnect, role_of
 from acq.documents import FinishReason, IncidentCause, Severity
 from acq.dose_budget import DoseBudgetReached
+from acq.mill_approach import MillApproachFailed
 from acq.suspenders import EHT_ADVICE, Suspender, SuspenderSet, is_disk_error
 from devices.errors import DeviceError, InterlockError, LimitViolation
 from devices.interfaces import BeamOff
@@ -66,6 +67,8 @@ class PauseReason(StrEnum):
     OUTPUT = "output"                        # the output cannot take data and nothing watches it
     EHT_OFF = "eht_off"                      # the SEM's gun is off (data: suspender or event); resumes by itself
                                              # once the operator has switched it on
+    STAGE_CHECK = "stage_check"              # a mill approach/return step failed: the stage may be tilted at the
+                                             # mill position; nothing moves it until the operator has looked
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,9 @@ class Runner:
                     self.suspend(sus, msg)
                 else:
                     self.failed(ev, e)
+            except MillApproachFailed as e:       # never retried from where the stage stopped
+                body.incident(Severity.ERROR, IncidentCause.STAGE_CHECK, f"{_label(ev)}: {e}", {"event": ev.key})
+                self.operator_pause(Pause(PauseReason.STAGE_CHECK, f"stage check: {e}", {"event": ev.key}))
             except DeviceError as e:
                 off = _beam_off(e)
                 if off is not None:

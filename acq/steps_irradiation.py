@@ -45,6 +45,7 @@ from devices.errors import CommunicationError, DeviceError, DeviceTimeout, Inter
 log = logging.getLogger(__name__)
 
 MAX_BLOCK = 64                     # samples per DMM block: bounds overshoot and journal latency
+BLOCK_S = 10.0                     # seconds per block at most: a stop acts (beam off) within one block
 IRR_FRAME = 1024
 PREAMP_SETTLE_S = 0.05
 UM2_TO_CM2 = 1e-8
@@ -118,10 +119,15 @@ class _SemBeam:
     def check(self, amps: np.ndarray, open_s: float) -> bool:
         return True
 
+    def exposure_left_s(self, open_s: float) -> float:
+        return math.inf
+
     def off(self) -> None:
         ctx = self.ctx
-        self.sem.set_blanked(True)
-        self.sem.freeze()
+        try:
+            self.sem.set_blanked(True)
+        finally:
+            self.sem.freeze()       # tried even when blanking failed: no live scan left behind
         self.sem.set_eht(ctx.plan.imaging.eht_kv * 1e3)
         self.sem.set_probe_current(ctx.plan.imaging.probe_current_na * 1e-9)
         ctx.invalidate_scan()
@@ -168,6 +174,9 @@ class _ExternalBeam:
         if not self.src.beam_on():
             raise InterlockError("the electron source did not open", device="electron_source", operation="open")
 
+    def exposure_left_s(self, open_s: float) -> float:
+        return max(0.0, self.win.max_exposure_s - open_s)
+
     def check(self, amps: np.ndarray, open_s: float) -> bool:
         """Safety windows after each block; False: stop now (exposure window used up)."""
         if not self.src.beam_on():       # tripped or closed by hand: the current read was not all the source's
@@ -199,8 +208,9 @@ def irradiate(ctx, ev: Irradiate) -> dict:
     try:
         beam.prepare()
         _prepare(setup, step)
-        beam.on()
-        charge, seconds = _integrate(ctx, ev, beam, charge, seconds)
+        if charge < target_charge(step):        # (a resume may find the dose complete: never open for nothing)
+            beam.on()
+            charge, seconds = _integrate(ctx, ev, beam, charge, seconds)
     except BaseException as err:
         try:
             beam.off()
@@ -245,6 +255,9 @@ def _integrate(ctx, ev: Irradiate, beam, charge: float, seconds: float) -> tuple
         left_s = step.max_duration_s - seconds
         need = (goal - charge) / current_est
         n = int(min(MAX_BLOCK, max(2, math.ceil(min(need, left_s) / interval) + 1)))
+        # never past the duration or the source's exposure window, and short enough for a stop to act soon
+        room_s = min(left_s, beam.exposure_left_s(open_s), BLOCK_S)
+        n = max(1 if last_t is not None else 2, min(n, int(room_s // interval)))
         t0 = clock.now()
         try:
             times, volts = dmm.read_block(n, interval)
@@ -254,12 +267,17 @@ def _integrate(ctx, ev: Irradiate, beam, charge: float, seconds: float) -> tuple
             failures += 1
             if failures >= tries:
                 raise StepFailed(f"irradiation of section {ev.section}", e, tries) from e
-            ctx.incident("warning", "retry", f"irradiation read failed ({e}); retrying",
+            ctx.incident("warning", "retry", f"irradiation read failed ({e}); retrying with the beam off",
                          {"section": ev.section})
+            beam.off()                      # no unmeasured dose while the meter is being set up again
+            gap = clock.now() - t0          # the block's time with the beam on counts against the limits
+            seconds += gap
+            open_s += gap
             if isinstance(e, CommunicationError) and not isinstance(e, DeviceTimeout):
                 reconnect(setup, "multimeter")
             _prepare(setup, step)
-            last_t = last_i = None          # the gap is not integrated: under-count, never over-count
+            last_t = last_i = None          # the block is not integrated: its charge is not counted
+            beam.on()
             continue
         failures = 0
         span = float(times[-1]) + interval if len(times) else interval
@@ -269,7 +287,6 @@ def _integrate(ctx, ev: Irradiate, beam, charge: float, seconds: float) -> tuple
         t = t0 + np.asarray(times, float)
         amps = np.asarray(preamp.voltage_to_current(np.asarray(volts, float)), float)
         open_s += span
-        keep_open = beam.check(amps, open_s)
         if last_t is not None:
             t, amps = np.concatenate(([last_t], t)), np.concatenate(([last_i], amps))
         if len(t) >= 2:
@@ -282,6 +299,8 @@ def _integrate(ctx, ev: Irradiate, beam, charge: float, seconds: float) -> tuple
         ctx.incident("info", "irradiation_dose",
                      f"section {ev.section}: {dose:.3f}e27 of {step.target_dose_1e27_ev_cm3:g}e27 eV/cm³ "
                      f"after {seconds:.0f} s", progress_context(ev.section, dose, step, seconds, charge))
+        # the safety windows only now: a block that breaks one is counted and journaled first
+        keep_open = beam.check(amps, open_s)
         stop_point(ctx)                     # a signal: beam off now (caller); resume continues the dose
         if not keep_open:
             break

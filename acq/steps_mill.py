@@ -23,7 +23,7 @@ import numpy as np
 
 from acq.device_ops import with_retries
 from acq.events import Mill
-from acq.mill_approach import MillApproach, azimuth_deg
+from acq.mill_approach import MillApproach, MillApproachFailed, azimuth_deg, check_at_imaging
 from acq.runner import stop_point
 from devices.errors import DeviceError, InterlockError
 from devices.interfaces import RasterSettings, StagePosition
@@ -110,6 +110,9 @@ def run_mill(ctx, ev: Mill) -> float:
     setup, step, journal = ctx.setup, ev.step, ctx.journal
     gun, awg, stage, sem = setup.ion_gun, setup.waveform_generator, setup.stage, setup.sem
     status, done = journal.state.mill_status(ev.key)
+    if status == "done":        # run again after a pause: milled already; only the stage must be back
+        check_at_imaging(ctx, stage.position(), f"after the mill of cycle {ev.cycle}")
+        return step.duration_s
     known = ctx.mill_known_s.get(ev.key)            # this process knows better when the journal refused a record
     if known is not None and (status == "unknown" or known > done):
         status, done = "known", known
@@ -124,6 +127,7 @@ def run_mill(ctx, ev: Mill) -> float:
     beam_on = False
     ok = False
     way = None
+    stranded = ""                 # the way back did not complete: the operator looks before anything moves
     sem.set_blanked(True)                        # SEM beam off the specimen while ions are on it
     ctx.ion_beam_safe = False
     try:
@@ -192,8 +196,12 @@ def run_mill(ctx, ev: Mill) -> float:
                 way.back_to_imaging()
             except Exception as e:
                 failed.append(f"stage back to imaging: {e}")
+                stranded = f"the return to imaging failed: {e}"
         elif way is not None and way.failed:
             failed.append("a stage step failed: the stage was left where it stopped")
+            stranded = "a stage step failed: the stage was left where it stopped"
+        elif way is not None and way.started:
+            stranded = "the ion beam is not confirmed off: the stage was left at the mill position"
         if failed:
             ctx.incident("error", "mill_safing", "after the mill: " + "; ".join(failed) +
                          ". Check the ion gun and stage before resuming.", {"cycle": ev.cycle})
@@ -202,4 +210,6 @@ def run_mill(ctx, ev: Mill) -> float:
                          f"mill of cycle {ev.cycle} interrupted after {done:.1f} s of {step.duration_s:g} s; "
                          "resume continues with the remaining time", {"cycle": ev.cycle, "done_s": done})
     journal.append("mill_done", key=ev.key, cycle=ev.cycle, seconds=done, interrupted=False, accepted=False)
+    if stranded:                  # milled, but no tile may move the stage from where it is
+        raise MillApproachFailed(f"after the mill of cycle {ev.cycle}: {stranded}", step="return", axes=("t",))
     return done

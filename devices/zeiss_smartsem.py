@@ -232,10 +232,14 @@ class ZeissSEM(_OnSharedApi, SEM):
         if store != self.store_size():
             # SmartSEM unfreezes on a store change: freeze on command around it,
             # then back to freeze at end of frame (SBEMimage does the same).
-            self.api.set("DP_FREEZE_ON", 2)
-            self.api.set("DP_IMAGE_STORE", self.store_table[store])
-            self.api.execute("CMD_FREEZE_ALL")
-            self.api.set("DP_FREEZE_ON", 0)
+            try:
+                self.api.set("DP_FREEZE_ON", 2)
+                self.api.set("DP_IMAGE_STORE", self.store_table[store])
+                self.api.execute("CMD_FREEZE_ALL")
+                self.api.set("DP_FREEZE_ON", 0)
+            except BaseException:
+                self._safe_freeze()             # never left scanning live after a failed store change
+                raise
         self._requested = (int(width), int(height))
 
     def scan_rotation(self) -> float:

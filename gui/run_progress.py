@@ -108,6 +108,9 @@ _ADVICE = {
                                   "the mill as done, Stop ends the run.",
     PauseReason.OPERATOR: "Paused at your request between two steps (beams blanked). Resume to continue, Stop to "
                           "end the run.",
+    PauseReason.STAGE_CHECK: "A step of the stage's way to or from the mill position did not verify: the stage may be "
+                             "tilted or rotated at the mill position. Check it, bring it back flat, unrotated and away "
+                             "from the mill by hand, then Resume; Stop ends the run.",
     PauseReason.EHT_OFF: "The SEM's EHT (gun) is off, so nothing can be imaged. Switch it on in SmartSEM (Beam On; "
                          "run-up takes about a minute): the run resumes by itself once the beam is on, or press "
                          "Resume then. Stop ends the run (continue later with Resume run …).",

@@ -240,19 +240,22 @@ def test_the_engine_mill_goes_through_the_approach(run_tiny, tmp_path):
 
 
 def test_a_stage_that_keeps_missing_the_mill_position_pauses_the_run_with_the_beam_never_on(run_tiny, tmp_path):
-    """Every x/y move to the mill position ends 50 µm off: each Mill try stops
-    at that step (nothing tilted, the ion beam never unblanked), the runner
-    suspends, retries, then pauses for the operator; once the stage is
-    fixed, resume mills the whole 60 s."""
+    """Every x/y move to the mill position ends 50 µm off: the Mill stops at
+    that step (nothing tilted, the ion beam never unblanked) and the runner
+    pauses for the operator at once: no automatic retry from where the stage
+    stopped. A resume before the stage is back is refused again; once the
+    operator has brought it back and fixed it, resume mills the whole 60 s."""
     import threading
     from acq.runner import PauseReason
-    pauses, moves, broken = [], [], [True]
+    pauses, moves, broken, start = [], [], [True], []
 
     def before(engine, setup):
         engine.on_pause(pauses.append)
         stage, real_move, world = setup.stage, setup.stage.move_to, setup.world
 
         def off_at_mill(target, **kw):           # goes 50 µm beside the target, says done
+            if not start:
+                start.append(stage.position())   # the imaging pose the approach left
             moves.append((broken[0], target, world.mill_log.seconds))
             if broken[0] and setup.guard.near_mill_position(target):
                 return real_move(target.with_(x=target.x + 50e-6), **kw)
@@ -261,20 +264,64 @@ def test_a_stage_that_keeps_missing_the_mill_position_pauses_the_run_with_the_be
 
         def operator(state, reason):
             if state == "paused" and not reason.startswith("suspended"):
-                # the first pause: fix the stage and resume; another one: give up, never hang
-                fix = broken[0]
-                broken[0] = False
-                threading.Thread(target=engine.resume if fix else engine.abort, daemon=True).start()
+                if len(pauses) == 1:                 # first: resume without looking: refused again
+                    threading.Thread(target=engine.resume, daemon=True).start()
+                elif broken[0]:                      # then: fix the stage, bring it back by hand, resume
+                    broken[0] = False
+                    real_move(start[0])
+                    threading.Thread(target=engine.resume, daemon=True).start()
+                else:                                # never hang
+                    threading.Thread(target=engine.abort, daemon=True).start()
         engine.on_state_change(operator)
 
     engine, setup, docs, res = run_tiny(plan_over={"cycles": 1, "suspenders": {"max_consecutive_failures": 2}},
                                         before=before, on_pause="wait")
     assert res.status == "success", res.reason
-    # suspended once (and retried), then paused for the operator: the runner's failure policy
-    assert [p.reason for p in pauses] == [PauseReason.SUSPENDED, PauseReason.DEVICE_FAILURES]
+    # no suspend-and-retry: a stage check for the operator, and again while the stage is still at the mill
+    assert [p.reason for p in pauses] == [PauseReason.STAGE_CHECK, PauseReason.STAGE_CHECK]
     assert "mill approach: x/y" in pauses[0].message and "x off by 49" in pauses[0].message
-    errors = [d for d in docs if d.kind == "incident" and d.cause == "device_error"]
-    assert errors[0].context["error"] == "MillApproachFailed"
+    assert "not at an imaging pose" in pauses[1].message
+    checks = [d for d in docs if d.kind == "incident" and d.cause == "stage_check"]
+    assert len(checks) == 2
     while_broken = [(t, milled) for b, t, milled in moves if b]
     assert while_broken and all(t.t == 0.0 and milled == 0.0 for t, milled in while_broken)
     assert setup.world.mill_log.seconds == pytest.approx(60.0)
+
+
+def test_a_failed_return_pauses_for_the_operator_and_no_tile_moves_the_tilted_stage(run_tiny, tmp_path):
+    """The mill is done but tilting back flat fails: the run pauses for the
+    operator (stage check) instead of imaging on with a combined move from the
+    tilted mill pose; the mill is not repeated after the resume."""
+    import threading
+    from acq.runner import PauseReason
+    pauses, moves, start, broken = [], [], [], [True]
+
+    def before(engine, setup):
+        engine.on_pause(pauses.append)
+        stage, real_move = setup.stage, setup.stage.move_to
+
+        def move_to(target, **kw):
+            here = stage.position()
+            if not start:
+                start.append(here)
+            moves.append((here, target))
+            if broken[0] and here.t > 1e-3 and abs(target.t) < 1e-9:     # tilting back flat fails
+                from devices.errors import MoveFailed
+                raise MoveFailed("tilt drive stalled", device="stage", operation="move")
+            return real_move(target, **kw)
+        stage.move_to = move_to
+
+        def operator(state, reason):
+            if state == "paused" and not reason.startswith("suspended"):
+                broken[0] = False
+                real_move(start[0])                  # the operator brings the stage back by hand
+                threading.Thread(target=engine.resume, daemon=True).start()
+        engine.on_state_change(operator)
+
+    engine, setup, docs, res = run_tiny(plan_over={"cycles": 1}, before=before, on_pause="wait")
+    assert res.status == "success", res.reason
+    assert [p.reason for p in pauses] == [PauseReason.STAGE_CHECK]
+    assert "return to imaging failed" in pauses[0].message
+    tilted = [(here, t) for here, t in moves if here.t > 1e-3]
+    assert tilted and all(abs(t.x - here.x) < 1e-9 and abs(t.y - here.y) < 1e-9 for here, t in tilted)
+    assert setup.world.mill_log.seconds == pytest.approx(60.0)             # milled once, not again
