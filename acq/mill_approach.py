@@ -67,7 +67,7 @@ def check_at_imaging(ctx, pos: StagePosition, when: str) -> None:
     a failed step the stage may be tilted at the mill: nothing is commanded
     from there automatically, neither a new approach nor a tile's move."""
     mp = ctx.setup.config.safety.mill_position
-    near = math.hypot(pos.x - mp.x_mm * 1e-3, pos.y - mp.y_mm * 1e-3) < mp.imaging_exclusion_mm * 1e-3
+    near = ctx.setup.guard.near_mill_position(pos)
     bad = [f"tilt {math.degrees(pos.t):.2f} deg"] if abs(pos.t) > TOLERANCE["t"] else []
     if abs(_angle_diff(pos.r, 0.0)) > TOLERANCE["r"]:
         bad.append(f"rotation {math.degrees(pos.r):.2f} deg")

@@ -79,7 +79,7 @@ from acq.writers.layout import TileRecord, latest_versions, planes_for, planes_o
 from acq.writers.manifest import Manifest, WrittenFile, append_durably
 from acq.writers.stage_frame import AXES, footprint, ngff_datasets, resample
 from acq.writers.zarr_shard import encode_shard
-from acq.writers.zarr_store import Volumes, remove_tree
+from acq.writers.zarr_store import Volumes, buffer_prototype, remove_tree
 from common.atomic import ensure_dir, fsync_dir, is_temporary
 from common.crashpoints import point
 
@@ -527,8 +527,7 @@ class OmeZarrWriter(DocumentRouter):
         """Write dirty shards through the store: each encoded here, its chunks
         compressed in parallel (zarr_shard.py), while the shard before is being
         written (and fsynced); list them in the manifest."""
-        from zarr.core.buffer import default_buffer_prototype
-        buffer = default_buffer_prototype().buffer
+        buffer = buffer_prototype().buffer
 
         def put(store, name: str, data) -> None:
             if data is not None:

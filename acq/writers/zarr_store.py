@@ -172,7 +172,7 @@ class Volumes:
         """Move objects (key -> new key) in the given order, through the store API."""
         store = self.store(section, on_write)
         for src, dst in moves:
-            data = sync(store.get(src, _prototype()))
+            data = sync(store.get(src, buffer_prototype()))
             if data is None:
                 continue
             sync(store.set(dst, data))
@@ -186,7 +186,8 @@ class Volumes:
         return sync(collect())
 
 
-def _prototype():
+def buffer_prototype():
+    """zarr's default buffers (what Store.get/set take)."""
     from zarr.core.buffer import default_buffer_prototype
     return default_buffer_prototype()
 
