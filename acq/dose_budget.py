@@ -38,7 +38,8 @@ def _radius_um(frame_size, pixel_size_nm: float) -> float:
 def autofocus_area(ev) -> dict:
     """What an autofocus_done record keeps of where its frames were."""
     return {"center_um": [float(ev.center_um[0]), float(ev.center_um[1])],
-            "radius_um": _radius_um(ev.step.frame_size, ev.step.pixel_size_nm), "section": ev.section}
+            "radius_um": _radius_um(ev.step.frame_size, ev.step.pixel_size_nm), "section": ev.section,
+            "grid": ev.grid}
 
 
 def overlapping_autofocus(records: Iterable[dict], ev) -> int:

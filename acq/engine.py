@@ -33,11 +33,12 @@ from acq.device_ops import StepFailed, with_retries
 from acq.documents import (CatchUp, CycleDone, FinishReason, Incident, IncidentCause, RunStart, RunStop,
                            SectionDone, Severity)
 from acq.dose_budget import ExposureBook, autofocus_area, budget_for
+from acq.section_focus import SectionFocus
 from acq.events import AcquireTile, Autofocus, Configure, CycleEnd, Irradiate, Mill, MoveStage, PlanEvent, SectionEnd
 from acq.expand import ExpansionState, check_plan, expand
 from acq.journal import Journal, JournalBroken
 from acq.outdir_lock import OutdirLock
-from acq.plan import Plan, Retries, dump_plan
+from acq.plan import OVERVIEW_SECTION, Plan, Retries, dump_plan
 from acq.qc import ImageInspector
 from acq.run_folder import PLAN_COPY, disk_usage, holds_nothing, run_started, same_plan
 from acq.runner import Pause, PauseReason, Runner, RunState, _label, check_pause_policy
@@ -148,7 +149,8 @@ class Engine:
         self.ctx = StepContext(
             setup, plan, self.journal, self.exposures, self.run_uid, self.incident, lambda: self.runner.urgent,
             qc_inspector=ImageInspector(plan.qc.checks) if plan.qc.enabled else None,
-            flat_cv=rule.exhausted_flat_cv if not isinstance(rule, int) and rule.section_exhausted else None)
+            flat_cv=rule.exhausted_flat_cv if not isinstance(rule, int) and rule.section_exhausted else None,
+            texture=plan.autofocus.method != "none" and plan.autofocus.locations == "auto")
         self._handlers: dict[type, StepHandler] = {     # the handler table: event class -> step
             Configure: self._configure, MoveStage: move_stage, AcquireTile: self._acquire,
             Autofocus: self._autofocus, Irradiate: irradiate, Mill: self._mill,
@@ -158,6 +160,8 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._cycle_tiles: dict[int, list[AcquireTile]] = {}
         self._xstate = ExpansionState()
+        self.focus = SectionFocus(setup.sem, plan.autofocus, lambda: self.journal.state)
+        self._texture: dict[str, float] = {}         # tile key -> texture score, this run
         self._unwritten: list[tuple[AcquireTile, TileAck]] = []     # frames in memory a primary writer failed on
         self._unjournaled: list[tuple[str, dict]] = []              # records the disk refused, to append again
         self._write_tries: dict[str, int] = {}
@@ -366,6 +370,7 @@ class Engine:
         st = self.journal.open()
         self._journal_inode = os.stat(self.journal.path).st_ino
         self._xstate.exhausted = set(st.exhausted)
+        self._xstate.focus = st.section_focus
         self._start_cycle = st.first_open_cycle() if self.resume_run else 0
         self.journal.append("run_start", run_uid=self.run_uid, resumed=self.resume_run,
                             plan_source=str(self.plan.source), accepted_changes=sorted(self._accepted),
@@ -489,6 +494,7 @@ class Engine:
             setup.stage.position()) else 0.0
 
     def _autofocus(self, ctx: StepContext, ev: Autofocus) -> None:
+        self.focus.before_autofocus(ev)
         res, wd, stig = with_retries(ctx, f"autofocus {ev.key}", self.plan.retries.autofocus,
                                      lambda: run_autofocus(self.setup, ev), role="sem")
         ctx.invalidate_scan()
@@ -510,9 +516,12 @@ class Engine:
 
     def _acquire(self, ctx: StepContext, ev: AcquireTile) -> None:
         self.exposures.check(ev)                 # before tile_started: a refused scan is no exposure
+        self.focus.before_tile(ev)               # likewise a focus the guard refuses
         version = self.journal.state.next_version(ev.key)
         self.journal.append("tile_started", key=ev.key, version=version, cycle=ev.cycle)
         doc = acquire_tile(ctx, ev, version)
+        if "texture" in doc.qc:
+            self._texture[ev.key] = doc.qc["texture"]
         self._tiles += 1
         self._publish_tile(ev, doc)
 
@@ -574,6 +583,17 @@ class Engine:
                 self.incident(Severity.INFO, IncidentCause.SECTION_EXHAUSTED, f"section {ev.section} milled through in cycle "
                               f"{ev.cycle} ({100 * sum(flat) / len(flat):.0f} % without tissue): no longer imaged",
                               {"section": ev.section, "cycle": ev.cycle})
-        self.journal.append("section_done", key=ev.key, cycle=ev.cycle, section=ev.section)
+        self.journal.append("section_done", key=ev.key, cycle=ev.cycle, section=ev.section,
+                            **self._section_focus(ev))
+
+    def _section_focus(self, ev: SectionEnd) -> dict:
+        """What the section's focus memory keeps (acq/section_focus.py)."""
+        if ev.section == OVERVIEW_SECTION or self.plan.autofocus.method == "none":
+            return {}
+        tiles = [t for t in self._cycle_tiles.get(ev.cycle, []) if t.section == ev.section]
+        out = self.focus.fields(ev.cycle, ev.section, tiles, self._texture)
+        for t in tiles:                      # kept only until the section's next spots are chosen
+            self._texture.pop(t.key, None)
+        return out
 
 

@@ -19,6 +19,7 @@ from acq.documents import tile_id
 from acq.events import AcquireTile, Autofocus, Configure, CycleEnd, Irradiate, Mill, MoveStage, PlanEvent, SectionEnd
 from acq.plan import OVERVIEW_SECTION, Grid, Plan, Section
 from acq.plan_checks import check_positions, tile_centres
+from acq.section_focus import af_radius_um, choose_spots, pinned_spots, spot_group
 from devices.setup_config import ConfigError
 
 
@@ -26,6 +27,7 @@ from devices.setup_config import ConfigError
 class ExpansionState:
     """Feedback from the engine to the (lazy) expansion."""
     exhausted: set[int] = field(default_factory=set)
+    focus: dict[int, dict] = field(default_factory=dict)   # the journal's section_focus (af_next per section)
 
 
 # ---------------------------------------------------------------- sections
@@ -74,6 +76,13 @@ def check_plan(plan: Plan, setup) -> list[Section]:
         raise ConfigError("sections: the plan has no sections to image")
     check_positions(setup.config, tile_centres(plan, [(s.id, g) for s in sections for g in s.grids]),
                     str(plan.source or "plan"))
+    pinned = plan.autofocus.pinned
+    unknown = sorted(set(pinned) - {s.id for s in sections})
+    if unknown:
+        raise ConfigError(f"autofocus.pinned: sections {unknown} are not in the plan (have "
+                          f"{sorted(s.id for s in sections)})")
+    check_positions(setup.config, [(f"autofocus.pinned.{sid}[{i}]", x, y) for sid, pts in pinned.items()
+                                   for i, (x, y) in enumerate(pts)], str(plan.source or "plan"))
     return sections
 
 
@@ -101,6 +110,26 @@ def _move(cycle: int, ev) -> MoveStage:
 
 def _af_due(plan: Plan, cycle: int) -> bool:
     return plan.autofocus.method != "none" and cycle % plan.autofocus.every_n_cycles == 0
+
+
+def autofocus_spots(step, cycle: int, section: int, grid: Optional[int], centre, served: list[AcquireTile],
+                    memory: dict) -> list[tuple[float, float]]:
+    """Where a section's (or grid's) autofocus runs this cycle: the pinned
+    spots, the grid centre (``locations: centre``), the spots chosen when the
+    section last ended (journaled ``af_next``), or, before any, tile centres
+    nearest the centre and spread out (acq/section_focus.py)."""
+    if section in step.pinned:
+        return pinned_spots([tuple(p) for p in step.pinned[section]], step.points, cycle)
+    cands = [tuple(t.center_um) for t in served]
+    if step.locations == "centre" and step.points == 1 \
+            and not any(math.hypot(centre[0] - fx, centre[1] - fy) <= r for fx, fy, r in step.forbidden):
+        return [tuple(centre)]
+    nxt = memory.get("af_next", {}).get(spot_group(step, grid))
+    if nxt and step.locations == "auto":
+        return [tuple(p) for p in nxt]
+    used = [tuple(p) for p in memory.get("af_used", {}).get(spot_group(step, grid), [])]
+    return choose_spots(cands or [tuple(centre)], step.points, tuple(centre), af_radius_um(step),
+                        previous=used if step.locations == "auto" else (), forbidden=step.forbidden)
 
 
 def expand(plan: Plan, setup, start_cycle: int = 0, state: Optional[ExpansionState] = None) -> Iterator[PlanEvent]:
@@ -137,10 +166,14 @@ def expand(plan: Plan, setup, start_cycle: int = 0, state: Optional[ExpansionSta
                     served = tiles if plan.autofocus.where == "per_grid" else [t for _, ts in grid_tiles for t in ts]
                     grid = g.id if plan.autofocus.where == "per_grid" else None
                     key = f"af:c{cycle:04d}_s{s.id:04d}" + (f"_g{g.id:02d}" if grid is not None else "")
-                    af = Autofocus(key=key, cycle=cycle, section=s.id, grid=grid, center_um=tuple(g.center_um),
-                                   step=plan.autofocus, tile_keys=tuple(t.key for t in served))
-                    yield _move(cycle, af)
-                    yield af
+                    centre = tuple(g.center_um) if grid is not None else tuple(s.grids[0].center_um)
+                    spots = autofocus_spots(plan.autofocus, cycle, s.id, grid, centre, served,
+                                            state.focus.get(s.id, {}))
+                    for k, spot in enumerate(spots):
+                        af = Autofocus(key=key + (f"_p{k}" if k else ""), cycle=cycle, section=s.id, grid=grid,
+                                       center_um=spot, step=plan.autofocus, tile_keys=tuple(t.key for t in served))
+                        yield _move(cycle, af)
+                        yield af
                 for t in tiles:
                     yield _move(cycle, t)
                     yield t

@@ -25,6 +25,7 @@ class JournalState:
     irradiation_progress: dict[str, dict] = field(default_factory=dict)   # until irr_done
     mill_started: dict[str, dict] = field(default_factory=dict)    # key -> last mill record (open cycles)
     exhausted: set[int] = field(default_factory=set)
+    section_focus: dict[int, dict] = field(default_factory=dict)   # section -> its last focus (all cycles)
     cycles_done: set[int] = field(default_factory=set)
     runs: int = 0
     records: int = 0
@@ -62,6 +63,7 @@ class JournalState:
                 "exhausted": sorted(self.exhausted), "cycles_done": sorted(self.cycles_done), "runs": self.runs,
                 "records": self.records, "tiles_done_total": self.tiles_done_total, "exposures": self.exposures,
                 "exposures_granted": self.exposures_granted,
+                "section_focus": {str(k): v for k, v in self.section_focus.items()},
                 "open_keys": {str(c): sorted(keys) for c, keys in self.open_keys.items()}}
 
     @classmethod
@@ -73,6 +75,7 @@ class JournalState:
                    cycles_done={int(c) for c in d["cycles_done"]}, runs=int(d["runs"]), records=int(d["records"]),
                    tiles_done_total=int(d["tiles_done_total"]), exposures=dict(d["exposures"]),
                    exposures_granted=dict(d["exposures_granted"]),
+                   section_focus={int(k): v for k, v in d.get("section_focus", {}).items()},
                    open_keys={int(c): set(keys) for c, keys in d["open_keys"].items()})
 
 
@@ -158,6 +161,12 @@ def _exhausted(st: JournalState, rec: dict, key) -> None:
     st.exhausted.add(int(rec["section"]))
 
 
+def _section_done(st: JournalState, rec: dict, key) -> None:
+    if "focus" in rec:                  # kept past the cycle: the section's next cycle starts from it
+        st.section_focus[int(rec["section"])] = {k: rec[k] for k in ("focus", "af_used", "af_next") if k in rec}
+    _step_done(st, rec, key)
+
+
 def _cycle_done(st: JournalState, rec: dict, key) -> None:
     st.done.add(key)
     c = int(rec["cycle"])
@@ -181,7 +190,7 @@ _APPLY = {
     "autofocus_done": _autofocus_done, "exposure": _exposure, "exposure_granted": _exposure_granted,
     "irr_progress": _irr_progress, "mill_started": _mill_progress, "mill_beam_on": _mill_progress,
     "mill_beam_off": _mill_progress, "exhausted": _exhausted, "cycle_done": _cycle_done, "irr_done": _irr_done,
-    "mill_done": _step_done, "section_done": _step_done,
+    "mill_done": _step_done, "section_done": _section_done,
     "step_done": _step_done,                # a step added with Engine.add_step: done, skipped on resume
 }
 

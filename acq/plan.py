@@ -155,6 +155,30 @@ class AutofocusStep(_Strict):
     dwell_ns: float = Field(100.0, ge=10, le=100_000)
     options: Options = Field(default_factory=dict, description="passed to the method (AutofocusRequest.options); "
                              "plain values only (text, numbers, lists, mappings), bounded size")
+    # where the focus of a section comes from (acq/section_focus.py)
+    memory: Literal["per_section", "none"] = Field(
+        "per_section", description="per_section: a section starts every cycle from its own last wd/stig; "
+        "none: from wherever the previous section left the focus")
+    points: int = Field(1, ge=1, le=9, description="autofocus spots per section (per grid with where: per_grid); "
+                        "3 or more fit a plane that gives every tile its own wd/stig (a focus map)")
+    locations: Literal["auto", "centre"] = Field(
+        "auto", description="auto: spots in textured tissue (from the section's last tiles), never the spot "
+        "of the previous autofocus; centre: always the grid centre")
+    pinned: dict[int, Annotated[list[Position], Field(min_length=1, max_length=64)]] = Field(
+        default_factory=dict, description="section id -> stage positions (µm) to focus at instead of choosing")
+    forbidden: Annotated[list[tuple[float, float, Annotated[float, Field(gt=0, le=100_000)]]],
+                         Field(max_length=1000)] = Field(
+        default_factory=list, description="(x µm, y µm, radius µm) stage areas autofocus never uses")
+
+    @model_validator(mode="after")
+    def _locations_allowed(self):
+        for sid, pts in self.pinned.items():
+            for x, y in pts:
+                for fx, fy, r in self.forbidden:
+                    if math.hypot(x - fx, y - fy) <= r:
+                        raise ValueError(f"autofocus.pinned.{sid}: ({x}, {y}) µm lies in the forbidden area "
+                                         f"({fx}, {fy}) µm radius {r} µm")
+        return self
 
     @field_validator("method")
     @classmethod

@@ -29,6 +29,7 @@ class StepContext:
     stop_requested: Callable[[], Optional[str]]       # why a signal asked to stop now, or None
     qc_inspector: Optional[ImageInspector] = None
     flat_cv: Optional[float] = None                   # exhausted-section rule: a tile this flat has no tissue
+    texture: bool = False                             # score tiles' texture (where autofocus goes next)
     # carried from step to step
     imaging_z: float = 0.0
     scan_cache: Optional[tuple] = None                # the scan settings last applied

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import cv2
 import numpy as np
 
 from acq.device_ops import with_retries
 from acq.documents import TileEvent
 from acq.events import AcquireTile, MoveStage
 from acq.qc import GLITCHES
+from acq.section_focus import block_cv, texture_score
 from devices.errors import AcquisitionFailed, InterlockError
 from devices.interfaces import ScanParams, StagePosition
 
@@ -41,17 +41,8 @@ def check_frame(image: np.ndarray, previous_sample: Optional[np.ndarray]) -> tup
 
 def flat_fraction(image: np.ndarray, cv_max: float) -> float:
     """Share of 64 px blocks without tissue contrast (bare wafer or resin):
-    8x8 binning removes most shot noise, then each 8x8 block of bins with a
-    relative s.d. below ``cv_max`` counts as flat. Brightness-independent, so
-    it works for dark (coated) and bright (silicon) wafers alike."""
-    h, w = image.shape
-    small = cv2.resize(image, (max(1, w // 8), max(1, h // 8)), interpolation=cv2.INTER_AREA).astype(np.float32)
-    bh, bw = small.shape[0] // 8, small.shape[1] // 8
-    if bh == 0 or bw == 0:
-        return float(small.std() < cv_max * max(float(small.mean()), 1.0))
-    blocks = small[:bh * 8, :bw * 8].reshape(bh, 8, bw, 8)
-    cv = blocks.std(axis=(1, 3)) / np.maximum(blocks.mean(axis=(1, 3)), 1.0)
-    return float((cv < cv_max).mean())
+    blocks whose contrast (section_focus.block_cv) is below ``cv_max``."""
+    return float((block_cv(image) < cv_max).mean())
 
 
 def move_stage(ctx, ev: MoveStage) -> StagePosition:
@@ -140,6 +131,8 @@ def acquire_tile(ctx, ev: AcquireTile, version: int) -> TileEvent:
     result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, list))}
     if ctx.flat_cv is not None:                # only a section_exhausted stop rule needs it
         result["flat_fraction"] = round(flat_fraction(frame.image, ctx.flat_cv), 4)
+    if ctx.texture:                            # where autofocus may go next cycle (acq/section_focus.py)
+        result["texture"] = round(texture_score(frame.image), 4)
     result["attempts"] = attempt
     result["exposures"] = ctx.exposures.count(ev)          # scans of this tile's area this cycle (dose)
     return TileEvent(

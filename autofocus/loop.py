@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -273,79 +273,3 @@ class AutofocusLoop:
                 return
         trace.status = "max_iterations"
         trace.message = f"{self.max_iterations} iterations without reaching the threshold"
-
-
-# ---------------------------------------------------------------- focus map
-@dataclass
-class FocusPoint:
-    x_m: float
-    y_m: float
-    wd_m: float
-    stig: tuple[float, float]
-    section: Optional[int] = None
-
-
-def _fit_plane(pts: Sequence[FocusPoint]):
-    """Least-squares planes for wd, stig x, stig y over centred coordinates;
-    fewer than 3 points (or collinear ones) give the minimum-norm solution,
-    i.e. a constant, or a slope only along the line of points."""
-    xy = np.array([[p.x_m, p.y_m] for p in pts], float)
-    vals = np.array([[p.wd_m, *p.stig] for p in pts], float)
-    c = xy.mean(axis=0)
-    if len(pts) < 3:
-        return c, vals.mean(axis=0), np.zeros((2, 3))
-    a = np.column_stack([np.ones(len(pts)), xy - c])
-    coef, *_ = np.linalg.lstsq(a, vals, rcond=1e-9)
-    return c, coef[0], coef[1:]
-
-
-class FocusMap:
-    """wd/stig anywhere from the autofocus points.
-
-    mode "plane": one least-squares plane (tilted wafer) over all points, ≥ 3
-    points for a slope. mode "section": a plane per section where it has ≥ 3
-    points, else that section's mean; unknown sections use the global plane."""
-
-    def __init__(self, mode: str = "plane"):
-        if mode not in ("plane", "section"):
-            raise ValueError("FocusMap mode is 'plane' or 'section'")
-        self.mode = mode
-        self.points: list[FocusPoint] = []
-        self._fits: dict = {}
-
-    def add(self, x_m: float, y_m: float, wd_m: float, stig: tuple[float, float],
-            section: Optional[int] = None) -> None:
-        self.points.append(FocusPoint(float(x_m), float(y_m), float(wd_m), (float(stig[0]), float(stig[1])),
-                                      section))
-        self._fits.clear()
-
-    def add_trace(self, x_m: float, y_m: float, trace: AutofocusTrace, section: Optional[int] = None) -> bool:
-        """Use a finished autofocus only if it converged or ran its course."""
-        if not trace.ok:
-            return False
-        self.add(x_m, y_m, trace.final_wd_m, trace.final_stig, section)
-        return True
-
-    def _fit(self, key):
-        if key not in self._fits:
-            pts = self.points if key is None else [p for p in self.points if p.section == key]
-            self._fits[key] = _fit_plane(pts)
-        return self._fits[key]
-
-    def at(self, x_m: float, y_m: float, section: Optional[int] = None) -> tuple[float, tuple[float, float]]:
-        if not self.points:
-            raise ValueError("focus map has no points")
-        key = None
-        if self.mode == "section" and section is not None and any(p.section == section for p in self.points):
-            key = section
-        c, v0, grad = self._fit(key)
-        v = v0 + np.array([x_m - c[0], y_m - c[1]]) @ grad
-        return float(v[0]), (float(v[1]), float(v[2]))
-
-    def slope_um_per_mm(self) -> tuple[float, float]:
-        """wd tilt of the global plane (µm of wd per mm of stage)."""
-        _, _, grad = self._fit(None)
-        return float(grad[0, 0] * 1e3), float(grad[1, 0] * 1e3)
-
-    def residuals_m(self) -> np.ndarray:
-        return np.array([p.wd_m - self.at(p.x_m, p.y_m, p.section)[0] for p in self.points])

@@ -43,6 +43,12 @@ def plan_dict(layout: WaferLayout, setup_path: Path, opts: PlanOptions) -> dict:
             "sections": sections, "order": [s["id"] for s in sections],
             "autofocus": {"method": opts.autofocus}, "cycles": int(opts.cycles),
             "qc": {"enabled": bool(opts.qc)}}
+    planned = {s["id"] for s in sections}
+    pinned = {sid: [list(p) for p in pts] for sid, pts in layout.af_pinned.items() if sid in planned}
+    if pinned:
+        data["autofocus"]["pinned"] = pinned
+    if layout.af_forbidden:
+        data["autofocus"]["forbidden"] = [list(f) for f in layout.af_forbidden]
     if opts.mill:
         data["mill"] = dict(DEFAULT_MILL)
     return data

@@ -25,6 +25,7 @@ from gui.wafer_model import GridSpec, WaferLayout
 
 HANDLE_PX = 9
 ROTATE_OFFSET_PX = 26
+FORBID_RADIUS_UM = 10.0          # a vessel or fold; mark several for a larger area
 MIN_SCALE, MAX_SCALE = 1e-4, 200.0          # px per µm: 100 mm on 10 px ... 1 µm on 200 px
 
 
@@ -413,6 +414,15 @@ class StageMap(QWidget):
             a.setEnabled(a.isEnabled() and grid_sel)
         merge.setEnabled(merge.isEnabled() and grid_sel and under is not None and under != sel[1]
                          and under[0] == sel[1][0])
+        m.addSeparator()
+        af_pin = m.addAction(f"Pin autofocus here (section {under[0]})" if under is not None else
+                             "Pin autofocus here (inside a grid)", lambda: lay.pin_autofocus(under[0], wx, wy))
+        af_pin.setEnabled(lay.editable and under is not None)
+        af_no = m.addAction(f"Forbid autofocus within {FORBID_RADIUS_UM:g} µm of here",
+                            lambda: lay.forbid_autofocus(wx, wy, FORBID_RADIUS_UM))
+        af_no.setEnabled(lay.editable)
+        m.addAction("Clear autofocus marks here", lambda: lay.clear_autofocus_marks(
+            wx, wy, 12.0 / self.view().scale))
         m.addSeparator()
         m.addAction("Zoom to tile", lambda: self.zoom_to_tile())
         m.addAction("Fit wafer", self.fit_wafer)

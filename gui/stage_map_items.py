@@ -380,8 +380,21 @@ class MapRenderer:
                 p.setPen(QPen(QColor(255, 255, 255), 0, Qt.DashLine))
                 p.setBrush(Qt.NoBrush)
                 p.drawPolygon(_poly(outline))
+        for x, y, r in self.layout.af_forbidden:         # autofocus never goes here
+            p.setPen(QPen(QColor(255, 70, 70), 0))
+            p.setBrush(QColor(255, 70, 70, 50))
+            p.drawEllipse(QPointF(x, y), r, r)
         p.resetTransform()
         # constant-size marks in screen space
+        p.setPen(QPen(QColor(255, 210, 0), 1.5))
+        p.setBrush(Qt.NoBrush)
+        for pts in self.layout.af_pinned.values():       # the operator's autofocus spots
+            for pt in pts:
+                c = view.to_screen(*pt)
+                p.drawEllipse(c, 6, 6)
+                p.drawLine(c + QPointF(-9, 0), c + QPointF(9, 0))
+                p.drawLine(c + QPointF(0, -9), c + QPointF(0, 9))
+                p.drawText(c + QPointF(8, 14), "AF")
         if self.mill_um:
             c = view.to_screen(*self.mill_um[:2])
             p.setPen(QPen(QColor(230, 60, 230), 2))

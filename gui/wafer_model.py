@@ -6,6 +6,7 @@ keeping the old ones (gui/wafer_commands.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
@@ -90,7 +91,10 @@ class WaferLayout(QObject):
         self.selection: Optional[tuple[str, object]] = None      # ("section", id) | ("grid", key)
         self.undo = QUndoStack(self)
         self.editable = True
-        self.rev = {"sections": 0, "grids": 0, "tiles": 0, "order": 0, "overview": 0}
+        self.rev = {"sections": 0, "grids": 0, "tiles": 0, "order": 0, "overview": 0, "autofocus": 0}
+        # the operator's autofocus marks (plan autofocus.pinned / .forbidden), stage µm
+        self.af_pinned: dict[int, list[tuple[float, float]]] = {}
+        self.af_forbidden: list[tuple[float, float, float]] = []
         self.tile_rev: dict[GridKey, int] = {}
         self.current_tile: Optional[tuple[GridKey, int]] = None
 
@@ -168,6 +172,32 @@ class WaferLayout(QObject):
             self.selection = sel
             self.changed.emit("selection")
 
+    # ------------------------------------------------------------ autofocus marks
+    def pin_autofocus(self, sid: int, x: float, y: float) -> None:
+        self.af_pinned.setdefault(sid, []).append((round(x, 3), round(y, 3)))
+        self.touch("autofocus")
+
+    def forbid_autofocus(self, x: float, y: float, radius_um: float) -> None:
+        self.af_forbidden.append((round(x, 3), round(y, 3), float(radius_um)))
+        self.touch("autofocus")
+
+    def clear_autofocus_marks(self, x: float, y: float, within_um: float) -> int:
+        """Remove the pins and forbidden areas within ``within_um`` of (x, y); how many."""
+        n = 0
+        for sid in list(self.af_pinned):
+            keep = [p for p in self.af_pinned[sid] if math.dist(p, (x, y)) > within_um]
+            n += len(self.af_pinned[sid]) - len(keep)
+            if keep:
+                self.af_pinned[sid] = keep
+            else:
+                del self.af_pinned[sid]
+        keep = [f for f in self.af_forbidden if math.dist(f[:2], (x, y)) > max(within_um, f[2])]
+        n += len(self.af_forbidden) - len(keep)
+        self.af_forbidden = keep
+        if n:
+            self.touch("autofocus")
+        return n
+
     # ------------------------------------------------------------ tile states
     def set_tile_state(self, key: GridKey, index: int, state: int) -> bool:
         arr = self.tile_state.get(key)
@@ -197,9 +227,11 @@ class WaferLayout(QObject):
         self.grids.clear()
         self.tile_state.clear()
         self.order.clear()
+        self.af_pinned.clear()
+        self.af_forbidden.clear()
         self.selection = None
         self.undo.clear()
-        for k in ("sections", "grids", "tiles", "order"):
+        for k in ("sections", "grids", "tiles", "order", "autofocus"):
             self.touch(k)
 
     def set_overview(self, ov: Optional[OverviewImage]) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from autofocus.loop import AutofocusLoop, FocusMap
+from acq.section_focus import FocusMap
+from autofocus.loop import AutofocusLoop
 from autofocus.methods import Estimate
 from autofocus.nelder_mead import NelderMeadAutofocus, SharpnessObjective
 from devices.errors import LimitViolation

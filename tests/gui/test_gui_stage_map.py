@@ -185,3 +185,35 @@ def test_split_and_merge_keep_the_tiles(smap):
     lay.undo.undo()
     lay.undo.undo()
     assert list(lay.grids) == [key] and lay.grids[key].rows == 4
+
+
+def test_autofocus_pins_and_forbidden_areas_from_the_context_menu_reach_the_plan(smap, qtbot):
+    """Right-click in a grid: pin autofocus there, forbid it elsewhere; the
+    marks go into the plan the GUI builds (autofocus.pinned/.forbidden), and
+    clearing removes them."""
+    from PyQt5.QtWidgets import QMenu
+    from gui.plan_builder import PlanOptions, build_plan, plan_dict
+    from tests.support.gui import SIM_CONFIG
+    lay = smap.layout_model
+    add_grid(smap)
+
+    def menu_action(x, y, text):
+        smap._context_menu(screen(smap, x, y).toPoint())
+        menu = smap.findChildren(QMenu)[-1]
+        act = next(a for a in menu.actions() if a.text().startswith(text))
+        assert act.isEnabled(), act.text()
+        act.trigger()
+        menu.close()
+        menu.deleteLater()
+
+    menu_action(10, -5, "Pin autofocus here (section 0)")
+    menu_action(-20, 10, "Forbid autofocus within")
+    assert lay.af_pinned[0][0] == pytest.approx((10, -5), abs=0.5)
+    data = plan_dict(lay, SIM_CONFIG, PlanOptions(autofocus="sweep"))
+    plan = build_plan(data)
+    assert plan.autofocus.pinned[0][0] == pytest.approx((10, -5), abs=0.5)
+    (fx, fy, r), = plan.autofocus.forbidden
+    assert (fx, fy) == pytest.approx((-20, 10), abs=0.5) and r > 0
+    smap.grab()                                      # the marks paint without error
+    menu_action(10, -5, "Clear autofocus marks here")
+    assert not lay.af_pinned and "pinned" not in plan_dict(lay, SIM_CONFIG, PlanOptions())["autofocus"]
