@@ -65,6 +65,8 @@ def _mount() -> None:
     wafer_app.command("annotate")(annotate_cmd)
     from wafer.magc_cli import magc_app
     wafer_app.add_typer(magc_app, name="magc")
+    from wafer.finetune_cli import train_cmd
+    wafer_app.command("train", help="Fine-tune the section detector on your own annotated overviews.")(train_cmd)
     app.add_typer(wafer_app, name="wafer")
     from autofocus.cli import app as autofocus_app
     app.add_typer(autofocus_app, name="autofocus")

@@ -21,7 +21,7 @@ def view_cmd(
     max_tiles: int = typer.Option(400, "--max-tiles", min=1, help="At most this many tile layers "
                                   "(the latest cycles first)."),
     overview: Optional[Path] = typer.Option(None, "--overview", help="Overview OME-TIFF from `wafer mosaic` "
-                                            "[default: the first one at the top of OUTDIR]."),
+                                            "(default: the first one at the top of OUTDIR)."),
     neuroglancer_state: Optional[Path] = typer.Option(None, "--neuroglancer-state", help="Write a neuroglancer "
                                                       "viewer state (JSON) for the section volumes (never "
                                                       "overwritten)."),

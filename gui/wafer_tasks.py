@@ -5,6 +5,7 @@ functions (no Qt): they take ``progress(done, total, text)`` and a cancel
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -76,24 +77,27 @@ def acquire_overview(setup, region_um, pixel_um: float = 4.0, block: int = 1024,
 
 
 # ------------------------------------------------------------ detection
-def detector_available() -> tuple[bool, str]:
-    """(usable, why not): the module and its trained model must both exist."""
+def detector_available(model_path=None) -> tuple[bool, str]:
+    """(usable, why not): the module and its trained model (the shipped one, or
+    ``model_path``, e.g. fine-tuned by `wafer train`) must both exist."""
     try:
         from wafer import detect
     except Exception as e:                 # missing module or torch: say which
         return False, f"section detection is not installed (wafer/detect.py: {e})"
-    if not detect.DEFAULT_MODEL.is_file():
-        return False, f"no trained section model at {detect.DEFAULT_MODEL} (train one first)"
+    path = detect.DEFAULT_MODEL if model_path is None else model_path
+    if not Path(path).is_file():
+        return False, f"no trained section model at {path} (train one first)"
     return True, ""
 
 
 def detect_sections(ov: OverviewImage, threshold: float = 0.5, band: int = 512, progress: Progress = None,
-                    token=None) -> list[Section]:
+                    token=None, model_path=None) -> list[Section]:
     """wafer.detect's U-Net and post-processing, run band by band so the
-    operator sees progress and can cancel between bands."""
+    operator sees progress and can cancel between bands. ``model_path``:
+    other weights than the shipped ones."""
     from wafer import detect
     progress = progress or _noop
-    model = detect.load_model()
+    model = detect.load_model(model_path)
     img = detect.as_unit_float(ov.image)
     net_px = float(getattr(model, "net_pixel_um", ov.pixel_um))
     small = detect.resample(img, ov.pixel_um / net_px)

@@ -4,6 +4,7 @@ Each long step runs in a worker with progress and Cancel; each edit is one
 undo step on the shared layout."""
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,6 +89,13 @@ class WaferWorkflow(QScrollArea):
         self.truth_button.setToolTip("the simulated wafer's true sections (simulator only)")
         self.truth_button.clicked.connect(self.sections_from_truth)
         bl.addLayout(_row(self.detect_button, "threshold", self.threshold))
+        self.section_model_path = None                  # None: the shipped weights
+        self.det_model_button = QPushButton("Model …")
+        self.det_model_button.setToolTip("section detection weights, e.g. fine-tuned on this lab's overviews by "
+                                         "`wafer train` (cancel: back to the shipped model)")
+        self.det_model_button.clicked.connect(lambda: self.choose_section_model())
+        self.det_model_label = QLabel("model: shipped")
+        bl.addLayout(_row(self.det_model_button, self.det_model_label))
         files = []
         for text, fn in (("Load JSON …", self.load_sections), ("Save JSON …", self.save_sections)):
             bt = QPushButton(text)
@@ -195,7 +203,10 @@ class WaferWorkflow(QScrollArea):
             w.setEnabled(on)
         sim = on and setup.world is not None and setup.world.wafer is not None
         self.truth_button.setEnabled(sim)
-        ok, why = tasks.detector_available()
+        self._update_detector()
+
+    def _update_detector(self) -> None:
+        ok, why = tasks.detector_available(self.section_model_path)
         self.detect_button.setEnabled(ok)
         self.detect_button.setToolTip(why or "U-Net section detection on the overview (wafer/detect.py)")
 
@@ -298,7 +309,19 @@ class WaferWorkflow(QScrollArea):
         def done(items):
             cmd.set_sections(self.model, items, f"detect sections ({len(items)})")
             self.job_label.setText(f"{len(items)} sections detected")
-        self._run("detect sections", tasks.detect_sections, ov, self.threshold.value(), on_result=done)
+        fn = functools.partial(tasks.detect_sections, model_path=self.section_model_path)
+        self._run("detect sections", fn, ov, self.threshold.value(), on_result=done)
+
+    def choose_section_model(self, path=None) -> None:
+        """Weights for 'Detect sections'; asked for without ``path`` (cancel: the shipped model)."""
+        if path is None:
+            from common.paths import models_dir
+            path = QFileDialog.getOpenFileName(self, "Section detection weights", str(models_dir()),
+                                               "Weights (*.pt)")[0] or None
+        self.section_model_path = Path(path) if path else None
+        self.det_model_label.setText(f"model: {self.section_model_path.name}" if path else "model: shipped")
+        self.det_model_label.setToolTip(str(self.section_model_path or ""))
+        self._update_detector()
 
     def sections_from_truth(self) -> None:
         setup = self.session.setup

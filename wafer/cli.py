@@ -34,9 +34,9 @@ def order_cmd(
                                          dir_okay=False, readable=True),
     json_out: Path = typer.Option(..., "--json", help="Where to write the orders (JSON)."),
     start_um: Optional[Tuple[float, float]] = typer.Option(
-        None, "--start-um", help="Current stage position X Y in µm [default: 0 0]."),
+        None, "--start-um", help="Current stage position X Y in µm (default: 0 0)."),
     solver: Optional[List[str]] = typer.Option(
-        None, "--solver", help=f"Solver to run; repeat for several. One of {', '.join(SOLVERS)} [default: fast_tsp if installed, else fast]."),
+        None, "--solver", help=f"Solver to run; repeat for several. One of {', '.join(SOLVERS)} (default: fast_tsp if installed, else fast)."),
     seed: int = typer.Option(0, help="Random seed (fast, sa)."),
     time_limit_s: Optional[float] = typer.Option(None, "--time-limit-s", help="Per-solver time cap in seconds."),
     force: bool = typer.Option(False, "--force", help="Overwrite JSON_OUT if it exists."),

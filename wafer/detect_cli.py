@@ -49,12 +49,12 @@ def detect_cmd(
     overview: Path = typer.Argument(..., help="Overview mosaic (PNG or TIFF).", exists=True, dir_okay=False,
                                     readable=True),
     pixel_size_um: Optional[float] = typer.Option(
-        None, "--pixel-size-um", help="Overview pixel size in µm (seed: 4) [default: from a `wafer mosaic` file]."),
+        None, "--pixel-size-um", help="Overview pixel size in µm (seed: 4) (default: from a `wafer mosaic` file)."),
     origin_um: Optional[Tuple[float, float]] = typer.Option(
-        None, "--origin-um", help="Stage X Y (µm) of the top-left pixel's centre [default: from a `wafer mosaic` "
-        "file, else 0 0]."),
+        None, "--origin-um", help="Stage X Y (µm) of the top-left pixel's centre (default: from a `wafer mosaic` "
+        "file, else 0 0)."),
     json_out: Path = typer.Option(..., "--json", help="Section JSON to write (never overwritten)."),
-    model_path: Optional[Path] = typer.Option(None, "--model", help="Weights [default: models/sections_unet.pt]."),
+    model_path: Optional[Path] = typer.Option(None, "--model", help="Weights (default: models/sections_unet.pt)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Tissue probability threshold."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: torch's default). On a busy "
                                 "shared CPU 1 is often fastest: idle OpenMP threads spin."),

@@ -80,9 +80,9 @@ def import_cmd(
         None, "--landmarks-stage", help="Stage positions (µm) of the file's landmarks: CSV id,x_um,y_um or JSON. "
         "At least 3; fits an affine file -> stage and reports the residuals.", exists=True, dir_okay=False),
     pixel_size_um: Optional[float] = typer.Option(
-        None, "--pixel-size-um", help="Without landmarks: µm per file unit (overview pixel size) [default: 1]."),
+        None, "--pixel-size-um", help="Without landmarks: µm per file unit (overview pixel size) (default: 1)."),
     origin_um: Optional[Tuple[float, float]] = typer.Option(
-        None, "--origin-um", help="Without landmarks: stage X Y (µm) of file point (0, 0) [default: 0 0]."),
+        None, "--origin-um", help="Without landmarks: stage X Y (µm) of file point (0, 0) (default: 0 0)."),
     tile_pixel_nm: float = typer.Option(10.0, "--tile-pixel-nm", help="Grid tile pixel size (nm)."),
     frame: Tuple[int, int] = typer.Option((1024, 768), "--frame", help="Grid tile frame W H (px)."),
     overlap_px: int = typer.Option(77, "--overlap-px", help="Overlap of neighbouring tiles (px)."),

@@ -19,7 +19,7 @@ def mosaic_cmd(
     out: Path = typer.Option(..., "--out", help="Overview OME-TIFF to write (never overwritten)."),
     pixel_size_um: float = typer.Option(4.0, "--pixel-size-um", help="Overview pixel size in µm (seed: 4 for "
                                         "section detection); at least the tiles' pixel size."),
-    cycle: Optional[int] = typer.Option(None, "--cycle", help="Cycle whose overview to use [default: the first]."),
+    cycle: Optional[int] = typer.Option(None, "--cycle", help="Cycle whose overview to use (default: the first)."),
     refine: bool = typer.Option(True, "--refine/--no-refine",
                                 help="Refine tile positions by cross-correlating the overlaps."),
 ) -> None:

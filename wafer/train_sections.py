@@ -23,8 +23,8 @@ import torch
 import typer
 
 from wafer import detect_data as dd
-from wafer.detect import match_sections, postprocess, predict_proba, resample
-from wafer.unet import UNet, count_parameters, fold_batchnorm
+from wafer.detect import _mean_inside, as_unit_float, match_sections, postprocess, predict_proba, resample
+from wafer.unet import UNet, build_from_config, count_parameters, fold_batchnorm
 
 TRAIN_SEEDS_MAX = 5000          # training wafers use seeds [0, n_wafers); validation 5000+; benchmark 10000+
 VAL_SEEDS = tuple(range(5000, 5006))
@@ -56,21 +56,34 @@ def build_pool(seeds, n_crops: int, shape, factor: int, log=print):
     return imgs, labs
 
 
-def _batch(imgs, labs, rng, patch: int, batch: int):
+def _batch(imgs, labs, rng, patch: int, batch: int, labelled_only: bool = False):
+    """`batch` augmented patches, half centred on tissue. With `labelled_only` (sparse
+    lab annotations, mostly ignore) the other half is centred on labelled pixels rather
+    than anywhere, and all-ignore patches are redrawn: they carry no loss."""
     xs, ys = [], []
-    for _ in range(batch):
+    while len(xs) < batch:
         i = int(rng.integers(len(imgs)))
         img, lab = imgs[i], labs[i]
         centre = None
         if rng.random() < 0.5:                      # half the patches centred on tissue
-            yy, xx = np.nonzero(lab[::4, ::4] == 1)
-            if len(yy):
-                j = int(rng.integers(len(yy)))
-                centre = (xx[j] * 4 + rng.uniform(0, 4), yy[j] * 4 + rng.uniform(0, 4))
+            centre = _centre_on(lab == 1, rng)
+        if centre is None and labelled_only:
+            centre = _centre_on(lab != dd.IGNORE, rng)
         x, y = dd.augment(img, lab, rng, patch, centre)
+        if labelled_only and not (y != dd.IGNORE).any():
+            continue
         xs.append(x - 0.5)                          # seed: grey values centred to [-0.5, 0.5]
         ys.append(y)
     return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys).astype(np.int64))
+
+
+def _centre_on(mask: np.ndarray, rng):
+    """A random (x, y) on `mask` (searched on a 4-px lattice, jittered within the cell), or None."""
+    yy, xx = np.nonzero(mask[::4, ::4])
+    if not len(yy):
+        return None
+    j = int(rng.integers(len(yy)))
+    return (xx[j] * 4 + rng.uniform(0, 4), yy[j] * 4 + rng.uniform(0, 4))
 
 
 def validation_set(seeds=VAL_SEEDS, shape=(1024, 1024)):
@@ -78,28 +91,54 @@ def validation_set(seeds=VAL_SEEDS, shape=(1024, 1024)):
     return [ov for s in seeds for ov in dd.sample_overviews(int(s), 1, shape)]
 
 
-def evaluate(model: UNet, overviews, net_pixel_um: float) -> dict:
-    """Pixel precision/recall/IoU on annotated pixels and detection P/R/F1/mean IoU."""
+def evaluate(model: UNet, overviews, net_pixel_um: float, unlabelled_neutral: bool = False) -> dict:
+    """Pixel precision/recall/IoU on annotated pixels and detection P/R/F1/mean IoU.
+    An overview whose `truth` is None (no outlines) counts for the pixel scores only; the
+    section scores are None when no overview has truth.  `unlabelled_neutral`: sparse
+    annotation leaves sections unlabelled, so a detection lying mostly on ignore pixels
+    is not scored (neither right nor wrong)."""
     fused = fold_batchnorm(model).eval()
     tp = fp = fn = 0
     agg = {"tp": 0, "fp": 0, "fn": 0, "ious": []}
+    scored = False
     for ov in overviews:
-        small = resample(ov.image.astype(np.float32) / 255, ov.pixel_um / net_pixel_um)
-        prob = np.clip(resample(predict_proba(small, fused), 1.0, shape=ov.image.shape), 0, 1)
+        img = as_unit_float(ov.image)
+        small = resample(img, ov.pixel_um / net_pixel_um)
+        prob = np.clip(resample(predict_proba(small, fused), 1.0, shape=img.shape), 0, 1)
         pred, lab = prob > 0.5, ov.labels
         tp += int((pred & (lab == 1)).sum())
         fp += int((pred & (lab == 0)).sum())
         fn += int((~pred & (lab == 1)).sum())
-        m = match_sections(postprocess(prob, ov.pixel_um, ov.origin_um), ov.truth)
+        if ov.truth is None:
+            continue
+        scored = True
+        dets = postprocess(prob, ov.pixel_um, ov.origin_um)
+        if unlabelled_neutral:
+            known = (lab != dd.IGNORE).astype(np.float32)
+            org = np.asarray(ov.origin_um, float)
+            dets = [d for d in dets
+                    if _mean_inside(known, (np.asarray(d["polygon_um"]) - org) / ov.pixel_um) >= 0.5]
+        m = match_sections(dets, ov.truth)
         for k in ("tp", "fp", "fn"):
             agg[k] += m[k]
         agg["ious"] += m["ious"]
     p = agg["tp"] / max(1, agg["tp"] + agg["fp"])
     r = agg["tp"] / max(1, agg["tp"] + agg["fn"])
-    return {"pixel_precision": tp / max(1, tp + fp), "pixel_recall": tp / max(1, tp + fn),
-            "pixel_iou": tp / max(1, tp + fp + fn), "sections": agg["tp"] + agg["fn"],
-            "precision": p, "recall": r, "f1": 2 * p * r / max(1e-12, p + r),
-            "mean_iou": float(np.mean(agg["ious"])) if agg["ious"] else 0.0}
+    out = {"pixel_precision": tp / max(1, tp + fp), "pixel_recall": tp / max(1, tp + fn),
+           "pixel_iou": tp / max(1, tp + fp + fn), "sections": agg["tp"] + agg["fn"],
+           "precision": p, "recall": r, "f1": 2 * p * r / max(1e-12, p + r),
+           "mean_iou": float(np.mean(agg["ious"])) if agg["ious"] else 0.0}
+    if not scored:
+        out.update({k: None for k in ("sections", "precision", "recall", "f1", "mean_iou")})
+    return out
+
+
+def load_trainable(path: str | Path) -> tuple[UNet, float]:
+    """A weights file as a trainable U-Net (batch norm not folded) and its net pixel size."""
+    ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    model = build_from_config(ck["config"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+    return model, float(ck.get("net_pixel_um", 4.0))
 
 
 def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: int = 0, start_filters: int = 8,
@@ -132,10 +171,10 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
     log(f"U-Net depth {depth}, {start_filters} filters: {n_params:,} parameters; data {t_data:.0f} s")
     prior_steps, prior_time, sessions = 0, 0.0, []
     if init is not None:
-        ck = torch.load(str(init), map_location="cpu", weights_only=True)
-        if ck["config"] != model.config or float(ck.get("net_pixel_um", 4.0)) != float(net_pixel_um):
+        loaded, init_px = load_trainable(init)
+        if loaded.config != model.config or init_px != float(net_pixel_um):
             raise ValueError(f"{init}: architecture/pixel size differ from the requested ones")
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+        model.load_state_dict(loaded.state_dict())
         prev = Path(init).with_suffix(".json")
         if prev.is_file():
             pc = json.loads(prev.read_text())

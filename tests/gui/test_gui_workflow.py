@@ -119,3 +119,30 @@ def test_load_an_overview_mosaic(win, tmp_path):
     assert "px at 4 µm" in wf.ov_status.text()
     wf.load_overview(str(tmp_path / "missing.ome.tif"))
     assert win.layout_model.overview is ov                       # a bad file changes nothing
+
+
+def test_detect_with_a_chosen_section_model(win, qtbot, tmp_path, monkeypatch):
+    """'Model …' picks other weights (e.g. from `wafer train`); a missing file disables
+    detection and says why; an empty choice goes back to the shipped model."""
+    import shutil
+
+    import numpy as np
+    from common.geometry import OverviewImage
+    from wafer import detect
+    wf = win.workflow
+    missing = tmp_path / "gone.pt"
+    wf.choose_section_model(missing)
+    assert not wf.detect_button.isEnabled() and str(missing) in wf.detect_button.toolTip()
+    assert wf.det_model_label.text() == "model: gone.pt"
+    lab = tmp_path / "lab.pt"
+    shutil.copy(detect.DEFAULT_MODEL, lab)
+    wf.choose_section_model(lab)
+    assert wf.detect_button.isEnabled()
+    win.layout_model.set_overview(OverviewImage(np.zeros((256, 256), np.uint8), (0.0, 0.0), 4.0))
+    used, orig = [], detect.load_model
+    monkeypatch.setattr(detect, "load_model", lambda p=None: used.append(p) or orig(p))
+    wf.detect()
+    qtbot.waitUntil(lambda: not wf.busy, timeout=30000)
+    assert used == [lab] and "sections detected" in wf.job_label.text()
+    wf.choose_section_model("")
+    assert wf.section_model_path is None and wf.det_model_label.text() == "model: shipped"
