@@ -68,6 +68,8 @@ def _mount() -> None:
     from wafer.finetune_cli import train_cmd
     wafer_app.command("train", help="Fine-tune the section detector on your own annotated overviews.")(train_cmd)
     app.add_typer(wafer_app, name="wafer")
+    from wafer.volume_cli import volume_app
+    app.add_typer(volume_app, name="volume")
     from autofocus.cli import app as autofocus_app
     app.add_typer(autofocus_app, name="autofocus")
     train_app = typer.Typer(add_completion=False, help="Train the networks on the simulator.")

@@ -59,6 +59,28 @@ def wafer_mask(stack: np.ndarray, wafer_threshold: float | None = None,
     return s > thr if wafer_bright else s < thr
 
 
+def wafer_level_threshold(stack: np.ndarray, wafer_bright: bool, k: float = 4.0,
+                          min_pixels: int = 50) -> float:
+    """A threshold ``k`` robust s.d. from the wafer's own signal, measured where
+    the last slice shows wafer (by Otsu); never on the tissue side of Otsu.
+
+    Why: a thin film of tissue left on the wafer already lets the wafer signal
+    through, so Otsu's midway threshold calls a pixel milled through while
+    tens of nm remain (the mill rate comes out high, more so for bright
+    tissue). Close to the wafer level, only k s.d. of noise away, a pixel
+    counts as wafer when little film is left. Otsu where the last slice shows
+    too little wafer (fewer than ``min_pixels``) to measure it."""
+    s = _check_stack(stack).astype(float, copy=False)
+    otsu = otsu_threshold(s)
+    last = s[-1][np.isfinite(s[-1])]
+    wafer = last[last > otsu] if wafer_bright else last[last < otsu]
+    if wafer.size < min_pixels:
+        return otsu
+    level = float(np.median(wafer))
+    spread = 1.4826 * float(np.median(np.abs(wafer - level)))  # MAD: robust to film not yet gone
+    return max(level - k * spread, otsu) if wafer_bright else min(level + k * spread, otsu)
+
+
 def raw_last_tissue_index(mask: np.ndarray) -> np.ndarray:
     """Per pixel, the index of the last non-wafer slice; -1 if there is none.
 
@@ -94,6 +116,23 @@ def last_tissue_index(stack: np.ndarray, wafer_threshold: float | None = None, s
     raw = raw_last_tissue_index(wafer_mask(s, wafer_threshold, wafer_bright))
     valid = (raw >= 0) & (raw < s.shape[0] - 1)
     return _smooth_valid(raw, valid, sigma)
+
+
+def breakthrough_contrast(stack: np.ndarray, last_index: np.ndarray) -> np.ndarray:
+    """(h, w): per pixel, the mean signal after its last tissue slice minus the
+    mean up to it (the index rounded); NaN where it has no slice on either
+    side. A pixel that really milled through steps from the tissue's level
+    to the wafer's; one that only crossed the threshold in noise barely moves."""
+    s = _check_stack(stack).astype(float, copy=False)
+    z = s.shape[0]
+    L = np.rint(np.nan_to_num(np.asarray(last_index, float), nan=-1.0)).astype(int)
+    ok = (L >= 0) & (L < z - 1)
+    Lc = np.clip(L, 0, z - 2)
+    csum = np.cumsum(s, axis=0)
+    upto = np.take_along_axis(csum, Lc[None], axis=0)[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        step = (csum[-1] - upto) / (z - 1 - Lc) - upto / (Lc + 1)
+    return np.where(ok, step, np.nan)
 
 
 @dataclass(frozen=True)
@@ -133,6 +172,39 @@ def mill_rate(stack: np.ndarray, section_thickness_nm: float, cycle_duration_s: 
     per_s = per_cycle / cycle_duration_s
     return MillRate(mean_cycles=n_mean, sd_cycles=n_sd, nm_per_cycle=per_cycle, nm_per_cycle_sd=per_cycle * rel,
                     nm_per_s=per_s, nm_per_s_sd=per_s * rel, n_pixels=int(valid.sum()), n_censored=censored)
+
+
+def mill_rate_map(stack: np.ndarray, section_thickness_nm: float, mill_s_before: Sequence[float],
+                  mills_before: Sequence[float] | None = None, wafer_threshold: float | None = None,
+                  sigma: float = 1.0, wafer_bright: bool | None = None) -> dict[str, np.ndarray]:
+    """Per-pixel mill rate: (h, w) float maps, NaN where the pixel shows no
+    breakthrough (tissue outlasted the stack, or no tissue at all).
+
+    ``mill_s_before[k]``: seconds milled before slice k was imaged;
+    ``mills_before[k]``: mill cycles before it (default k). Tissue last seen in
+    slice L is gone in slice L+1, so the pixel took the mills before slice L+1
+    (the convention of ``mill_rate``); the smoothed, fractional L is
+    interpolated between slices, so unequal mills (an interrupted one) count
+    with the time they really took.
+
+    Keys: ``cycles``, ``seconds`` (to breakthrough), ``nm_per_cycle``, ``nm_per_s``."""
+    if not section_thickness_nm > 0:
+        raise ValueError("section_thickness_nm must be > 0")
+    s = _check_stack(stack)
+    z = s.shape[0]
+    t = np.asarray(mill_s_before, float)
+    n = np.arange(z, dtype=float) if mills_before is None else np.asarray(mills_before, float)
+    if t.shape != (z,) or n.shape != (z,):
+        raise ValueError(f"mill_s_before / mills_before: expected {z} values (one per slice)")
+    idx = last_tissue_index(s, wafer_threshold, sigma, wafer_bright)
+    valid = (idx >= 0) & (idx < z - 1)
+    at = np.where(valid, idx + 1.0, np.nan)
+    cycles = np.interp(at, np.arange(z), n)
+    seconds = np.interp(at, np.arange(z), t)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_cycle = np.where(cycles > 0, section_thickness_nm / cycles, np.nan)
+        per_s = np.where(seconds > 0, section_thickness_nm / seconds, np.nan)
+    return {"cycles": cycles, "seconds": seconds, "nm_per_cycle": per_cycle, "nm_per_s": per_s}
 
 
 def flatten(stack: np.ndarray, last_index: np.ndarray) -> np.ndarray:
@@ -205,7 +277,19 @@ def order_substacks(substacks: Sequence[np.ndarray]) -> SubstackOrder:
 
     last = np.stack([normed(s[-1]) for s in substacks])
     first = np.stack([normed(s[0]) for s in substacks])
-    S = last @ first.T
+    return order_from_scores(last @ first.T)
+
+
+def order_from_scores(scores: np.ndarray) -> SubstackOrder:
+    """The chain of ``order_substacks`` from a score matrix S[a, b] (how well
+    b follows a; the diagonal is ignored), however the scores were made."""
+    S = np.array(scores, float)
+    n = S.shape[0] if S.ndim == 2 else -1
+    if S.shape != (n, n):
+        raise ValueError(f"scores: expected a square matrix, got shape {np.shape(scores)}")
+    if n == 0:
+        return SubstackOrder([], [], np.zeros((0, 0)))
+    S[~np.isfinite(S)] = -1.0  # a pair that could not be compared: the worst NCC
     np.fill_diagonal(S, -np.inf)
     best_total, best_chain = -np.inf, list(range(n))
     for start in range(n):

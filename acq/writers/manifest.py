@@ -56,6 +56,7 @@ BOOKKEEPING_PATTERNS = [re.compile(p) for p in (
     r"^zarr/\d+\.tiles\.jsonl$",                    # OmeZarrWriter's log of flushed tiles
     r"^render/push_state\.jsonl$",                  # RenderPushWriter's log
     r"^report/report\.html$",                      # `report`: a derived view, replaced on each call
+    r"^volume/",                                   # `volume ...`: derived from the tiles, never overwritten
 )]
 
 _KINDS = [(re.compile(p), kind) for p, kind in (

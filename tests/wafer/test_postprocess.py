@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from wafer.postprocess import (flatten, last_tissue_index, mill_rate, ncc, order_substacks, otsu_threshold,
-                               raw_last_tissue_index, wafer_mask)
+from wafer.postprocess import (breakthrough_contrast, flatten, last_tissue_index, mill_rate, mill_rate_map, ncc,
+                               order_from_scores, order_substacks, otsu_threshold, raw_last_tissue_index,
+                               wafer_level_threshold, wafer_mask)
 
 Z, H, W = 40, 64, 64
 NOISE = 6.0
@@ -118,3 +119,39 @@ def test_ncc_basics():
     assert ncc(a, -a) == pytest.approx(-1.0)
     assert ncc(a, 3 * a + 5) == pytest.approx(1.0)
     assert ncc(np.ones((4, 4)), a[:4, :4]) == 0.0
+
+
+def test_mill_rate_map_per_pixel_with_unequal_mills():
+    cycles = true_cycles(seed=5)
+    stack = synthetic_stack(cycles, seed=5)
+    seconds = np.arange(Z) * 30.0
+    seconds[10:] += 15.0                        # the mill before slice 10 ran 45 s instead of 30
+    m = mill_rate_map(stack, 200.0, seconds, sigma=0)
+    np.testing.assert_allclose(m["cycles"], cycles)
+    np.testing.assert_allclose(m["nm_per_cycle"], 200.0 / cycles)
+    np.testing.assert_allclose(m["nm_per_s"], 200.0 / (cycles * 30.0 + 15.0))
+
+
+def test_wafer_level_threshold_sits_near_the_wafer():
+    cycles = true_cycles(seed=6)
+    stack = synthetic_stack(cycles, seed=6)     # wafer 220 +- 6, tissue up to ~130
+    thr = wafer_level_threshold(stack, wafer_bright=True, k=4.0)
+    assert otsu_threshold(stack) < thr < 220 - 3 * NOISE
+    dark = wafer_level_threshold(255.0 - stack, wafer_bright=False, k=4.0)
+    assert dark == pytest.approx(255.0 - thr, abs=1.0)
+
+
+def test_breakthrough_contrast_tells_a_step_from_noise():
+    cycles = true_cycles(seed=8)
+    stack = synthetic_stack(cycles, seed=8)
+    step = breakthrough_contrast(stack, cycles - 1)
+    assert step.min() > 60                      # tissue (60..120) -> wafer (220)
+    still = np.repeat(stack[:1], Z, axis=0) + np.random.default_rng(9).normal(0, NOISE, stack.shape)
+    assert np.abs(breakthrough_contrast(still, cycles - 1)).max() < 4 * NOISE
+    assert np.isnan(breakthrough_contrast(stack, np.full((H, W), Z - 1))).all()   # no slice after
+
+
+def test_order_from_scores_skips_pairs_without_a_score():
+    S = np.array([[0, 0.9, np.nan], [0.1, 0, 0.8], [0.2, np.nan, 0]])
+    res = order_from_scores(S)
+    assert res.order == [0, 1, 2] and res.link_scores == pytest.approx([0.9, 0.8])
