@@ -263,16 +263,19 @@ def _far_background(rng, tissue, shape, n_max: int = 16) -> np.ndarray:
     return out & far
 
 
-def sample_overviews(seed: int, n_crops: int = 2, shape=(768, 768)) -> list[Overview]:
+def sample_overviews(seed: int, n_crops: int = 2, shape=(768, 768), params_fn=None,
+                     near_section: bool = False) -> list[Overview]:
     """Random wafer from `seed` and `n_crops` overview crops (mostly around sections,
-    sometimes anywhere on the wafer, including its edge); fully determined by `seed`."""
+    sometimes anywhere on the wafer, including its edge; always near a section with
+    `near_section`); fully determined by `seed`. `params_fn(rng, seed)`: the layout
+    ranges (default: random_wafer_params, the training ranges)."""
     rng = np.random.default_rng([seed, 77])
-    params = random_wafer_params(rng, seed)
+    params = (params_fn or random_wafer_params)(rng, seed)
     wafer = make_wafer(params, fraction=rng.uniform(0.3, 1.0))
     r_um = wafer.radius_m * 1e6
     out = []
     for _ in range(n_crops):
-        u = rng.random()
+        u = 0.0 if near_section else rng.random()
         if u < 0.6 and wafer.sections:
             c = np.array(wafer.sections[int(rng.integers(len(wafer.sections)))].center_m) * 1e6
             c += rng.uniform(-1, 1, 2) * np.array(shape[::-1]) * PIXEL_UM / 3
