@@ -84,6 +84,20 @@ def random_wafer_params(rng: np.random.Generator, seed: int) -> WaferParams:
                        spacing_um=rng.uniform(20, 700), resin_margin_um=rng.uniform(10, 120), seed=seed)
 
 
+def wide_wafer_params(rng: np.random.Generator, seed: int) -> WaferParams:
+    """The ranges labs' wafers span (issue 16): sections 150 µm to 2 mm long
+    (log-uniform), up to 4:1, a third of the wafers packed edge to edge
+    (0-20 µm apart), resin rims of 3-150 µm (log-uniform)."""
+    w = float(np.exp(rng.uniform(math.log(150), math.log(2000))))
+    h = max(100.0, w * rng.uniform(0.25, 1.0))
+    spacing = rng.uniform(0, 20) if rng.random() < 1 / 3 else rng.uniform(20, 700)
+    return WaferParams(sections=500, section_size_um=(w, h), size_jitter=rng.uniform(0, 0.15),
+                       rotation_deg=rng.uniform(-180, 180),
+                       rotation_jitter_deg=float(rng.choice([rng.uniform(0, 20), 90.0], p=[0.8, 0.2])),
+                       spacing_um=spacing, resin_margin_um=float(np.exp(rng.uniform(math.log(3), math.log(150)))),
+                       seed=seed)
+
+
 def make_wafer(params: WaferParams, fraction: float = 1.0) -> VirtualWafer:
     """VirtualWafer with as many sections as asked, or (fraction of) as many as fit."""
     n = params.sections
@@ -146,8 +160,11 @@ def _tile_shading(rng, shape, tile_px=(192, 256)) -> np.ndarray:
 
 
 def render_overview(wafer: VirtualWafer, center_um, shape, rng: np.random.Generator,
-                    pixel_um: float = PIXEL_UM, artefacts: bool = True, far_background: bool = True) -> Overview:
-    """Overview crop (uint8) with instance mask, sparse labels and truth rectangles."""
+                    pixel_um: float = PIXEL_UM, artefacts: bool = True, far_background: bool = True,
+                    looks: bool = False) -> Overview:
+    """Overview crop (uint8) with instance mask, sparse labels and truth rectangles.
+    ``looks``: also faint tissue, inverted contrast (another detector) and a
+    strong illumination gradient (the wide training generator)."""
     h, w = int(shape[0]), int(shape[1])
     p = pixel_um * 1e-6
     sig = wafer.signal((center_um[0] * 1e-6, center_um[1] * 1e-6), p, (h, w))
@@ -163,17 +180,25 @@ def render_overview(wafer: VirtualWafer, center_um, shape, rng: np.random.Genera
         sig[resin] += rng.uniform(-0.1, 0.2)
         if tissue.any():
             mu = float(sig[tissue].mean())
-            sig[tissue] = mu + rng.uniform(-0.15, 0.15) + (sig[tissue] - mu) * rng.uniform(0.6, 2.0)
+            if looks:                                   # draw order as each generator's models were trained
+                gain, shift = rng.uniform(0.25, 2.0), rng.uniform(-0.15, 0.15)
+            else:
+                shift, gain = rng.uniform(-0.15, 0.15), rng.uniform(0.6, 2.0)
+            sig[tissue] = mu + shift + (sig[tissue] - mu) * gain
         sig[wafer_px & ~resin & ~tissue] += rng.uniform(-0.15, 0.1)
         if rng.random() < 0.5:          # annotator outlined the embedding resin as well
             bg_extra |= resin
         bg_extra |= _add_debris(sig, rng, tissue, pixel_um)
         _add_folds(sig, rng, inst, len(wafer.sections))
         sig *= _tile_shading(rng, (h, w))
+        if looks and rng.random() < 0.4:
+            sig *= illumination_ramp(rng, (h, w), rng.uniform(0.05, 0.3))
         sig = cv2.GaussianBlur(sig, (0, 0), rng.uniform(0.3, 1.2))
         sig += rng.normal(0, rng.uniform(0.0, 0.05), sig.shape).astype(np.float32)
         gain, off = rng.uniform(0.7, 1.25), rng.uniform(-0.1, 0.1)
         sig = sig * gain + off
+        if looks and rng.random() < 0.25:
+            sig = 1.0 - sig
     img = np.clip(np.round(sig * 255), 0, 255).astype(np.uint8)
     if far_background:
         bg_extra |= _far_background(rng, tissue, (h, w))
@@ -186,6 +211,14 @@ def render_overview(wafer: VirtualWafer, center_um, shape, rng: np.random.Genera
         inside = bool(tp.min() >= 1 and tp[:, 0].max() <= w - 2 and tp[:, 1].max() <= h - 2)
         truth.append((s.id, *truth_rect_um(s), inside))
     return Overview(img, inst, labels, (float(origin[0]), float(origin[1])), pixel_um, truth)
+
+
+def illumination_ramp(rng, shape, amplitude: float) -> np.ndarray:
+    """A linear illumination ramp of +-amplitude across the crop, any direction."""
+    h, w = shape
+    a = rng.uniform(0, 2 * math.pi)
+    ramp = math.cos(a) * np.linspace(-1, 1, w)[None, :] + math.sin(a) * np.linspace(-1, 1, h)[:, None]
+    return (1 + amplitude * ramp).astype(np.float32)
 
 
 def _blob(rng, c, r, n=9):
@@ -264,13 +297,14 @@ def _far_background(rng, tissue, shape, n_max: int = 16) -> np.ndarray:
 
 
 def sample_overviews(seed: int, n_crops: int = 2, shape=(768, 768), params_fn=None,
-                     near_section: bool = False) -> list[Overview]:
+                     near_section: bool = False, wide: bool = False) -> list[Overview]:
     """Random wafer from `seed` and `n_crops` overview crops (mostly around sections,
     sometimes anywhere on the wafer, including its edge; always near a section with
     `near_section`); fully determined by `seed`. `params_fn(rng, seed)`: the layout
-    ranges (default: random_wafer_params, the training ranges)."""
+    ranges (default: random_wafer_params, or wide_wafer_params with the extra looks
+    when `wide`)."""
     rng = np.random.default_rng([seed, 77])
-    params = (params_fn or random_wafer_params)(rng, seed)
+    params = (params_fn or (wide_wafer_params if wide else random_wafer_params))(rng, seed)
     wafer = make_wafer(params, fraction=rng.uniform(0.3, 1.0))
     r_um = wafer.radius_m * 1e6
     out = []
@@ -283,7 +317,7 @@ def sample_overviews(seed: int, n_crops: int = 2, shape=(768, 768), params_fn=No
             r = r_um * math.sqrt(rng.random()) if u < 0.8 else r_um + rng.uniform(-1000, 500)
             a = rng.uniform(0, 2 * math.pi)
             c = np.array([r * math.cos(a), r * math.sin(a)])
-        out.append(render_overview(wafer, c, shape, rng))
+        out.append(render_overview(wafer, c, shape, rng, looks=wide))
     return out
 
 

@@ -1,26 +1,27 @@
 """Three families of simulated wafers for judging section detection.
 
-- ``training``: the generator the shipped model was trained with
-  (detect_data.random_wafer_params and its artefacts), on seeds it never saw.
-- ``validation``: the same renderer with other layout ranges (sections
-  200-1200 µm, aspect 1:1-3:1, packing 10-400 µm, resin 5-150 µm) on their own
-  seeds: where thresholds are to be tuned.
-- ``test``: layouts and looks outside the training ranges: long sides
-  1.0-2.0 mm (trained up to 0.9 mm), or narrow sections 150-350 µm wide at
-  neighbours 0-15 µm apart, touching
-  (trained >= 20 µm); resin rims of 2-8 µm (trained >= 10 µm); and in half of
-  the overviews a look the training never had: inverted contrast (another
-  detector), or tissue contrast squeezed to a third (faint staining), with a
-  strong illumination gradient across the whole overview.
+- ``training``: the generator the shipped model learnt (detect_data's wide
+  generator: wide_wafer_params and the extra looks), on seeds it never saw.
+- ``validation``: the same renderer and looks with other layout ranges
+  (sections 200-1200 µm, aspect 1:1-3:1, 10-400 µm apart, 5-150 µm resin) on
+  their own seeds: where thresholds are tuned.
+- ``test``: outside the training ranges: sections 2.0-2.6 mm long (trained up
+  to 2 mm) or narrow 4:1 ones, neighbours 0-5 µm apart with 1-3 µm resin rims
+  (trained from 3 µm, so tissue gaps down to 2 µm against 6 µm), and on every
+  overview two looks beyond the training's: tissue contrast x0.15-0.25
+  (trained from x0.25), an illumination ramp of +-30-45 % (trained up to 30 %),
+  extra noise (s.d. 5-8 % of full scale on top of the renderer's 0-5 %) or
+  extra blur (sigma 1.2-1.8 px on top of 0.3-1.2); a third inverted.
 
 Everything is fixed by the seed; no family shares seeds with training
-(0-47), the old benchmark (10000-10012) or threshold tuning (20001-20040).
+(0-95), its validation (5000-5005), the old benchmark (10000-10012) or the
+earlier threshold tuning (20001-20040).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from devices.setup_config import WaferParams
@@ -38,37 +39,38 @@ def validation_params(rng: np.random.Generator, seed: int) -> WaferParams:
 
 
 def test_params(rng: np.random.Generator, seed: int) -> WaferParams:
-    if rng.random() < 0.5:                   # large sections
-        w = rng.uniform(1000, 2000)
+    if rng.random() < 0.5:                   # larger than any trained
+        w = rng.uniform(2000, 2600)
         h = w * rng.uniform(0.25, 0.6)
-    else:                                    # narrow ones, up to 4:1
-        w = rng.uniform(600, 1000)
-        h = max(150.0, w * rng.uniform(0.25, 0.35))
+    else:                                    # narrow, up to 4:1
+        w = rng.uniform(500, 1000)
+        h = max(120.0, w * rng.uniform(0.25, 0.35))
     return WaferParams(sections=500, section_size_um=(w, h), size_jitter=rng.uniform(0, 0.1),
                        rotation_deg=rng.uniform(-180, 180), rotation_jitter_deg=rng.uniform(0, 10),
-                       spacing_um=rng.uniform(0, 15), resin_margin_um=rng.uniform(2, 8), seed=seed)
+                       spacing_um=rng.uniform(0, 5), resin_margin_um=rng.uniform(1, 3), seed=seed)
 
 
-def test_look(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Half the test overviews: inverted or faint, under a strong gradient."""
-    u = rng.random()
-    if u >= 0.5:
-        return img
-    f = img.astype(np.float32)
-    if u < 0.25:
+def test_look(o: dd.Overview, rng: np.random.Generator) -> np.ndarray:
+    """Two looks beyond the training's on each overview; a third inverted."""
+    f = o.image.astype(np.float32)
+    tissue = o.instances > 0
+    for kind in rng.choice(["faint", "ramp", "noise", "blur"], 2, replace=False):
+        if kind == "faint" and tissue.any():
+            m = float(np.median(f[tissue]))
+            f[tissue] = m + (f[tissue] - m) * rng.uniform(0.15, 0.25)
+        elif kind == "ramp":
+            f *= dd.illumination_ramp(rng, f.shape, rng.uniform(0.3, 0.45))
+        elif kind == "noise":
+            f += rng.normal(0, rng.uniform(0.05, 0.08) * 255, f.shape).astype(np.float32)
+        elif kind == "blur":
+            f = cv2.GaussianBlur(f, (0, 0), rng.uniform(1.2, 1.8))
+    if rng.random() < 1 / 3:
         f = 255.0 - f
-    else:
-        m = float(np.median(f))
-        f = m + (f - m) / 3.0
-    h, w = f.shape
-    a = rng.uniform(0, 2 * math.pi)
-    ramp = (np.cos(a) * np.linspace(-1, 1, w)[None, :] + np.sin(a) * np.linspace(-1, 1, h)[:, None])
-    f = f * (1 + rng.uniform(0.15, 0.35) * ramp)
     return np.clip(np.round(f), 0, 255).astype(np.uint8)
 
 
 FAMILIES: dict[str, tuple[Callable, Callable | None]] = {
-    "training": (dd.random_wafer_params, None),
+    "training": (dd.wide_wafer_params, None),
     "validation": (validation_params, None),
     "test": (test_params, test_look),
 }
@@ -81,8 +83,8 @@ def family_overviews(family: str, n: int, shape=(1024, 1024)) -> list[dd.Overvie
     out = []
     for k in range(n):
         seed = FAMILY_SEEDS[family] + k
-        o = dd.sample_overviews(seed, 1, shape, params_fn=params_fn, near_section=True)[0]
+        o = dd.sample_overviews(seed, 1, shape, params_fn=params_fn, near_section=True, wide=True)[0]
         if look is not None:
-            o.image = look(o.image, np.random.default_rng([seed, 91]))
+            o.image = look(o, np.random.default_rng([seed, 91]))
         out.append(o)
     return out

@@ -10,6 +10,7 @@ reproducible up to CPU floating-point non-determinism.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -26,6 +27,14 @@ from wafer import detect_data as dd
 from wafer.detect import _mean_inside, as_unit_float, match_sections, postprocess, predict_proba, resample
 from wafer.unet import UNet, build_from_config, count_parameters, fold_batchnorm
 
+# the layout ranges of detect_data's two generators, for the card
+NARROW_RANGES = {"section_w_um": [250, 900], "aspect": [0.35, 1.0], "min_h_um": 120, "size_jitter": [0, 0.2],
+                 "rotation_deg": [-180, 180], "rotation_jitter_deg": "U(0,20) or 90 (p 0.2)", "spacing_um": [20, 700],
+                 "resin_margin_um": [10, 120]}
+WIDE_RANGES = {"generator": "wide (detect_data.wide_wafer_params, render looks)",
+               "section_w_um": "log-uniform [150, 2000]", "aspect": [0.25, 1.0], "min_h_um": 100,
+               "size_jitter": [0, 0.15], "rotation_deg": [-180, 180], "rotation_jitter_deg": "U(0,20) or 90 (p 0.2)",
+               "spacing_um": "U(0, 20) (p 1/3) or U(20, 700)", "resin_margin_um": "log-uniform [3, 150]"}
 TRAIN_SEEDS_MAX = 5000          # training wafers use seeds [0, n_wafers); validation 5000+; benchmark 10000+
 VAL_SEEDS = tuple(range(5000, 5006))
 
@@ -42,12 +51,13 @@ def _atomic_bytes(path: Path, write: Callable[[str], None]) -> None:
             tmp.unlink()
 
 
-def build_pool(seeds, n_crops: int, shape, factor: int, log=print):
-    """Rendered training crops at the network pixel size: (images in [0,1], labels)."""
+def build_pool(seeds, n_crops: int, shape, factor: int, log=print, wide: bool = False):
+    """Rendered training crops at the network pixel size: (images in [0,1], labels);
+    ``wide``: the wide generator (detect_data.wide_wafer_params and extra looks)."""
     imgs, labs = [], []
     t0 = time.time()
     for k, s in enumerate(seeds):
-        for ov in dd.sample_overviews(int(s), n_crops, shape):
+        for ov in dd.sample_overviews(int(s), n_crops, shape, wide=wide):
             img = ov.image.astype(np.float32) / 255
             imgs.append(resample(img, 1 / factor))
             labs.append(dd.downsample_labels(ov.labels, factor))
@@ -86,9 +96,9 @@ def _centre_on(mask: np.ndarray, rng):
     return (xx[j] * 4 + rng.uniform(0, 4), yy[j] * 4 + rng.uniform(0, 4))
 
 
-def validation_set(seeds=VAL_SEEDS, shape=(1024, 1024)):
+def validation_set(seeds=VAL_SEEDS, shape=(1024, 1024), wide: bool = False):
     """Held-out overviews (4 um, full resolution) with truth rectangles."""
-    return [ov for s in seeds for ov in dd.sample_overviews(int(s), 1, shape)]
+    return [ov for s in seeds for ov in dd.sample_overviews(int(s), 1, shape, wide=wide)]
 
 
 def evaluate(model: UNet, overviews, net_pixel_um: float, unlabelled_neutral: bool = False) -> dict:
@@ -145,7 +155,7 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
           depth: int = 5, patch: int = 96, batch: int = 8, log_every: int = 25, net_pixel_um: float = 12.0,
           n_wafers: int = 48, crops_per_wafer: int = 2, max_minutes: Optional[float] = None,
           fp16: bool = False, threads: int = 2, val_every: int = 0, crop_px: int = 768,
-          val_seeds=VAL_SEEDS, val_px: int = 1024, init: Optional[str | Path] = None,
+          val_seeds=VAL_SEEDS, val_px: int = 1024, init: Optional[str | Path] = None, wide: bool = False,
           log: Callable[[str], None] = print) -> dict:
     """Train, validate on held-out simulated wafers, write weights + JSON card (atomically).
     `init`: continue from earlier weights (its card's steps are added; the step-LR schedule resumes)."""
@@ -162,8 +172,8 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
     rng = np.random.default_rng([seed, 2024])
     crop = (crop_px, crop_px)
     log(f"rendering {n_wafers} training wafers x {crops_per_wafer} crops of {crop} px at {dd.PIXEL_UM} um")
-    imgs, labs = build_pool(range(n_wafers), crops_per_wafer, crop, factor, log)
-    val = validation_set(val_seeds, (val_px, val_px))
+    imgs, labs = build_pool(range(n_wafers), crops_per_wafer, crop, factor, log, wide=wide)
+    val = validation_set(val_seeds, (val_px, val_px), wide=wide)
     t_data = time.time() - t_start
     model = UNet(depth=depth, start_filters=start_filters)
     model = model.to(memory_format=torch.channels_last)     # oneDNN is much faster on thin layers
@@ -231,11 +241,11 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
         "training_data": {
             "source": "devices.sim.wafer.VirtualWafer + wafer.detect_data artefacts",
             "wafer_seeds": f"0..{n_wafers - 1}", "crops_per_wafer": crops_per_wafer, "crop_px": list(crop),
-            "section_w_um": [250, 900], "aspect": [0.35, 1.0], "min_h_um": 120, "size_jitter": [0, 0.2],
-            "rotation_deg": [-180, 180], "rotation_jitter_deg": "U(0,20) or 90 (p 0.2)", "spacing_um": [20, 700],
-            "resin_margin_um": [10, 120], "sections": "fraction U(0.3,1) of what fits",
+            **(WIDE_RANGES if wide else NARROW_RANGES), "sections": "fraction U(0.3,1) of what fits",
             "artefacts": ["mosaic tile gain + vignette", "detector gain/offset/noise", "blur", "material contrast",
-                          "debris, blank resin chips, tissue-grey crumbs", "folds/knife marks", "sim dust, scratches"],
+                          "debris, blank resin chips, tissue-grey crumbs", "folds/knife marks", "sim dust, scratches"]
+            + (["tissue contrast x U(0.25, 2)", "illumination ramp +-U(0.05, 0.3) (p 0.4)",
+                "inverted contrast (p 0.25)"] if wide else ["tissue contrast x U(0.6, 2)"]),
             "labels": f"1 tissue, 0 = tissue dilated {dd.BG_DILATION}x minus tissue (+ sparse far blobs and "
                       "debris), 2 ignore",
             "augmentation": "shift-scale-rotate p0.95, flips, elastic s2 a5, gamma, brightness/contrast, noise 0.1",
@@ -254,6 +264,7 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
         "s_per_step": round((time.time() - t0) / max(1, done), 3),
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
         "python": platform.python_version(), "threads": threads,
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),      # loaders refuse weights that differ
         "why_this_size": (f"{start_filters} filters x {depth} blocks ({n_params / 1e6:.2f} M parameters) instead of the "
                           "seed's 64 (31 M, 120 MB): trains in < 35 min and infers a 14x19-tile overview in "
                           "< 10 s on a 2-core CPU, and the file stays far below 20 MB; the task (high-contrast "
@@ -283,8 +294,11 @@ def train_sections_cmd(
     threads: int = typer.Option(2, "--threads"),
     init: Optional[Path] = typer.Option(None, "--init", help="continue training from these weights"),
     val_every: int = typer.Option(0, "--val-every", help="validate every N steps (0: only at the end)"),
+    wide: bool = typer.Option(False, "--wide", help="the wide generator: 150 µm-2 mm sections up to 4:1, "
+                              "packed edge to edge, thin resin rims, faint/inverted contrast, gradients"),
 ) -> None:
     """Train the section-detection U-Net on simulated wafers; writes weights and a JSON card."""
     train(steps=steps, out=out, seed=seed, start_filters=filters, depth=depth, patch=patch, batch=batch,
           log_every=log_every, net_pixel_um=net_pixel_um, n_wafers=wafers, max_minutes=max_minutes,
-          fp16=fp16, threads=threads, val_every=val_every, init=init, log=lambda s: print(s, flush=True))
+          fp16=fp16, threads=threads, val_every=val_every, init=init, wide=wide,
+          log=lambda s: print(s, flush=True))

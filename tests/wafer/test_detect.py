@@ -16,13 +16,7 @@ from wafer.detect import (DEFAULT_MODEL, detect_sections, load_model, match_sect
 from wafer.unet import UNet, count_parameters, fold_batchnorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, busy CPU idle OpenMP threads spin and slow everything."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
