@@ -179,11 +179,11 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
     model = model.to(memory_format=torch.channels_last)     # oneDNN is much faster on thin layers
     n_params = count_parameters(model)
     log(f"U-Net depth {depth}, {start_filters} filters: {n_params:,} parameters; data {t_data:.0f} s")
-    prior_steps, prior_time, sessions = 0, 0.0, []
+    prior_steps, prior_time, sessions, schedule_from = 0, 0.0, [], 0
     if init is not None:
         loaded, init_px = load_trainable(init)
-        if loaded.config != model.config or init_px != float(net_pixel_um):
-            raise ValueError(f"{init}: architecture/pixel size differ from the requested ones")
+        if loaded.config != model.config:
+            raise ValueError(f"{init}: its architecture differs from the requested one")
         model.load_state_dict(loaded.state_dict())
         prev = Path(init).with_suffix(".json")
         if prev.is_file():
@@ -193,11 +193,16 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
                                                                      "data_time_s", "s_per_step", "date")}]
         rng = np.random.default_rng([seed, 2024, prior_steps])     # fresh patches, still reproducible
         log(f"continuing from {init} ({prior_steps} steps)")
+        if init_px != float(net_pixel_um):     # features seen at another scale: the schedule starts again
+            log(f"  its net pixel was {init_px:g} um, now {net_pixel_um:g} um: learning rate schedule restarted")
+            schedule_from = 0
+        else:
+            schedule_from = prior_steps
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.5e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.9)
     with warnings.catch_warnings():          # fast-forward the schedule (warns: no optimizer step yet)
         warnings.simplefilter("ignore")
-        for _ in range(prior_steps):
+        for _ in range(schedule_from):
             sched.step()
     crit = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0]), ignore_index=dd.IGNORE)
     history, run_loss, t0, done = [], [], time.time(), 0
