@@ -19,7 +19,7 @@ from acq.documents import tile_id
 from acq.events import AcquireTile, Autofocus, Configure, CycleEnd, Irradiate, Mill, MoveStage, PlanEvent, SectionEnd
 from acq.plan import OVERVIEW_SECTION, Grid, Plan, Section
 from acq.plan_checks import check_positions, tile_centres
-from acq.section_focus import af_radius_um, choose_spots, pinned_spots, spot_group
+from acq.section_focus import af_radius_um, choose_spots, forbidden_area_at, pinned_spots, spot_group
 from devices.setup_config import ConfigError
 
 
@@ -121,8 +121,7 @@ def autofocus_spots(step, cycle: int, section: int, grid: Optional[int], centre,
     if section in step.pinned:
         return pinned_spots([tuple(p) for p in step.pinned[section]], step.points, cycle)
     cands = [tuple(t.center_um) for t in served]
-    if step.locations == "centre" and step.points == 1 \
-            and not any(math.hypot(centre[0] - fx, centre[1] - fy) <= r for fx, fy, r in step.forbidden):
+    if step.locations == "centre" and step.points == 1 and forbidden_area_at(centre, step.forbidden) is None:
         return [tuple(centre)]
     nxt = memory.get("af_next", {}).get(spot_group(step, grid))
     if nxt and step.locations == "auto":

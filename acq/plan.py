@@ -23,6 +23,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       field_validator, model_validator)
 
 from acq.qc import QCConfig, QCPolicy
+from acq.section_focus import forbidden_area_at
 from common import geometry
 from devices.setup_config import (ConfigError, Options, SetupConfig, format_validation_error, json_like,
                                   load_setup, read_yaml, validate_config)
@@ -174,10 +175,11 @@ class AutofocusStep(_Strict):
     def _locations_allowed(self):
         for sid, pts in self.pinned.items():
             for x, y in pts:
-                for fx, fy, r in self.forbidden:
-                    if math.hypot(x - fx, y - fy) <= r:
-                        raise ValueError(f"autofocus.pinned.{sid}: ({x}, {y}) µm lies in the forbidden area "
-                                         f"({fx}, {fy}) µm radius {r} µm")
+                area = forbidden_area_at((x, y), self.forbidden)
+                if area is not None:
+                    fx, fy, r = area
+                    raise ValueError(f"autofocus.pinned.{sid}: ({x}, {y}) µm lies in the forbidden area "
+                                     f"({fx}, {fy}) µm radius {r} µm")
         return self
 
     @field_validator("method")

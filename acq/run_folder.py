@@ -36,6 +36,16 @@ def holds_nothing(out_dir: Path) -> bool:
     return True
 
 
+def plan_copy(out_dir: Path) -> dict:
+    """The plan the run stored (PLAN_COPY), for readers that only report on a
+    run: {} when it is missing or unreadable."""
+    try:
+        data = json.loads((Path(out_dir) / PLAN_COPY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def same_plan(out_dir: Path, plan: Plan) -> None:
     """A resumed run must acquire what the journal's run planned."""
     path = out_dir / PLAN_COPY

@@ -48,9 +48,14 @@ def block_cv(image: np.ndarray) -> np.ndarray:
     return blocks.std(axis=(1, 3)) / np.maximum(blocks.mean(axis=(1, 3)), 1.0)
 
 
-def texture_score(image: np.ndarray) -> float:
-    """How much a tile has to focus on: the median block contrast."""
-    return float(np.median(block_cv(image)))
+def texture_score(contrast: np.ndarray) -> float:
+    """How much a tile has to focus on: the median of its block contrasts (block_cv)."""
+    return float(np.median(contrast))
+
+
+def forbidden_area_at(spot: Spot, forbidden: Iterable[tuple[float, float, float]]):
+    """The first (x µm, y µm, radius µm) area ``spot`` lies in (edge included), or None."""
+    return next((f for f in forbidden if math.hypot(spot[0] - f[0], spot[1] - f[1]) <= f[2]), None)
 
 
 def _spread(cands: Sequence[Spot], first: Spot, n: int) -> list[Spot]:
@@ -76,7 +81,7 @@ def choose_spots(candidates: Sequence[Spot], n: int, centre: Spot, radius_um: fl
     never left without focus): the previous spots' farthest, outside the
     forbidden areas if any candidate is."""
     forbidden, previous = list(forbidden), list(previous)
-    allowed = [c for c in candidates if all(math.hypot(c[0] - fx, c[1] - fy) > r for fx, fy, r in forbidden)]
+    allowed = [c for c in candidates if forbidden_area_at(c, forbidden) is None]
     pool = allowed or list(candidates)
     if texture:
         known = [texture[c] for c in pool if c in texture]
@@ -194,10 +199,15 @@ def focus_at(rows: Sequence[FocusRow], x_um: float, y_um: float) -> tuple[float,
     return float(wd), (float(sx), float(sy))
 
 
-def _rows_of_records(records: Iterable[dict], section: int, cycle: int) -> list[FocusRow]:
+def _records_of(records: Iterable[dict], section: int, cycle: int) -> list[dict]:
+    """The autofocus_done records of a section in a cycle that say where they focused."""
+    return [r for r in records if r.get("section") == section and r.get("cycle") == cycle and "center_um" in r]
+
+
+def _rows(records: Iterable[dict]) -> list[FocusRow]:
+    """Focus points of the autofocus runs that succeeded."""
     return [[float(r["center_um"][0]), float(r["center_um"][1]), float(r["wd_m"]), float(r["stig"][0]),
-             float(r["stig"][1])] for r in records
-            if r.get("section") == section and r.get("cycle") == cycle and r.get("ok", True) and "center_um" in r]
+             float(r["stig"][1])] for r in records if r.get("ok", True)]
 
 
 def af_radius_um(step) -> float:
@@ -221,6 +231,7 @@ class SectionFocus:
     def __init__(self, sem, step, state: Callable[[], object]):
         self.sem, self.step, self._state = sem, step, state
         self._entered: Optional[tuple[int, int]] = None      # (cycle, section) whose focus is applied
+        self._tile_rows: Optional[list[FocusRow]] = None      # its rows, until the next autofocus
 
     @property
     def st(self):
@@ -237,7 +248,7 @@ class SectionFocus:
 
     def rows(self, section: int, cycle: int) -> Optional[list[FocusRow]]:
         """This cycle's autofocus points of the section, else its memory."""
-        return _rows_of_records(self.st.autofocus.values(), section, cycle) or self._memory(section)
+        return _rows(_records_of(self.st.autofocus.values(), section, cycle)) or self._memory(section)
 
     def _set(self, wd: float, stig: tuple[float, float]) -> None:
         """Through the guarded SEM (windows checked); only what changes."""
@@ -249,7 +260,7 @@ class SectionFocus:
 
     def before_autofocus(self, ev) -> None:
         """Start the autofocus from the section's own focus at its spot."""
-        self._entered = (ev.cycle, ev.section)
+        self._entered, self._tile_rows = (ev.cycle, ev.section), None     # its result changes the rows
         rows = self._memory(ev.section)
         if rows:
             self._set(*focus_at(rows, *ev.center_um))
@@ -260,8 +271,9 @@ class SectionFocus:
         if ev.overview:
             return
         entering = self._entered != (ev.cycle, ev.section)
-        self._entered = (ev.cycle, ev.section)
-        rows = self.rows(ev.section, ev.cycle)
+        if entering or self._tile_rows is None:      # not read from the journal again for every tile
+            self._entered, self._tile_rows = (ev.cycle, ev.section), self.rows(ev.section, ev.cycle) or []
+        rows = self._tile_rows
         if rows and (entering or len(rows) > 1):
             self._set(*focus_at(rows, *ev.center_um))
 
@@ -277,17 +289,17 @@ class SectionFocus:
         mem = st.section_focus.get(section, {})
         texture = {t.key: st.tile_qc[t.key]["texture"] for t in tiles if "texture" in st.tile_qc.get(t.key, {})}
         texture.update((t.key, texture_now[t.key]) for t in tiles if t.key in texture_now)
+        recs = _records_of(st.autofocus.values(), section, cycle)
         af_spots: dict[str, list] = {}
-        for rec in st.autofocus.values():
-            if rec.get("section") == section and rec.get("cycle") == cycle and "center_um" in rec:
-                af_spots.setdefault(spot_group(self.step, rec.get("grid")), []).append(rec["center_um"])
-        rows = _rows_of_records(self.st.autofocus.values(), section, cycle) or mem.get("focus")
+        for rec in recs:
+            af_spots.setdefault(spot_group(self.step, rec.get("grid")), []).append(rec["center_um"])
+        rows = _rows(recs) or mem.get("focus")
         if self.step.points == 1 or not rows:
             at = rows[0][:2] if rows else list(tiles[0].center_um) if tiles else [0.0, 0.0]
             rows = [[float(at[0]), float(at[1]), float(self.sem.working_distance()), *map(float, self.sem.stig())]]
         used = {g: [list(map(float, s)) for s in spots] for g, spots in af_spots.items()} or mem.get("af_used", {})
         out = {"focus": rows, "af_used": used}
-        if self.step.method != "none" and self.step.locations == "auto" and section not in self.step.pinned:
+        if self.step.locations == "auto" and section not in self.step.pinned:
             groups: dict[str, list] = {}
             for t in tiles:
                 groups.setdefault(spot_group(self.step, t.grid), []).append(t)

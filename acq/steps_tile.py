@@ -39,10 +39,10 @@ def check_frame(image: np.ndarray, previous_sample: Optional[np.ndarray]) -> tup
     return None, sample
 
 
-def flat_fraction(image: np.ndarray, cv_max: float) -> float:
+def flat_fraction(contrast: np.ndarray, cv_max: float) -> float:
     """Share of 64 px blocks without tissue contrast (bare wafer or resin):
     blocks whose contrast (section_focus.block_cv) is below ``cv_max``."""
-    return float((block_cv(image) < cv_max).mean())
+    return float((contrast < cv_max).mean())
 
 
 def move_stage(ctx, ev: MoveStage) -> StagePosition:
@@ -129,10 +129,12 @@ def acquire_tile(ctx, ev: AcquireTile, version: int) -> TileEvent:
     md = dict(frame.metadata)
     stage = md.get("stage") or setup.stage.position().as_dict()
     result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, list))}
-    if ctx.flat_cv is not None:                # only a section_exhausted stop rule needs it
-        result["flat_fraction"] = round(flat_fraction(frame.image, ctx.flat_cv), 4)
-    if ctx.texture:                            # where autofocus may go next cycle (acq/section_focus.py)
-        result["texture"] = round(texture_score(frame.image), 4)
+    if ctx.flat_cv is not None or ctx.texture:
+        contrast = block_cv(frame.image)       # one pass over the frame for both
+        if ctx.flat_cv is not None:            # only a section_exhausted stop rule needs it
+            result["flat_fraction"] = round(flat_fraction(contrast, ctx.flat_cv), 4)
+        if ctx.texture:                        # where autofocus may go next cycle (acq/section_focus.py)
+            result["texture"] = round(texture_score(contrast), 4)
     result["attempts"] = attempt
     result["exposures"] = ctx.exposures.count(ev)          # scans of this tile's area this cycle (dose)
     return TileEvent(

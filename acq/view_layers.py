@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from acq.run_folder import plan_copy
 from acq.writers.layout import TileRecord, latest_versions, map_annotation_json, planes_on_disk, tile_relpath
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def tile_affine(rec: TileRecord, z_um: float, dz_um: float) -> np.ndarray:
 def _slice_um(outdir: Path) -> float:
     """z step of the run's OME-Zarr (plan.json's writer options), for tiles of a section without a volume."""
     try:
-        opts = json.loads((Path(outdir) / "plan.json").read_text())["output"].get("options") or {}
+        opts = plan_copy(outdir)["output"].get("options") or {}
         for o in opts.values():
             if isinstance(o, dict) and "zarr_slice_um" in o:
                 return float(o["zarr_slice_um"])

@@ -10,7 +10,6 @@ any), so a plane still being written is left out.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -62,16 +61,14 @@ class SubStack:
 # ------------------------------------------------------------ the run
 def read_run(out_dir: Path) -> RunInfo:
     from acq.journal import JOURNAL_NAME, JournalCorrupt, read_records
+    from acq.run_folder import plan_copy
     out = Path(out_dir)
     if not out.is_dir():
         raise VolumeError(f"OUTDIR {out}: not a folder")
     if not (out / JOURNAL_NAME).is_file():
         raise VolumeError(f"OUTDIR {out}: no {JOURNAL_NAME}; expected the output folder of "
                           "`python main.py run PLAN --out OUTDIR`")
-    try:
-        plan = json.loads((out / "plan.json").read_text())
-    except (OSError, ValueError):
-        plan = {}
+    plan = plan_copy(out)
     mill_s: dict[int, float] = {}
     done: dict[int, set[int]] = {}
     try:

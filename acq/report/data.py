@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from acq.journal import JOURNAL_NAME, JournalCorrupt, read_records
+from acq.run_folder import plan_copy
 from acq.writers.manifest import classify, read_lines
 
 _TILE_KEY = re.compile(r"^c(\d+)_s(\d+)_g(\d+)_r(\d+)_c(\d+)$")
@@ -254,10 +255,7 @@ def _read_journal(run: RunData) -> None:
 
 
 def _read_plan(run: RunData) -> None:
-    try:
-        run.plan = json.loads((run.out_dir / "plan.json").read_text())
-    except (OSError, ValueError):
-        run.plan = {}
+    run.plan = plan_copy(run.out_dir)
     cycles = run.plan.get("cycles")
     rule = cycles if isinstance(cycles, dict) else None
     if isinstance(cycles, int):
