@@ -1,4 +1,4 @@
-"""`python main.py autofocus bench|recalibrate` (mounted by main.py)."""
+"""`python main.py autofocus bench|collect|recalibrate` (mounted by main.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,20 +10,27 @@ from common.paths import default_config
 from common.paths import models_dir as shipped_models_dir
 from devices.setup_config import ConfigError, load_setup
 
-app = typer.Typer(add_completion=False, help="Autofocus: convergence benchmark and DeepFocus recalibration.")
+app = typer.Typer(add_completion=False, help="Autofocus: convergence benchmark, training pairs from a microscope, "
+                  "DeepFocus recalibration.")
 DEFAULT_CONFIG = default_config()
 
 
-def _config(path: Path):
+def _config(path: Path, simulated: bool = True):
     try:
         cfg = load_setup(path)
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2)
-    if cfg.devices.sem.driver != "sim":
+    if simulated and cfg.devices.sem.driver != "sim":
         typer.echo("error: the benchmark scores against the simulator's hidden focus; use a sim setup", err=True)
         raise typer.Exit(2)
     return cfg
+
+
+def _move_to(setup, at: Optional[Tuple[float, float]]) -> None:
+    """The stage to X Y mm (through the safety guard) before the work starts there."""
+    if at is not None:
+        setup.stage.move_to(setup.stage.position().with_(x=at[0] * 1e-3, y=at[1] * 1e-3))
 
 
 def _specimens(specimen: Optional[List[Path]]) -> list[Path]:
@@ -57,8 +64,13 @@ def bench(
     models_dir: Path = typer.Option(shipped_models_dir(), "--models-dir",
                                     help="where the DeepFocus/DeepScore models and cards are"),
     config: Path = typer.Option(DEFAULT_CONFIG, "--config"),
+    at: Optional[Tuple[float, float]] = typer.Option(None, "--at", help="connected microscope: X Y stage mm "
+                                                     "of the locations' centre (default: where the stage is)"),
 ) -> None:
-    """Convergence of autofocus methods from identical starting states on the simulator."""
+    """Convergence of autofocus methods from identical starting states: on the
+    simulator scored against its hidden focus; on a connected microscope
+    (start it focused) by the convergence of the corrections, the final
+    sharpness against your focus and the dose."""
     from autofocus.bench import BenchSettings, run_bench
 
     if initial not in ("seed", "large"):
@@ -67,13 +79,21 @@ def bench(
         raise typer.BadParameter("induced or microscope", param_hint="--mapfost-calibration")
     if not all(64 <= v <= 8192 for v in frame):
         raise typer.BadParameter("two values in 64..8192", param_hint="--frame")
-    cfg = _config(config)
+    cfg = _config(config, simulated=False)
     st = BenchSettings(methods=tuple(method or ("mapfost", "deepfocus")), locations=locations,
                        iterations=iterations, nm_iterations=nm_iterations, dwell_s=dwell_ns * 1e-9,
                        frame=(frame[0], frame[1]), pixel_m=pixel_nm * 1e-9, initial=initial, seed=seed,
                        stop_at_threshold=stop, mapfost_calibration=mapfost_calibration,
                        specimen=tuple(_specimens(specimen)), models_dir=models_dir)
-    out = run_bench(cfg, st, json_out=json_out, plot_out=plot, progress=typer.echo)
+    if cfg.devices.sem.driver != "sim":
+        # a connected microscope: no hidden truth; convergence, sharpness against the operator's focus, dose
+        from autofocus.bench_connected import run_connected_bench
+        from devices.factory import build_setup
+        with build_setup(cfg) as setup:
+            _move_to(setup, at)
+            out = run_connected_bench(setup, st, json_out=json_out, progress=typer.echo)
+    else:
+        out = run_bench(cfg, st, json_out=json_out, plot_out=plot, progress=typer.echo)
     if not out["methods"]:
         typer.echo("no method could run", err=True)
         raise typer.Exit(1)
@@ -85,7 +105,13 @@ def bench(
 
 @app.command()
 def recalibrate(
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config"),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", help="a simulated setup: setup B's benchmark "
+                                "(before/after against the hidden truth); a connected microscope: collect "
+                                "pairs on it (--collect-dir) and fine-tune on them"),
+    data: Optional[Path] = typer.Option(None, "--data", help="fine-tune on pairs already collected with "
+                                        "`autofocus collect` (no microscope needed)"),
+    collect_dir: Optional[Path] = typer.Option(None, "--collect-dir", help="where a connected microscope's "
+                                               "pairs go (default: next to --out); an interrupted run resumes"),
     locations: int = typer.Option(10, "--locations", min=1, max=100, help="training locations"),
     aberrations: int = typer.Option(10, "--aberrations", min=1, max=100, help="known aberrations per location"),
     steps: int = typer.Option(2000, "--steps", min=1, help="fine-tuning steps (seed: 50 000)"),
@@ -102,14 +128,79 @@ def recalibrate(
     """Recalibrate DeepFocus for a second microscope: DeepScore (or sharpness)
     + Nelder–Mead finds the focus at each location, known aberrations around it
     are the training pairs, the last three FC layers are fine-tuned."""
-    from autofocus.recalibrate import RecalSettings, run_recalibration
+    from autofocus.collect import CollectSettings, Collector, DatasetError
+    from autofocus.methods import deepscore_model
+    from autofocus.recalibrate import RecalSettings, recalibrate_on_data, run_recalibration
 
-    cfg = _config(config)
     if out.exists():
         typer.echo(f"error: {out} exists; refusing to overwrite", err=True)
         raise typer.Exit(2)
+    cfg = None if data is not None else _config(config, simulated=False)
+    if data is None and cfg.devices.sem.driver != "sim":
+        data = collect_dir or out.with_name(out.stem + "_pairs")
+        cst = CollectSettings(locations=locations, aberrations=aberrations, baseline="deepscore-nm" if
+                              deepscore_model(models_dir) else "sharpness-nm", frame=(frame[0], frame[1]), seed=seed)
+        from devices.factory import build_setup
+        try:
+            with build_setup(cfg) as setup:
+                Collector(setup.sem, setup.stage, setup.guard, data, cst, progress=typer.echo).run()
+        except DatasetError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+    if data is not None:
+        try:
+            report = recalibrate_on_data(data, out, base_model=base_model, steps=steps, seed=seed,
+                                         models_dir=models_dir, progress=typer.echo, json_out=json_out)
+        except (DatasetError, ValueError, FileNotFoundError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        typer.echo(report["summary"])
+        return
     st = RecalSettings(locations=locations, aberrations_per_location=aberrations, steps=steps, out=out,
                        base_model=base_model, test_locations=test_locations, iterations=iterations,
                        dwell_s=dwell_ns * 1e-9, frame=(frame[0], frame[1]), seed=seed, models_dir=models_dir)
     report = run_recalibration(cfg, st, progress=typer.echo, json_out=json_out)
     typer.echo(report["summary"])
+
+
+@app.command()
+def collect(
+    out: Path = typer.Option(..., "--out", help="dataset folder: new, or one to resume with the same settings"),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config"),
+    locations: int = typer.Option(9, "--locations", min=1, max=400, help="M locations on a grid around "
+                                  "the stage position"),
+    spacing_um: float = typer.Option(60.0, "--spacing-um", min=1, max=10000, help="grid pitch"),
+    aberrations: int = typer.Option(10, "--aberrations", min=1, max=200, help="K known aberrations per location"),
+    baseline: str = typer.Option("operator", "--baseline", help="operator (the focus as you left it), mapfost "
+                                 "(calibrated around your focus), sharpness-nm or deepscore-nm"),
+    dwell_ns: Optional[List[float]] = typer.Option(None, "--dwell-ns", help="repeatable; default 100 and 200"),
+    frame: Tuple[int, int] = typer.Option((1024, 768), "--frame", help="W H"),
+    pixel_nm: float = typer.Option(10.0, "--pixel-nm", min=0.5, max=1000),
+    wd_range_um: float = typer.Option(20.0, "--wd-range-um", min=0.5, max=100),
+    stig_range: float = typer.Option(5.0, "--stig-range", min=0.05, max=50),
+    seed: int = typer.Option(0, "--seed"),
+    at: Optional[Tuple[float, float]] = typer.Option(None, "--at", help="X Y stage mm to collect around "
+                                                     "(default: where the stage is)"),
+) -> None:
+    """DeepFocus training pairs from the connected microscope (any SEM driver):
+    a focus baseline at each location, then known aberrations around it and a
+    ±5 µm pair at each, with target and metadata. Resumes an interrupted run."""
+    from autofocus.collect import CollectSettings, Collector, DatasetError
+    from devices.factory import build_setup
+
+    try:
+        cfg = load_setup(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    st = CollectSettings(locations=locations, spacing_um=spacing_um, aberrations=aberrations, baseline=baseline,
+                         dwell_ns=tuple(dwell_ns or (100.0, 200.0)), frame=(frame[0], frame[1]), pixel_nm=pixel_nm,
+                         wd_range_um=wd_range_um, stig_range=stig_range, seed=seed)
+    try:
+        st.check()
+        with build_setup(cfg) as setup:
+            _move_to(setup, at)
+            Collector(setup.sem, setup.stage, setup.guard, out, st, progress=typer.echo).run()
+    except DatasetError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)

@@ -40,7 +40,9 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
     mixture = tuple(tuple(m) for m in trained.get("mixture") or DataConfig.mixture)
     # pairs as acquired (the predictor resamples them to the model's pixels)
     acquire_nm = float(trained.get("acquire_pixel_nm") or pred.pixel_size_m * 1e9)
-    cfg = DataConfig(patch=PAIR_SIDE, n_patches=1, textures=[str(t) for t in textures], microscopes="base",
+    # a column-randomised model is calibrated over the columns it trained on, others on the base column
+    microscopes = "columns" if trained.get("microscopes") == "columns" else "base"
+    cfg = DataConfig(patch=PAIR_SIDE, n_patches=1, textures=[str(t) for t in textures], microscopes=microscopes,
                      mixture=mixture, augment=False, pixel_nm=acquire_nm)
     sim = PairSimulator(cfg)
     rng = np.random.default_rng([seed, 0x6A1])
@@ -60,7 +62,7 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
             "method": "min mean |truth - g x prediction| (weighted median of truth/prediction)",
             "samples": int(samples), "seed": seed, "pair_px": PAIR_SIDE, "patches_per_pair": n,
             "data": {"mixture": [list(m) for m in cfg.mixture], "dwell_ns": list(cfg.dwell_ns),
-                     "microscope": "base", "textures": [Path(x).name for x in textures],
+                     "microscope": microscopes, "textures": [Path(x).name for x in textures],
                      "procedural_seeds": list(cfg.procedural_seeds)},
             "mae_before": [round(float(v), 4) for v in mae_raw],
             "mae_after": [round(float(v), 4) for v in mae_gain],

@@ -344,8 +344,16 @@ def train_deepfocus_cmd(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop and export after this long"),
     threads: Optional[int] = typer.Option(None, "--threads", help="default: 1 if another training runs, else 2"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="pairs from `autofocus collect` (a real or simulated "
+                                        "microscope): train on them instead of simulated pairs; with --init the "
+                                        "variant and pixel size are the init model's"),
 ) -> None:
-    """Train a DeepFocus / DeepScore variant on the simulator and export it."""
+    """Train a DeepFocus / DeepScore variant on the simulator, or on pairs
+    collected at a microscope (--data), and export it."""
+    if data is not None:
+        _train_on_collected(data, variant, steps, out, seed, batch, lr, log_every, init, freeze_all_but_fc,
+                            max_minutes, threads, device)
+        return
     for t in textures or []:
         if not t.is_file():
             typer.echo(f"error: --textures {t}: no such file", err=True)
@@ -359,3 +367,40 @@ def train_deepfocus_cmd(
     val = card["validation"]
     typer.echo(f"done: val MAE wd {val['mae_wd_um']:.3f} µm, stig {val['mae_stig']:.3f}, "
                f"{card['training_time_s']:.0f} s")
+
+
+def _train_on_collected(data: Path, variant: str, steps: int, out: Path, seed: int, batch: int, lr: float,
+                        log_every: int, init: Optional[Path], freeze_all_but_fc: bool,
+                        max_minutes: Optional[float], threads: Optional[int], device: Optional[str]) -> None:
+    from autofocus.collect import DatasetError, load_pairs, pairs_at_pixel
+
+    if out.exists():
+        typer.echo(f"error: --out {out} exists; refusing to overwrite", err=True)
+        raise typer.Exit(2)
+    if init is not None and not init.is_file():
+        typer.echo(f"error: --init {init}: no such file", err=True)
+        raise typer.Exit(2)
+    try:
+        triples, manifest = load_pairs(data)
+    except DatasetError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    st = manifest["settings"]
+    data_px = st["pixel_nm"] * 1e-9
+    if init is not None:
+        card = read_card(init)
+        variant = card["variant"]
+        model_px = float(card.get("pixel_size_nm", st["pixel_nm"])) * 1e-9
+    else:
+        if VARIANTS.get(variant) is None or VARIANTS[variant].kind == "deepscore":
+            typer.echo(f"error: --variant {variant!r}: a DeepFocus variant is needed for image pairs", err=True)
+            raise typer.Exit(2)
+        model_px = data_px
+    typer.echo(f"{len(triples)} pairs from {data} ({manifest.get('sem', 'unknown SEM')}), "
+               f"{st['pixel_nm']:g} nm -> model {model_px * 1e9:g} nm")
+    card = train_on_samples(variant, pairs_at_pixel(triples, data_px, model_px), steps, out, init=init,
+                            freeze_all_but_fc=freeze_all_but_fc, seed=seed, batch=batch, lr=lr,
+                            log_every=log_every, pixel_nm=model_px * 1e9, perturbation_um=st["perturbation_um"],
+                            max_minutes=max_minutes, threads=threads, device=device, log=lambda s: typer.echo(s))
+    val = card["validation"]
+    typer.echo(f"done: val MAE wd {val['mae_wd_um']:.3f} µm, stig {val['mae_stig']:.3f}")

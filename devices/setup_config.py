@@ -160,7 +160,9 @@ class Safety(_Strict):
 # ---------------------------------------------------------- simulation
 class MicroscopeParams(_Strict):
     """Hidden parameters of a simulated microscope (different values make a
-    different 'microscope')."""
+    different 'microscope'). ``preset`` starts from a column modelled on a real
+    one (devices/sim/column_presets.py); keys given with it override it."""
+    preset: Optional[Literal["setup-a", "setup-b"]] = None
     alpha_mrad: float = Field(3.0, gt=0, le=50, description="probe half-angle")
     sigma0_nm: float = Field(1.5, ge=0, le=100, description="in-focus probe s.d.")
     stig_rotation_deg: float = Field(15.0, ge=-180, le=180, description="θ")
@@ -178,6 +180,21 @@ class MicroscopeParams(_Strict):
     drift_nm_per_frame: float = Field(0.5, ge=0, le=10_000)
     line_jitter_px: float = Field(0.1, ge=0, le=100)
     flyback_s: float = Field(100e-6, ge=0, le=1, description="per line")
+    # secondary-electron contrast (devices/sim/se_contrast.py); neutral values turn each off
+    se_edge_gain: float = Field(0.0, ge=0, le=10, description="edge brightening per 10 nm signal step")
+    detector_gamma: float = Field(1.0, ge=0.2, le=5, description="detector response exponent")
+    frame_gain_sd: float = Field(0.0, ge=0, le=1, description="contrast change between frames (log s.d.)")
+    frame_offset_sd: float = Field(0.0, ge=0, le=100, description="brightness change between frames, grey levels")
+    charging_sd: float = Field(0.0, ge=0, le=1, description="relative brightness drift over one frame")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from devices.sim.column_presets import PRESETS
+            if data["preset"] in PRESETS:        # an unknown name is reported by the field itself
+                return {**PRESETS[data["preset"]], **data}
+        return data
 
 
 class SpecimenParams(_Strict):

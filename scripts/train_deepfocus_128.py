@@ -23,6 +23,7 @@ to, not bit-identical with, the shipped weights.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -44,7 +45,23 @@ STAGES = {
     "F": dict(steps=2500, seed=19, lr=1e-4, data={"easy_tail": 0.1, "mixture": WIDE}, pool_refresh=4),
     # G: the same network at 20 nm pixels, fed 10 nm frames resampled as at inference
     "G": dict(steps=3000, seed=23, lr=4e-4, data={"easy_tail": 0.1, "mixture": WIDE, **AT_20NM}, pool_refresh=4),
+    # H: domain-randomised columns (issue 15): probe half-angle 2-25 mrad, sigma0, detector response,
+    # SE contrast, scan noise (autofocus.data.column_microscope)
+    "H": dict(steps=6000, seed=29, lr=3e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
+                                                  **AT_20NM}, pool_refresh=6),
+    # I: H continued with the real-EM textures of scripts/em_textures.py (--em-textures) besides ISBI
+    "I": dict(steps=6000, seed=31, lr=3e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
+                                                  **AT_20NM}, pool_refresh=4, em_textures=True),
 }
+EM_TEXTURE_COPIES = 4       # each package image listed 4x: ~40 % of texture draws against ISBI's 24 slices
+
+
+def em_training_textures(folder: Path | None) -> list[Path]:
+    """The package textures with role "training" in SOURCES.json (the held-out one never)."""
+    if folder is None:
+        raise SystemExit("stage I needs --em-textures (run scripts/em_textures.py first)")
+    sources = json.loads((folder / "SOURCES.json").read_text())
+    return [folder / s["file"] for s in sources if s["role"] == "training"]
 
 
 def main() -> int:
@@ -55,6 +72,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=None, help="time limit per stage")
     ap.add_argument("--device", default=None, help="default: CUDA when present, else the CPU")
+    ap.add_argument("--em-textures", type=Path, default=None,
+                    help="folder written by scripts/em_textures.py (stage I and later; its held-out file is not used)")
     args = ap.parse_args()
     tex = training_textures(args.shared)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +83,8 @@ def main() -> int:
         out = args.out / f"deepfocus_128_stage{name}.pt"
         prev_stage = list(STAGES)[list(STAGES).index(name) - 1] if name != "A" else None
         init = prev or (args.out / f"deepfocus_128_stage{prev_stage}.pt" if prev_stage else None)
-        train("deepfocus-128", st["steps"], out, seed=st["seed"], textures=tex, batch=16, log_every=100,
+        stage_tex = tex + (em_training_textures(args.em_textures) * EM_TEXTURE_COPIES if st.get("em_textures") else [])
+        train("deepfocus-128", st["steps"], out, seed=st["seed"], textures=stage_tex, batch=16, log_every=100,
               lr=st["lr"], val_samples=64, dropout=0.0, threads=args.threads, init=init, data=st["data"],
               pool_size=1024, pool_refresh=st["pool_refresh"], max_minutes=args.max_minutes, device=args.device)
         prev = out

@@ -99,7 +99,8 @@ def fast_shape(h: int, w: int) -> tuple[int, int]:
 def detect(signal: np.ndarray, probe_current_a: float, dwell_s: float, efficiency: float,
            full_scale: float, offset: float, read_noise: float,
            rng: np.random.Generator) -> np.ndarray:
-    """Shot noise and detector: 8-bit image whose SNR grows with √(I·τ).
+    """Shot noise and detector: grey levels (float, not yet clipped to 8 bits:
+    see quantise) whose SNR grows with √(I·τ).
 
     Detected electrons per pixel are Poisson with mean N·η·s, N = I·τ/e
     primaries. The detector gain is normalised to the dose (as an operator's
@@ -126,6 +127,17 @@ def detect(signal: np.ndarray, probe_current_a: float, dwell_s: float, efficienc
         grey *= sd
         grey += sig * np.float32(full_scale)
     grey += np.float32(offset)
+    return grey
+
+
+def dark_frame(shape: tuple[int, int], dwell_s: float, offset: float, read_noise: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """A frame with the beam blanked: black level and read noise."""
+    return quantise(detect(np.zeros(shape, np.float32), 1e-12, dwell_s, 1.0, 0.0, offset, read_noise, rng))
+
+
+def quantise(grey: np.ndarray) -> np.ndarray:
+    """Detector grey levels to the 8-bit frame the SEM delivers."""
     np.clip(grey, 0, 255, out=grey)
     return grey.astype(np.uint8)
 

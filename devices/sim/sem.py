@@ -10,7 +10,7 @@ import numpy as np
 from common.constants import E_CHARGE
 from devices import errors
 from devices.interfaces import SEM, BeamOff, Capability, Frame
-from devices.sim import optics
+from devices.sim import optics, se_contrast
 from devices.sim.faults import SEM_FRAME
 from devices.sim.world import SimWorld
 
@@ -116,8 +116,7 @@ class SimSEM(SEM):
             stage = w.stage_actual.as_dict()
         wall0 = time.perf_counter()
         if w.sem.blanked:
-            img = optics.detect(np.zeros((height, width), np.float32), 1e-12, self._dwell, 1.0,
-                                0.0, mp.detector_offset, mp.read_noise, self._rng)
+            img = optics.dark_frame((height, width), self._dwell, mp.detector_offset, mp.read_noise, self._rng)
         else:
             img = render(w, center, self._pixel, (height, width), self._rotation, ab,
                          w.sem.probe_current_a, self._dwell, self._rng)
@@ -164,10 +163,15 @@ def render(world: SimWorld, center_m, pixel_m: float, shape, rotation_rad: float
     fh, fw = optics.fast_shape(h + 2 * m, w + 2 * m)
     ph, pw = h + 2 * math.ceil((fh - h) / 2), w + 2 * math.ceil((fw - w) / 2)
     sig = world.signal(center_m, pixel_m, (ph, pw), scan_rot)
+    sig = se_contrast.edge_brighten(sig, mp.se_edge_gain, pixel_m)
     otf = optics.probe_otf((ph, pw), pixel_m, cov, sigma0, mp.probe_shape)
     blurred = optics.convolve(sig, otf)
     oy, ox = (ph - h) // 2, (pw - w) // 2
     blurred = blurred[oy:oy + h, ox:ox + w]
     blurred = optics.line_jitter(blurred, mp.line_jitter_px, rng)
-    return optics.detect(blurred, current_a, dwell_s, mp.detector_efficiency, mp.detector_full_scale,
+    blurred = se_contrast.charging(blurred, mp.charging_sd, rng)
+    grey = optics.detect(blurred, current_a, dwell_s, mp.detector_efficiency, mp.detector_full_scale,
                          mp.detector_offset, mp.read_noise, rng)
+    grey = se_contrast.detector_chain(grey, mp.detector_gamma, mp.detector_offset, mp.detector_full_scale,
+                                      mp.frame_gain_sd, mp.frame_offset_sd, rng)
+    return optics.quantise(grey)

@@ -455,8 +455,7 @@ class SimEMApi:
         from devices.sim.sem import render
         x, y = snap["pos"][0], snap["pos"][1]
         if not snap["beam"]:
-            return optics.detect(np.zeros((sh, sw), np.float32), 1e-12, snap["dwell"], 1.0, 0.0,
-                                 w.mp.detector_offset, w.mp.read_noise, self._rng)
+            return optics.dark_frame((sh, sw), snap["dwell"], w.mp.detector_offset, w.mp.read_noise, self._rng)
         wd0, sx0, sy0 = w.focus_baseline(x, y)
         ab = optics.Aberration(snap["wd"] - wd0, snap["stig"][0] - sx0, snap["stig"][1] - sy0)
         return render(w, (x, y), snap["pixel"], (sh, sw), snap["rotation"], ab, snap["current"],

@@ -1,0 +1,340 @@
+"""DeepFocus training pairs from a connected microscope, through the SEM
+interface alone (seed ch. 3.2, "Ground truth generation"; issue 15).
+
+At M locations on a grid around the stage position where the command starts,
+a focus baseline is found (the operator's focus, MAPFoSt, or an image score
++ Nelder–Mead); around it K known aberrations are set and a ±Δz pair is taken
+at each. The target of a pair is the correction back to the baseline:
+−aberration (µm, stigmator units).
+
+The dataset folder:
+    manifest.json        settings, microscope identity, grid origin (written once)
+    baselines.jsonl      one line per location, before any of its pairs
+    pairs.jsonl          one line per finished pair
+    pairs/LLL_KK_plus.tif, LLL_KK_minus.tif   8-bit frames, metadata in the description
+
+Nothing is overwritten. A second run with the same settings resumes: the
+journaled baselines are reused (no second focus search, no extra dose), the
+journaled pairs are skipped, a pair whose two files landed but whose journal
+line did not is adopted from the files' own metadata, and a lone half pair is
+moved to orphans/ and taken again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import tifffile
+
+from autofocus.loop import AutofocusLoop, Windows
+from common.atomic import atomic_write, ensure_dir, fsync_dir
+from devices.interfaces import ScanParams
+
+FORMAT = "deepfocus-pairs"
+VERSION = 1
+BASELINES = ("operator", "mapfost", "sharpness-nm", "deepscore-nm")
+
+
+class DatasetError(ValueError):
+    """The dataset folder does not fit this collection (named field, allowed values)."""
+
+
+@dataclass
+class CollectSettings:
+    locations: int = 9
+    spacing_um: float = 60.0               # grid pitch around the start position
+    aberrations: int = 10                  # known aberrations (pairs) per location
+    baseline: str = "operator"
+    dwell_ns: tuple[float, ...] = (100.0, 200.0)
+    search_dwell_ns: float = 200.0         # the baseline search (seed: 200 ns)
+    frame: tuple[int, int] = (1024, 768)
+    pixel_nm: float = 10.0
+    perturbation_um: float = 5.0
+    wd_range_um: float = 20.0              # seed: U(±20 µm, ±5, ±5)
+    stig_range: float = 5.0
+    near_fraction: float = 0.5             # share drawn near focus, where the loop ends
+    near_wd_um: float = 3.0
+    near_stig: float = 0.75
+    nm_iterations: int = 40
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.baseline not in BASELINES:
+            raise DatasetError(f"baseline: {self.baseline!r} is not one of {', '.join(BASELINES)}")
+        if not self.dwell_ns or any(not 10 <= d <= 100_000 for d in self.dwell_ns):
+            raise DatasetError("dwell_ns: one or more values in 10..100000 ns")
+        if not 0 < self.perturbation_um <= 50:
+            raise DatasetError("perturbation_um: in (0, 50] µm")
+
+
+def _jsonl(path: Path, repair: bool = True) -> list[dict]:
+    """Lines of a journal; a torn last line (a crash mid-append) is ignored,
+    and with ``repair`` cut off so the next append starts a clean line."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    keep, out = 0, []
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+        keep += len(line)
+    if repair and keep < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+    return out
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "ab") as f:
+        f.write((json.dumps(record, default=float) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def plan_aberrations(st: CollectSettings, location: int) -> list[tuple[float, float, float]]:
+    """The K known aberrations of one location, reproducible from the seed (a
+    resumed run sets exactly the ones the interrupted run would have)."""
+    rng = np.random.default_rng([st.seed, 23, location])
+    out = []
+    for _ in range(st.aberrations):
+        near = rng.random() < st.near_fraction
+        wd, s = (st.near_wd_um, st.near_stig) if near else (st.wd_range_um, st.stig_range)
+        out.append((float(rng.uniform(-wd, wd)), float(rng.uniform(-s, s)), float(rng.uniform(-s, s))))
+    return out
+
+
+def grid_offsets(n: int, spacing_m: float) -> list[tuple[float, float]]:
+    k = max(1, math.ceil(math.sqrt(n)))
+    c = (k - 1) / 2
+    return [((i % k - c) * spacing_m, (i // k - c) * spacing_m) for i in range(n)]
+
+
+class Collector:
+    def __init__(self, sem, stage, guard, out: Path, st: CollectSettings, *,
+                 baseline_finder: Optional[Callable] = None, progress: Callable = print):
+        st.check()
+        self.sem, self.stage, self.guard, self.out, self.st = sem, stage, guard, Path(out), st
+        self.progress = progress
+        self.find_baseline = baseline_finder or self._default_finder()
+        self.windows = Windows(guard)
+
+    # ---------------------------------------------------------- manifest
+    def _open(self) -> dict:
+        m_path = self.out / "manifest.json"
+        settings = json.loads(json.dumps(dataclasses.asdict(self.st)))
+        if m_path.is_file():
+            m = json.loads(m_path.read_text())
+            if m.get("format") != FORMAT:
+                raise DatasetError(f"--out {self.out}: not a {FORMAT} folder (manifest format {m.get('format')!r})")
+            diff = sorted(k for k in set(settings) | set(m["settings"]) if settings.get(k) != m["settings"].get(k))
+            if diff:
+                raise DatasetError(f"--out {self.out} holds a collection with other settings ({', '.join(diff)}); "
+                                   "resume with the same settings or choose a new folder")
+            return m
+        if self.out.exists() and any(self.out.iterdir()):
+            raise DatasetError(f"--out {self.out}: exists and is not a {FORMAT} folder; choose a new folder")
+        ensure_dir(self.out / "pairs")
+        p = self.stage.position()
+        m = {"format": FORMAT, "version": VERSION, "settings": settings, "created": time.time(),
+             "sem": self.sem.identity(), "origin_m": [p.x, p.y],
+             "operator_focus": [self.sem.working_distance(), *self.sem.stig()],
+             "target": "correction back to the baseline = -aberration: [d_wd_um, d_stig_x, d_stig_y]"}
+        atomic_write(m_path, json.dumps(m, indent=1).encode())
+        return m
+
+    # ---------------------------------------------------------- baseline
+    def _default_finder(self):
+        st = self.st
+        scan = ScanParams(pixel_m=st.pixel_nm * 1e-9, frame=tuple(st.frame), dwell_s=st.search_dwell_ns * 1e-9)
+        if st.baseline == "operator":
+            return lambda manifest, i: (tuple(manifest["operator_focus"]), {"frames": 0})
+        if st.baseline == "mapfost":
+            from autofocus.methods import make_pair_method
+            method = None
+
+            def mapfost(manifest, i):
+                nonlocal method
+                if method is None:       # calibrated around the operator's focus, where the command started
+                    self._set(manifest["operator_focus"])
+                    with self.sem.scanning(scan):
+                        method = make_pair_method("mapfost", sem=self.sem, mapfost_calibration="induced",
+                                                  perturbation_m=st.perturbation_um * 1e-6)
+                tr = AutofocusLoop(self.sem, self.guard, method, perturbation_m=st.perturbation_um * 1e-6,
+                                   max_iterations=5, dwell_s=scan.dwell_s, frame_size=scan.frame,
+                                   pixel_size_m=scan.pixel_m).run()
+                return (tr.final_wd_m, *tr.final_stig), {"frames": tr.evaluations, "status": tr.status,
+                                                         "dose_e_per_nm2": tr.dose_e_per_nm2}
+            return mapfost
+        from autofocus.methods import deepscore_model
+        from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
+        kw = {}
+        if st.baseline == "deepscore-nm":
+            path = deepscore_model()
+            if path is None:
+                raise DatasetError("baseline: deepscore-nm needs a shipped DeepScore model; use sharpness-nm")
+            kw["model_path"] = path
+        objective = make_objective(st.baseline, **kw)
+
+        def nelder_mead(manifest, i):
+            tr = NelderMeadAutofocus(self.sem, self.guard, objective, name=st.baseline,
+                                     max_iterations=st.nm_iterations, seed=st.seed + i, dwell_s=scan.dwell_s,
+                                     frame_size=scan.frame, pixel_size_m=scan.pixel_m).run()
+            return (tr.final_wd_m, *tr.final_stig), {"frames": tr.evaluations, "status": tr.status,
+                                                     "dose_e_per_nm2": tr.dose_e_per_nm2}
+        return nelder_mead
+
+    def _set(self, state) -> None:
+        self.sem.set_working_distance(state[0])
+        self.sem.set_stig(state[1], state[2])
+
+    # ---------------------------------------------------------- pairs
+    def _files(self, i: int, k: int) -> tuple[Path, Path]:
+        stem = self.out / "pairs" / f"{i:03d}_{k:02d}"
+        return stem.with_name(stem.name + "_plus.tif"), stem.with_name(stem.name + "_minus.tif")
+
+    def _write(self, path: Path, image: np.ndarray, md: dict) -> None:
+        desc = json.dumps(md, default=float)
+        atomic_write(path, lambda tmp: tifffile.imwrite(tmp, image, description=desc, metadata=None))
+
+    def _recover(self, i: int, k: int) -> Optional[dict]:
+        """A pair whose files landed before the crash: adopt it if whole, else
+        move the half to orphans/ (never deleted, never overwritten)."""
+        files = [p for p in self._files(i, k) if p.exists()]
+        if not files:
+            return None
+        if len(files) == 2:
+            try:
+                md = json.loads(tifffile.TiffFile(files[0]).pages[0].description)
+                tifffile.imread(files[1])
+                return md["pair"]
+            except Exception:
+                pass
+        ensure_dir(self.out / "orphans")
+        for p in files:
+            dest = self.out / "orphans" / f"{p.stem}.{time.time_ns()}{p.suffix}"
+            os.rename(p, dest)
+        fsync_dir(self.out / "orphans")
+        return None
+
+    def _pair(self, manifest: dict, i: int, k: int, base, ab, dwell_s: float) -> dict:
+        st = self.st
+        plus_path, minus_path = self._files(i, k)
+        stig = (base[1] + ab[1], base[2] + ab[2])
+        centre = base[0] + ab[0] * 1e-6
+        p = self.stage.position()
+        rec = {"id": f"{i:03d}_{k:02d}", "location": i, "k": k, "aberration": list(ab),
+               "target": [-ab[0], -ab[1], -ab[2]], "baseline": list(base), "stig": list(stig),
+               "plus": str(plus_path.relative_to(self.out)), "minus": str(minus_path.relative_to(self.out)),
+               "pixel_m": st.pixel_nm * 1e-9, "perturbation_m": st.perturbation_um * 1e-6, "dwell_s": dwell_s,
+               "stage_m": [p.x, p.y], "timestamp": time.time()}
+        self.sem.set_stig(*stig)
+        frames = []
+        for sign in (+1, -1):
+            self.sem.set_working_distance(centre + sign * st.perturbation_um * 1e-6)
+            frames.append(self.sem.acquire_frame())
+        rec["wd_plus_m"], rec["wd_minus_m"] = (centre + st.perturbation_um * 1e-6, centre - st.perturbation_um * 1e-6)
+        rec["frame_metadata"] = [{k2: v for k2, v in (f.metadata or {}).items() if isinstance(v, (int, float, str))}
+                                 for f in frames]
+        for path, f, side in ((plus_path, frames[0], "plus"), (minus_path, frames[1], "minus")):
+            self._write(path, np.asarray(f.image), {"side": side, "pair": rec})
+        return rec
+
+    def _safe_aberration(self, base, ab) -> bool:
+        d = self.st.perturbation_um * 1e-6
+        return all(self.windows.inside(base[0] + ab[0] * 1e-6 + s * d, (base[1] + ab[1], base[2] + ab[2]))
+                   for s in (-1, 1))
+
+    # ---------------------------------------------------------- run
+    def run(self) -> dict:
+        from devices.interfaces import StagePosition
+        st = self.st
+        manifest = self._open()
+        b_path, p_path = self.out / "baselines.jsonl", self.out / "pairs.jsonl"
+        baselines = {b["location"]: b for b in _jsonl(b_path)}
+        done = {(r["location"], r["k"]) for r in _jsonl(p_path)}
+        resumed = bool(baselines or done)
+        if resumed:
+            self.progress(f"resuming {self.out}: {len(baselines)} baselines and {len(done)} pairs on record")
+        ox, oy = manifest["origin_m"]
+        rng = np.random.default_rng([st.seed, 29])
+        dwell = [float(rng.choice(st.dwell_ns)) for _ in range(st.locations * st.aberrations)]
+        taken = skipped = 0
+        scan = ScanParams(pixel_m=st.pixel_nm * 1e-9, frame=tuple(st.frame))
+        try:
+            for i, (dx, dy) in enumerate(grid_offsets(st.locations, st.spacing_um * 1e-6)):
+                if all((i, k) in done for k in range(st.aberrations)):
+                    continue
+                self.stage.move_to(self.stage.position().with_(x=ox + dx, y=oy + dy))
+                if i not in baselines:
+                    state, info = self.find_baseline(manifest, i)
+                    baselines[i] = {"location": i, "stage_m": [ox + dx, oy + dy], "baseline": list(state),
+                                    "method": st.baseline, **info}
+                    _append(b_path, baselines[i])
+                    self.progress(f"location {i + 1}/{st.locations}: baseline ({st.baseline}) wd "
+                                  f"{state[0] * 1e3:.4f} mm, stig ({state[1]:+.3f}, {state[2]:+.3f})")
+                base = tuple(baselines[i]["baseline"])
+                for k, ab in enumerate(plan_aberrations(st, i)):
+                    if (i, k) in done:
+                        continue
+                    rec = self._recover(i, k)
+                    if rec is None:
+                        if not self._safe_aberration(base, ab):
+                            skipped += 1
+                            continue
+                        with self.sem.scanning(ScanParams(pixel_m=scan.pixel_m, frame=scan.frame,
+                                                          dwell_s=dwell[i * st.aberrations + k] * 1e-9)):
+                            rec = self._pair(manifest, i, k, base, ab, dwell[i * st.aberrations + k] * 1e-9)
+                        taken += 1
+                    _append(p_path, rec)
+                    done.add((i, k))
+                self._set(base)
+        except BaseException:
+            try:
+                self.sem.set_blanked(True)      # no dose on the sample while nobody watches
+            except Exception:
+                pass
+            raise
+        summary = {"folder": str(self.out), "pairs": len(done), "taken_now": taken, "skipped_outside_windows":
+                   skipped, "locations": len(baselines), "resumed": resumed}
+        self.progress(f"{len(done)} pairs in {self.out} ({taken} taken now"
+                      + (f", {skipped} outside the safety windows skipped" if skipped else "") + ")")
+        return summary
+
+
+def load_pairs(folder: Path) -> tuple[list[tuple[np.ndarray, np.ndarray, tuple]], dict]:
+    """(img_plus, img_minus, target) triples of a collected dataset and its manifest."""
+    folder = Path(folder)
+    m_path = folder / "manifest.json"
+    if not m_path.is_file():
+        raise DatasetError(f"--data {folder}: no manifest.json (collect it with `autofocus collect`)")
+    manifest = json.loads(m_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"--data {folder}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
+    triples = []
+    for r in _jsonl(folder / "pairs.jsonl", repair=False):
+        triples.append((tifffile.imread(folder / r["plus"]), tifffile.imread(folder / r["minus"]),
+                        tuple(r["target"])))
+    if len(triples) < 2:
+        raise DatasetError(f"--data {folder}: {len(triples)} pairs; need at least 2")
+    return triples, manifest
+
+
+
+def pairs_at_pixel(triples, pixel_m: float, model_pixel_m: float) -> list[tuple]:
+    """The pairs resampled to the model's pixel size (as the predictor does at inference)."""
+    from autofocus.inference import resample
+    if abs(pixel_m - model_pixel_m) < 1e-15:
+        return list(triples)
+    return [(resample(a, pixel_m, model_pixel_m), resample(b, pixel_m, model_pixel_m), t) for a, b, t in triples]

@@ -1,0 +1,190 @@
+"""`autofocus collect` -> `train deepfocus --data` -> `autofocus recalibrate
+--data` through the SEM interface, on the simulator and on the ZEISS fake;
+resuming an interrupted collection without lost or repeated pairs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from autofocus.collect import CollectSettings, Collector, DatasetError, plan_aberrations
+from devices.factory import build_setup
+from devices.setup_config import load_setup
+from devices.sim.world import SimWorld
+from tests.acq.test_zeiss_demo import zeiss_setup_file
+from tests.support import ROOT
+from tests.support.engine_runs import write_setup
+
+SMALL = ["--locations", "2", "--aberrations", "3", "--frame", "512", "384", "--dwell-ns", "100"]
+
+
+def main_app():
+    from main import app
+    return app
+
+
+def on_tissue(setup_file: Path) -> list[str]:
+    """--at the first section's centre (the stage starts on bare wafer)."""
+    cfg = load_setup(setup_file)
+    x, y = SimWorld(cfg.simulation, cfg.safety, cfg.calibration).wafer.sections[0].center_m
+    return ["--at", f"{x * 1e3:.6f}", f"{y * 1e3:.6f}"]
+
+
+def collect(args, setup_file: Path, out: Path):
+    return CliRunner().invoke(main_app(), ["autofocus", "collect", "--config", str(setup_file), "--out", str(out),
+                                           *on_tissue(setup_file), *args])
+
+
+def journal(folder: Path, name: str = "pairs.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+def test_pairs_carry_the_aberration_the_microscope_was_set_to(tmp_path):
+    setup = write_setup(tmp_path)
+    out = tmp_path / "pairs"
+    res = collect(SMALL, setup, out)
+    assert res.exit_code == 0, res.output
+    recs = journal(out)
+    assert len(recs) == 6 and len({r["id"] for r in recs}) == 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["perturbation_um"] == 5.0 and "Simulated SEM" in manifest["sem"]
+    for r in recs:
+        assert r["target"] == pytest.approx([-v for v in r["aberration"]])
+        for side, sign in (("plus", 1), ("minus", -1)):
+            with tifffile.TiffFile(out / r[side]) as tf:
+                img, md = tf.asarray(), json.loads(tf.pages[0].description)
+            assert img.shape == (384, 512) and md["side"] == side and md["pair"]["id"] == r["id"]
+            # what the SEM reported for the frame: baseline + aberration ± 5 µm
+            frame_md = r["frame_metadata"][0 if sign > 0 else 1]
+            want = r["baseline"][0] + r["aberration"][0] * 1e-6 + sign * 5e-6
+            assert frame_md["wd_m"] == pytest.approx(want, abs=1e-12)
+    # the operator's focus is the baseline of every location; the SEM is left there
+    assert {tuple(r["baseline"]) for r in recs} == {tuple(manifest["operator_focus"])}
+
+
+def test_collected_pairs_train_and_recalibrate_a_model(tmp_path):
+    setup = write_setup(tmp_path)
+    data = tmp_path / "pairs"
+    assert collect(SMALL, setup, data).exit_code == 0
+    app, runner = main_app(), CliRunner()
+    model = tmp_path / "trained.pt"
+    res = runner.invoke(app, ["train", "deepfocus", "--data", str(data), "--init", str(ROOT / "models" /
+                              "deepfocus_128.pt"), "--steps", "3", "--log-every", "1", "--out", str(model)])
+    assert res.exit_code == 0, res.output
+    card = json.loads(model.with_suffix(".json").read_text())
+    assert card["variant"] == "deepfocus-128" and card["training_data"]["n_train"] + \
+        card["training_data"]["n_val"] == 6
+    # never over an existing model
+    again = runner.invoke(app, ["train", "deepfocus", "--data", str(data), "--steps", "1", "--out", str(model)])
+    assert again.exit_code == 2 and "exists" in again.output
+    recal = tmp_path / "recal.pt"
+    res = runner.invoke(app, ["autofocus", "recalibrate", "--data", str(data), "--steps", "3", "--out", str(recal)])
+    assert res.exit_code == 0, res.output
+    assert "held-out location" in res.output and recal.is_file()
+    rc = json.loads(recal.with_suffix(".json").read_text())["recalibration"]
+    assert rc["train_pairs"] == 3 and rc["held_out_pairs"] == 3
+
+
+class Interrupt(Exception):
+    pass
+
+
+def run_collector(cfg, out: Path, st: CollectSettings, crash_at: int = 0) -> tuple[int, bool]:
+    """One collection on a freshly connected setup (the same frame noise each
+    time), cut by an exception at frame ``crash_at``; returns (frames, blanked)."""
+    frames = 0
+    with build_setup(cfg) as setup:
+        grab = setup.sem.inner.acquire_frame
+
+        def counting():
+            nonlocal frames
+            frames += 1
+            if frames == crash_at:
+                raise Interrupt("power cut")
+            return grab()
+        setup.sem.inner.acquire_frame = counting
+        try:
+            Collector(setup.sem, setup.stage, setup.guard, out, st, progress=lambda s: None).run()
+        except Interrupt:
+            return frames, setup.sem.blanked()
+        return frames, setup.sem.blanked()
+
+
+def test_an_interrupted_collection_resumes_without_repeating_a_frame(tmp_path):
+    cfg = load_setup(write_setup(tmp_path))
+    st = CollectSettings(locations=2, aberrations=3, frame=(256, 256), dwell_ns=(100.0,), baseline="sharpness-nm",
+                         nm_iterations=3)
+    out, out2 = tmp_path / "pairs", tmp_path / "pairs2"
+    full_run, _ = run_collector(cfg, out, st)
+    per_baseline = json.loads((out / "baselines.jsonl").read_text().splitlines()[0])["frames"]
+    # the same collection cut inside its second pair (after the first location's baseline and one pair)
+    first_try, blanked = run_collector(cfg, out2, st, crash_at=per_baseline + 4)
+    assert blanked                           # no beam on the sample after the crash
+    assert len(journal(out2)) == 1
+    # a torn journal line, and the cut pair's first frame landed as a lone file
+    done = journal(out2)[0]
+    (out2 / "pairs.jsonl").write_text(json.dumps(done) + "\n" + '{"id": "000_01", "loc')
+    lone = out2 / "pairs" / "000_01_plus.tif"
+    tifffile.imwrite(lone, tifffile.imread(out2 / done["plus"]))
+    resumed, _ = run_collector(cfg, out2, st)
+    recs = journal(out2)
+    assert sorted(r["id"] for r in recs) == sorted(r["id"] for r in journal(out)) and len(recs) == 6
+    # the first location's baseline search was not repeated: only its two missing pairs and the
+    # second location (baseline + three pairs) were taken
+    bases = journal(out2, "baselines.jsonl")
+    assert [b["location"] for b in bases] == [0, 1]
+    assert resumed == 2 * 2 + bases[1]["frames"] + 3 * 2
+    assert full_run == sum(b["frames"] for b in journal(out, "baselines.jsonl")) + 6 * 2
+    assert [r["aberration"] for r in recs if r["location"] == 1] == [list(a) for a in plan_aberrations(st, 1)]
+    assert [p.name.split(".")[0] for p in (out2 / "orphans").glob("*.tif")] == ["000_01_plus"]   # kept
+
+
+def test_other_settings_in_the_same_folder_are_refused_naming_them(tmp_path):
+    setup = write_setup(tmp_path)
+    out = tmp_path / "pairs"
+    assert collect(SMALL, setup, out).exit_code == 0
+    before = sorted(p.name for p in (out / "pairs").iterdir())
+    res = collect([*SMALL[:-2], "--dwell-ns", "200", "--seed", "4"], setup, out)
+    assert res.exit_code == 2 and "dwell_ns" in res.output and "seed" in res.output
+    assert sorted(p.name for p in (out / "pairs").iterdir()) == before
+    with pytest.raises(DatasetError, match="baseline"):
+        CollectSettings(baseline="guess").check()
+
+
+def test_collect_runs_on_the_zeiss_driver_against_its_fake(tmp_path):
+    setup = zeiss_setup_file(tmp_path)
+    out = tmp_path / "pairs"
+    res = collect(["--locations", "2", "--aberrations", "2", "--frame", "1024", "768", "--dwell-ns", "100"],
+                  setup, out)
+    assert res.exit_code == 0, res.output
+    recs = journal(out)
+    assert len(recs) == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "Simulated SEM" not in manifest["sem"]
+    for r in recs:
+        img = tifffile.imread(out / r["plus"])
+        assert img.shape == (768, 1024) and img.std() > 10       # tissue, not bare wafer
+    # the stage visited both grid locations, 60 µm apart
+    xs = sorted({round(r["stage_m"][0] * 1e6) for r in recs})
+    assert len(xs) == 2 and xs[1] - xs[0] == 60
+
+
+def test_bench_on_a_connected_microscope_reports_convergence_sharpness_and_dose(tmp_path):
+    setup = zeiss_setup_file(tmp_path)
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main_app(), ["autofocus", "bench", "--config", str(setup), "--method", "deepfocus",
+                                          "--locations", "2", "--iterations", "3", "--json", str(out),
+                                          *on_tissue(setup)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["settings"]["truth"].startswith("none")
+    m = data["methods"]["deepfocus"]
+    first, last = m["summary"]["iterations"][0], m["summary"]["iterations"][-1]
+    # from ~10 µm off the operator's focus, the corrections shrink to a fraction of the first
+    assert first["median_correction_wd_um"] > 5 and last["median_correction_wd_um"] < 2
+    assert 0.9 < m["summary"]["median_sharpness_ratio"] < 1.2
+    assert all(r["dose_e_per_nm2"] > 0 and r["scoring_dose_e_per_nm2"] > 0 for r in m["locations"])
+    assert "of the operator's" in res.output
