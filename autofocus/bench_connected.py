@@ -1,8 +1,9 @@
 """`autofocus bench` on a connected microscope (issue 15), where no hidden
 truth exists.
 
-The operator focuses at the stage position where the command starts. At each
-location of a grid around it, every method starts from the operator's focus
+The operator focuses at the stage position where the command starts (MAPFoSt
+calibrates there). At each location of a grid beside it (150 µm away in y,
+so no test location has taken that dose), every method starts from the operator's focus
 plus the same known aberration (the seed's starting states) and runs its
 loop; the benchmark reports
   - convergence: the size of each iteration's correction (it shrinks towards
@@ -26,7 +27,10 @@ from autofocus.bench import MARGIN_STIG, MARGIN_WD_UM, BenchSettings, grid_locat
 from autofocus.loop import AutofocusLoop, frame_dose
 from autofocus.methods import available_methods, make_pair_method, tenengrad
 from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
+from common.atomic import atomic_write
 from devices.interfaces import ScanParams
+
+GRID_OFFSET_M = 150e-6
 
 
 def _corrections(trace) -> list[tuple[float, float]]:
@@ -52,15 +56,28 @@ class ConnectedBench:
         self.sem.set_stig(state[1], state[2])
 
     def _goto(self, xy) -> None:
-        self.stage.move_to(self.stage.position().with_(x=self.origin[0] + xy[0], y=self.origin[1] + xy[1]))
+        """A test location: the grid lies beside the operator's spot (which
+        calibration and focusing have dosed), GRID_OFFSET_M away in y."""
+        self.stage.move_to(self.stage.position().with_(x=self.origin[0] + xy[0],
+                                                        y=self.origin[1] + GRID_OFFSET_M + xy[1]))
+
+    def _goto_origin(self) -> None:
+        self.stage.move_to(self.stage.position().with_(x=self.origin[0], y=self.origin[1]))
 
     def _runner(self, name: str):
         st, scan = self.st, dict(dwell_s=self.st.dwell_s, frame_size=self.st.frame, pixel_size_m=self.st.pixel_m)
         if name.endswith("-nm"):
-            objective = make_objective(name)
+            kw = {}
+            if name == "deepscore-nm":
+                from autofocus.methods import deepscore_model
+                kw["model_path"] = deepscore_model(st.models_dir)
+                if kw["model_path"] is None:
+                    raise FileNotFoundError(f"no finished DeepScore model in {st.models_dir}")
+            objective = make_objective(name, **kw)
             return lambda: NelderMeadAutofocus(self.sem, self.guard, objective, name=name,
                                                max_iterations=st.nm_iterations, seed=st.seed, **scan).run()
-        self._set(self.operator)                    # MAPFoSt calibrates around the operator's focus
+        self._goto_origin()                         # MAPFoSt calibrates where the operator focused
+        self._set(self.operator)
         with self.sem.scanning(self.scan):
             method = make_pair_method(name, sem=self.sem, mapfost_calibration="induced",
                                       perturbation_m=st.perturbation_m, seed=st.seed, models_dir=st.models_dir)
@@ -73,7 +90,8 @@ class ConnectedBench:
         self._set(state)
         with self.sem.scanning(self.scan):
             f = self.sem.acquire_frame()
-        return tenengrad(np.asarray(f.image, np.float32)), frame_dose(f, self.sem)
+            dose = frame_dose(f, self.sem)          # with this scan's dwell and pixel
+        return tenengrad(np.asarray(f.image, np.float32)), dose
 
     def run_method(self, name: str, locs, aberrations) -> dict:
         runner = self._runner(name)
@@ -83,8 +101,14 @@ class ConnectedBench:
             self._set((self.operator[0] + ab[0] * 1e-6, self.operator[1] + ab[1], self.operator[2] + ab[2]))
             tr = runner()
             final = (tr.final_wd_m, *tr.final_stig)
-            s_final, d1 = self._sharpness(final)
-            s_op, d2 = self._sharpness(self.operator)
+            # alternate which of the two scoring frames comes first: charging or contamination
+            # from the first must not favour either side
+            if i % 2:
+                s_op, d2 = self._sharpness(self.operator)
+                s_final, d1 = self._sharpness(final)
+            else:
+                s_final, d1 = self._sharpness(final)
+                s_op, d2 = self._sharpness(self.operator)
             corr = _corrections(tr)
             rows.append({"location": i, "start": list(ab), "status": tr.status, "frames": tr.evaluations,
                          "corrections": corr, "final_state": list(final),
@@ -141,12 +165,13 @@ def run_connected_bench(setup, st: BenchSettings, *, json_out: Optional[Path] = 
                 progress(f"{name}: skipped ({e})")
                 continue
             progress(format_connected(name, out[name]["summary"]))
-    finally:
-        bench._set(bench.operator)              # the operator's focus back, whatever happened
+    finally:                                    # the operator's spot and focus back, whatever happened
+        bench._set(bench.operator)
+        bench._goto_origin()
     result = {"methods": out, "settings": {**st.as_dict(), "origin_m": list(bench.origin),
                                            "operator_focus": list(bench.operator), "skipped": skipped,
                                            "available_methods": available_methods(st.models_dir),
                                            "truth": "none: a connected microscope"}}
     if json_out is not None:
-        Path(json_out).write_text(json.dumps(result, indent=1, default=float))
+        atomic_write(Path(json_out), json.dumps(result, indent=1, default=float).encode())
     return result

@@ -8,6 +8,7 @@ import typer
 
 from common.paths import default_config
 from common.paths import models_dir as shipped_models_dir
+from devices.errors import DeviceError
 from devices.setup_config import ConfigError, load_setup
 
 app = typer.Typer(add_completion=False, help="Autofocus: convergence benchmark, training pairs from a microscope, "
@@ -27,10 +28,15 @@ def _config(path: Path, simulated: bool = True):
     return cfg
 
 
-def _move_to(setup, at: Optional[Tuple[float, float]]) -> None:
-    """The stage to X Y mm (through the safety guard) before the work starts there."""
-    if at is not None:
-        setup.stage.move_to(setup.stage.position().with_(x=at[0] * 1e-3, y=at[1] * 1e-3))
+def _move_to(setup, at: Optional[Tuple[float, float]], folder: Optional[Path] = None) -> None:
+    """The stage to X Y mm (through the safety guard) before the work starts
+    there; a collection being resumed keeps the place it started at."""
+    if at is None:
+        return
+    if folder is not None and (folder / "manifest.json").is_file():
+        typer.echo(f"note: --at ignored: {folder} resumes around the position it started at")
+        return
+    setup.stage.move_to(setup.stage.position().with_(x=at[0] * 1e-3, y=at[1] * 1e-3))
 
 
 def _specimens(specimen: Optional[List[Path]]) -> list[Path]:
@@ -87,6 +93,10 @@ def bench(
                        specimen=tuple(_specimens(specimen)), models_dir=models_dir)
     if cfg.devices.sem.driver != "sim":
         # a connected microscope: no hidden truth; convergence, sharpness against the operator's focus, dose
+        if plot is not None or mapfost_calibration != "induced":
+            typer.echo("error: --plot and --mapfost-calibration microscope need the simulator's hidden focus "
+                       "and parameters; on a microscope leave them out", err=True)
+            raise typer.Exit(2)
         from autofocus.bench_connected import run_connected_bench
         from devices.factory import build_setup
         with build_setup(cfg) as setup:
@@ -110,56 +120,50 @@ def recalibrate(
                                 "pairs on it (--collect-dir) and fine-tune on them"),
     data: Optional[Path] = typer.Option(None, "--data", help="fine-tune on pairs already collected with "
                                         "`autofocus collect` (no microscope needed)"),
-    collect_dir: Optional[Path] = typer.Option(None, "--collect-dir", help="where a connected microscope's "
-                                               "pairs go (default: next to --out); an interrupted run resumes"),
+    collect_dir: Optional[Path] = typer.Option(None, "--collect-dir", help="where the collected pairs go "
+                                               "(default: next to --out); an interrupted run resumes"),
+    at: Optional[Tuple[float, float]] = typer.Option(None, "--at", help="connected microscope: X Y stage mm "
+                                                     "to collect around (default: where the stage is)"),
     locations: int = typer.Option(10, "--locations", min=1, max=100, help="training locations"),
     aberrations: int = typer.Option(10, "--aberrations", min=1, max=100, help="known aberrations per location"),
     steps: int = typer.Option(2000, "--steps", min=1, help="fine-tuning steps (seed: 50 000)"),
     out: Path = typer.Option(Path("models/deepfocus_recal.pt"), "--out"),
     base_model: str = typer.Option("deepfocus", "--model", help="shipped DeepFocus variant to fine-tune"),
-    test_locations: int = typer.Option(5, "--test-locations", min=1, max=100),
-    iterations: int = typer.Option(5, "--iterations", min=1, max=50),
-    dwell_ns: float = typer.Option(100.0, "--dwell-ns", min=10, max=100000),
+    test_locations: int = typer.Option(5, "--test-locations", min=1, max=100,
+                                       help="simulated setups: locations of the before/after traces"),
+    iterations: int = typer.Option(5, "--iterations", min=1, max=50, help="simulated setups: trace iterations"),
+    dwell_ns: float = typer.Option(100.0, "--dwell-ns", min=10, max=100000,
+                                   help="simulated setups: dwell of the traces (pairs: 100 and 200 ns)"),
     frame: Tuple[int, int] = typer.Option((1024, 768), "--frame"),
     seed: int = typer.Option(0, "--seed"),
     json_out: Optional[Path] = typer.Option(None, "--json"),
     models_dir: Path = typer.Option(shipped_models_dir(), "--models-dir"),
 ) -> None:
-    """Recalibrate DeepFocus for a second microscope: DeepScore (or sharpness)
-    + Nelder–Mead finds the focus at each location, known aberrations around it
-    are the training pairs, the last three FC layers are fine-tuned."""
-    from autofocus.collect import CollectSettings, Collector, DatasetError
-    from autofocus.methods import deepscore_model
+    """Recalibrate DeepFocus for a microscope: DeepScore (or sharpness) +
+    Nelder–Mead finds the focus at each location, known aberrations around it
+    are the training pairs (as `autofocus collect`), the last three FC layers
+    are fine-tuned. On a simulated setup the column is setup B's and the
+    convergence before and after is scored against the hidden focus."""
+    from autofocus.collect import DatasetError
     from autofocus.recalibrate import RecalSettings, recalibrate_on_data, run_recalibration
 
     if out.exists():
         typer.echo(f"error: {out} exists; refusing to overwrite", err=True)
         raise typer.Exit(2)
-    cfg = None if data is not None else _config(config, simulated=False)
-    if data is None and cfg.devices.sem.driver != "sim":
-        data = collect_dir or out.with_name(out.stem + "_pairs")
-        cst = CollectSettings(locations=locations, aberrations=aberrations, baseline="deepscore-nm" if
-                              deepscore_model(models_dir) else "sharpness-nm", frame=(frame[0], frame[1]), seed=seed)
-        from devices.factory import build_setup
-        try:
-            with build_setup(cfg) as setup:
-                Collector(setup.sem, setup.stage, setup.guard, data, cst, progress=typer.echo).run()
-        except DatasetError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-    if data is not None:
-        try:
+    try:
+        if data is not None:
             report = recalibrate_on_data(data, out, base_model=base_model, steps=steps, seed=seed,
                                          models_dir=models_dir, progress=typer.echo, json_out=json_out)
-        except (DatasetError, ValueError, FileNotFoundError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-        typer.echo(report["summary"])
-        return
-    st = RecalSettings(locations=locations, aberrations_per_location=aberrations, steps=steps, out=out,
-                       base_model=base_model, test_locations=test_locations, iterations=iterations,
-                       dwell_s=dwell_ns * 1e-9, frame=(frame[0], frame[1]), seed=seed, models_dir=models_dir)
-    report = run_recalibration(cfg, st, progress=typer.echo, json_out=json_out)
+        else:
+            st = RecalSettings(locations=locations, aberrations_per_location=aberrations, steps=steps, out=out,
+                               data=collect_dir, base_model=base_model, test_locations=test_locations,
+                               iterations=iterations, dwell_s=dwell_ns * 1e-9, frame=(frame[0], frame[1]),
+                               seed=seed, models_dir=models_dir)
+            report = run_recalibration(_config(config, simulated=False), st, progress=typer.echo,
+                                       json_out=json_out, at_mm=at)
+    except (DatasetError, DeviceError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
     typer.echo(report["summary"])
 
 
@@ -181,6 +185,7 @@ def collect(
     seed: int = typer.Option(0, "--seed"),
     at: Optional[Tuple[float, float]] = typer.Option(None, "--at", help="X Y stage mm to collect around "
                                                      "(default: where the stage is)"),
+    models_dir: Path = typer.Option(shipped_models_dir(), "--models-dir", help="where DeepScore is (deepscore-nm)"),
 ) -> None:
     """DeepFocus training pairs from the connected microscope (any SEM driver):
     a focus baseline at each location, then known aberrations around it and a
@@ -199,8 +204,9 @@ def collect(
     try:
         st.check()
         with build_setup(cfg) as setup:
-            _move_to(setup, at)
-            Collector(setup.sem, setup.stage, setup.guard, out, st, progress=typer.echo).run()
-    except DatasetError as e:
+            _move_to(setup, at, out)
+            Collector(setup.sem, setup.stage, setup.guard, out, st, progress=typer.echo,
+                      models_dir=models_dir).run()
+    except (DatasetError, DeviceError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

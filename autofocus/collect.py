@@ -34,7 +34,7 @@ import numpy as np
 import tifffile
 
 from autofocus.loop import AutofocusLoop, Windows
-from common.atomic import atomic_write, ensure_dir, fsync_dir
+from common.atomic import atomic_write, ensure_dir, fsync_dir, is_temporary, remove_temporaries
 from devices.interfaces import ScanParams
 
 FORMAT = "deepfocus-pairs"
@@ -43,7 +43,12 @@ BASELINES = ("operator", "mapfost", "sharpness-nm", "deepscore-nm")
 
 
 class DatasetError(ValueError):
-    """The dataset folder does not fit this collection (named field, allowed values)."""
+    """The dataset folder does not fit this collection (named option, allowed values)."""
+
+
+def option(field: str) -> str:
+    """The command-line option of a settings field."""
+    return "--" + field.replace("_", "-")
 
 
 @dataclass
@@ -67,32 +72,36 @@ class CollectSettings:
 
     def check(self) -> None:
         if self.baseline not in BASELINES:
-            raise DatasetError(f"baseline: {self.baseline!r} is not one of {', '.join(BASELINES)}")
+            raise DatasetError(f"--baseline: {self.baseline!r} is not one of {', '.join(BASELINES)}")
         if not self.dwell_ns or any(not 10 <= d <= 100_000 for d in self.dwell_ns):
-            raise DatasetError("dwell_ns: one or more values in 10..100000 ns")
+            raise DatasetError("--dwell-ns: one or more values in 10..100000 ns")
         if not 0 < self.perturbation_um <= 50:
-            raise DatasetError("perturbation_um: in (0, 50] µm")
+            raise DatasetError("--perturbation-um: in (0, 50] µm")
+        if not all(16 <= v <= 8192 for v in self.frame):
+            raise DatasetError("--frame: two values in 16..8192 px")
 
 
 def _jsonl(path: Path, repair: bool = True) -> list[dict]:
-    """Lines of a journal; a torn last line (a crash mid-append) is ignored,
-    and with ``repair`` cut off so the next append starts a clean line."""
+    """Lines of a journal. A torn last line (a crash mid-append) is ignored,
+    and with ``repair`` cut off so the next append starts a clean line; a bad
+    line before the last is damage, not a crash, and is refused."""
     if not path.is_file():
         return []
     raw = path.read_bytes()
-    keep, out = 0, []
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
+    lines = raw.splitlines(keepends=True)
+    out = []
+    for n, line in enumerate(lines):
         try:
+            if not line.endswith(b"\n"):
+                raise ValueError("no line end")
             out.append(json.loads(line))
         except ValueError:
-            break
-        keep += len(line)
-    if repair and keep < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-            os.fsync(f.fileno())
+            if n < len(lines) - 1:
+                raise DatasetError(f"{path}: line {n + 1} is damaged (not the last line, so not a torn append)")
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(len(raw) - len(line))
+                    os.fsync(f.fileno())
     return out
 
 
@@ -116,61 +125,92 @@ def plan_aberrations(st: CollectSettings, location: int) -> list[tuple[float, fl
 
 
 def grid_offsets(n: int, spacing_m: float) -> list[tuple[float, float]]:
+    """n points row by row on a grid centred on (0, 0)."""
     k = max(1, math.ceil(math.sqrt(n)))
-    c = (k - 1) / 2
-    return [((i % k - c) * spacing_m, (i // k - c) * spacing_m) for i in range(n)]
+    rows = math.ceil(n / k)
+    cx, cy = (min(n, k) - 1) / 2, (rows - 1) / 2
+    return [((i % k - cx) * spacing_m, (i // k - cy) * spacing_m) for i in range(n)]
 
 
 class Collector:
     def __init__(self, sem, stage, guard, out: Path, st: CollectSettings, *,
-                 baseline_finder: Optional[Callable] = None, progress: Callable = print):
+                 baseline_finder: Optional[Callable] = None, progress: Callable = print,
+                 models_dir: Optional[Path] = None):
         st.check()
         self.sem, self.stage, self.guard, self.out, self.st = sem, stage, guard, Path(out), st
         self.progress = progress
-        self.find_baseline = baseline_finder or self._default_finder()
+        self.models_dir = models_dir
+        self.custom_finder = baseline_finder
         self.windows = Windows(guard)
+        self.scan = ScanParams(pixel_m=st.pixel_nm * 1e-9, frame=tuple(st.frame))
 
     # ---------------------------------------------------------- manifest
     def _open(self) -> dict:
+        """The manifest: written first, so a crash at any later moment leaves a
+        folder that resumes; compared on resume, field by field, with the SEM."""
         m_path = self.out / "manifest.json"
         settings = json.loads(json.dumps(dataclasses.asdict(self.st)))
+        if self.out.exists() and not self.out.is_dir():
+            raise DatasetError(f"--out {self.out}: is a file; give a folder")
         if m_path.is_file():
             m = json.loads(m_path.read_text())
             if m.get("format") != FORMAT:
                 raise DatasetError(f"--out {self.out}: not a {FORMAT} folder (manifest format {m.get('format')!r})")
             diff = sorted(k for k in set(settings) | set(m["settings"]) if settings.get(k) != m["settings"].get(k))
             if diff:
-                raise DatasetError(f"--out {self.out} holds a collection with other settings ({', '.join(diff)}); "
-                                   "resume with the same settings or choose a new folder")
+                raise DatasetError(f"--out {self.out} holds a collection with other settings "
+                                   f"({', '.join(option(k) for k in diff)}); resume with the same settings or "
+                                   "choose a new folder")
+            if m.get("sem") != self.sem.identity():
+                raise DatasetError(f"--out {self.out} was collected on {m.get('sem')!r}, not on "
+                                   f"{self.sem.identity()!r}; choose a new folder for this microscope")
+            remove_temporaries(self.out)
             return m
-        if self.out.exists() and any(self.out.iterdir()):
+        if self.out.exists() and any(not is_temporary(c.name) for c in self.out.iterdir()):
             raise DatasetError(f"--out {self.out}: exists and is not a {FORMAT} folder; choose a new folder")
-        ensure_dir(self.out / "pairs")
+        with self.sem.scanning(self.scan, unblank=False):   # the SEM accepts frame and pixel: checked before
+            pass                                             # anything is written
         p = self.stage.position()
         m = {"format": FORMAT, "version": VERSION, "settings": settings, "created": time.time(),
              "sem": self.sem.identity(), "origin_m": [p.x, p.y],
              "operator_focus": [self.sem.working_distance(), *self.sem.stig()],
              "target": "correction back to the baseline = -aberration: [d_wd_um, d_stig_x, d_stig_y]"}
+        ensure_dir(self.out)
+        remove_temporaries(self.out)                         # a manifest write cut by a crash
         atomic_write(m_path, json.dumps(m, indent=1).encode())
         return m
 
+    def _check_grid(self, manifest: dict) -> list[tuple[float, float]]:
+        """Every location inside the stage's travel and away from the mill
+        position, before the first frame (no dose spent on a run that cannot finish)."""
+        ox, oy = manifest["origin_m"]
+        here = self.stage.position()
+        out = []
+        for i, (dx, dy) in enumerate(grid_offsets(self.st.locations, self.st.spacing_um * 1e-6)):
+            p = here.with_(x=ox + dx, y=oy + dy)
+            try:
+                self.guard.check_stage(p)
+            except Exception as e:
+                raise DatasetError(f"--locations/--spacing-um: location {i + 1} at ({p.x * 1e3:.3f}, "
+                                   f"{p.y * 1e3:.3f}) mm is outside the stage's safety window ({e})") from None
+            if self.guard.near_mill_position(p):
+                raise DatasetError(f"--locations/--spacing-um: location {i + 1} is within the imaging "
+                                   "exclusion around the mill position")
+            out.append((p.x, p.y))
+        return out
+
     # ---------------------------------------------------------- baseline
-    def _default_finder(self):
+    def _finder(self, manifest: dict):
+        if self.custom_finder is not None:
+            return self.custom_finder
         st = self.st
         scan = ScanParams(pixel_m=st.pixel_nm * 1e-9, frame=tuple(st.frame), dwell_s=st.search_dwell_ns * 1e-9)
         if st.baseline == "operator":
             return lambda manifest, i: (tuple(manifest["operator_focus"]), {"frames": 0})
         if st.baseline == "mapfost":
-            from autofocus.methods import make_pair_method
-            method = None
+            method = self._mapfost(manifest, scan)
 
             def mapfost(manifest, i):
-                nonlocal method
-                if method is None:       # calibrated around the operator's focus, where the command started
-                    self._set(manifest["operator_focus"])
-                    with self.sem.scanning(scan):
-                        method = make_pair_method("mapfost", sem=self.sem, mapfost_calibration="induced",
-                                                  perturbation_m=st.perturbation_um * 1e-6)
                 tr = AutofocusLoop(self.sem, self.guard, method, perturbation_m=st.perturbation_um * 1e-6,
                                    max_iterations=5, dwell_s=scan.dwell_s, frame_size=scan.frame,
                                    pixel_size_m=scan.pixel_m).run()
@@ -181,9 +221,9 @@ class Collector:
         from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
         kw = {}
         if st.baseline == "deepscore-nm":
-            path = deepscore_model()
+            path = deepscore_model(self.models_dir) if self.models_dir else deepscore_model()
             if path is None:
-                raise DatasetError("baseline: deepscore-nm needs a shipped DeepScore model; use sharpness-nm")
+                raise DatasetError("--baseline deepscore-nm needs a shipped DeepScore model; use sharpness-nm")
             kw["model_path"] = path
         objective = make_objective(st.baseline, **kw)
 
@@ -194,6 +234,25 @@ class Collector:
             return (tr.final_wd_m, *tr.final_stig), {"frames": tr.evaluations, "status": tr.status,
                                                      "dose_e_per_nm2": tr.dose_e_per_nm2}
         return nelder_mead
+
+    def _mapfost(self, manifest: dict, scan: ScanParams):
+        """MAPFoSt calibrated where the operator focused (the grid's origin),
+        once: the calibration is kept in the folder and reused on resume."""
+        from autofocus.mapfost_method import MapfostCalibration
+        from autofocus.methods import MapfostMethod, calibrate_mapfost_on_sem
+        path = self.out / "mapfost_calibration.json"
+        if path.is_file():
+            d = json.loads(path.read_text())
+            cal = MapfostCalibration(**{**d, "stig_scale": tuple(d["stig_scale"])})
+        else:
+            ox, oy = manifest["origin_m"]
+            self.stage.move_to(self.stage.position().with_(x=ox, y=oy))
+            self._set(manifest["operator_focus"])
+            with self.sem.scanning(scan):
+                cal = calibrate_mapfost_on_sem(self.sem, perturbation_m=self.st.perturbation_um * 1e-6,
+                                               patch_size=min(512, *self.st.frame))
+            atomic_write(path, json.dumps(dataclasses.asdict(cal), default=float).encode())
+        return MapfostMethod(cal, patch_size=min(512, *self.st.frame))
 
     def _set(self, state) -> None:
         self.sem.set_working_distance(state[0])
@@ -258,44 +317,49 @@ class Collector:
 
     # ---------------------------------------------------------- run
     def run(self) -> dict:
-        from devices.interfaces import StagePosition
         st = self.st
         manifest = self._open()
+        grid = self._check_grid(manifest)
         b_path, p_path = self.out / "baselines.jsonl", self.out / "pairs.jsonl"
         baselines = {b["location"]: b for b in _jsonl(b_path)}
         done = {(r["location"], r["k"]) for r in _jsonl(p_path)}
         resumed = bool(baselines or done)
         if resumed:
             self.progress(f"resuming {self.out}: {len(baselines)} baselines and {len(done)} pairs on record")
-        ox, oy = manifest["origin_m"]
         rng = np.random.default_rng([st.seed, 29])
         dwell = [float(rng.choice(st.dwell_ns)) for _ in range(st.locations * st.aberrations)]
-        taken = skipped = 0
-        scan = ScanParams(pixel_m=st.pixel_nm * 1e-9, frame=tuple(st.frame))
+        plans = [plan_aberrations(st, i) for i in range(st.locations)]
+        unsafe = {(i, k) for i in baselines for k, ab in enumerate(plans[i])
+                  if not self._safe_aberration(baselines[i]["baseline"], ab)}
+        taken = 0
         try:
-            for i, (dx, dy) in enumerate(grid_offsets(st.locations, st.spacing_um * 1e-6)):
-                if all((i, k) in done for k in range(st.aberrations)):
+            find_baseline = self._finder(manifest)
+            for i, xy in enumerate(grid):
+                if all((i, k) in done or (i, k) in unsafe for k in range(st.aberrations)):
                     continue
-                self.stage.move_to(self.stage.position().with_(x=ox + dx, y=oy + dy))
+                # each search starts from the last baseline found (or the operator's focus), never
+                # from the last pair's aberrated setting
+                prev = [baselines[j]["baseline"] for j in sorted(baselines) if j < i]
+                self._set(prev[-1] if prev else manifest["operator_focus"])
+                self.stage.move_to(self.stage.position().with_(x=xy[0], y=xy[1]))
                 if i not in baselines:
-                    state, info = self.find_baseline(manifest, i)
-                    baselines[i] = {"location": i, "stage_m": [ox + dx, oy + dy], "baseline": list(state),
+                    state, info = find_baseline(manifest, i)
+                    baselines[i] = {"location": i, "stage_m": list(xy), "baseline": list(state),
                                     "method": st.baseline, **info}
                     _append(b_path, baselines[i])
+                    unsafe |= {(i, k) for k, ab in enumerate(plans[i]) if not self._safe_aberration(state, ab)}
                     self.progress(f"location {i + 1}/{st.locations}: baseline ({st.baseline}) wd "
                                   f"{state[0] * 1e3:.4f} mm, stig ({state[1]:+.3f}, {state[2]:+.3f})")
                 base = tuple(baselines[i]["baseline"])
-                for k, ab in enumerate(plan_aberrations(st, i)):
-                    if (i, k) in done:
+                for k, ab in enumerate(plans[i]):
+                    if (i, k) in done or (i, k) in unsafe:
                         continue
                     rec = self._recover(i, k)
                     if rec is None:
-                        if not self._safe_aberration(base, ab):
-                            skipped += 1
-                            continue
-                        with self.sem.scanning(ScanParams(pixel_m=scan.pixel_m, frame=scan.frame,
-                                                          dwell_s=dwell[i * st.aberrations + k] * 1e-9)):
-                            rec = self._pair(manifest, i, k, base, ab, dwell[i * st.aberrations + k] * 1e-9)
+                        d = dwell[i * st.aberrations + k] * 1e-9
+                        with self.sem.scanning(ScanParams(pixel_m=self.scan.pixel_m, frame=self.scan.frame,
+                                                          dwell_s=d)):
+                            rec = self._pair(manifest, i, k, base, ab, d)
                         taken += 1
                     _append(p_path, rec)
                     done.add((i, k))
@@ -303,13 +367,17 @@ class Collector:
         except BaseException:
             try:
                 self.sem.set_blanked(True)      # no dose on the sample while nobody watches
+                self._set(manifest["operator_focus"])
             except Exception:
                 pass
             raise
-        summary = {"folder": str(self.out), "pairs": len(done), "taken_now": taken, "skipped_outside_windows":
-                   skipped, "locations": len(baselines), "resumed": resumed}
+        fsync_dir(self.out)
+        self._set(manifest["operator_focus"])   # the microscope as the operator left it
+        self.stage.move_to(self.stage.position().with_(x=manifest["origin_m"][0], y=manifest["origin_m"][1]))
+        summary = {"folder": str(self.out), "pairs": len(done), "taken_now": taken,
+                   "skipped_outside_windows": len(unsafe), "locations": len(baselines), "resumed": resumed}
         self.progress(f"{len(done)} pairs in {self.out} ({taken} taken now"
-                      + (f", {skipped} outside the safety windows skipped" if skipped else "") + ")")
+                      + (f", {len(unsafe)} outside the safety windows skipped" if unsafe else "") + ")")
         return summary
 
 

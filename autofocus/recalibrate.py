@@ -1,23 +1,24 @@
 """DeepFocus recalibration for a new microscope (seed ch. 3.3.2, Fig. 3.11).
 
-On the second simulated microscope (different α, stig scales/rotation and a
-90° scan rotation) the shipped model converges poorly. Recalibration without
-any manual labelling:
+A model's stigmator outputs are in one microscope's units; another column
+needs recalibration, without any manual labelling, through the SEM
+interface alone (any driver: the simulator, the ZEISS fake, a real column):
 
-1. at ~10 locations, Nelder–Mead on DeepScore (the classical sharpness when
-   no DeepScore is shipped) finds the focus baseline, starting from where the
-   last location ended (the operator focuses once, coarsely, at the start);
-2. around each baseline, known aberrations U(±20 µm, ±5, ±5) are set and a
-   ±5 µm pair acquired at 100 or 200 ns: target = −aberration;
-3. the last three fully connected layers of the shipped model are fine-tuned
-   (train_on_samples(..., freeze_all_but_fc=True)), saved with a card;
-4. convergence before and after on the same test locations and starting
-   aberrations, scored against the hidden truth (benchmark only).
+1. `autofocus collect` (autofocus/collect.py): at ~10 locations, Nelder–Mead
+   on DeepScore (the classical sharpness when no DeepScore is shipped) finds
+   the focus baseline, starting from where the last location ended (the
+   operator focuses once, coarsely, at the start); around each baseline known
+   aberrations U(±20 µm, ±5, ±5) (half of them near focus) are set and a
+   ±5 µm pair is acquired at 100 or 200 ns: target = −aberration;
+2. the last three fully connected layers of the shipped model are fine-tuned
+   on them (recalibrate_on_data), the last location held out and scored
+   before and after (single-pair error against the known aberration);
+3. on the simulator, whose column is replaced by setup B, convergence
+   before and after is also scored against the hidden truth.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +26,13 @@ from typing import Optional
 
 import numpy as np
 
-from autofocus.collect import pairs_at_pixel
-from common.atomic import atomic_write
-from autofocus.bench import (BenchSettings, MethodResult, SimBench, format_table, grid_locations,
-                             initial_aberrations, run_method)
-from autofocus.loop import AutofocusLoop, Windows
+from autofocus.bench import BenchSettings, MethodResult, SimBench, format_table, grid_locations, \
+    initial_aberrations, run_method
+from autofocus.collect import CollectSettings, Collector, _jsonl, load_pairs, pairs_at_pixel
+from autofocus.loop import AutofocusLoop
 from autofocus.methods import MODELS_DIR, DeepFocusMethod, deepfocus_variants, deepscore_model
-from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
-from devices.interfaces import ScanParams
+from common.atomic import atomic_write
 from devices.setup_config import MicroscopeParams, SetupConfig
-
-TRAIN_CENTER_M = (400e-6, 0.0)              # training region, away from the test grid at (0, 0)
 
 
 @dataclass
@@ -44,6 +41,7 @@ class RecalSettings:
     aberrations_per_location: int = 10
     steps: int = 2000
     out: Path = Path("models/deepfocus_recal.pt")
+    data: Optional[Path] = None              # the collected pairs (default: next to out); resumes
     base_model: str = "deepfocus"
     test_locations: int = 5
     iterations: int = 5
@@ -53,17 +51,21 @@ class RecalSettings:
     frame: tuple[int, int] = (1024, 768)
     pixel_m: float = 10e-9
     perturbation_m: float = 5e-6
-    wd_range_um: float = 20.0
-    stig_range: float = 5.0
-    # share of the known aberrations drawn near focus (±near_wd_um, ±near_stig): the loop's
-    # last iterations happen there, and pairs drawn over the whole range alone left the
-    # fine-tuned model with a 0.25 stig / 0.4 µm bias at focus
-    near_fraction: float = 0.5
-    near_wd_um: float = 3.0
-    near_stig: float = 0.75
     nm_iterations: int = 40
     seed: int = 0
     models_dir: Path = MODELS_DIR
+
+    def data_dir(self) -> Path:
+        return self.data or self.out.with_name(self.out.stem + "_pairs")
+
+    def collect_settings(self) -> CollectSettings:
+        return CollectSettings(
+            locations=self.locations, aberrations=self.aberrations_per_location,
+            baseline="deepscore-nm" if deepscore_model(self.models_dir) is not None else "sharpness-nm",
+            dwell_ns=tuple(round(d * 1e9, 6) for d in self.train_dwell_s),
+            search_dwell_ns=round(self.search_dwell_s * 1e9, 6), frame=tuple(self.frame),
+            pixel_nm=round(self.pixel_m * 1e9, 6), perturbation_um=round(self.perturbation_m * 1e6, 6),
+            nm_iterations=self.nm_iterations, seed=self.seed)
 
 
 def second_microscope(cfg: SetupConfig) -> MicroscopeParams:
@@ -75,73 +77,42 @@ def second_microscope(cfg: SetupConfig) -> MicroscopeParams:
     return base.model_copy(update={k: v for k, v in SETUP_B.items() if k != "wd_focus_mm"} | {"preset": "setup-b"})
 
 
-def find_baselines(bench: SimBench, st: RecalSettings, progress=print) -> list[dict]:
-    """Nelder–Mead focus at each training location, no truth used (it is only
-    recorded, to report how good the found baselines are)."""
-    score_model = deepscore_model(st.models_dir)
-    use_deepscore = score_model is not None
-    objective = make_objective("deepscore-nm", model_path=score_model) if use_deepscore else \
-        make_objective("sharpness-nm")
-    stop = None
-    if use_deepscore:                       # seed: score of one manually focused image × 1.05
-        bench.focus_by_hand((TRAIN_CENTER_M[0], TRAIN_CENTER_M[1] - 200e-6))
-        bench.sem.set_scan(ScanParams(dwell_s=st.search_dwell_s))
-        stop = 1.05 * objective(bench.sem.acquire_frame().image, st.pixel_m)
-    rng = np.random.default_rng([st.seed, 17])
-    locs = [(TRAIN_CENTER_M[0] + x, TRAIN_CENTER_M[1] + y)
-            for x, y in grid_locations(st.locations, 60e-6 * max(1, math.ceil(math.sqrt(st.locations)) - 1))]
-    found, state = [], None
-    for i, xy in enumerate(locs):
-        truth = bench.goto(xy, (500 + i,))
-        if state is None:                    # coarse manual focus at the first location
-            start = (truth[0] + rng.uniform(-4, 4) * 1e-6, truth[1] + rng.uniform(-0.5, 0.5),
-                     truth[2] + rng.uniform(-0.5, 0.5))
-        else:                                # the stage move shifts the focus by a few µm
-            start = (state[0] + rng.uniform(-3, 3) * 1e-6, state[1], state[2])
-        bench.sem.set_working_distance(start[0])
-        bench.sem.set_stig(start[1], start[2])
-        tr = NelderMeadAutofocus(bench.sem, bench.guard, objective, name=objective.name + "-nm",
-                                 max_iterations=st.nm_iterations, stop_score=stop, seed=st.seed + i,
-                                 dwell_s=st.search_dwell_s, frame_size=st.frame, pixel_size_m=st.pixel_m).run()
-        state = (tr.final_wd_m, *tr.final_stig)
-        err = ((state[0] - truth[0]) * 1e6, state[1] - truth[1], state[2] - truth[2])
-        found.append({"location_m": xy, "baseline": state, "error_vs_truth": err, "frames": tr.evaluations,
-                      "dose_e_per_nm2": tr.dose_e_per_nm2, "status": tr.status})
-        progress(f"  location {i + 1}/{len(locs)}: {objective.name}+NM baseline found in {tr.evaluations} frames; "
-                 f"error vs truth ({err[0]:+.2f} µm, {err[1]:+.3f}, {err[2]:+.3f})")
-    return found
-
-
-def acquire_training_pairs(bench: SimBench, st: RecalSettings, baselines: list[dict]) -> list[dict]:
-    """Known aberrations around each found baseline; target = −aberration
-    (the correction, µm and stig units), as in the seed's ground truth."""
-    rng = np.random.default_rng([st.seed, 23])
-    sem, samples = bench.sem, []
-    bench_windows = Windows(bench.guard)
-    for i, b in enumerate(baselines):
-        bench.goto(b["location_m"], (700 + i,))
-        wd0, sx0, sy0 = b["baseline"]
-        for _ in range(st.aberrations_per_location):
-            for _ in range(100):             # redraw aberrations that would leave the safety windows
-                near = rng.random() < st.near_fraction
-                wd_r, st_r = (st.near_wd_um, st.near_stig) if near else (st.wd_range_um, st.stig_range)
-                ab = (rng.uniform(-wd_r, wd_r), rng.uniform(-st_r, st_r), rng.uniform(-st_r, st_r))
-                if all(bench_windows.inside(wd0 + ab[0] * 1e-6 + s * st.perturbation_m, (sx0 + ab[1], sy0 + ab[2]))
-                       for s in (-1, 1)):
-                    break
-            else:
-                raise RuntimeError(f"baseline {b['baseline']} leaves no room for aberrations inside the windows")
-            sem.set_scan(ScanParams(dwell_s=float(rng.choice(st.train_dwell_s))))
-            sem.set_stig(sx0 + ab[1], sy0 + ab[2])
-            imgs = []
-            for sign in (+1, -1):
-                sem.set_working_distance(wd0 + ab[0] * 1e-6 + sign * st.perturbation_m)
-                imgs.append(sem.acquire_frame().image)
-            samples.append({"img_plus": imgs[0], "img_minus": imgs[1], "target": (-ab[0], -ab[1], -ab[2]),
-                            "location": i, "dwell_s": sem.dwell_time()})
-        sem.set_working_distance(wd0)
-        sem.set_stig(sx0, sy0)
-    return samples
+def collect_pairs(cfg: SetupConfig, st: RecalSettings, progress=print,
+                  at_mm: Optional[tuple[float, float]] = None) -> dict:
+    """The recalibration pairs on the setup's microscope, through the SEM
+    interface (autofocus.collect). On the simulator the column is setup B's,
+    the pairs are taken on the first section and the simulator plays the
+    operator's one coarse focus at the start; the baselines the search found
+    are scored against the hidden truth (report only)."""
+    from devices.factory import build_setup
+    simulated = cfg.devices.sem.driver == "sim"
+    if simulated:
+        cfg = cfg.model_copy(deep=True)
+        cfg.simulation.microscope = second_microscope(cfg)
+    data = st.data_dir()
+    with build_setup(cfg) as setup:
+        resuming = (data / "manifest.json").is_file()
+        if at_mm is not None and not resuming:
+            setup.stage.move_to(setup.stage.position().with_(x=at_mm[0] * 1e-3, y=at_mm[1] * 1e-3))
+        if simulated and not resuming:
+            x, y = setup.world.wafer.sections[0].center_m
+            setup.stage.move_to(setup.stage.position().with_(x=x, y=y))
+            wd0, sx0, sy0 = setup.world.focus_baseline(x, y)
+            rng = np.random.default_rng([st.seed, 17])
+            setup.sem.set_working_distance(wd0 + rng.uniform(-4, 4) * 1e-6)
+            setup.sem.set_stig(sx0 + rng.uniform(-0.5, 0.5), sy0 + rng.uniform(-0.5, 0.5))
+        summary = Collector(setup.sem, setup.stage, setup.guard, data, st.collect_settings(),
+                            progress=progress, models_dir=st.models_dir).run()
+        if simulated:
+            errs = []
+            for b in _jsonl(data / "baselines.jsonl", repair=False):
+                t = setup.world.focus_baseline(*b["stage_m"])
+                errs.append(((b["baseline"][0] - t[0]) * 1e6, b["baseline"][1] - t[1], b["baseline"][2] - t[2]))
+            e = np.abs(np.array(errs))
+            summary["baseline_mae_vs_truth"] = {"wd_um": float(e[:, 0].mean()), "stig": float(e[:, 1:].mean())}
+            progress(f"baselines found by {st.collect_settings().baseline}: MAE against the hidden focus "
+                     f"{e[:, 0].mean():.2f} µm, stig {e[:, 1:].mean():.3f}")
+    return summary
 
 
 def _convergence(bench: SimBench, st: RecalSettings, method, label: str, progress) -> MethodResult:
@@ -158,70 +129,40 @@ def _convergence(bench: SimBench, st: RecalSettings, method, label: str, progres
     return res
 
 
-def _training_triples(samples: list[dict], card: dict, pixel_m: float) -> list[tuple]:
-    """(img_plus, img_minus, target) at the model's pixel size, as train_on_samples wants."""
-    want = float(card.get("pixel_size_nm", pixel_m * 1e9)) * 1e-9
-    return pairs_at_pixel([(s["img_plus"], s["img_minus"], s["target"]) for s in samples], pixel_m, want)
-
-
-def _annotate_card(out: Path, report: dict) -> None:
-    """Add how the recalibration data were made and what it achieved to the card."""
-    card_path = out.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    card["recalibration"] = {k: report[k] for k in ("microscope", "base_model", "baselines", "baseline_mae",
-                                                    "before", "after", "settings", "baseline_search")}
-    card_path.write_text(json.dumps(card, indent=1, default=str))
-
-
 def run_recalibration(cfg: SetupConfig, st: RecalSettings, *, progress=print,
-                      json_out: Optional[Path] = None) -> dict:
-    from autofocus.train import train_on_samples
-
+                      json_out: Optional[Path] = None, at_mm: Optional[tuple[float, float]] = None) -> dict:
+    """Collect on the setup's microscope, fine-tune, and on the simulator score
+    the convergence before and after against the hidden truth."""
     variants = deepfocus_variants(st.models_dir)
     if st.base_model not in variants:
         raise FileNotFoundError(f"no shipped DeepFocus model {st.base_model!r} (have {sorted(variants) or 'none'})")
     base_path = variants[st.base_model]
-    mp = second_microscope(cfg)
-    bench = SimBench(cfg, BenchSettings(dwell_s=st.dwell_s, frame=st.frame, pixel_m=st.pixel_m,
-                                        perturbation_m=st.perturbation_m, seed=st.seed), microscope=mp)
     t0 = time.perf_counter()
-    progress(f"second microscope: {mp.model_dump()}")
-    progress(f"before: shipped {st.base_model} ({base_path.name})")
-    before = _convergence(bench, st, DeepFocusMethod(base_path, seed=st.seed, name=st.base_model),
-                          f"{st.base_model} (shipped)", progress)
-    progress(f"finding the focus baseline at {st.locations} locations")
-    baselines = find_baselines(bench, st, progress)
-    samples = acquire_training_pairs(bench, st, baselines)
-    progress(f"{len(samples)} training pairs; fine-tuning the last three FC layers for {st.steps} steps")
-    st.out.parent.mkdir(parents=True, exist_ok=True)
-    t_train = time.perf_counter()
-    from autofocus.inference import load_card
-    base_card = load_card(base_path)
-    train_info = train_on_samples(base_card["variant"], _training_triples(samples, base_card, st.pixel_m),
-                                  st.steps, st.out, init=base_path, freeze_all_but_fc=True, seed=st.seed,
-                                  log=progress, log_every=max(1, st.steps // 10))
-    train_s = time.perf_counter() - t_train
-    after = _convergence(bench, st, DeepFocusMethod(st.out, seed=st.seed, name="recalibrated"),
-                         "recalibrated", progress)
-    errs = np.array([b["error_vs_truth"] for b in baselines])
-    report = {
-        "microscope": mp.model_dump(), "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                    for k, v in st.__dict__.items()},
-        "base_model": str(base_path), "out": str(st.out), "train_seconds": train_s,
-        "train_validation": train_info.get("validation"), "baseline_search":
-            "deepscore+nelder-mead" if deepscore_model(st.models_dir) is not None else "sharpness+nelder-mead",
-        "baselines": baselines, "baseline_mae": {"wd_um": float(np.abs(errs[:, 0]).mean()),
-                                                 "stig": float(np.abs(errs[:, 1:]).mean())},
-        "before": before.summary(), "after": after.summary(), "seconds": time.perf_counter() - t0,
-    }
-    _annotate_card(st.out, report)
-    b, a = report["before"][-1], report["after"][-1]
-    report["summary"] = (f"recalibrated {st.base_model} -> {st.out}: after {st.iterations} iterations MAE wd "
-                         f"{b['mae_wd_um']:.2f} -> {a['mae_wd_um']:.2f} µm, stig {b['mae_stig']:.3f} -> "
-                         f"{a['mae_stig']:.3f}, inside margins {b['in_margin_fraction']:.0%} -> "
-                         f"{a['in_margin_fraction']:.0%}")
+    simulated = cfg.devices.sem.driver == "sim"
+    bench = before = None
+    if simulated:
+        mp = second_microscope(cfg)
+        bench = SimBench(cfg, BenchSettings(dwell_s=st.dwell_s, frame=st.frame, pixel_m=st.pixel_m,
+                                            perturbation_m=st.perturbation_m, seed=st.seed), microscope=mp)
+        progress(f"simulated setup B: {mp.model_dump()}")
+        before = _convergence(bench, st, DeepFocusMethod(base_path, seed=st.seed, name=st.base_model),
+                              f"{st.base_model} (shipped)", progress)
+    progress(f"collecting pairs at {st.locations} locations into {st.data_dir()}")
+    collected = collect_pairs(cfg, st, progress, at_mm)
+    report = recalibrate_on_data(st.data_dir(), st.out, base_model=st.base_model, steps=st.steps, seed=st.seed,
+                                 models_dir=st.models_dir, progress=progress)
+    report["collection"] = collected
+    report["seconds"] = time.perf_counter() - t0
+    if simulated:
+        after = _convergence(bench, st, DeepFocusMethod(st.out, seed=st.seed, name="recalibrated"),
+                             "recalibrated", progress)
+        report["before_convergence"], report["after_convergence"] = before.summary(), after.summary()
+        b, a = before.summary()[-1], after.summary()[-1]
+        report["summary"] += (f"; on setup B after {st.iterations} iterations MAE wd {b['mae_wd_um']:.2f} -> "
+                              f"{a['mae_wd_um']:.2f} µm, stig {b['mae_stig']:.3f} -> {a['mae_stig']:.3f}, inside "
+                              f"margins {b['in_margin_fraction']:.0%} -> {a['in_margin_fraction']:.0%}")
     if json_out is not None:
-        Path(json_out).write_text(json.dumps(report, indent=1, default=str))
+        atomic_write(Path(json_out), json.dumps(report, indent=1, default=str).encode())
     return report
 
 
@@ -243,7 +184,6 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
     `autofocus collect` (any microscope). The last location's pairs are held
     out and scored before and after: single-pair error against the known
     aberration, the only truth a real microscope has."""
-    from autofocus.collect import _jsonl, load_pairs
     from autofocus.inference import load_card
     from autofocus.train import train_on_samples
 
@@ -285,5 +225,5 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
                          f"error on the held-out location, wd {b['mae_wd_um']:.2f} -> {a['mae_wd_um']:.2f} µm, "
                          f"stig {b['mae_stig']:.3f} -> {a['mae_stig']:.3f}")
     if json_out is not None:
-        Path(json_out).write_text(json.dumps(report, indent=1, default=str))
+        atomic_write(Path(json_out), json.dumps(report, indent=1, default=str).encode())
     return report

@@ -388,6 +388,9 @@ def _train_on_collected(data: Path, variant: str, steps: int, out: Path, seed: i
     st = manifest["settings"]
     data_px = st["pixel_nm"] * 1e-9
     if init is not None:
+        if not init.with_suffix(".json").is_file():
+            typer.echo(f"error: --init {init}: no model card {init.with_suffix('.json').name} beside it", err=True)
+            raise typer.Exit(2)
         card = read_card(init)
         variant = card["variant"]
         model_px = float(card.get("pixel_size_nm", st["pixel_nm"])) * 1e-9

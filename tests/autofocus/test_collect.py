@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tifffile
 from typer.testing import CliRunner
@@ -61,7 +62,7 @@ def test_pairs_carry_the_aberration_the_microscope_was_set_to(tmp_path):
             frame_md = r["frame_metadata"][0 if sign > 0 else 1]
             want = r["baseline"][0] + r["aberration"][0] * 1e-6 + sign * 5e-6
             assert frame_md["wd_m"] == pytest.approx(want, abs=1e-12)
-    # the operator's focus is the baseline of every location; the SEM is left there
+    # the operator's focus is the baseline of every location
     assert {tuple(r["baseline"]) for r in recs} == {tuple(manifest["operator_focus"])}
 
 
@@ -142,16 +143,40 @@ def test_an_interrupted_collection_resumes_without_repeating_a_frame(tmp_path):
     assert [p.name.split(".")[0] for p in (out2 / "orphans").glob("*.tif")] == ["000_01_plus"]   # kept
 
 
+def test_every_crash_point_of_the_folder_resumes_and_damage_is_refused(tmp_path):
+    cfg = load_setup(write_setup(tmp_path))
+    st = CollectSettings(locations=1, aberrations=3, frame=(256, 256), dwell_ns=(100.0,))
+    out = tmp_path / "pairs"
+    # a crash while the manifest was being written: only its temporary is there
+    out.mkdir()
+    (out / ".manifest.json.1234.part").write_bytes(b'{"format": "deepf')
+    frames, _ = run_collector(cfg, out, st)
+    assert frames == 6 and len(journal(out)) == 3 and not list(out.glob("*.part"))
+    # a crash after both files of a pair landed, before its journal line: adopted, not retaken
+    lines = (out / "pairs.jsonl").read_text().splitlines(keepends=True)
+    (out / "pairs.jsonl").write_text("".join(lines[:2]))
+    frames, _ = run_collector(cfg, out, st)
+    assert frames == 0 and [r["id"] for r in journal(out)] == ["000_00", "000_01", "000_02"]
+    # a damaged line that is not the last is damage, not a torn append: refused, nothing cut
+    (out / "pairs.jsonl").write_text(lines[0] + "garbage\n" + lines[2])
+    with pytest.raises(DatasetError, match="line 2"):
+        run_collector(cfg, out, st)
+    assert (out / "pairs.jsonl").read_text() == lines[0] + "garbage\n" + lines[2]
+
+
 def test_other_settings_in_the_same_folder_are_refused_naming_them(tmp_path):
     setup = write_setup(tmp_path)
     out = tmp_path / "pairs"
     assert collect(SMALL, setup, out).exit_code == 0
     before = sorted(p.name for p in (out / "pairs").iterdir())
     res = collect([*SMALL[:-2], "--dwell-ns", "200", "--seed", "4"], setup, out)
-    assert res.exit_code == 2 and "dwell_ns" in res.output and "seed" in res.output
+    assert res.exit_code == 2 and "--dwell-ns" in res.output and "--seed" in res.output
     assert sorted(p.name for p in (out / "pairs").iterdir()) == before
-    with pytest.raises(DatasetError, match="baseline"):
+    with pytest.raises(DatasetError, match="--baseline"):
         CollectSettings(baseline="guess").check()
+    # a frame the SEM refuses is refused before anything is written
+    bad = collect(["--frame", "8", "8"], setup, tmp_path / "bad")
+    assert bad.exit_code == 2 and "--frame" in bad.output and not (tmp_path / "bad").exists()
 
 
 def test_collect_runs_on_the_zeiss_driver_against_its_fake(tmp_path):
@@ -172,6 +197,17 @@ def test_collect_runs_on_the_zeiss_driver_against_its_fake(tmp_path):
     assert len(xs) == 2 and xs[1] - xs[0] == 60
 
 
+def test_recalibrate_runs_on_the_zeiss_driver_through_the_collector(tmp_path):
+    setup = zeiss_setup_file(tmp_path)
+    out = tmp_path / "recal.pt"
+    res = CliRunner().invoke(main_app(), ["autofocus", "recalibrate", "--config", str(setup), "--locations", "2",
+                                          "--aberrations", "2", "--steps", "2", "--frame", "512", "384",
+                                          "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and len(journal(tmp_path / "recal_pairs")) == 4
+    assert "held-out location" in res.output
+
+
 def test_bench_on_a_connected_microscope_reports_convergence_sharpness_and_dose(tmp_path):
     setup = zeiss_setup_file(tmp_path)
     out = tmp_path / "bench.json"
@@ -188,3 +224,25 @@ def test_bench_on_a_connected_microscope_reports_convergence_sharpness_and_dose(
     assert 0.9 < m["summary"]["median_sharpness_ratio"] < 1.2
     assert all(r["dose_e_per_nm2"] > 0 and r["scoring_dose_e_per_nm2"] > 0 for r in m["locations"])
     assert "of the operator's" in res.output
+
+
+def test_known_aberrations_are_half_near_focus_and_never_leave_the_windows(tmp_path):
+    """About half of the aberrations near focus (where the loop ends), the rest
+    over the seed's range; next to a window edge the pairs that would cross
+    it are skipped, not clamped (a clamped pair would carry a wrong target)."""
+    st = CollectSettings(locations=1, aberrations=24, frame=(128, 128), dwell_ns=(100.0,))
+    t = np.array(plan_aberrations(st, 0))
+    near = (np.abs(t[:, 0]) <= st.near_wd_um) & (np.abs(t[:, 1:]) <= st.near_stig).all(axis=1)
+    assert 6 <= near.sum() <= 20 and np.abs(t[:, 0]).max() > 2 * st.near_wd_um
+    cfg = load_setup(write_setup(tmp_path))
+    with build_setup(cfg) as setup:
+        hi = cfg.safety.wd_mm[1] * 1e-3
+        edge = (hi - 10e-6, 0.0, 0.0)
+        c = Collector(setup.sem, setup.stage, setup.guard, tmp_path / "pairs", st, progress=lambda s: None,
+                      baseline_finder=lambda manifest, i: (edge, {"frames": 0}))
+        summary = c.run()
+        recs = journal(tmp_path / "pairs")
+        assert summary["skipped_outside_windows"] > 0 and len(recs) + summary["skipped_outside_windows"] == 24
+        assert all(r["wd_plus_m"] <= hi for r in recs)
+        # the microscope is left as the operator had it
+        assert setup.sem.working_distance() != edge[0]

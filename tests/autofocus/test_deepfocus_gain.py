@@ -40,24 +40,3 @@ def test_predictor_applies_the_cards_gain_and_fit_writes_it(tmp_path):
     assert np.allclose(got.d_stig, (2.0 * raw.d_stig[0], -raw.d_stig[1]))
     assert np.allclose(got.per_patch, raw.per_patch * [0.5, 2.0, -1.0])
     assert load_card(model)["output_gain"]["samples"] == 6      # the card keeps how it was fitted
-
-
-def test_recalibration_pairs_include_a_near_focus_share_inside_the_windows():
-    """Known aberrations for recalibration: about half near focus (where the loop
-    ends), the rest over the whole range, every pair inside the safety windows."""
-    from pathlib import Path
-
-    from autofocus.bench import BenchSettings, SimBench
-    from autofocus.recalibrate import RecalSettings, acquire_training_pairs, second_microscope
-    from devices.setup_config import load_setup
-
-    cfg = load_setup(Path(__file__).resolve().parents[2] / "configs" / "sim.yaml")
-    st = RecalSettings(aberrations_per_location=24, frame=(128, 128))
-    bench = SimBench(cfg, BenchSettings(frame=st.frame), microscope=second_microscope(cfg))
-    truth = bench.goto((0.0, 0.0))
-    pairs = acquire_training_pairs(bench, st, [{"location_m": (0.0, 0.0), "baseline": truth}])
-    t = np.array([p["target"] for p in pairs])
-    near = (np.abs(t[:, 0]) <= st.near_wd_um) & (np.abs(t[:, 1:]) <= st.near_stig).all(axis=1)
-    assert len(pairs) == 24 and 6 <= near.sum() <= 20           # ~half, not all and not none
-    assert np.abs(t[:, 0]).max() > 2 * st.near_wd_um            # the wide range is still sampled
-    assert bench.sem.working_distance() == truth[0]             # the baseline is restored afterwards
