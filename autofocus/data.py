@@ -108,6 +108,8 @@ class DataConfig:
     def card(self) -> dict:
         d = asdict(self)
         d["textures"] = [Path(t).name for t in self.textures]
+        if self.microscopes == "columns":
+            d["column_ranges"] = COLUMN_RANGES
         d["microscope_sets"] = [m.model_dump(include={"alpha_mrad", "sigma0_nm", "stig_rotation_deg",
                                                      "stig_scale_x_um", "stig_scale_y_um",
                                                      "scan_rotation_offset_deg"}) for m in _sets(self.microscopes)]
@@ -127,26 +129,42 @@ def broad_microscope(rng: np.random.Generator) -> MicroscopeParams:
         stig_scale_x_um=float(rng.uniform(2.3, 3.8)), stig_scale_y_um=float(rng.uniform(2.3, 3.8))))
 
 
+# Domain-randomised columns (issue 15); ranges uniform unless "log" (log-uniform).
+COLUMN_RANGES = {
+    "alpha_mrad": {"real_columns": [5.0, 15.0], "p_real": 0.6, "wide": [2.0, 25.0], "log": True},
+    "sigma0_nm": [0.5, 4.5], "stig_rotation_deg": [10.0, 20.0], "stig_scale_um": [2.6, 3.4],
+    "detector_efficiency": {"range": [0.02, 0.12], "log": True}, "detector_offset": [5.0, 40.0],
+    "read_noise": [0.5, 3.0], "line_jitter_px": [0.0, 0.6],
+    "se_edge_gain": {"range": [0.0, 1.0], "p_on": 0.7}, "detector_gamma": {"range": [0.6, 1.5], "log": True},
+    "frame_gain_sd": [0.0, 0.05], "frame_offset_sd": [0.0, 5.0], "charging_sd": [0.0, 0.08],
+}
+
+
 def column_microscope(rng: np.random.Generator) -> MicroscopeParams:
     """A domain-randomised column (issue 15): probe half-angle 2-25 mrad with
     real columns' 5-15 mrad drawn most, in-focus probe, detector response,
-    SE contrast and scan noise all drawn wide, so the pair's own blur ratio,
-    not one column's blur scale, carries the defocus. Stigmator axes and
-    gains stay near the base column's: their units are per microscope and go
-    through recalibration."""
-    a = (5.0, 15.0) if rng.random() < 0.6 else (2.0, 25.0)
+    SE contrast and scan noise all drawn wide (COLUMN_RANGES), so the pair's
+    own blur ratio, not one column's blur scale, carries the defocus.
+    Stigmator axes and gains stay near the base column's: their units are
+    per microscope and go through recalibration."""
+    r = COLUMN_RANGES
+
+    def u(key):
+        return float(rng.uniform(*r[key]))
+
+    def logu(lo, hi):
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    a = r["alpha_mrad"]
+    alpha = logu(*(a["real_columns"] if rng.random() < a["p_real"] else a["wide"]))
     return BASE_MICROSCOPE.model_copy(update=dict(
-        alpha_mrad=float(math.exp(rng.uniform(math.log(a[0]), math.log(a[1])))),
-        sigma0_nm=float(rng.uniform(0.5, 4.5)),
-        stig_rotation_deg=float(rng.uniform(10.0, 20.0)),
-        stig_scale_x_um=float(rng.uniform(2.6, 3.4)), stig_scale_y_um=float(rng.uniform(2.6, 3.4)),
-        detector_efficiency=float(math.exp(rng.uniform(math.log(0.02), math.log(0.12)))),
-        detector_offset=float(rng.uniform(5.0, 40.0)), read_noise=float(rng.uniform(0.5, 3.0)),
-        line_jitter_px=float(rng.uniform(0.0, 0.6)),
-        se_edge_gain=float(rng.uniform(0.0, 1.0)) if rng.random() < 0.7 else 0.0,
-        detector_gamma=float(math.exp(rng.uniform(math.log(0.6), math.log(1.5)))),
-        frame_gain_sd=float(rng.uniform(0.0, 0.05)), frame_offset_sd=float(rng.uniform(0.0, 5.0)),
-        charging_sd=float(rng.uniform(0.0, 0.08))))
+        alpha_mrad=alpha, sigma0_nm=u("sigma0_nm"), stig_rotation_deg=u("stig_rotation_deg"),
+        stig_scale_x_um=u("stig_scale_um"), stig_scale_y_um=u("stig_scale_um"),
+        detector_efficiency=logu(*r["detector_efficiency"]["range"]), detector_offset=u("detector_offset"),
+        read_noise=u("read_noise"), line_jitter_px=u("line_jitter_px"),
+        se_edge_gain=float(rng.uniform(*r["se_edge_gain"]["range"])) if rng.random() < r["se_edge_gain"]["p_on"]
+        else 0.0,
+        detector_gamma=logu(*r["detector_gamma"]["range"]), frame_gain_sd=u("frame_gain_sd"),
+        frame_offset_sd=u("frame_offset_sd"), charging_sd=u("charging_sd")))
 
 
 def to_unit(img: np.ndarray) -> np.ndarray:

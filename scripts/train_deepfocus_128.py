@@ -31,6 +31,8 @@ from pathlib import Path
 
 from autofocus.data import training_textures
 from autofocus.gain import fit_output_gain, write_gain
+from autofocus.inference import load_card
+from common.atomic import atomic_write
 from autofocus.train import train
 
 NEAR_FOCUS = ((0.2, 20.0, 5.0), (0.1, 20.0, 0.5), (0.45, 3.0, 0.75), (0.25, 1.5, 0.3))
@@ -47,7 +49,7 @@ STAGES = {
     "G": dict(steps=3000, seed=23, lr=4e-4, data={"easy_tail": 0.1, "mixture": WIDE, **AT_20NM}, pool_refresh=4),
     # H: domain-randomised columns (issue 15): probe half-angle 2-25 mrad, sigma0, detector response,
     # SE contrast, scan noise (autofocus.data.column_microscope)
-    "H": dict(steps=6000, seed=29, lr=3e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
+    "H": dict(steps=800, seed=29, lr=3e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
                                                   **AT_20NM}, pool_refresh=6),
     # I: H continued with the real-EM textures of scripts/em_textures.py (--em-textures) besides ISBI
     "I": dict(steps=6000, seed=31, lr=3e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
@@ -92,7 +94,41 @@ def main() -> int:
     shutil.copy(prev, final)
     shutil.copy(prev.with_suffix(".json"), final.with_suffix(".json"))
     write_gain(final, fit_output_gain(final, tex, samples=400))
+    write_lineage(final, args.out, args.stages, args.em_textures)
     return 0
+
+
+def write_lineage(final: Path, folder: Path, stages: list[str], em_folder: Path | None) -> None:
+    """The card keeps every stage since A (carried over from the card the
+    first stage run here started from) and the texture sources."""
+    card = load_card(final)
+    first = list(STAGES).index(stages[0])
+    start = folder / f"deepfocus_128_stage{list(STAGES)[first - 1]}.json" if first else None
+    lineage = json.loads(start.read_text()).get("lineage", []) if start and start.is_file() else []
+    for name in stages:
+        c = json.loads((folder / f"deepfocus_128_stage{name}.json").read_text())
+        st, log = STAGES[name], c.get("log") or [{}]
+        lineage.append({"stage": name, "init": f"stage {list(STAGES)[list(STAGES).index(name) - 1]}"
+                        if name != "A" else None, "steps": log[-1].get("step"), "seed": st["seed"], "lr": st["lr"],
+                        "microscopes": st["data"].get("microscopes", "train"),
+                        "pixel_size_nm": st["data"].get("pixel_nm", 10.0),
+                        "em_textures": bool(st.get("em_textures")), "train_s": round(log[-1].get("elapsed_s", 0)),
+                        "validation_mae_wd_um": round(c["validation"]["mae_wd_um"], 3),
+                        "validation_mae_stig": round(c["validation"]["mae_stig"], 3)})
+    card["lineage"] = lineage
+    if em_folder is not None:
+        sources = json.loads((em_folder / "SOURCES.json").read_text())
+        card["texture_sources"] = {
+            "isbi2012": "ssTEM, Drosophila L1 ventral nerve cord (Cardona et al. 2010; ISBI 2012 challenge): "
+                        "the first 24 slices; the last 6 are held out",
+            "procedural": "devices/sim/specimen.py neuropil, seeds 1-3 (seed 0 held out)",
+            "packages": [{k: v for k, v in src.items() if k != "file"} | {"file": Path(src["file"]).name}
+                         for src in sources],
+            "made_by": "scripts/em_textures.py (package wheels read once before training; role held_out never "
+                       "trained on)"}
+    card["recipe"] = ("python scripts/em_textures.py --out T; python scripts/train_deepfocus_128.py --shared "
+                      "../shared --out DIR --em-textures T --stages A B C D E F G H I")
+    atomic_write(final.with_suffix(".json"), json.dumps(card, indent=1).encode(), overwrite=True)
 
 
 if __name__ == "__main__":

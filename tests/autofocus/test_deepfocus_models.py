@@ -13,6 +13,7 @@ from autofocus.data import BASE_MICROSCOPE, DataConfig, PairSimulator
 from autofocus.inference import (DEFAULT_MODEL, DEFAULT_SCORE_MODEL, DeepFocusPredictor, DeepScorePredictor,
                                  resample)
 from autofocus.train import train, train_on_samples
+from devices.setup_config import MicroscopeParams
 
 torch.set_num_threads(1)
 
@@ -119,6 +120,9 @@ def test_coarse_model_trains_on_frames_resampled_as_at_inference():
             direct.worlds[0][0], BASE_MICROSCOPE, flat, 0.0, flat, 100e-9, (127, 127), np.random.default_rng(0))
 
 
+SETUP_A = MicroscopeParams(preset="setup-a")
+
+
 @pytest.fixture(scope="module")
 def sim():
     # procedural specimen seed 0 (configs/sim.yaml): held out from training
@@ -126,9 +130,10 @@ def sim():
 
 
 def _pair(sim, ab, size=640, seed=0):
+    """A pair on the default simulated column (configs/sim.yaml: setup A, 8 mrad, SE contrast)."""
     rng = np.random.default_rng(seed)
     world = sim.worlds[0][0]
-    return sim.pair(world, BASE_MICROSCOPE, (3e-6 * seed, -2e-6 * seed), ab, 200e-9, (size, size), rng)
+    return sim.pair(world, SETUP_A, (3e-6 * seed, -2e-6 * seed), ab, 200e-9, (size, size), rng)
 
 
 def test_shipped_model_corrects_moderate_aberrations(sim):
