@@ -54,6 +54,9 @@ STAGES = {
     # I: H continued with the real-EM textures of scripts/em_textures.py (--em-textures) besides ISBI
     "I": dict(steps=6000, seed=31, lr=3e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
                                                   **AT_20NM}, pool_refresh=4, em_textures=True),
+    # J: I continued with the learning rate restarted (I's schedule had decayed it tenfold)
+    "J": dict(steps=4500, seed=37, lr=2e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
+                                                  **AT_20NM}, pool_refresh=4, em_textures=True),
 }
 EM_TEXTURE_COPIES = 4       # each package image listed 4x: ~40 % of texture draws against ISBI's 24 slices
 
