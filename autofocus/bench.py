@@ -112,7 +112,8 @@ class SimBench:
         return base
 
 
-def _objective(name: str, st: BenchSettings):
+def score_objective(name: str, st: BenchSettings):
+    """The image score of a Nelder–Mead method; DeepScore from st.models_dir."""
     if name == "deepscore-nm":
         path = deepscore_model(st.models_dir)
         if path is None:
@@ -127,7 +128,7 @@ def build_runner(name: str, bench: SimBench, *, n_patches: Optional[int] = None,
     st, sem, guard = bench.st, bench.sem, bench.guard
     scan = dict(dwell_s=st.dwell_s, frame_size=st.frame, pixel_size_m=st.pixel_m)
     if name in ("sharpness-nm", "deepscore-nm"):
-        objective = _objective(name, st)
+        objective = score_objective(name, st)
         stop = None
         if name == "deepscore-nm":
             bench.focus_by_hand(CALIBRATION_SPOT_M)
@@ -165,7 +166,7 @@ def time_per_pair(name: str, bench: SimBench, calls: int) -> tuple[float, dict]:
     side = min(imgs[0].shape)
     info = {"area_px": side}
     if name.endswith("-nm"):
-        objective = _objective(name, st)
+        objective = score_objective(name, st)
         fn = lambda: objective(imgs[0], st.pixel_m)                              # noqa: E731
     else:
         # the calibration does not change the work per pair: skip the induced one here

@@ -23,10 +23,12 @@ from typing import Optional
 
 import numpy as np
 
-from autofocus.bench import MARGIN_STIG, MARGIN_WD_UM, BenchSettings, grid_locations, initial_aberrations
+from autofocus.bench import (MARGIN_STIG, MARGIN_WD_UM, BenchSettings, grid_locations, initial_aberrations,
+                             score_objective)
+from autofocus.collect import move_xy, set_focus
 from autofocus.loop import AutofocusLoop, frame_dose
 from autofocus.methods import available_methods, make_pair_method, tenengrad
-from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
+from autofocus.nelder_mead import NelderMeadAutofocus
 from common.atomic import atomic_write
 from devices.interfaces import ScanParams
 
@@ -51,33 +53,22 @@ class ConnectedBench:
         self.origin = (p.x, p.y)
         self.operator = (self.sem.working_distance(), *self.sem.stig())
 
-    def _set(self, state) -> None:
-        self.sem.set_working_distance(state[0])
-        self.sem.set_stig(state[1], state[2])
-
     def _goto(self, xy) -> None:
         """A test location: the grid lies beside the operator's spot (which
         calibration and focusing have dosed), GRID_OFFSET_M away in y."""
-        self.stage.move_to(self.stage.position().with_(x=self.origin[0] + xy[0],
-                                                        y=self.origin[1] + GRID_OFFSET_M + xy[1]))
+        move_xy(self.stage, self.origin[0] + xy[0], self.origin[1] + GRID_OFFSET_M + xy[1])
 
     def _goto_origin(self) -> None:
-        self.stage.move_to(self.stage.position().with_(x=self.origin[0], y=self.origin[1]))
+        move_xy(self.stage, *self.origin)
 
     def _runner(self, name: str):
         st, scan = self.st, dict(dwell_s=self.st.dwell_s, frame_size=self.st.frame, pixel_size_m=self.st.pixel_m)
         if name.endswith("-nm"):
-            kw = {}
-            if name == "deepscore-nm":
-                from autofocus.methods import deepscore_model
-                kw["model_path"] = deepscore_model(st.models_dir)
-                if kw["model_path"] is None:
-                    raise FileNotFoundError(f"no finished DeepScore model in {st.models_dir}")
-            objective = make_objective(name, **kw)
+            objective = score_objective(name, st)
             return lambda: NelderMeadAutofocus(self.sem, self.guard, objective, name=name,
                                                max_iterations=st.nm_iterations, seed=st.seed, **scan).run()
         self._goto_origin()                         # MAPFoSt calibrates where the operator focused
-        self._set(self.operator)
+        set_focus(self.sem, self.operator)
         with self.sem.scanning(self.scan):
             method = make_pair_method(name, sem=self.sem, mapfost_calibration="induced",
                                       perturbation_m=st.perturbation_m, seed=st.seed, models_dir=st.models_dir)
@@ -87,7 +78,7 @@ class ConnectedBench:
                                      **scan).run()
 
     def _sharpness(self, state) -> tuple[float, float]:
-        self._set(state)
+        set_focus(self.sem, state)
         with self.sem.scanning(self.scan):
             f = self.sem.acquire_frame()
             dose = frame_dose(f, self.sem)          # with this scan's dwell and pixel
@@ -98,7 +89,8 @@ class ConnectedBench:
         rows = []
         for i, (xy, ab) in enumerate(zip(locs, aberrations)):
             self._goto(xy)
-            self._set((self.operator[0] + ab[0] * 1e-6, self.operator[1] + ab[1], self.operator[2] + ab[2]))
+            set_focus(self.sem, (self.operator[0] + ab[0] * 1e-6, self.operator[1] + ab[1],
+                                 self.operator[2] + ab[2]))
             tr = runner()
             final = (tr.final_wd_m, *tr.final_stig)
             # alternate which of the two scoring frames comes first: charging or contamination
@@ -166,7 +158,7 @@ def run_connected_bench(setup, st: BenchSettings, *, json_out: Optional[Path] = 
                 continue
             progress(format_connected(name, out[name]["summary"]))
     finally:                                    # the operator's spot and focus back, whatever happened
-        bench._set(bench.operator)
+        set_focus(bench.sem, bench.operator)
         bench._goto_origin()
     result = {"methods": out, "settings": {**st.as_dict(), "origin_m": list(bench.origin),
                                            "operator_focus": list(bench.operator), "skipped": skipped,

@@ -28,15 +28,8 @@ def _config(path: Path, simulated: bool = True):
     return cfg
 
 
-def _move_to(setup, at: Optional[Tuple[float, float]], folder: Optional[Path] = None) -> None:
-    """The stage to X Y mm (through the safety guard) before the work starts
-    there; a collection being resumed keeps the place it started at."""
-    if at is None:
-        return
-    if folder is not None and (folder / "manifest.json").is_file():
-        typer.echo(f"note: --at ignored: {folder} resumes around the position it started at")
-        return
-    setup.stage.move_to(setup.stage.position().with_(x=at[0] * 1e-3, y=at[1] * 1e-3))
+def _metres(at_mm: Optional[Tuple[float, float]]) -> Optional[tuple[float, float]]:
+    return None if at_mm is None else (at_mm[0] * 1e-3, at_mm[1] * 1e-3)
 
 
 def _specimens(specimen: Optional[List[Path]]) -> list[Path]:
@@ -98,9 +91,11 @@ def bench(
                        "and parameters; on a microscope leave them out", err=True)
             raise typer.Exit(2)
         from autofocus.bench_connected import run_connected_bench
+        from autofocus.collect import move_xy
         from devices.factory import build_setup
         with build_setup(cfg) as setup:
-            _move_to(setup, at)
+            if at is not None:
+                move_xy(setup.stage, at[0] * 1e-3, at[1] * 1e-3)
             out = run_connected_bench(setup, st, json_out=json_out, progress=typer.echo)
     else:
         out = run_bench(cfg, st, json_out=json_out, plot_out=plot, progress=typer.echo)
@@ -160,7 +155,7 @@ def recalibrate(
                                iterations=iterations, dwell_s=dwell_ns * 1e-9, frame=(frame[0], frame[1]),
                                seed=seed, models_dir=models_dir)
             report = run_recalibration(_config(config, simulated=False), st, progress=typer.echo,
-                                       json_out=json_out, at_mm=at)
+                                       json_out=json_out, at_m=_metres(at))
     except (DatasetError, DeviceError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -193,20 +188,15 @@ def collect(
     from autofocus.collect import CollectSettings, Collector, DatasetError
     from devices.factory import build_setup
 
-    try:
-        cfg = load_setup(config)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+    cfg = _config(config, simulated=False)
     st = CollectSettings(locations=locations, spacing_um=spacing_um, aberrations=aberrations, baseline=baseline,
                          dwell_ns=tuple(dwell_ns or (100.0, 200.0)), frame=(frame[0], frame[1]), pixel_nm=pixel_nm,
                          wd_range_um=wd_range_um, stig_range=stig_range, seed=seed)
     try:
         st.check()
         with build_setup(cfg) as setup:
-            _move_to(setup, at, out)
-            Collector(setup.sem, setup.stage, setup.guard, out, st, progress=typer.echo,
-                      models_dir=models_dir).run()
+            Collector(setup.sem, setup.stage, setup.guard, out, st, progress=typer.echo, models_dir=models_dir,
+                      at=_metres(at)).run()
     except (DatasetError, DeviceError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import numpy as np
 import tifffile
 
+from acq.writers.manifest import append_durably
 from autofocus.loop import AutofocusLoop, Windows
 from common.atomic import atomic_write, ensure_dir, fsync_dir, is_temporary, remove_temporaries
 from devices.interfaces import ScanParams
@@ -81,35 +82,40 @@ class CollectSettings:
             raise DatasetError("--frame: two values in 16..8192 px")
 
 
-def _jsonl(path: Path, repair: bool = True) -> list[dict]:
-    """Lines of a journal. A torn last line (a crash mid-append) is ignored,
-    and with ``repair`` cut off so the next append starts a clean line; a bad
-    line before the last is damage, not a crash, and is refused."""
+def read_journal(path: Path) -> list[dict]:
+    """The records of a journal written by append_durably. A torn last line (a
+    crash mid-append) is left out, as append_durably cuts it before the next
+    line; a whole last record without its newline counts, as append_durably
+    completes it. A bad line before the last is damage, not a crash: refused."""
     if not path.is_file():
         return []
-    raw = path.read_bytes()
-    lines = raw.splitlines(keepends=True)
+    lines = path.read_bytes().splitlines(keepends=True)
     out = []
     for n, line in enumerate(lines):
         try:
-            if not line.endswith(b"\n"):
-                raise ValueError("no line end")
-            out.append(json.loads(line))
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a record")
+            out.append(rec)
         except ValueError:
-            if n < len(lines) - 1:
-                raise DatasetError(f"{path}: line {n + 1} is damaged (not the last line, so not a torn append)")
-            if repair:
-                with open(path, "r+b") as f:
-                    f.truncate(len(raw) - len(line))
-                    os.fsync(f.fileno())
+            if n < len(lines) - 1 or line.endswith(b"\n"):
+                raise DatasetError(f"{path}: line {n + 1} is damaged (not a torn last append)") from None
     return out
 
 
 def _append(path: Path, record: dict) -> None:
-    with open(path, "ab") as f:
-        f.write((json.dumps(record, default=float) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
+    append_durably(path, (json.dumps(record, default=float) + "\n").encode())
+
+
+def set_focus(sem, state) -> None:
+    """Working distance and both stigmators from one (wd m, stig x, stig y) state."""
+    sem.set_working_distance(state[0])
+    sem.set_stig(state[1], state[2])
+
+
+def move_xy(stage, x_m: float, y_m: float) -> None:
+    """The stage to (x, y), its other axes as they are."""
+    stage.move_to(stage.position().with_(x=x_m, y=y_m))
 
 
 def plan_aberrations(st: CollectSettings, location: int) -> list[tuple[float, float, float]]:
@@ -132,15 +138,24 @@ def grid_offsets(n: int, spacing_m: float) -> list[tuple[float, float]]:
     return [((i % k - cx) * spacing_m, (i // k - cy) * spacing_m) for i in range(n)]
 
 
+def _found(trace) -> tuple[tuple, dict]:
+    """A focus search's result: its final state and what it cost."""
+    return (trace.final_wd_m, *trace.final_stig), {"frames": trace.evaluations, "status": trace.status,
+                                                   "dose_e_per_nm2": trace.dose_e_per_nm2}
+
+
 class Collector:
     def __init__(self, sem, stage, guard, out: Path, st: CollectSettings, *,
                  baseline_finder: Optional[Callable] = None, progress: Callable = print,
-                 models_dir: Optional[Path] = None):
+                 models_dir: Optional[Path] = None, at: Optional[tuple[float, float]] = None):
+        """``at``: stage (x, y) m to collect around, moved to when the folder is
+        new (default: where the stage is); a resumed folder keeps its origin."""
         st.check()
         self.sem, self.stage, self.guard, self.out, self.st = sem, stage, guard, Path(out), st
         self.progress = progress
         self.models_dir = models_dir
         self.custom_finder = baseline_finder
+        self.at = at
         self.windows = Windows(guard)
         self.scan = ScanParams(pixel_m=st.pixel_nm * 1e-9, frame=tuple(st.frame))
 
@@ -165,11 +180,15 @@ class Collector:
                 raise DatasetError(f"--out {self.out} was collected on {m.get('sem')!r}, not on "
                                    f"{self.sem.identity()!r}; choose a new folder for this microscope")
             remove_temporaries(self.out)
+            if self.at is not None:
+                self.progress(f"note: --at ignored: {self.out} resumes around the position it started at")
             return m
         if self.out.exists() and any(not is_temporary(c.name) for c in self.out.iterdir()):
             raise DatasetError(f"--out {self.out}: exists and is not a {FORMAT} folder; choose a new folder")
         with self.sem.scanning(self.scan, unblank=False):   # the SEM accepts frame and pixel: checked before
             pass                                             # anything is written
+        if self.at is not None:
+            move_xy(self.stage, *self.at)
         p = self.stage.position()
         m = {"format": FORMAT, "version": VERSION, "settings": settings, "created": time.time(),
              "sem": self.sem.identity(), "origin_m": [p.x, p.y],
@@ -210,13 +229,9 @@ class Collector:
         if st.baseline == "mapfost":
             method = self._mapfost(manifest, scan)
 
-            def mapfost(manifest, i):
-                tr = AutofocusLoop(self.sem, self.guard, method, perturbation_m=st.perturbation_um * 1e-6,
-                                   max_iterations=5, dwell_s=scan.dwell_s, frame_size=scan.frame,
-                                   pixel_size_m=scan.pixel_m).run()
-                return (tr.final_wd_m, *tr.final_stig), {"frames": tr.evaluations, "status": tr.status,
-                                                         "dose_e_per_nm2": tr.dose_e_per_nm2}
-            return mapfost
+            return lambda manifest, i: _found(AutofocusLoop(
+                self.sem, self.guard, method, perturbation_m=st.perturbation_um * 1e-6, max_iterations=5,
+                dwell_s=scan.dwell_s, frame_size=scan.frame, pixel_size_m=scan.pixel_m).run())
         from autofocus.methods import deepscore_model
         from autofocus.nelder_mead import NelderMeadAutofocus, make_objective
         kw = {}
@@ -227,13 +242,9 @@ class Collector:
             kw["model_path"] = path
         objective = make_objective(st.baseline, **kw)
 
-        def nelder_mead(manifest, i):
-            tr = NelderMeadAutofocus(self.sem, self.guard, objective, name=st.baseline,
-                                     max_iterations=st.nm_iterations, seed=st.seed + i, dwell_s=scan.dwell_s,
-                                     frame_size=scan.frame, pixel_size_m=scan.pixel_m).run()
-            return (tr.final_wd_m, *tr.final_stig), {"frames": tr.evaluations, "status": tr.status,
-                                                     "dose_e_per_nm2": tr.dose_e_per_nm2}
-        return nelder_mead
+        return lambda manifest, i: _found(NelderMeadAutofocus(
+            self.sem, self.guard, objective, name=st.baseline, max_iterations=st.nm_iterations, seed=st.seed + i,
+            dwell_s=scan.dwell_s, frame_size=scan.frame, pixel_size_m=scan.pixel_m).run())
 
     def _mapfost(self, manifest: dict, scan: ScanParams):
         """MAPFoSt calibrated where the operator focused (the grid's origin),
@@ -245,18 +256,13 @@ class Collector:
             d = json.loads(path.read_text())
             cal = MapfostCalibration(**{**d, "stig_scale": tuple(d["stig_scale"])})
         else:
-            ox, oy = manifest["origin_m"]
-            self.stage.move_to(self.stage.position().with_(x=ox, y=oy))
-            self._set(manifest["operator_focus"])
+            move_xy(self.stage, *manifest["origin_m"])
+            set_focus(self.sem, manifest["operator_focus"])
             with self.sem.scanning(scan):
                 cal = calibrate_mapfost_on_sem(self.sem, perturbation_m=self.st.perturbation_um * 1e-6,
                                                patch_size=min(512, *self.st.frame))
             atomic_write(path, json.dumps(dataclasses.asdict(cal), default=float).encode())
         return MapfostMethod(cal, patch_size=min(512, *self.st.frame))
-
-    def _set(self, state) -> None:
-        self.sem.set_working_distance(state[0])
-        self.sem.set_stig(state[1], state[2])
 
     # ---------------------------------------------------------- pairs
     def _files(self, i: int, k: int) -> tuple[Path, Path]:
@@ -287,7 +293,7 @@ class Collector:
         fsync_dir(self.out / "orphans")
         return None
 
-    def _pair(self, manifest: dict, i: int, k: int, base, ab, dwell_s: float) -> dict:
+    def _pair(self, i: int, k: int, base, ab, dwell_s: float) -> dict:
         st = self.st
         plus_path, minus_path = self._files(i, k)
         stig = (base[1] + ab[1], base[2] + ab[2])
@@ -298,12 +304,12 @@ class Collector:
                "plus": str(plus_path.relative_to(self.out)), "minus": str(minus_path.relative_to(self.out)),
                "pixel_m": st.pixel_nm * 1e-9, "perturbation_m": st.perturbation_um * 1e-6, "dwell_s": dwell_s,
                "stage_m": [p.x, p.y], "timestamp": time.time()}
+        rec["wd_plus_m"], rec["wd_minus_m"] = (centre + st.perturbation_um * 1e-6, centre - st.perturbation_um * 1e-6)
         self.sem.set_stig(*stig)
         frames = []
-        for sign in (+1, -1):
-            self.sem.set_working_distance(centre + sign * st.perturbation_um * 1e-6)
+        for wd in (rec["wd_plus_m"], rec["wd_minus_m"]):
+            self.sem.set_working_distance(wd)
             frames.append(self.sem.acquire_frame())
-        rec["wd_plus_m"], rec["wd_minus_m"] = (centre + st.perturbation_um * 1e-6, centre - st.perturbation_um * 1e-6)
         rec["frame_metadata"] = [{k2: v for k2, v in (f.metadata or {}).items() if isinstance(v, (int, float, str))}
                                  for f in frames]
         for path, f, side in ((plus_path, frames[0], "plus"), (minus_path, frames[1], "minus")):
@@ -321,8 +327,8 @@ class Collector:
         manifest = self._open()
         grid = self._check_grid(manifest)
         b_path, p_path = self.out / "baselines.jsonl", self.out / "pairs.jsonl"
-        baselines = {b["location"]: b for b in _jsonl(b_path)}
-        done = {(r["location"], r["k"]) for r in _jsonl(p_path)}
+        baselines = {b["location"]: b for b in read_journal(b_path)}
+        done = {(r["location"], r["k"]) for r in read_journal(p_path)}
         resumed = bool(baselines or done)
         if resumed:
             self.progress(f"resuming {self.out}: {len(baselines)} baselines and {len(done)} pairs on record")
@@ -340,8 +346,8 @@ class Collector:
                 # each search starts from the last baseline found (or the operator's focus), never
                 # from the last pair's aberrated setting
                 prev = [baselines[j]["baseline"] for j in sorted(baselines) if j < i]
-                self._set(prev[-1] if prev else manifest["operator_focus"])
-                self.stage.move_to(self.stage.position().with_(x=xy[0], y=xy[1]))
+                set_focus(self.sem, prev[-1] if prev else manifest["operator_focus"])
+                move_xy(self.stage, *xy)
                 if i not in baselines:
                     state, info = find_baseline(manifest, i)
                     baselines[i] = {"location": i, "stage_m": list(xy), "baseline": list(state),
@@ -359,21 +365,21 @@ class Collector:
                         d = dwell[i * st.aberrations + k] * 1e-9
                         with self.sem.scanning(ScanParams(pixel_m=self.scan.pixel_m, frame=self.scan.frame,
                                                           dwell_s=d)):
-                            rec = self._pair(manifest, i, k, base, ab, d)
+                            rec = self._pair(i, k, base, ab, d)
                         taken += 1
                     _append(p_path, rec)
                     done.add((i, k))
-                self._set(base)
+                set_focus(self.sem, base)
         except BaseException:
             try:
                 self.sem.set_blanked(True)      # no dose on the sample while nobody watches
-                self._set(manifest["operator_focus"])
+                set_focus(self.sem, manifest["operator_focus"])
             except Exception:
                 pass
             raise
         fsync_dir(self.out)
-        self._set(manifest["operator_focus"])   # the microscope as the operator left it
-        self.stage.move_to(self.stage.position().with_(x=manifest["origin_m"][0], y=manifest["origin_m"][1]))
+        set_focus(self.sem, manifest["operator_focus"])   # the microscope as the operator left it
+        move_xy(self.stage, *manifest["origin_m"])
         summary = {"folder": str(self.out), "pairs": len(done), "taken_now": taken,
                    "skipped_outside_windows": len(unsafe), "locations": len(baselines), "resumed": resumed}
         self.progress(f"{len(done)} pairs in {self.out} ({taken} taken now"
@@ -381,8 +387,9 @@ class Collector:
         return summary
 
 
-def load_pairs(folder: Path) -> tuple[list[tuple[np.ndarray, np.ndarray, tuple]], dict]:
-    """(img_plus, img_minus, target) triples of a collected dataset and its manifest."""
+def load_pairs(folder: Path) -> tuple[list[tuple[np.ndarray, np.ndarray, tuple]], dict, list[dict]]:
+    """(img_plus, img_minus, target) triples of a collected dataset, its
+    manifest and the pairs' journal records (same order as the triples)."""
     folder = Path(folder)
     m_path = folder / "manifest.json"
     if not m_path.is_file():
@@ -391,13 +398,13 @@ def load_pairs(folder: Path) -> tuple[list[tuple[np.ndarray, np.ndarray, tuple]]
     if manifest.get("format") != FORMAT:
         raise DatasetError(f"--data {folder}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
     triples = []
-    for r in _jsonl(folder / "pairs.jsonl", repair=False):
+    records = read_journal(folder / "pairs.jsonl")
+    for r in records:
         triples.append((tifffile.imread(folder / r["plus"]), tifffile.imread(folder / r["minus"]),
                         tuple(r["target"])))
     if len(triples) < 2:
         raise DatasetError(f"--data {folder}: {len(triples)} pairs; need at least 2")
-    return triples, manifest
-
+    return triples, manifest, records
 
 
 def pairs_at_pixel(triples, pixel_m: float, model_pixel_m: float) -> list[tuple]:

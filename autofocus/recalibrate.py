@@ -28,7 +28,7 @@ import numpy as np
 
 from autofocus.bench import BenchSettings, MethodResult, SimBench, format_table, grid_locations, \
     initial_aberrations, run_method
-from autofocus.collect import CollectSettings, Collector, _jsonl, load_pairs, pairs_at_pixel
+from autofocus.collect import CollectSettings, Collector, load_pairs, pairs_at_pixel, read_journal, set_focus
 from autofocus.loop import AutofocusLoop
 from autofocus.methods import MODELS_DIR, DeepFocusMethod, deepfocus_variants, deepscore_model
 from common.atomic import atomic_write
@@ -78,39 +78,35 @@ def second_microscope(cfg: SetupConfig) -> MicroscopeParams:
 
 
 def collect_pairs(cfg: SetupConfig, st: RecalSettings, progress=print,
-                  at_mm: Optional[tuple[float, float]] = None) -> dict:
+                  at_m: Optional[tuple[float, float]] = None) -> dict:
     """The recalibration pairs on the setup's microscope, through the SEM
     interface (autofocus.collect). On the simulator the column is setup B's,
     the pairs are taken on the first section and the simulator plays the
-    operator's one coarse focus at the start; the baselines the search found
-    are scored against the hidden truth (report only)."""
+    operator's one coarse focus there; the baselines the search found are
+    scored against the hidden truth (report only)."""
     from devices.factory import build_setup
     simulated = cfg.devices.sem.driver == "sim"
     if simulated:
         cfg = cfg.model_copy(deep=True)
         cfg.simulation.microscope = second_microscope(cfg)
-    data = st.data_dir()
+    data, cst = st.data_dir(), st.collect_settings()
     with build_setup(cfg) as setup:
-        resuming = (data / "manifest.json").is_file()
-        if at_mm is not None and not resuming:
-            setup.stage.move_to(setup.stage.position().with_(x=at_mm[0] * 1e-3, y=at_mm[1] * 1e-3))
-        if simulated and not resuming:
-            x, y = setup.world.wafer.sections[0].center_m
-            setup.stage.move_to(setup.stage.position().with_(x=x, y=y))
-            wd0, sx0, sy0 = setup.world.focus_baseline(x, y)
+        if simulated and not (data / "manifest.json").is_file():
+            at_m = setup.world.wafer.sections[0].center_m
+            wd0, sx0, sy0 = setup.world.focus_baseline(*at_m)
             rng = np.random.default_rng([st.seed, 17])
-            setup.sem.set_working_distance(wd0 + rng.uniform(-4, 4) * 1e-6)
-            setup.sem.set_stig(sx0 + rng.uniform(-0.5, 0.5), sy0 + rng.uniform(-0.5, 0.5))
-        summary = Collector(setup.sem, setup.stage, setup.guard, data, st.collect_settings(),
-                            progress=progress, models_dir=st.models_dir).run()
+            set_focus(setup.sem, (wd0 + rng.uniform(-4, 4) * 1e-6, sx0 + rng.uniform(-0.5, 0.5),
+                                  sy0 + rng.uniform(-0.5, 0.5)))
+        summary = Collector(setup.sem, setup.stage, setup.guard, data, cst, progress=progress,
+                            models_dir=st.models_dir, at=at_m).run()
         if simulated:
             errs = []
-            for b in _jsonl(data / "baselines.jsonl", repair=False):
+            for b in read_journal(data / "baselines.jsonl"):
                 t = setup.world.focus_baseline(*b["stage_m"])
                 errs.append(((b["baseline"][0] - t[0]) * 1e6, b["baseline"][1] - t[1], b["baseline"][2] - t[2]))
             e = np.abs(np.array(errs))
             summary["baseline_mae_vs_truth"] = {"wd_um": float(e[:, 0].mean()), "stig": float(e[:, 1:].mean())}
-            progress(f"baselines found by {st.collect_settings().baseline}: MAE against the hidden focus "
+            progress(f"baselines found by {cst.baseline}: MAE against the hidden focus "
                      f"{e[:, 0].mean():.2f} µm, stig {e[:, 1:].mean():.3f}")
     return summary
 
@@ -130,7 +126,7 @@ def _convergence(bench: SimBench, st: RecalSettings, method, label: str, progres
 
 
 def run_recalibration(cfg: SetupConfig, st: RecalSettings, *, progress=print,
-                      json_out: Optional[Path] = None, at_mm: Optional[tuple[float, float]] = None) -> dict:
+                      json_out: Optional[Path] = None, at_m: Optional[tuple[float, float]] = None) -> dict:
     """Collect on the setup's microscope, fine-tune, and on the simulator score
     the convergence before and after against the hidden truth."""
     variants = deepfocus_variants(st.models_dir)
@@ -148,7 +144,7 @@ def run_recalibration(cfg: SetupConfig, st: RecalSettings, *, progress=print,
         before = _convergence(bench, st, DeepFocusMethod(base_path, seed=st.seed, name=st.base_model),
                               f"{st.base_model} (shipped)", progress)
     progress(f"collecting pairs at {st.locations} locations into {st.data_dir()}")
-    collected = collect_pairs(cfg, st, progress, at_mm)
+    collected = collect_pairs(cfg, st, progress, at_m)
     report = recalibrate_on_data(st.data_dir(), st.out, base_model=st.base_model, steps=st.steps, seed=st.seed,
                                  models_dir=st.models_dir, progress=progress)
     report["collection"] = collected
@@ -191,10 +187,10 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
     if base_model not in variants:
         raise FileNotFoundError(f"no shipped DeepFocus model {base_model!r} (have {sorted(variants) or 'none'})")
     base_path = variants[base_model]
-    triples, manifest = load_pairs(data)
+    triples, manifest, records = load_pairs(data)
     st = manifest["settings"]
     pixel_m, pert_m = st["pixel_nm"] * 1e-9, st["perturbation_um"] * 1e-6
-    locs = [r["location"] for r in _jsonl(Path(data) / "pairs.jsonl", repair=False)]
+    locs = [r["location"] for r in records]
     held = max(locs)
     train_t = [t for t, loc in zip(triples, locs) if loc != held]
     test_t = [t for t, loc in zip(triples, locs) if loc == held]

@@ -381,7 +381,7 @@ def _train_on_collected(data: Path, variant: str, steps: int, out: Path, seed: i
         typer.echo(f"error: --init {init}: no such file", err=True)
         raise typer.Exit(2)
     try:
-        triples, manifest = load_pairs(data)
+        triples, manifest, _ = load_pairs(data)
     except DatasetError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -157,6 +157,10 @@ def test_every_crash_point_of_the_folder_resumes_and_damage_is_refused(tmp_path)
     (out / "pairs.jsonl").write_text("".join(lines[:2]))
     frames, _ = run_collector(cfg, out, st)
     assert frames == 0 and [r["id"] for r in journal(out)] == ["000_00", "000_01", "000_02"]
+    # a whole last record that lost only its newline counts: nothing retaken, no second line
+    (out / "pairs.jsonl").write_text("".join(lines)[:-1])
+    frames, _ = run_collector(cfg, out, st)
+    assert frames == 0 and [r["id"] for r in journal(out)] == ["000_00", "000_01", "000_02"]
     # a damaged line that is not the last is damage, not a torn append: refused, nothing cut
     (out / "pairs.jsonl").write_text(lines[0] + "garbage\n" + lines[2])
     with pytest.raises(DatasetError, match="line 2"):
