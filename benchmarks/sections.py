@@ -10,6 +10,8 @@ rectangle of the simulator's tissue outline) have IoU >= 0.5; sections cut by
 the image border are not counted either way. Edge error: the signed distance
 of each of a found section's four edges from the true one (+ outside).
 Time: detection on the seed's 14 x 19-tile mosaic (14.3 x 14.6 mm at 4 µm).
+Every row runs the find-similar step (wafer/detect_similar.py) except
+"test (no similar)", the network and the seed's post-processing alone.
 
     .venv/bin/python benchmarks/sections.py [--model models/sections_unet.pt] [--per-family 24]
 """
@@ -83,8 +85,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(min(args.threads))
     rows = [("mosaic (seed 10000)", 1, _summary([match_sections(dets, ov.truth)]))]
     for fam in FAMILIES:
-        ms = [match_sections(detect_sections(o.image, o.pixel_um, o.origin_um, model=model), o.truth)
-              for o in family_overviews(fam, args.per_family)]
+        ovs = family_overviews(fam, args.per_family)
+        if fam == "test":                # the network alone, without the find-similar step
+            ms = [match_sections(detect_sections(o.image, o.pixel_um, o.origin_um, model=model, similar=False),
+                                 o.truth) for o in ovs]
+            rows.append(("test (no similar)", args.per_family, _summary(ms)))
+        ms = [match_sections(detect_sections(o.image, o.pixel_um, o.origin_um, model=model), o.truth) for o in ovs]
         rows.append((fam, args.per_family, _summary(ms)))
     print(f"\n{'family':<20} {'overviews':>9} {'sections':>8} {'tp':>4} {'fp':>4} {'fn':>4} {'F1':>7} "
           f"{'mean IoU':>8} {'edge |err| median':>17} {'p90':>6} {'bias':>6}")

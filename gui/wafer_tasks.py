@@ -114,7 +114,7 @@ def detect_sections(ov: OverviewImage, threshold: float = 0.5, band: int = 512, 
         prob[r0:r1] = part[r0 - a:r0 - a + (r1 - r0)]
         progress(k + 1, n + 1, f"detecting: band {k + 1}/{n}")
     prob = np.clip(detect.resample(prob, 1.0, shape=img.shape), 0, 1)
-    dets = detect.postprocess(prob, ov.pixel_um, ov.origin_um, threshold)
+    dets = detect.sections_from_probability(ov.image, prob, ov.pixel_um, ov.origin_um, model, threshold)
     progress(n + 1, n + 1, f"{len(dets)} sections found")
     return [Section.from_dict(d) for d in dets]
 

@@ -198,12 +198,27 @@ def _mean_inside(prob: np.ndarray, poly: np.ndarray) -> float:
 
 
 def detect_sections(image: np.ndarray, pixel_size_um: float, origin_um=(0.0, 0.0),
-                    model: torch.nn.Module | None = None, threshold: float = 0.5) -> list[dict]:
-    """Sections on an overview (2-D uint8 or float image) as dicts in the JSON format."""
+                    model: torch.nn.Module | None = None, threshold: float = 0.5,
+                    similar: bool = True) -> list[dict]:
+    """Sections on an overview (2-D uint8 or float image) as dicts in the JSON format.
+    ``similar``: also the sections found by their likeness to the confident ones
+    (wafer/detect_similar.py)."""
     if pixel_size_um <= 0:
         raise ValueError("pixel_size_um must be > 0")
+    model = load_model() if model is None else model
     prob = probability_map(image, pixel_size_um, model)
-    return postprocess(prob, pixel_size_um, origin_um, threshold)
+    return sections_from_probability(image, prob, pixel_size_um, origin_um, model, threshold, similar)
+
+
+def sections_from_probability(image: np.ndarray, prob: np.ndarray, pixel_size_um: float, origin_um,
+                              model: torch.nn.Module, threshold: float = 0.5, similar: bool = True) -> list[dict]:
+    """postprocess, then (``similar``) the find-similar step at the network's pixel size."""
+    from wafer.detect_similar import find_similar
+    dets = postprocess(prob, pixel_size_um, origin_um, threshold)
+    if not similar:
+        return dets
+    return find_similar(as_unit_float(image), prob, dets, pixel_size_um, origin_um,
+                        work_pixel_um=float(getattr(model, "net_pixel_um", pixel_size_um)))
 
 
 # ---------------------------------------------------------------- evaluation

@@ -56,10 +56,13 @@ def detect_cmd(
     json_out: Path = typer.Option(..., "--json", help="Section JSON to write (never overwritten)."),
     model_path: Optional[Path] = typer.Option(None, "--model", help="Weights (default: models/sections_unet.pt)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Tissue probability threshold."),
+    similar: bool = typer.Option(True, "--similar/--no-similar", help="Also find sections by their likeness to "
+                                 "the confident ones on this overview (default: on)."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: torch's default). On a busy "
                                 "shared CPU 1 is often fastest: idle OpenMP threads spin."),
 ) -> None:
-    """Detect tissue sections (U-Net + minimum-area rectangles) and write their rectangles in stage µm."""
+    """Detect tissue sections (U-Net + minimum-area rectangles, then more sections like the confident ones)
+    and write their rectangles in stage µm."""
     from wafer.detect import detect_sections, load_model
     from wafer.sections import Section, save_sections
 
@@ -76,7 +79,8 @@ def detect_cmd(
         import torch
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    found = detect_sections(img, pixel_size_um, tuple(origin_um), model=model, threshold=threshold)
+    found = detect_sections(img, pixel_size_um, tuple(origin_um), model=model, threshold=threshold,
+                            similar=similar)
     dt = time.perf_counter() - t0
     try:
         save_sections([Section(**d) for d in found], json_out, overwrite=False)

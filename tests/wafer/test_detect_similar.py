@@ -1,0 +1,87 @@
+"""Find-similar step: sections the network is unsure of are found by their likeness
+to the confident ones on the same overview, never on bare resin, and fragments
+give way to the whole section."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from wafer.detect import postprocess, rect_iou
+from wafer.detect_similar import find_similar
+
+PX = 4.0
+SIZE = (120, 48)                       # px: 480 x 192 um sections
+CENTRES = [(120, 100), (300, 100), (480, 100), (120, 260), (300, 260), (480, 260)]
+ANGLE = 8.0
+
+
+def _box(c, size=SIZE, angle=ANGLE):
+    return cv2.boxPoints(((float(c[0]), float(c[1])), (float(size[0]), float(size[1])), angle))
+
+
+@pytest.fixture(scope="module")
+def overview():
+    """Six textured sections in resin frames on a wafer, with noise (uint8, 4 µm pixels)."""
+    rng = np.random.default_rng(3)
+    img = np.full((360, 600), 60.0, np.float32)
+    for c in CENTRES:
+        cv2.fillPoly(img, [np.round(_box(c, (SIZE[0] + 16, SIZE[1] + 16))).astype(np.int32)], 100.0)
+        cv2.fillPoly(img, [np.round(_box(c)).astype(np.int32)], 150.0)
+    img += cv2.GaussianBlur(rng.normal(0, 25, img.shape).astype(np.float32), (0, 0), 2.0)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8) / np.float32(255)
+
+
+def _prob(levels: dict[int, float], cut: dict[int, float] | None = None) -> np.ndarray:
+    """A probability map as a network would give it: section k at levels[k] (0.95 by
+    default); cut[k] keeps only that fraction of section k's length (a fragment)."""
+    prob = np.full((360, 600), 0.02, np.float32)
+    for k, c in enumerate(CENTRES):
+        length = SIZE[0] * (cut or {}).get(k, 1.0)
+        shift = (SIZE[0] - length) / 2 * np.array([np.cos(np.radians(ANGLE)), np.sin(np.radians(ANGLE))])
+        poly = _box(np.asarray(c) - shift, (length, SIZE[1]))
+        cv2.fillPoly(prob, [np.round(poly).astype(np.int32)], levels.get(k, 0.95))
+    return prob
+
+
+def _truth_hits(dets):
+    truth = [((c[0] * PX, c[1] * PX), (SIZE[0] * PX, SIZE[1] * PX), ANGLE) for c in CENTRES]
+    return [max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in dets) for t in truth]
+
+
+def test_a_section_the_network_is_unsure_of_is_found_by_its_likeness(overview):
+    prob = _prob({5: 0.45})                           # below the 0.5 threshold: the network misses it
+    dets = postprocess(prob, PX)
+    assert len(dets) == 5 and _truth_hits(dets)[5] == 0.0
+    found = find_similar(overview, prob, dets, PX, (0.0, 0.0))
+    assert len(found) == 6
+    assert min(_truth_hits(found)) > 0.85
+    assert [d["id"] for d in found] == list(range(6))
+    assert all(abs(d["angle_deg"] - ANGLE) < 3 for d in found)
+
+
+def test_no_section_is_invented_where_the_network_sees_only_resin(overview):
+    prob = _prob({5: 0.02})                           # the network sees nothing at section 5
+    dets = postprocess(prob, PX)
+    assert len(find_similar(overview, prob, dets, PX, (0.0, 0.0))) == 5
+    blank = np.full_like(overview, float(overview.mean()))        # and no likeness: bare image
+    faint_everywhere = np.full_like(prob, 0.45)
+    np.maximum(faint_everywhere, prob, out=faint_everywhere)
+    assert len(find_similar(blank, faint_everywhere, dets, PX, (0.0, 0.0))) == 5
+
+
+def test_a_fragment_gives_way_to_the_whole_section(overview):
+    prob = _prob({}, cut={2: 0.45})                    # the network saw under half of section 2
+    dets = postprocess(prob, PX, min_confidence=0.5)
+    assert len(dets) == 6 and _truth_hits(dets)[2] < 0.5
+    found = find_similar(overview, prob, dets, PX, (0.0, 0.0))
+    assert len(found) == 6 and min(_truth_hits(found)) > 0.85
+
+
+def test_too_few_confident_sections_change_nothing(overview):
+    prob = _prob({k: 0.45 for k in range(2, 6)})       # two confident sections: no template
+    dets = postprocess(prob, PX, min_confidence=0.4, threshold=0.4)
+    dets = [d for d in dets if d["confidence"] > 0.9]
+    assert len(dets) == 2
+    assert find_similar(overview, prob, dets, PX, (0.0, 0.0)) == dets
