@@ -161,10 +161,12 @@ def _tile_shading(rng, shape, tile_px=(192, 256)) -> np.ndarray:
 
 def render_overview(wafer: VirtualWafer, center_um, shape, rng: np.random.Generator,
                     pixel_um: float = PIXEL_UM, artefacts: bool = True, far_background: bool = True,
-                    looks: bool = False) -> Overview:
+                    looks: bool = False, milled_rng: np.random.Generator | None = None) -> Overview:
     """Overview crop (uint8) with instance mask, sparse labels and truth rectangles.
     ``looks``: also faint tissue, inverted contrast (another detector) and a
-    strong illumination gradient (the wide training generator)."""
+    strong illumination gradient (the wide training generator). ``milled_rng``:
+    partly milled sections (_mill_partly), drawn from their own stream so that
+    every other draw stays as it was."""
     h, w = int(shape[0]), int(shape[1])
     p = pixel_um * 1e-6
     sig = wafer.signal((center_um[0] * 1e-6, center_um[1] * 1e-6), p, (h, w))
@@ -186,6 +188,8 @@ def render_overview(wafer: VirtualWafer, center_um, shape, rng: np.random.Genera
                 shift, gain = rng.uniform(-0.15, 0.15), rng.uniform(0.6, 2.0)
             sig[tissue] = mu + shift + (sig[tissue] - mu) * gain
         sig[wafer_px & ~resin & ~tissue] += rng.uniform(-0.15, 0.1)
+        if milled_rng is not None:
+            _mill_partly(sig, milled_rng, inst, wafer_px & ~resin & ~tissue)
         if rng.random() < 0.5:          # annotator outlined the embedding resin as well
             bg_extra |= resin
         bg_extra |= _add_debris(sig, rng, tissue, pixel_um)
@@ -276,6 +280,31 @@ def _add_folds(sig, rng, inst, n_sections) -> None:
         sig[sl][m] = np.clip(sig[sl][m] + rng.choice([-0.25, 0.25]), 0, 1)
 
 
+def _mill_partly(sig, rng, inst, bare_wafer, p_wafer: float = 0.3) -> None:
+    """On a fraction p_wafer of crops, GCIB-milled sections: on a share U(0.2, 1) of
+    them, 20-70 % of the tissue (behind a wavy milling front at any angle) is milled
+    through to within U(0, 30) % of the wafer's signal. The label stays tissue: the
+    grid must still cover the whole section, and a section with two contrasts is one."""
+    if rng.random() > p_wafer or inst.max() == 0:
+        return
+    level = float(np.median(sig[bare_wafer])) if bare_wafer.sum() > 100 else rng.uniform(0.05, 0.9)
+    share = rng.uniform(0.2, 1.0)
+    for k, sl in enumerate(ndimage.find_objects(inst)):
+        if sl is None or rng.random() > share:
+            continue
+        sub = inst[sl] == k + 1
+        yy, xx = np.mgrid[0:sub.shape[0], 0:sub.shape[1]].astype(np.float32)
+        a = rng.uniform(0, 2 * math.pi)
+        d = math.cos(a) * xx + math.sin(a) * yy
+        d += cv2.GaussianBlur(rng.normal(0, 1, sub.shape).astype(np.float32), (0, 0), 6) * 0.1 * np.ptp(d) * 6
+        inside = d[sub]
+        front = np.quantile(inside, 1 - rng.uniform(0.2, 0.7))
+        m = sub & (d > front)
+        rest = rng.uniform(0, 0.3)
+        view = sig[sl]
+        view[m] = level + (view[m] - level) * rest
+
+
 def _far_background(rng, tissue, shape, n_max: int = 16) -> np.ndarray:
     """Drawn-style background well away from any tissue: without it the net never sees
     bare wafer, vacuum, the wafer edge, tile seams or resin chips as negatives.  Half
@@ -297,13 +326,14 @@ def _far_background(rng, tissue, shape, n_max: int = 16) -> np.ndarray:
 
 
 def sample_overviews(seed: int, n_crops: int = 2, shape=(768, 768), params_fn=None,
-                     near_section: bool = False, wide: bool = False) -> list[Overview]:
+                     near_section: bool = False, wide: bool = False, milled: bool = False) -> list[Overview]:
     """Random wafer from `seed` and `n_crops` overview crops (mostly around sections,
     sometimes anywhere on the wafer, including its edge; always near a section with
     `near_section`); fully determined by `seed`. `params_fn(rng, seed)`: the layout
     ranges (default: random_wafer_params, or wide_wafer_params with the extra looks
-    when `wide`)."""
+    when `wide`); `milled`: partly milled sections as well."""
     rng = np.random.default_rng([seed, 77])
+    milled_rng = np.random.default_rng([seed, 78]) if milled else None
     params = (params_fn or (wide_wafer_params if wide else random_wafer_params))(rng, seed)
     wafer = make_wafer(params, fraction=rng.uniform(0.3, 1.0))
     r_um = wafer.radius_m * 1e6
@@ -317,7 +347,7 @@ def sample_overviews(seed: int, n_crops: int = 2, shape=(768, 768), params_fn=No
             r = r_um * math.sqrt(rng.random()) if u < 0.8 else r_um + rng.uniform(-1000, 500)
             a = rng.uniform(0, 2 * math.pi)
             c = np.array([r * math.cos(a), r * math.sin(a)])
-        out.append(render_overview(wafer, c, shape, rng, looks=wide))
+        out.append(render_overview(wafer, c, shape, rng, looks=wide, milled_rng=milled_rng))
     return out
 
 

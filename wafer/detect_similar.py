@@ -15,9 +15,11 @@ network's pixel size. A peak becomes a section when its correlation is
 >= MIN_NCC, the network gives it some tissue probability (>= MIN_SUPPORT,
 so the template cannot invent sections on bare resin), and it overlaps no
 detection except fragments (< FRAGMENT of the template's area), which it
-replaces. Its rectangle is re-segmented from the probability map around it
-at half its own peak level when that gives a plausible size, else the
-template's.
+replaces; two or more matches that lie apart inside one detection larger
+than MERGED x the template (neighbours the network joined) replace it. Each
+match's rectangle is re-segmented from the probability map around it (at
+half its own peak level, when that gives a plausible size), then its four
+edges are fitted on the overview itself at native resolution (_fit_edges).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ MIN_NCC = 0.5
 MIN_SUPPORT = 0.35        # mean tissue probability inside: the network must partly agree
 MIN_REFERENCES = 3        # confident whole sections needed to build a template
 FRAGMENT = 0.7            # detections smaller than this x the template's area may be replaced
+MERGED = 1.7              # detections larger than this x the template's area may be neighbours merged
 MARGIN = 0.15             # template border around the section, x its short side
 ANGLE_STEPS = (-2.0, 0.0, 2.0)
 FLAT_VARIANCE = 1e-5      # grey values 0..1: windows flatter than 0.3 % s.d. are not compared
@@ -119,12 +122,81 @@ def _resegment(prob: np.ndarray, poly_px: np.ndarray, size_px) -> tuple | None:
     return (cx + x0, cy + y0), (w, h), (a + 90.0) % 180.0 - 90.0
 
 
+def _polarity(img: np.ndarray, center_px, angle: float, size_px) -> float:
+    """+1 where the section is brighter than its surroundings, else -1."""
+    q = _upright(img, center_px, angle, (size_px[0] * 1.4, size_px[1] * 1.4))
+    h, w = q.shape
+    inner = q[int(h * 0.2):int(h * 0.8), int(w * 0.2):int(w * 0.8)].mean()
+    ring = np.concatenate([q[:3].ravel(), q[-3:].ravel(), q[:, :3].ravel(), q[:, -3:].ravel()]).mean()
+    return 1.0 if inner > ring else -1.0
+
+
+def _fit_edges(img: np.ndarray, center_px, size_px, angle: float, reach: float = 0.25):
+    """The section's four edges from the image itself: along each axis, the innermost
+    strong step of the section's polarity within +-reach of the expected edge
+    (sub-pixel). Returns (centre px, size px) or None. Innermost, because the
+    resin's own step to the wafer lies further out and may be stronger."""
+    W, H = size_px
+    pol = _polarity(img, center_px, angle, size_px)
+    p = _upright(img, center_px, angle, (W * (1 + 2 * reach) + 8, H * (1 + 2 * reach) + 8))
+    cx, cy = p.shape[1] / 2, p.shape[0] / 2
+
+    def edge(profile, lo, hi, outward):
+        g = np.gradient(ndimage.gaussian_filter1d(profile.astype(float), 1.0)) * pol * -outward
+        lo, hi = max(1, int(lo)), min(len(g) - 2, int(hi))
+        if hi <= lo or g[lo:hi + 1].max() <= 0:
+            return None
+        strong = 0.5 * g[lo:hi + 1].max()
+        peaks = [k for k in range(lo, hi + 1) if g[k] >= strong and g[k] >= g[k - 1] and g[k] >= g[k + 1]]
+        if not peaks:                        # the strongest step is at the window's end: no edge inside
+            return None
+        k = min(peaks) if outward > 0 else max(peaks)
+        a, b, c = g[k - 1], g[k], g[k + 1]
+        return k + (0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else 0.0)
+
+    cols = p[int(cy - H / 4):int(cy + H / 4) + 1].mean(0)
+    rows = p[:, int(cx - W / 4):int(cx + W / 4) + 1].mean(1)
+    left = edge(cols, cx - W / 2 - reach * W, cx - W / 2 + reach * W, -1)
+    right = edge(cols, cx + W / 2 - reach * W, cx + W / 2 + reach * W, +1)
+    top = edge(rows, cy - H / 2 - reach * H, cy - H / 2 + reach * H, -1)
+    bottom = edge(rows, cy + H / 2 - reach * H, cy + H / 2 + reach * H, +1)
+    if None in (left, right, top, bottom):
+        return None
+    w, h = right - left, bottom - top
+    if not (0.75 < w / W < 1.33 and 0.75 < h / H < 1.33):
+        return None
+    dx, dy = (left + right) / 2 - cx, (top + bottom) / 2 - cy
+    a = np.radians(angle)
+    return (center_px[0] + dx * np.cos(a) - dy * np.sin(a), center_px[1] + dx * np.sin(a) + dy * np.cos(a)), (w, h)
+
+
+def _candidate(image01, prob, center, size, angle, pixel_um, origin) -> dict | None:
+    """A section at a template match: re-segmented from the probability map when that
+    is plausible, then its edges fitted on the image; None without enough tissue
+    probability inside."""
+    from wafer.detect import _mean_inside
+    poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
+    if _mean_inside(prob, (poly - origin) / pixel_um) < MIN_SUPPORT:
+        return None
+    refined = _resegment(prob, (poly - origin) / pixel_um, (size[0] / pixel_um, size[1] / pixel_um))
+    if refined is not None:
+        (cx, cy), (w, h), angle = refined
+        center, size = origin + (cx * pixel_um, cy * pixel_um), (w * pixel_um, h * pixel_um)
+    fitted = _fit_edges(image01, (np.asarray(center) - origin) / pixel_um, np.asarray(size) / pixel_um, angle)
+    if fitted is not None:
+        center, size = origin + np.asarray(fitted[0]) * pixel_um, (fitted[1][0] * pixel_um, fitted[1][1] * pixel_um)
+    poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
+    return {"id": -1, "center_um": [float(center[0]), float(center[1])], "size_um": [float(size[0]), float(size[1])],
+            "angle_deg": float(angle), "polygon_um": [[float(x), float(y)] for x, y in poly],
+            "confidence": _mean_inside(prob, (poly - origin) / pixel_um)}
+
+
 def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pixel_um: float, origin_um,
                  work_pixel_um: float = 8.0) -> list[dict]:
     """`sections` (postprocess's dicts) plus the sections found by their likeness to the
     confident ones; ids renumbered in reading order. Unchanged with fewer than
     MIN_REFERENCES confident whole sections."""
-    from wafer.detect import _mean_inside, rect_iou, resample
+    from wafer.detect import rect_iou, resample
     origin = np.asarray(origin_um, float)
     refs = _references(sections, prob.shape, pixel_um, origin)
     if len(refs) < MIN_REFERENCES:
@@ -148,31 +220,30 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
     peaks = np.argwhere((score >= ndimage.maximum_filter(score, size=max(3, int(0.6 * H / wpx))))
                         & (score >= MIN_NCC))
     peaks = peaks[np.argsort(-score[peaks[:, 0], peaks[:, 1]])]
-    out = list(sections)
-    found = set()                               # indices in `out` added here: never replaced
+    area = lambda d: d["size_um"][0] * d["size_um"][1]  # noqa: E731
+    as_rect = lambda d: (d["center_um"], d["size_um"], d["angle_deg"])  # noqa: E731
+    removed, added, parts = set(), [], {}
+    centres = np.asarray([d["center_um"] for d in sections], float).reshape(-1, 2)
     for r, c in peaks:
-        center = origin + (c * wpx, r * wpx)
-        angle = float(score_angle[r, c])
-        size = (W, H)
-        poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
-        support = _mean_inside(prob, (poly - origin) / pixel_um)
-        if support < MIN_SUPPORT:
+        cand = _candidate(image01, prob, origin + (c * wpx, r * wpx), (W, H), float(score_angle[r, c]), pixel_um, origin)
+        if cand is None or any(rect_iou(as_rect(cand), as_rect(a)) > 0.1 for a in added):
             continue
-        refined = _resegment(prob, (poly - origin) / pixel_um, (W / pixel_um, H / pixel_um))
-        if refined is not None:
-            (cx, cy), (w, h), angle = refined
-            center, size = origin + (cx * pixel_um, cy * pixel_um), (w * pixel_um, h * pixel_um)
-            poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
-            support = _mean_inside(prob, (poly - origin) / pixel_um)
-        rect = (tuple(center), size, angle)
-        hits = [k for k, d in enumerate(out) if rect_iou(rect, (d["center_um"], d["size_um"], d["angle_deg"])) > 0.1]
-        if any(k in found or out[k]["size_um"][0] * out[k]["size_um"][1] >= FRAGMENT * W * H for k in hits):
-            continue
-        out = [d for k, d in enumerate(out) if k not in hits]
-        found = {k - sum(1 for h_ in hits if h_ < k) for k in found}
-        found.add(len(out))
-        out.append({"id": -1, "center_um": [float(center[0]), float(center[1])],
-                    "size_um": [float(size[0]), float(size[1])], "angle_deg": angle,
-                    "polygon_um": [[float(x), float(y)] for x, y in poly], "confidence": support})
+        reach = max(cand["size_um"]) + np.asarray([max(d["size_um"]) for d in sections])
+        near = np.flatnonzero(np.hypot(*(centres - cand["center_um"]).T) < reach) if sections else []
+        ious = {k: rect_iou(as_rect(cand), as_rect(sections[k])) for k in near if k not in removed}
+        hits = [k for k, v in ious.items() if v > 0.1]
+        if all(area(sections[k]) < FRAGMENT * W * H for k in hits):
+            removed.update(hits)
+            added.append(cand)
+        elif len(hits) == 1 and area(sections[hits[0]]) > MERGED * W * H:
+            k, v = hits[0], ious[hits[0]]
+            if v * (area(cand) + area(sections[k])) / (1 + v) > 0.8 * area(cand):   # inside the merged blob
+                parts.setdefault(k, []).append(cand)
+    for k, cands in parts.items():
+        apart = all(rect_iou(as_rect(a), as_rect(b)) < 0.1 for i, a in enumerate(cands) for b in cands[i + 1:])
+        if len(cands) >= 2 and apart and sum(map(area, cands)) > 0.6 * area(sections[k]):
+            removed.add(k)
+            added += cands
+    out = [d for k, d in enumerate(sections) if k not in removed] + added
     out.sort(key=lambda d: (d["center_um"][1], d["center_um"][0]))
     return [{**d, "id": i} for i, d in enumerate(out)]

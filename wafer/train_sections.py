@@ -51,13 +51,14 @@ def _atomic_bytes(path: Path, write: Callable[[str], None]) -> None:
             tmp.unlink()
 
 
-def build_pool(seeds, n_crops: int, shape, factor: int, log=print, wide: bool = False):
+def build_pool(seeds, n_crops: int, shape, factor: int, log=print, wide: bool = False, milled: bool = False):
     """Rendered training crops at the network pixel size: (images in [0,1], labels);
-    ``wide``: the wide generator (detect_data.wide_wafer_params and extra looks)."""
+    ``wide``: the wide generator (detect_data.wide_wafer_params and extra looks);
+    ``milled``: partly milled sections as well."""
     imgs, labs = [], []
     t0 = time.time()
     for k, s in enumerate(seeds):
-        for ov in dd.sample_overviews(int(s), n_crops, shape, wide=wide):
+        for ov in dd.sample_overviews(int(s), n_crops, shape, wide=wide, milled=milled):
             img = ov.image.astype(np.float32) / 255
             imgs.append(resample(img, 1 / factor))
             labs.append(dd.downsample_labels(ov.labels, factor))
@@ -156,9 +157,10 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
           n_wafers: int = 48, crops_per_wafer: int = 2, max_minutes: Optional[float] = None,
           fp16: bool = False, threads: int = 2, val_every: int = 0, crop_px: int = 768,
           val_seeds=VAL_SEEDS, val_px: int = 1024, init: Optional[str | Path] = None, wide: bool = False,
-          log: Callable[[str], None] = print) -> dict:
+          milled: bool = False, restart_lr: bool = False, log: Callable[[str], None] = print) -> dict:
     """Train, validate on held-out simulated wafers, write weights + JSON card (atomically).
-    `init`: continue from earlier weights (its card's steps are added; the step-LR schedule resumes)."""
+    `init`: continue from earlier weights (its card's steps are added; the step-LR schedule resumes,
+    or starts again with `restart_lr`, as it does when the net pixel size changes)."""
     if not 0 < n_wafers <= TRAIN_SEEDS_MAX:
         raise ValueError(f"n_wafers must be in 1..{TRAIN_SEEDS_MAX}")
     factor = net_pixel_um / dd.PIXEL_UM
@@ -172,7 +174,7 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
     rng = np.random.default_rng([seed, 2024])
     crop = (crop_px, crop_px)
     log(f"rendering {n_wafers} training wafers x {crops_per_wafer} crops of {crop} px at {dd.PIXEL_UM} um")
-    imgs, labs = build_pool(range(n_wafers), crops_per_wafer, crop, factor, log, wide=wide)
+    imgs, labs = build_pool(range(n_wafers), crops_per_wafer, crop, factor, log, wide=wide, milled=milled)
     val = validation_set(val_seeds, (val_px, val_px), wide=wide)
     t_data = time.time() - t_start
     model = UNet(depth=depth, start_filters=start_filters)
@@ -196,6 +198,8 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
         if init_px != float(net_pixel_um):     # features seen at another scale: the schedule starts again
             log(f"  its net pixel was {init_px:g} um, now {net_pixel_um:g} um: learning rate schedule restarted")
             schedule_from = 0
+        elif restart_lr:
+            log("  learning rate schedule restarted (--restart-lr)")
         else:
             schedule_from = prior_steps
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.5e-4)
@@ -250,7 +254,10 @@ def train(steps: int = 1500, out: str | Path = "models/sections_unet.pt", seed: 
             "artefacts": ["mosaic tile gain + vignette", "detector gain/offset/noise", "blur", "material contrast",
                           "debris, blank resin chips, tissue-grey crumbs", "folds/knife marks", "sim dust, scratches"]
             + (["tissue contrast x U(0.25, 2)", "illumination ramp +-U(0.05, 0.3) (p 0.4)",
-                "inverted contrast (p 0.25)"] if wide else ["tissue contrast x U(0.6, 2)"]),
+                "inverted contrast (p 0.25)"] if wide else ["tissue contrast x U(0.6, 2)"])
+            + (["partly milled sections: on 30 % of crops, U(0.2, 1) of the sections milled 20-70 % "
+                "through behind a wavy front to within U(0, 30) % of the wafer signal (labelled tissue)"]
+               if milled else []),
             "labels": f"1 tissue, 0 = tissue dilated {dd.BG_DILATION}x minus tissue (+ sparse far blobs and "
                       "debris), 2 ignore",
             "augmentation": "shift-scale-rotate p0.95, flips, elastic s2 a5, gamma, brightness/contrast, noise 0.1",
@@ -301,9 +308,14 @@ def train_sections_cmd(
     val_every: int = typer.Option(0, "--val-every", help="validate every N steps (0: only at the end)"),
     wide: bool = typer.Option(False, "--wide", help="the wide generator: 150 µm-2 mm sections up to 4:1, "
                               "packed edge to edge, thin resin rims, faint/inverted contrast, gradients"),
+    milled: bool = typer.Option(False, "--milled", help="also partly milled sections (two contrasts in one "
+                                "section; labelled whole)"),
+    restart_lr: bool = typer.Option(False, "--restart-lr", help="with --init: start the learning-rate "
+                                    "schedule again (new data) instead of resuming it"),
 ) -> None:
     """Train the section-detection U-Net on simulated wafers; writes weights and a JSON card."""
     train(steps=steps, out=out, seed=seed, start_filters=filters, depth=depth, patch=patch, batch=batch,
           log_every=log_every, net_pixel_um=net_pixel_um, n_wafers=wafers, max_minutes=max_minutes,
-          fp16=fp16, threads=threads, val_every=val_every, init=init, wide=wide,
+          fp16=fp16, threads=threads, val_every=val_every, init=init, wide=wide, milled=milled,
+          restart_lr=restart_lr,
           log=lambda s: print(s, flush=True))

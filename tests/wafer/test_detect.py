@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from wafer import detect_data as dd
 from wafer.detect import (DEFAULT_MODEL, detect_sections, load_model, match_sections, postprocess,
@@ -174,3 +175,18 @@ def test_cli_needs_a_pixel_size_for_a_plain_image(tmp_path):
     r = CliRunner().invoke(app, ["detect", str(png), "--json", str(tmp_path / "s.json")])
     assert r.exit_code == 2 and "--pixel-size-um is needed" in r.output
     assert not (tmp_path / "s.json").exists()
+
+
+def test_partly_milled_sections_show_the_wafer_but_stay_whole_sections():
+    plain = dd.sample_overviews(11, 1, (768, 768), wide=True)[0]
+    milled = dd.sample_overviews(11, 1, (768, 768), wide=True, milled=True)[0]
+    assert np.array_equal(milled.labels, plain.labels)          # a milled-through part is still the section
+    changed = milled.image != plain.image
+    tissue = plain.instances > 0
+    near = ndimage.binary_dilation(tissue, iterations=8)           # the render's blur spreads an edge a little
+    assert changed.any() and not (changed & ~near).any()         # only tissue changed; every other draw as before
+    bare = ~tissue & ~ndimage.binary_dilation(tissue, iterations=40)
+    wafer_level = np.median(plain.image[bare])
+    inside = changed & tissue
+    assert abs(np.median(milled.image[inside].astype(float)) - wafer_level) < 0.5 * abs(
+        np.median(plain.image[inside].astype(float)) - wafer_level)   # the milled parts look like wafer

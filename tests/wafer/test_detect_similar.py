@@ -85,3 +85,28 @@ def test_too_few_confident_sections_change_nothing(overview):
     dets = [d for d in dets if d["confidence"] > 0.9]
     assert len(dets) == 2
     assert find_similar(overview, prob, dets, PX, (0.0, 0.0)) == dets
+
+
+def test_neighbours_merged_into_one_blob_are_split():
+    """Two sections side by side, 4 px of resin apart: the network's blob covers both."""
+    rng = np.random.default_rng(5)
+    v = np.array([-np.sin(np.radians(ANGLE)), np.cos(np.radians(ANGLE))]) * (SIZE[1] + 4)
+    centres = CENTRES[:4] + [np.array((330.0, 250.0)), np.array((330.0, 250.0)) + v]
+    img = np.full((360, 600), 60.0, np.float32)
+    for c in centres:
+        cv2.fillPoly(img, [np.round(_box(c, (SIZE[0] + 8, SIZE[1] + 8))).astype(np.int32)], 100.0)
+    for c in centres:
+        cv2.fillPoly(img, [np.round(_box(c)).astype(np.int32)], 150.0)
+    img += cv2.GaussianBlur(rng.normal(0, 25, img.shape).astype(np.float32), (0, 0), 2.0)
+    image = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8) / np.float32(255)
+    prob = np.full((360, 600), 0.02, np.float32)
+    for c in centres[:4]:
+        cv2.fillPoly(prob, [np.round(_box(c)).astype(np.int32)], 0.95)
+    blob = _box(centres[4] + v / 2, (SIZE[0], 2 * SIZE[1] + 4))
+    cv2.fillPoly(prob, [np.round(blob).astype(np.int32)], 0.95)
+    dets = postprocess(prob, PX)
+    assert len(dets) == 5                              # the two neighbours as one
+    found = find_similar(image, prob, dets, PX, (0.0, 0.0))
+    assert len(found) == 6
+    truth = [((c[0] * PX, c[1] * PX), (SIZE[0] * PX, SIZE[1] * PX), ANGLE) for c in centres]
+    assert min(max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in found) for t in truth) > 0.8
