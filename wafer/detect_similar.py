@@ -72,17 +72,16 @@ def _correlation(small: np.ndarray, template: np.ndarray, angles) -> tuple[np.nd
     best = np.full((h, w), -1.0, np.float32)
     best_angle = np.zeros((h, w), np.float32)
     centre = (w / 2, h / 2)
-    ones = np.ones_like(template)
     for a in angles:
         # rotating the overview by a makes sections at angle a upright, like the template
         rot = cv2.warpAffine(small, cv2.getRotationMatrix2D(centre, a, 1.0), (w, h), flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_REFLECT)
         score = cv2.matchTemplate(rot, template, cv2.TM_CCOEFF_NORMED)
         # a flat window (clipped or blank) has no likeness; OpenCV scores it arbitrarily
-        n = template.size
-        s1 = cv2.matchTemplate(rot, ones, cv2.TM_CCORR)
-        s2 = cv2.matchTemplate(rot * rot, ones, cv2.TM_CCORR)
-        score[s2 / n - (s1 / n) ** 2 < FLAT_VARIANCE] = -1.0
+        sh, sw = score.shape
+        box = dict(ddepth=cv2.CV_32F, ksize=(tw, th), anchor=(0, 0), borderType=cv2.BORDER_REFLECT)
+        mean = cv2.boxFilter(rot, **box)[:sh, :sw]            # window means, indexed like `score`
+        score[cv2.boxFilter(rot * rot, **box)[:sh, :sw] - mean * mean < FLAT_VARIANCE] = -1.0
         full = np.full((h, w), -1.0, np.float32)
         full[th // 2:th // 2 + score.shape[0], tw // 2:tw // 2 + score.shape[1]] = score
         back = cv2.warpAffine(full, cv2.getRotationMatrix2D(centre, -a, 1.0), (w, h), flags=cv2.INTER_LINEAR,
