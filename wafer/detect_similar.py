@@ -30,7 +30,7 @@ from scipy import ndimage
 from common.geometry import rectangle_polygon
 
 # Chosen on the validation family (wafer/detect_families.py), never on the test family:
-# F1 there is the same from 0.5 to 0.6; below 0.5 a resin block was taken for a section.
+# F1 there is the same from 0.5 to 0.6; at 0.4 one more false positive appears.
 MIN_NCC = 0.5
 MIN_SUPPORT = 0.35        # mean tissue probability inside: the network must partly agree
 MIN_REFERENCES = 3        # confident whole sections needed to build a template
