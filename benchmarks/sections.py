@@ -26,7 +26,8 @@ import numpy as np
 
 from devices.setup_config import WaferParams
 from wafer import detect_data as dd
-from wafer.detect import detect_sections, load_model, match_sections
+from wafer.detect import (detect_sections, load_model, match_sections, probability_map,
+                          sections_from_probability)
 from wafer.detect_families import FAMILIES, family_overviews
 
 # 14 x 19 tiles of 1024 x 768 px at 1 um (as in the seed's Fig. 2.2), seen at 4 um
@@ -85,13 +86,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(min(args.threads))
     rows = [("mosaic (seed 10000)", 1, _summary([match_sections(dets, ov.truth)]))]
     for fam in FAMILIES:
-        ovs = family_overviews(fam, args.per_family)
-        if fam == "test":                # the network alone, without the find-similar step
-            ms = [match_sections(detect_sections(o.image, o.pixel_um, o.origin_um, model=model, similar=False),
-                                 o.truth) for o in ovs]
-            rows.append(("test (no similar)", args.per_family, _summary(ms)))
-        ms = [match_sections(detect_sections(o.image, o.pixel_um, o.origin_um, model=model), o.truth) for o in ovs]
-        rows.append((fam, args.per_family, _summary(ms)))
+        variants = (False, True) if fam == "test" else (True,)   # the test family also without find similar
+        ms = {v: [] for v in variants}
+        for o in family_overviews(fam, args.per_family):
+            prob = probability_map(o.image, o.pixel_um, model)
+            for v in variants:
+                dets = sections_from_probability(o.image, prob, o.pixel_um, o.origin_um, model, similar=v)
+                ms[v].append(match_sections(dets, o.truth))
+        if fam == "test":
+            rows.append(("test (no similar)", args.per_family, _summary(ms[False])))
+        rows.append((fam, args.per_family, _summary(ms[True])))
     print(f"\n{'family':<20} {'overviews':>9} {'sections':>8} {'tp':>4} {'fp':>4} {'fn':>4} {'F1':>7} "
           f"{'mean IoU':>8} {'edge |err| median':>17} {'p90':>6} {'bias':>6}")
     for name, n, r in rows:

@@ -208,6 +208,16 @@ def _as_polygon(poly: Any, where: str) -> np.ndarray:
     return a
 
 
+def normalise_rect(center, size, angle_deg) -> tuple[Point, Point, float]:
+    """Width = longer side, angle of the width axis in [-90, 90)."""
+    w, h = float(size[0]), float(size[1])
+    a = float(angle_deg)
+    if h > w:
+        w, h, a = h, w, a + 90.0
+    a = (a + 90.0) % 180.0 - 90.0
+    return (float(center[0]), float(center[1])), (w, h), a
+
+
 def rectangle_polygon(center: Sequence[float], size: Sequence[float], angle_deg: float) -> list[Point]:
     """Corners of a rotated rectangle, counter-clockwise, starting bottom-left."""
     cx, cy = center

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from common.geometry import normalise_rect
 from common.paths import models_dir
 from wafer.unet import UNet, build_from_config, fold_batchnorm
 
@@ -171,10 +172,8 @@ def postprocess(prob: np.ndarray, pixel_size_um: float, origin_um=(0.0, 0.0), th
         if lab not in best or area > best[lab][0]:
             best[lab] = (area, (cx, cy), (w, h), a)
     rects = []
-    for area, (cx, cy), (w, h), a in best.values():
-        if h > w:
-            w, h, a = h, w, a + 90.0
-        a = (a + 90.0) % 180.0 - 90.0
+    for _, (cx, cy), (w, h), a in best.values():
+        _, (w, h), a = normalise_rect((cx, cy), (w, h), a)
         conf = _mean_inside(prob, cv2.boxPoints(((cx, cy), (w, h), a)))
         center = (ox + cx * px, oy + cy * px)
         size = (w * px, h * px)

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from common.geometry import normalise_rect  # noqa: F401  (callers use dd.normalise_rect)
 from devices.setup_config import WaferParams
 from devices.sim.wafer import VirtualWafer
 
@@ -118,16 +119,6 @@ def truth_rect_um(sec) -> tuple[tuple[float, float], tuple[float, float], float]
     (the detector returns rectangles; the rounded/wobbly outline itself is not one)."""
     (cx, cy), (w, h), a = cv2.minAreaRect((np.asarray(sec.tissue_polygon_m) * 1e6).astype(np.float32))
     return normalise_rect((cx, cy), (w, h), a)
-
-
-def normalise_rect(center, size, angle_deg):
-    """Width = longer side, angle of the width axis in [-90, 90)."""
-    w, h = float(size[0]), float(size[1])
-    a = float(angle_deg)
-    if h > w:
-        w, h, a = h, w, a + 90.0
-    a = (a + 90.0) % 180.0 - 90.0
-    return (float(center[0]), float(center[1])), (w, h), a
 
 
 # ---------------------------------------------------------------- rendering

@@ -27,7 +27,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from common.geometry import rectangle_polygon
+from common.geometry import normalise_rect, rectangle_polygon
+from wafer.detect import MIN_CONFIDENCE, _mean_inside, rect_iou, resample
 
 # Chosen on the validation family (wafer/detect_families.py), never on the test family:
 # F1 there is the same from 0.5 to 0.6; at 0.4 one more false positive appears.
@@ -51,7 +52,6 @@ def _upright(img: np.ndarray, center_px, angle_deg: float, size_px) -> np.ndarra
 
 def _references(sections: list[dict], shape, pixel_um: float, origin_um) -> list[dict]:
     """Confident detections inside the image whose area is typical (fragments and merges left out)."""
-    from wafer.detect import MIN_CONFIDENCE
     h, w = shape
     whole = []
     for d in sections:
@@ -72,6 +72,7 @@ def _correlation(small: np.ndarray, template: np.ndarray, angles) -> tuple[np.nd
     best = np.full((h, w), -1.0, np.float32)
     best_angle = np.zeros((h, w), np.float32)
     centre = (w / 2, h / 2)
+    box = dict(ddepth=cv2.CV_32F, ksize=(tw, th), anchor=(0, 0), borderType=cv2.BORDER_REFLECT)
     for a in angles:
         # rotating the overview by a makes sections at angle a upright, like the template
         rot = cv2.warpAffine(small, cv2.getRotationMatrix2D(centre, a, 1.0), (w, h), flags=cv2.INTER_LINEAR,
@@ -79,7 +80,6 @@ def _correlation(small: np.ndarray, template: np.ndarray, angles) -> tuple[np.nd
         score = cv2.matchTemplate(rot, template, cv2.TM_CCOEFF_NORMED)
         # a flat window (clipped or blank) has no likeness; OpenCV scores it arbitrarily
         sh, sw = score.shape
-        box = dict(ddepth=cv2.CV_32F, ksize=(tw, th), anchor=(0, 0), borderType=cv2.BORDER_REFLECT)
         mean = cv2.boxFilter(rot, **box)[:sh, :sw]            # window means, indexed like `score`
         score[cv2.boxFilter(rot * rot, **box)[:sh, :sw] - mean * mean < FLAT_VARIANCE] = -1.0
         full = np.full((h, w), -1.0, np.float32)
@@ -113,12 +113,10 @@ def _resegment(prob: np.ndarray, poly_px: np.ndarray, size_px) -> tuple | None:
         return None
     ys, xs = np.nonzero(lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])))
     (cx, cy), (w, h), a = cv2.minAreaRect(np.stack([xs, ys], 1).astype(np.float32))
-    w, h = w + 1.0, h + 1.0                    # pixel centres -> pixel edges
-    if h > w:
-        w, h, a = h, w, a + 90.0
+    _, (w, h), a = normalise_rect((cx, cy), (w + 1.0, h + 1.0), a)     # pixel centres -> pixel edges
     if not (0.8 * size_px[0] < w < 1.2 * size_px[0] and 0.8 * size_px[1] < h < 1.2 * size_px[1]):
         return None
-    return (cx + x0, cy + y0), (w, h), (a + 90.0) % 180.0 - 90.0
+    return (cx + x0, cy + y0), (w, h), a
 
 
 def _polarity(img: np.ndarray, center_px, angle: float, size_px) -> float:
@@ -173,7 +171,6 @@ def _candidate(image01, prob, center, size, angle, pixel_um, origin) -> dict | N
     """A section at a template match: re-segmented from the probability map when that
     is plausible, then its edges fitted on the image; None without enough tissue
     probability inside."""
-    from wafer.detect import _mean_inside
     poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
     if _mean_inside(prob, (poly - origin) / pixel_um) < MIN_SUPPORT:
         return None
@@ -195,7 +192,6 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
     """`sections` (postprocess's dicts) plus the sections found by their likeness to the
     confident ones; ids renumbered in reading order. Unchanged with fewer than
     MIN_REFERENCES confident whole sections."""
-    from wafer.detect import rect_iou, resample
     origin = np.asarray(origin_um, float)
     refs = _references(sections, prob.shape, pixel_um, origin)
     if len(refs) < MIN_REFERENCES:
@@ -223,12 +219,12 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
     as_rect = lambda d: (d["center_um"], d["size_um"], d["angle_deg"])  # noqa: E731
     removed, added, parts = set(), [], {}
     centres = np.asarray([d["center_um"] for d in sections], float).reshape(-1, 2)
+    longest = np.asarray([max(d["size_um"]) for d in sections], float)
     for r, c in peaks:
         cand = _candidate(image01, prob, origin + (c * wpx, r * wpx), (W, H), float(score_angle[r, c]), pixel_um, origin)
         if cand is None or any(rect_iou(as_rect(cand), as_rect(a)) > 0.1 for a in added):
             continue
-        reach = max(cand["size_um"]) + np.asarray([max(d["size_um"]) for d in sections])
-        near = np.flatnonzero(np.hypot(*(centres - cand["center_um"]).T) < reach) if sections else []
+        near = np.flatnonzero(np.hypot(*(centres - cand["center_um"]).T) < max(cand["size_um"]) + longest)
         ious = {k: rect_iou(as_rect(cand), as_rect(sections[k])) for k in near if k not in removed}
         hits = [k for k, v in ious.items() if v > 0.1]
         if all(area(sections[k]) < FRAGMENT * W * H for k in hits):
