@@ -9,17 +9,25 @@ the overview itself, so it follows whatever look the lab's wafer has.
 
 Steps: the template is the mean of the confident, whole (not border-cut),
 typical-sized detections, rotated upright and normalised (mirrored four ways:
-the section's outline matters, not its texture). It is matched (normalised
-cross-correlation) at the angles the confident ones have, +-2 deg, at the
-network's pixel size. A peak becomes a section when its correlation is
->= MIN_NCC, the network gives it some tissue probability (>= MIN_SUPPORT,
-so the template cannot invent sections on bare resin), and it overlaps no
-detection except fragments (< FRAGMENT of the template's area), which it
-replaces; two or more matches that lie apart inside one detection larger
-than MERGED x the template (neighbours the network joined) replace it. Each
-match's rectangle is re-segmented from the probability map around it (at
-half its own peak level, when that gives a plausible size), then its four
-edges are fitted on the overview itself at native resolution (_fit_edges).
+the section's outline matters, not its texture). It is matched at the
+network's pixel size on two maps, the lightly smoothed overview and the
+network's tissue probability, and the likeness is the mean of the two
+normalised cross-correlations: the image alone fails where noise or tissue
+texture outweighs the section's contrast, the probability alone cannot tell
+touching neighbours apart. Matching runs at the angles of the template's
+sources and of the confident detections as wide as them, +-2 deg. A peak
+becomes a section when its likeness is >= MIN_NCC, the network gives it some
+tissue probability (>= MIN_SUPPORT, so the template cannot invent sections on
+bare resin), and it overlaps no detection except fragments (< FRAGMENT of the
+template's area), which it replaces; two or more matches that lie apart
+inside one detection larger than MERGED x the template (neighbours the
+network joined) replace it. Each match's rectangle is re-segmented from the
+probability map around it (at half its own peak level, when that gives a
+plausible size), then its angle and four edges are fitted on the overview
+itself at native resolution (_fit_edges). When the network's confident
+sections were fragments, the matches the image confirmed have another size:
+the template is then learnt again from them and the matching repeated once
+over the first pass's result.
 """
 from __future__ import annotations
 
@@ -39,7 +47,11 @@ FRAGMENT = 0.7            # detections smaller than this x the template's area m
 MERGED = 1.7              # detections larger than this x the template's area may be neighbours merged
 MARGIN = 0.15             # template border around the section, x its short side
 ANGLE_STEPS = (-2.0, 0.0, 2.0)
-FLAT_VARIANCE = 1e-5      # grey values 0..1: windows flatter than 0.3 % s.d. are not compared
+RELEARN = 0.05          # confirmed matches this much off the references' size: learn the template again
+SMOOTH_PX = 1.0           # at the work pixel: noise and tissue texture out, the outline kept
+SEGMENTS = 6              # stretches of each long edge fitted for its slope
+MAX_TILT = 3.0            # deg: a larger correction means the edges were not found
+FLAT_VARIANCE = 1e-5
 
 
 def _upright(img: np.ndarray, center_px, angle_deg: float, size_px) -> np.ndarray:
@@ -65,25 +77,35 @@ def _references(sections: list[dict], shape, pixel_um: float, origin_um) -> list
     return [d for d in whole if 0.75 * med <= area(d) <= 1.33 * med]
 
 
-def _correlation(small: np.ndarray, template: np.ndarray, angles) -> tuple[np.ndarray, np.ndarray]:
-    """Best normalised cross-correlation per pixel over `angles`, and the angle that gave it."""
-    h, w = small.shape
+def _ncc(rot: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Normalised cross-correlation of every window of `rot` with `template`, on the
+    window centres (the border windows are -1); -1 where a window is flat."""
+    h, w = rot.shape
     th, tw = template.shape
+    score = cv2.matchTemplate(rot, template, cv2.TM_CCOEFF_NORMED)
+    # a flat window (clipped or blank) has no likeness; OpenCV scores it arbitrarily
+    sh, sw = score.shape
+    box = dict(ddepth=cv2.CV_32F, ksize=(tw, th), anchor=(0, 0), borderType=cv2.BORDER_REFLECT)
+    mean = cv2.boxFilter(rot, **box)[:sh, :sw]            # window means, indexed like `score`
+    score[cv2.boxFilter(rot * rot, **box)[:sh, :sw] - mean * mean < FLAT_VARIANCE] = -1.0
+    full = np.full((h, w), -1.0, np.float32)
+    full[th // 2:th // 2 + sh, tw // 2:tw // 2 + sw] = score
+    return full
+
+
+def _correlation(features: list[np.ndarray], templates: list[np.ndarray], angles) -> tuple[np.ndarray, np.ndarray]:
+    """Best likeness per pixel over `angles` and the angle that gave it; the likeness is the
+    mean of the normalised cross-correlations of each feature map with its template."""
+    h, w = features[0].shape
     best = np.full((h, w), -1.0, np.float32)
     best_angle = np.zeros((h, w), np.float32)
     centre = (w / 2, h / 2)
-    box = dict(ddepth=cv2.CV_32F, ksize=(tw, th), anchor=(0, 0), borderType=cv2.BORDER_REFLECT)
     for a in angles:
         # rotating the overview by a makes sections at angle a upright, like the template
-        rot = cv2.warpAffine(small, cv2.getRotationMatrix2D(centre, a, 1.0), (w, h), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REFLECT)
-        score = cv2.matchTemplate(rot, template, cv2.TM_CCOEFF_NORMED)
-        # a flat window (clipped or blank) has no likeness; OpenCV scores it arbitrarily
-        sh, sw = score.shape
-        mean = cv2.boxFilter(rot, **box)[:sh, :sw]            # window means, indexed like `score`
-        score[cv2.boxFilter(rot * rot, **box)[:sh, :sw] - mean * mean < FLAT_VARIANCE] = -1.0
-        full = np.full((h, w), -1.0, np.float32)
-        full[th // 2:th // 2 + score.shape[0], tw // 2:tw // 2 + score.shape[1]] = score
+        m = cv2.getRotationMatrix2D(centre, a, 1.0)
+        scores = [_ncc(cv2.warpAffine(f, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT), t)
+                  for f, t in zip(features, templates)]
+        full = np.mean(scores, 0)
         back = cv2.warpAffine(full, cv2.getRotationMatrix2D(centre, -a, 1.0), (w, h), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=-1.0)
         better = back > best
@@ -128,49 +150,86 @@ def _polarity(img: np.ndarray, center_px, angle: float, size_px) -> float:
     return 1.0 if inner > ring else -1.0
 
 
+def _tilt(img: np.ndarray, center_px, size_px, angle: float, pol: float, reach: float) -> float:
+    """Degrees to add to `angle` so that the long edges lie straight: each long edge,
+    found on its whole length, is located again on SEGMENTS stretches (strongest step
+    near it) and a robust line (median of pairwise slopes) fitted through them."""
+    W, H = size_px
+    p = _upright(img, center_px, angle, (W * (1 + 2 * reach) + 8, H * (1 + 2 * reach) + 8))
+    cx, cy = p.shape[1] / 2, p.shape[0] / 2
+    bounds = np.linspace(cx - 0.4 * W, cx + 0.4 * W, SEGMENTS + 1)
+    mid = (bounds[:-1] + bounds[1:]) / 2
+    near = 2 + 0.4 * W * np.tan(np.radians(MAX_TILT))
+    slopes = []
+    for outward, expected in ((-1, cy - H / 2), (+1, cy + H / 2)):
+        whole = _step(p[:, int(bounds[0]):int(bounds[-1])].mean(1), expected - reach * H, expected + reach * H,
+                      outward, pol)
+        if whole is None:
+            continue
+        ys = [_step(p[:, int(x0):max(int(x0) + 1, int(x1))].mean(1), whole[0] - near, whole[0] + near, outward, pol,
+                    strongest=True) for x0, x1 in zip(bounds[:-1], bounds[1:])]
+        pts = [(mid[k], y[0]) for k, y in enumerate(ys) if y is not None]
+        slopes += [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(pts) for x2, y2 in pts[i + 1:]]
+    if len(slopes) < 3:
+        return 0.0
+    # the window is the image turned by -angle: an edge falling to the right means a smaller angle
+    return float(np.degrees(np.arctan(np.median(slopes))))
+
+
+def _step(profile: np.ndarray, lo: float, hi: float, outward: int, pol: float, strongest: bool = False):
+    """(sub-pixel position, strength) of the innermost (or the strongest) strong step of
+    polarity `pol` between lo and hi of `profile`, or None."""
+    g = np.gradient(ndimage.gaussian_filter1d(profile.astype(float), 1.0)) * pol * -outward
+    lo, hi = max(1, int(lo)), min(len(g) - 2, int(hi))
+    if hi <= lo or g[lo:hi + 1].max() <= 0:
+        return None
+    strong = 0.5 * g[lo:hi + 1].max()
+    peaks = [k for k in range(lo, hi + 1) if g[k] >= strong and g[k] >= g[k - 1] and g[k] >= g[k + 1]]
+    if not peaks:                        # the strongest step is at the window's end: no edge inside
+        return None
+    k = max(peaks, key=lambda j: g[j]) if strongest else min(peaks) if outward > 0 else max(peaks)
+    a, b, c = g[k - 1], g[k], g[k + 1]
+    return k + (0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else 0.0), b
+
+
 def _fit_edges(img: np.ndarray, center_px, size_px, angle: float, reach: float = 0.25):
     """The section's four edges from the image itself: along each axis, the innermost
     strong step of the section's polarity within +-reach of the expected edge
-    (sub-pixel). Returns (centre px, size px) or None. Innermost, because the
-    resin's own step to the wafer lies further out and may be stronger."""
+    (sub-pixel), after the angle is corrected so that the long edges lie straight
+    (_tilt; a section drawn askew smears its edges and widens its extent).
+    Returns (centre px, size px, angle) or None. Innermost, because the resin's
+    own step to the wafer lies further out and may be stronger."""
     W, H = size_px
     pol = _polarity(img, center_px, angle, size_px)
+    for _ in range(2):
+        d = _tilt(img, center_px, size_px, angle, pol, reach)
+        if abs(d) > MAX_TILT:
+            break
+        angle += d
     p = _upright(img, center_px, angle, (W * (1 + 2 * reach) + 8, H * (1 + 2 * reach) + 8))
     cx, cy = p.shape[1] / 2, p.shape[0] / 2
-
-    def edge(profile, lo, hi, outward):
-        g = np.gradient(ndimage.gaussian_filter1d(profile.astype(float), 1.0)) * pol * -outward
-        lo, hi = max(1, int(lo)), min(len(g) - 2, int(hi))
-        if hi <= lo or g[lo:hi + 1].max() <= 0:
-            return None
-        strong = 0.5 * g[lo:hi + 1].max()
-        peaks = [k for k in range(lo, hi + 1) if g[k] >= strong and g[k] >= g[k - 1] and g[k] >= g[k + 1]]
-        if not peaks:                        # the strongest step is at the window's end: no edge inside
-            return None
-        k = min(peaks) if outward > 0 else max(peaks)
-        a, b, c = g[k - 1], g[k], g[k + 1]
-        return k + (0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else 0.0)
-
     cols = p[int(cy - H / 4):int(cy + H / 4) + 1].mean(0)
     rows = p[:, int(cx - W / 4):int(cx + W / 4) + 1].mean(1)
-    left = edge(cols, cx - W / 2 - reach * W, cx - W / 2 + reach * W, -1)
-    right = edge(cols, cx + W / 2 - reach * W, cx + W / 2 + reach * W, +1)
-    top = edge(rows, cy - H / 2 - reach * H, cy - H / 2 + reach * H, -1)
-    bottom = edge(rows, cy + H / 2 - reach * H, cy + H / 2 + reach * H, +1)
-    if None in (left, right, top, bottom):
+    found = [_step(cols, cx - W / 2 - reach * W, cx - W / 2 + reach * W, -1, pol),
+             _step(cols, cx + W / 2 - reach * W, cx + W / 2 + reach * W, +1, pol),
+             _step(rows, cy - H / 2 - reach * H, cy - H / 2 + reach * H, -1, pol),
+             _step(rows, cy + H / 2 - reach * H, cy + H / 2 + reach * H, +1, pol)]
+    if None in found:
         return None
+    left, right, top, bottom = (f[0] for f in found)
     w, h = right - left, bottom - top
     if not (0.75 < w / W < 1.33 and 0.75 < h / H < 1.33):
         return None
     dx, dy = (left + right) / 2 - cx, (top + bottom) / 2 - cy
     a = np.radians(angle)
-    return (center_px[0] + dx * np.cos(a) - dy * np.sin(a), center_px[1] + dx * np.sin(a) + dy * np.cos(a)), (w, h)
+    return ((center_px[0] + dx * np.cos(a) - dy * np.sin(a), center_px[1] + dx * np.sin(a) + dy * np.cos(a)),
+            (w, h), angle)
 
 
-def _candidate(image01, prob, center, size, angle, pixel_um, origin) -> dict | None:
+def _candidate(image01, prob, center, size, angle, pixel_um, origin) -> tuple[dict, bool] | None:
     """A section at a template match: re-segmented from the probability map when that
     is plausible, then its edges fitted on the image; None without enough tissue
-    probability inside."""
+    probability inside. The flag says whether the image confirmed all four edges."""
     poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
     if _mean_inside(prob, (poly - origin) / pixel_um) < MIN_SUPPORT:
         return None
@@ -180,18 +239,89 @@ def _candidate(image01, prob, center, size, angle, pixel_um, origin) -> dict | N
         center, size = origin + (cx * pixel_um, cy * pixel_um), (w * pixel_um, h * pixel_um)
     fitted = _fit_edges(image01, (np.asarray(center) - origin) / pixel_um, np.asarray(size) / pixel_um, angle)
     if fitted is not None:
-        center, size = origin + np.asarray(fitted[0]) * pixel_um, (fitted[1][0] * pixel_um, fitted[1][1] * pixel_um)
+        center, size, angle = (origin + np.asarray(fitted[0]) * pixel_um,
+                               (fitted[1][0] * pixel_um, fitted[1][1] * pixel_um), fitted[2])
     poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
     return {"id": -1, "center_um": [float(center[0]), float(center[1])], "size_um": [float(size[0]), float(size[1])],
             "angle_deg": float(angle), "polygon_um": [[float(x), float(y)] for x, y in poly],
-            "confidence": _mean_inside(prob, (poly - origin) / pixel_um)}
+            "confidence": _mean_inside(prob, (poly - origin) / pixel_um)}, fitted is not None
+
+
+def _angles(sources: list[dict], sections: list[dict], size) -> list[float]:
+    """Angles to match at: those of the template's sources and of every confident
+    detection as wide as they are (fragments and merges of neighbours along the
+    sections' length keep the sections' angle), each +-2 deg, on a 2 deg grid."""
+    W, H = size
+    more = [d for d in sections if d["confidence"] >= MIN_CONFIDENCE and W >= 1.2 * H
+            and 0.8 * H <= d["size_um"][1] <= 1.25 * H and d["size_um"][0] >= 1.2 * d["size_um"][1]]
+    return sorted({round(d["angle_deg"] / 2) * 2 + s for d in list(sources) + more for s in ANGLE_STEPS})
+
+
+def _template(small: np.ndarray, sources: list[dict], box, wpx: float, origin) -> np.ndarray:
+    """Mean of the sources' upright, normalised views, mirrored four ways."""
+    views = []
+    for d in sources:
+        p = _upright(small, (np.asarray(d["center_um"]) - origin) / wpx, d["angle_deg"], box)
+        p = (p - p.mean()) / (p.std() + 1e-6)
+        views += [p, p[::-1], p[:, ::-1], p[::-1, ::-1]]
+    return np.mean(views, 0).astype(np.float32)
+
+
+def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin) -> tuple[list[dict], list[dict]] | None:
+    """One matching pass with the template learnt from `sources`: (sections with the
+    matches in, the matches whose four edges the image confirmed); None when the
+    template does not fit the image."""
+    W = float(np.median([d["size_um"][0] for d in sources]))
+    H = float(np.median([d["size_um"][1] for d in sources]))
+    box = ((W + 2 * MARGIN * H) / wpx, (H + 2 * MARGIN * H) / wpx)
+    if min(box) < 6 or box[0] >= features[0].shape[1] or box[1] >= features[0].shape[0]:
+        return None
+    templates = [_template(f, sources, box, wpx, origin) for f in features]
+    score, score_angle = _correlation(features, templates, _angles(sources, sections, (W, H)))
+    peaks = np.argwhere((score >= ndimage.maximum_filter(score, size=max(3, int(0.6 * H / wpx))))
+                        & (score >= MIN_NCC))
+    peaks = peaks[np.argsort(-score[peaks[:, 0], peaks[:, 1]])]
+    area = lambda d: d["size_um"][0] * d["size_um"][1]  # noqa: E731
+    as_rect = lambda d: (d["center_um"], d["size_um"], d["angle_deg"])  # noqa: E731
+    removed, added, confirmed, parts = set(), [], [], {}
+    centres = np.asarray([d["center_um"] for d in sections], float).reshape(-1, 2)
+    longest = np.asarray([max(d["size_um"]) for d in sections], float)
+    for r, c in peaks:
+        found = _candidate(image01, prob, origin + (c * wpx, r * wpx), (W, H), float(score_angle[r, c]),
+                           pixel_um, origin)
+        if found is None or any(rect_iou(as_rect(found[0]), as_rect(a)) > 0.1 for a in added):
+            continue
+        cand, fitted = found
+        near = np.flatnonzero(np.hypot(*(centres - cand["center_um"]).T) < max(cand["size_um"]) + longest)
+        ious = {k: rect_iou(as_rect(cand), as_rect(sections[k])) for k in near if k not in removed}
+        hits = [k for k, v in ious.items() if v > 0.1]
+        if all(area(sections[k]) < FRAGMENT * W * H for k in hits):
+            removed.update(hits)
+            added.append(cand)
+            confirmed += [cand] if fitted else []
+        elif len(hits) == 1 and area(sections[hits[0]]) > MERGED * W * H:
+            k, v = hits[0], ious[hits[0]]
+            if v * (area(cand) + area(sections[k])) / (1 + v) > 0.8 * area(cand):   # inside the merged blob
+                parts.setdefault(k, []).append((cand, fitted))
+    for k, found in parts.items():
+        cands = [c for c, _ in found]
+        apart = all(rect_iou(as_rect(a), as_rect(b)) < 0.1 for i, a in enumerate(cands) for b in cands[i + 1:])
+        if len(cands) >= 2 and apart and sum(map(area, cands)) > 0.6 * area(sections[k]):
+            removed.add(k)
+            added += cands
+            confirmed += [c for c, fitted in found if fitted]
+    return [d for k, d in enumerate(sections) if k not in removed] + added, confirmed
 
 
 def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pixel_um: float, origin_um,
                  work_pixel_um: float = 8.0) -> list[dict]:
     """`sections` (postprocess's dicts) plus the sections found by their likeness to the
     confident ones; ids renumbered in reading order. Unchanged with fewer than
-    MIN_REFERENCES confident whole sections."""
+    MIN_REFERENCES confident whole sections.
+
+    When the matches whose edges the image confirmed are enough and differ in size
+    from the references (these may be fragments of sections the network split), the
+    template is learnt again from those matches and the matching repeated once."""
     origin = np.asarray(origin_um, float)
     refs = _references(sections, prob.shape, pixel_um, origin)
     if len(refs) < MIN_REFERENCES:
@@ -199,46 +329,15 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
     factor = min(1.0, pixel_um / work_pixel_um)
     wpx = pixel_um / factor
     small = resample(np.asarray(image01, np.float32), factor).astype(np.float32)
-    W = float(np.median([d["size_um"][0] for d in refs]))
-    H = float(np.median([d["size_um"][1] for d in refs]))
-    box = ((W + 2 * MARGIN * H) / wpx, (H + 2 * MARGIN * H) / wpx)
-    if min(box) < 6 or box[0] >= small.shape[1] or box[1] >= small.shape[0]:
+    small = cv2.GaussianBlur(small, (0, 0), SMOOTH_PX)
+    features = [small, resample(np.asarray(prob, np.float32), factor, shape=small.shape).astype(np.float32)]
+    first = _match(image01, prob, sections, features, refs, pixel_um, wpx, origin)
+    if first is None:
         return sections
-    views = []
-    for d in refs:
-        p = _upright(small, (np.asarray(d["center_um"]) - origin) / wpx, d["angle_deg"], box)
-        p = (p - p.mean()) / (p.std() + 1e-6)
-        views += [p, p[::-1], p[:, ::-1], p[::-1, ::-1]]
-    template = np.mean(views, 0).astype(np.float32)
-    angles = sorted({round(d["angle_deg"] / 2) * 2 + s for d in refs for s in ANGLE_STEPS})
-    score, score_angle = _correlation(small, template, angles)
-    peaks = np.argwhere((score >= ndimage.maximum_filter(score, size=max(3, int(0.6 * H / wpx))))
-                        & (score >= MIN_NCC))
-    peaks = peaks[np.argsort(-score[peaks[:, 0], peaks[:, 1]])]
-    area = lambda d: d["size_um"][0] * d["size_um"][1]  # noqa: E731
-    as_rect = lambda d: (d["center_um"], d["size_um"], d["angle_deg"])  # noqa: E731
-    removed, added, parts = set(), [], {}
-    centres = np.asarray([d["center_um"] for d in sections], float).reshape(-1, 2)
-    longest = np.asarray([max(d["size_um"]) for d in sections], float)
-    for r, c in peaks:
-        cand = _candidate(image01, prob, origin + (c * wpx, r * wpx), (W, H), float(score_angle[r, c]), pixel_um, origin)
-        if cand is None or any(rect_iou(as_rect(cand), as_rect(a)) > 0.1 for a in added):
-            continue
-        near = np.flatnonzero(np.hypot(*(centres - cand["center_um"]).T) < max(cand["size_um"]) + longest)
-        ious = {k: rect_iou(as_rect(cand), as_rect(sections[k])) for k in near if k not in removed}
-        hits = [k for k, v in ious.items() if v > 0.1]
-        if all(area(sections[k]) < FRAGMENT * W * H for k in hits):
-            removed.update(hits)
-            added.append(cand)
-        elif len(hits) == 1 and area(sections[hits[0]]) > MERGED * W * H:
-            k, v = hits[0], ious[hits[0]]
-            if v * (area(cand) + area(sections[k])) / (1 + v) > 0.8 * area(cand):   # inside the merged blob
-                parts.setdefault(k, []).append(cand)
-    for k, cands in parts.items():
-        apart = all(rect_iou(as_rect(a), as_rect(b)) < 0.1 for i, a in enumerate(cands) for b in cands[i + 1:])
-        if len(cands) >= 2 and apart and sum(map(area, cands)) > 0.6 * area(sections[k]):
-            removed.add(k)
-            added += cands
-    out = [d for k, d in enumerate(sections) if k not in removed] + added
+    out, confirmed = first
+    if len(confirmed) >= MIN_REFERENCES:
+        size = lambda ds, i: float(np.median([d["size_um"][i] for d in ds]))  # noqa: E731
+        if any(abs(size(confirmed, i) / size(refs, i) - 1) > RELEARN for i in (0, 1)):
+            out = (_match(image01, prob, out, features, confirmed, pixel_um, wpx, origin) or first)[0]
     out.sort(key=lambda d: (d["center_um"][1], d["center_um"][0]))
     return [{**d, "id": i} for i, d in enumerate(out)]
