@@ -338,6 +338,11 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
     if len(confirmed) >= MIN_REFERENCES:
         size = lambda ds, i: float(np.median([d["size_um"][i] for d in ds]))  # noqa: E731
         if any(abs(size(confirmed, i) / size(refs, i) - 1) > RELEARN for i in (0, 1)):
-            out = (_match(image01, prob, out, features, confirmed, pixel_um, wpx, origin) or first)[0]
+            second = _match(image01, prob, sections, features, confirmed, pixel_um, wpx, origin)
+            if second is not None:       # the relearnt template's matches first, then what only the first found
+                rect = lambda d: (d["center_um"], d["size_um"], d["angle_deg"])  # noqa: E731
+                kept = {id(d) for d in sections}
+                out = second[0] + [d for d in out if id(d) not in kept
+                                   and all(rect_iou(rect(d), rect(e)) <= 0.1 for e in second[0])]
     out.sort(key=lambda d: (d["center_um"][1], d["center_um"][0]))
     return [{**d, "id": i} for i, d in enumerate(out)]
