@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from wafer import detect_data as dd
 from wafer.detect import (DEFAULT_MODEL, detect_sections, load_model, match_sections, postprocess,
-                          predict_proba, rect_iou)
+                          predict_proba, probability_map, rect_iou)
 from wafer.unet import UNet, count_parameters, fold_batchnorm
 
 
@@ -99,6 +99,18 @@ def test_tiled_prediction_is_seamless():
     tiled = predict_proba(img, model, patch=64, overlap=32, batch=3)   # 6 x 5 tiles
     assert full.shape == tiled.shape == img.shape
     assert np.abs(full - tiled).max() < 1e-5
+
+
+def test_a_mirrored_overview_gives_the_mirrored_sections(small_overview):
+    """The network answers on the overview and on its mirror image are averaged, so
+    which way round the wafer was loaded does not move a section's edges."""
+    model = load_model()
+    img = small_overview.image
+    prob = probability_map(img, dd.PIXEL_UM, model)
+    mirrored = probability_map(np.ascontiguousarray(img[:, ::-1]), dd.PIXEL_UM, model)
+    assert np.abs(mirrored[:, ::-1] - prob).max() < 1e-3
+    single = probability_map(img, dd.PIXEL_UM, model, mirrored=False)
+    assert np.abs(single - prob).max() > 0.05          # the mirror's answer does count
 
 
 def test_shipped_model_detects_unseen_sections(small_overview):
