@@ -92,8 +92,9 @@ def detector_available(model_path=None) -> tuple[bool, str]:
 
 def detect_sections(ov: OverviewImage, threshold: float = 0.5, band: int = 512, progress: Progress = None,
                     token=None, model_path=None) -> list[Section]:
-    """wafer.detect's U-Net and post-processing, run band by band so the
-    operator sees progress and can cancel between bands. ``model_path``:
+    """wafer.detect's U-Net (mirror-averaged, as detect.probability_map) and
+    post-processing, run band by band so the operator sees progress and can
+    cancel between bands. ``model_path``:
     other weights than the shipped ones."""
     from wafer import detect
     progress = progress or _noop
@@ -110,7 +111,7 @@ def detect_sections(ov: OverviewImage, threshold: float = 0.5, band: int = 512, 
             token.check()
         r0, r1 = k * band, min(h, (k + 1) * band)
         a, b = max(0, r0 - m), min(h, r1 + m)
-        part = detect.predict_proba(small[a:b], model)
+        part = detect.predict_mirrored(small[a:b], model)
         prob[r0:r1] = part[r0 - a:r0 - a + (r1 - r0)]
         progress(k + 1, n + 1, f"detecting: band {k + 1}/{n}")
     prob = np.clip(detect.resample(prob, 1.0, shape=img.shape), 0, 1)

@@ -113,6 +113,20 @@ def test_a_mirrored_overview_gives_the_mirrored_sections(small_overview):
     assert np.abs(single - prob).max() > 0.05          # the mirror's answer does count
 
 
+def test_the_gui_finds_the_sections_the_cli_finds(small_overview):
+    """The GUI predicts band by band (progress, cancel); its sections are the CLI's."""
+    from common.geometry import OverviewImage
+    from gui.wafer_tasks import detect_sections as gui_detect
+    ov = small_overview
+    cli = detect_sections(ov.image, ov.pixel_um, ov.origin_um, model=load_model())
+    gui = gui_detect(OverviewImage(ov.image, ov.origin_um, ov.pixel_um), band=96)
+    assert len(gui) == len(cli) >= 5
+    for g in gui:               # the same to well under a micrometre, not merely overlapping
+        c = min(cli, key=lambda d: math.dist(d["center_um"], g.center_um))
+        assert math.dist(c["center_um"], g.center_um) < 0.5
+        assert max(abs(a - b) for a, b in zip(c["size_um"], g.size_um)) < 1.0
+
+
 def test_shipped_model_detects_unseen_sections(small_overview):
     assert DEFAULT_MODEL.is_file(), "shipped weights missing"
     card = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
