@@ -26,8 +26,8 @@ probability map around it (at half its own peak level, when that gives a
 plausible size), then its angle and four edges are fitted on the overview
 itself at native resolution (_fit_edges). When the network's confident
 sections were fragments, the matches the image confirmed have another size:
-the template is then learnt again from them and the matching repeated once
-over the first pass's result.
+the template is then learnt again from them and the matching repeated once;
+its matches take precedence over the first pass's.
 """
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ FRAGMENT = 0.7            # detections smaller than this x the template's area m
 MERGED = 1.7              # detections larger than this x the template's area may be neighbours merged
 MARGIN = 0.15             # template border around the section, x its short side
 ANGLE_STEPS = (-2.0, 0.0, 2.0)
-RELEARN = 0.05          # confirmed matches this much off the references' size: learn the template again
+RELEARN = 0.05            # confirmed matches this much off the references' size: learn the template again
 SMOOTH_PX = 1.0           # at the work pixel: noise and tissue texture out, the outline kept
 SEGMENTS = 6              # stretches of each long edge fitted for its slope
-MAX_TILT = 3.0            # deg: a larger correction means the edges were not found
-FLAT_VARIANCE = 1e-5
+MAX_TILT = 3.0            # deg: a larger total correction means the edges were not found
+FLAT_VARIANCE = 1e-5      # both maps 0..1: windows flatter than 0.3 % s.d. are not compared
 
 
 def _upright(img: np.ndarray, center_px, angle_deg: float, size_px) -> np.ndarray:
@@ -105,7 +105,7 @@ def _correlation(features: list[np.ndarray], templates: list[np.ndarray], angles
         m = cv2.getRotationMatrix2D(centre, a, 1.0)
         scores = [_ncc(cv2.warpAffine(f, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT), t)
                   for f, t in zip(features, templates)]
-        full = np.mean(scores, 0)
+        full = np.mean(scores, 0, dtype=np.float32)
         back = cv2.warpAffine(full, cv2.getRotationMatrix2D(centre, -a, 1.0), (w, h), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=-1.0)
         better = back > best
@@ -166,19 +166,20 @@ def _tilt(img: np.ndarray, center_px, size_px, angle: float, pol: float, reach: 
                       outward, pol)
         if whole is None:
             continue
-        ys = [_step(p[:, int(x0):max(int(x0) + 1, int(x1))].mean(1), whole[0] - near, whole[0] + near, outward, pol,
+        ys = [_step(p[:, int(x0):max(int(x0) + 1, int(x1))].mean(1), whole - near, whole + near, outward, pol,
                     strongest=True) for x0, x1 in zip(bounds[:-1], bounds[1:])]
-        pts = [(mid[k], y[0]) for k, y in enumerate(ys) if y is not None]
+        pts = [(mid[k], y) for k, y in enumerate(ys) if y is not None]
         slopes += [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(pts) for x2, y2 in pts[i + 1:]]
     if len(slopes) < 3:
         return 0.0
-    # the window is the image turned by -angle: an edge falling to the right means a smaller angle
+    # the window is the image turned by -angle (rows grow downwards): an edge whose row grows
+    # to the right by tan(d) per column belongs to a section lying at angle + d
     return float(np.degrees(np.arctan(np.median(slopes))))
 
 
 def _step(profile: np.ndarray, lo: float, hi: float, outward: int, pol: float, strongest: bool = False):
-    """(sub-pixel position, strength) of the innermost (or the strongest) strong step of
-    polarity `pol` between lo and hi of `profile`, or None."""
+    """Sub-pixel position of the innermost (or the strongest) strong step of polarity
+    `pol` between lo and hi of `profile`, or None."""
     g = np.gradient(ndimage.gaussian_filter1d(profile.astype(float), 1.0)) * pol * -outward
     lo, hi = max(1, int(lo)), min(len(g) - 2, int(hi))
     if hi <= lo or g[lo:hi + 1].max() <= 0:
@@ -189,7 +190,7 @@ def _step(profile: np.ndarray, lo: float, hi: float, outward: int, pol: float, s
         return None
     k = max(peaks, key=lambda j: g[j]) if strongest else min(peaks) if outward > 0 else max(peaks)
     a, b, c = g[k - 1], g[k], g[k + 1]
-    return k + (0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else 0.0), b
+    return k + (0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else 0.0)
 
 
 def _fit_edges(img: np.ndarray, center_px, size_px, angle: float, reach: float = 0.25):
@@ -201,9 +202,10 @@ def _fit_edges(img: np.ndarray, center_px, size_px, angle: float, reach: float =
     own step to the wafer lies further out and may be stronger."""
     W, H = size_px
     pol = _polarity(img, center_px, angle, size_px)
+    start = angle
     for _ in range(2):
         d = _tilt(img, center_px, size_px, angle, pol, reach)
-        if abs(d) > MAX_TILT:
+        if abs(angle + d - start) > MAX_TILT:
             break
         angle += d
     p = _upright(img, center_px, angle, (W * (1 + 2 * reach) + 8, H * (1 + 2 * reach) + 8))
@@ -216,7 +218,7 @@ def _fit_edges(img: np.ndarray, center_px, size_px, angle: float, reach: float =
              _step(rows, cy + H / 2 - reach * H, cy + H / 2 + reach * H, +1, pol)]
     if None in found:
         return None
-    left, right, top, bottom = (f[0] for f in found)
+    left, right, top, bottom = found
     w, h = right - left, bottom - top
     if not (0.75 < w / W < 1.33 and 0.75 < h / H < 1.33):
         return None
@@ -241,6 +243,7 @@ def _candidate(image01, prob, center, size, angle, pixel_um, origin) -> tuple[di
     if fitted is not None:
         center, size, angle = (origin + np.asarray(fitted[0]) * pixel_um,
                                (fitted[1][0] * pixel_um, fitted[1][1] * pixel_um), fitted[2])
+    center, size, angle = normalise_rect(center, size, angle)      # angle in [-90, 90) as postprocess's
     poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
     return {"id": -1, "center_um": [float(center[0]), float(center[1])], "size_um": [float(size[0]), float(size[1])],
             "angle_deg": float(angle), "polygon_um": [[float(x), float(y)] for x, y in poly],
@@ -267,10 +270,18 @@ def _template(small: np.ndarray, sources: list[dict], box, wpx: float, origin) -
     return np.mean(views, 0).astype(np.float32)
 
 
-def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin) -> tuple[list[dict], list[dict]] | None:
-    """One matching pass with the template learnt from `sources`: (sections with the
-    matches in, the matches whose four edges the image confirmed); None when the
-    template does not fit the image."""
+def _rect(d: dict) -> tuple:
+    return d["center_um"], d["size_um"], d["angle_deg"]
+
+
+def _area(d: dict) -> float:
+    return d["size_um"][0] * d["size_um"][1]
+
+
+def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin) -> tuple[list, list] | None:
+    """One matching pass with the template learnt from `sources`: the matches, each as
+    (section dict, indices of the `sections` it replaces), and the matches whose four
+    edges the image confirmed; None when the template does not fit the image."""
     W = float(np.median([d["size_um"][0] for d in sources]))
     H = float(np.median([d["size_um"][1] for d in sources]))
     box = ((W + 2 * MARGIN * H) / wpx, (H + 2 * MARGIN * H) / wpx)
@@ -281,36 +292,33 @@ def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin) ->
     peaks = np.argwhere((score >= ndimage.maximum_filter(score, size=max(3, int(0.6 * H / wpx))))
                         & (score >= MIN_NCC))
     peaks = peaks[np.argsort(-score[peaks[:, 0], peaks[:, 1]])]
-    area = lambda d: d["size_um"][0] * d["size_um"][1]  # noqa: E731
-    as_rect = lambda d: (d["center_um"], d["size_um"], d["angle_deg"])  # noqa: E731
     removed, added, confirmed, parts = set(), [], [], {}
     centres = np.asarray([d["center_um"] for d in sections], float).reshape(-1, 2)
     longest = np.asarray([max(d["size_um"]) for d in sections], float)
     for r, c in peaks:
         found = _candidate(image01, prob, origin + (c * wpx, r * wpx), (W, H), float(score_angle[r, c]),
                            pixel_um, origin)
-        if found is None or any(rect_iou(as_rect(found[0]), as_rect(a)) > 0.1 for a in added):
+        if found is None or any(rect_iou(_rect(found[0]), _rect(a)) > 0.1 for a, _ in added):
             continue
         cand, fitted = found
         near = np.flatnonzero(np.hypot(*(centres - cand["center_um"]).T) < max(cand["size_um"]) + longest)
-        ious = {k: rect_iou(as_rect(cand), as_rect(sections[k])) for k in near if k not in removed}
+        ious = {k: rect_iou(_rect(cand), _rect(sections[k])) for k in near if k not in removed}
         hits = [k for k, v in ious.items() if v > 0.1]
-        if all(area(sections[k]) < FRAGMENT * W * H for k in hits):
+        if all(_area(sections[k]) < FRAGMENT * W * H for k in hits):
             removed.update(hits)
-            added.append(cand)
+            added.append((cand, set(hits)))
             confirmed += [cand] if fitted else []
-        elif len(hits) == 1 and area(sections[hits[0]]) > MERGED * W * H:
+        elif len(hits) == 1 and _area(sections[hits[0]]) > MERGED * W * H:
             k, v = hits[0], ious[hits[0]]
-            if v * (area(cand) + area(sections[k])) / (1 + v) > 0.8 * area(cand):   # inside the merged blob
+            if v * (_area(cand) + _area(sections[k])) / (1 + v) > 0.8 * _area(cand):   # inside the merged blob
                 parts.setdefault(k, []).append((cand, fitted))
-    for k, found in parts.items():
-        cands = [c for c, _ in found]
-        apart = all(rect_iou(as_rect(a), as_rect(b)) < 0.1 for i, a in enumerate(cands) for b in cands[i + 1:])
-        if len(cands) >= 2 and apart and sum(map(area, cands)) > 0.6 * area(sections[k]):
-            removed.add(k)
-            added += cands
-            confirmed += [c for c, fitted in found if fitted]
-    return [d for k, d in enumerate(sections) if k not in removed] + added, confirmed
+    for k, inside in parts.items():
+        cands = [c for c, _ in inside]
+        apart = all(rect_iou(_rect(a), _rect(b)) < 0.1 for i, a in enumerate(cands) for b in cands[i + 1:])
+        if len(cands) >= 2 and apart and sum(map(_area, cands)) > 0.6 * _area(sections[k]):
+            added += [(c, {k}) for c in cands]
+            confirmed += [c for c, fitted in inside if fitted]
+    return added, confirmed
 
 
 def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pixel_um: float, origin_um,
@@ -321,7 +329,9 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
 
     When the matches whose edges the image confirmed are enough and differ in size
     from the references (these may be fragments of sections the network split), the
-    template is learnt again from those matches and the matching repeated once."""
+    template is learnt again from those matches and the matching repeated on the
+    network's sections; its matches take precedence, and a first-pass match stays
+    (with what it replaced) only where the second pass put no match."""
     origin = np.asarray(origin_um, float)
     refs = _references(sections, prob.shape, pixel_um, origin)
     if len(refs) < MIN_REFERENCES:
@@ -334,15 +344,16 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
     first = _match(image01, prob, sections, features, refs, pixel_um, wpx, origin)
     if first is None:
         return sections
-    out, confirmed = first
+    added, confirmed = first
     if len(confirmed) >= MIN_REFERENCES:
         size = lambda ds, i: float(np.median([d["size_um"][i] for d in ds]))  # noqa: E731
         if any(abs(size(confirmed, i) / size(refs, i) - 1) > RELEARN for i in (0, 1)):
             second = _match(image01, prob, sections, features, confirmed, pixel_um, wpx, origin)
-            if second is not None:       # the relearnt template's matches first, then what only the first found
-                rect = lambda d: (d["center_um"], d["size_um"], d["angle_deg"])  # noqa: E731
-                kept = {id(d) for d in sections}
-                out = second[0] + [d for d in out if id(d) not in kept
-                                   and all(rect_iou(rect(d), rect(e)) <= 0.1 for e in second[0])]
+            if second is not None:
+                again = second[0]
+                added = again + [(c, hit) for c, hit in added
+                                 if all(rect_iou(_rect(c), _rect(a)) <= 0.1 for a, _ in again)]
+    removed = set().union(*(hit for _, hit in added))
+    out = [d for k, d in enumerate(sections) if k not in removed] + [c for c, _ in added]
     out.sort(key=lambda d: (d["center_um"][1], d["center_um"][0]))
     return [{**d, "id": i} for i, d in enumerate(out)]

@@ -420,7 +420,7 @@ def settle_zarr_io():
     """A real crash kills every thread; here, chunk writes zarr had started beside the
     one that crashed run on in its IO loop. Wait for them, or recovery races them."""
     from zarr.core import sync as zarr_sync
-    loop = zarr_sync.loop[0]
+    loop = getattr(zarr_sync, "loop", [None])[0]           # zarr 3's IO loop; absent: nothing to wait for
     if loop is None or not loop.is_running():
         return
 
@@ -428,7 +428,12 @@ def settle_zarr_io():
         me = asyncio.current_task()
         while pending := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
             await asyncio.wait(pending)
-    asyncio.run_coroutine_threadsafe(others_done(), loop).result(timeout=60)
+    waiting = asyncio.run_coroutine_threadsafe(others_done(), loop)
+    try:
+        waiting.result(timeout=60)
+    except TimeoutError:
+        waiting.cancel()
+        raise AssertionError(f"zarr IO still busy after 60 s: {asyncio.all_tasks(loop)!r}") from None
 
 
 @pytest.mark.slow

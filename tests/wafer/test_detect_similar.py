@@ -146,3 +146,23 @@ def test_fragments_as_references_do_not_make_the_found_sections_short():
     found = find_similar(image, prob, dets, PX, (0.0, 0.0))
     assert len(found) == 6
     assert min(_truth_hits(found)[3:]) > 0.9
+
+
+def test_a_first_pass_section_stays_where_the_relearnt_template_finds_nothing(overview, monkeypatch):
+    """The template is learnt again when the confirmed matches have another size; where
+    the second pass then finds nothing, the whole section the first pass put in place
+    of a fragment stays, and the fragment does not come back."""
+    import wafer.detect_similar as ds
+    prob = _prob({}, cut={2: 0.45})
+    dets = postprocess(prob, PX, min_confidence=0.5)
+    fragment = min(range(len(dets)), key=lambda k: dets[k]["size_um"][0])
+    whole = {**dets[0], "center_um": [CENTRES[2][0] * PX, CENTRES[2][1] * PX],
+             "size_um": [SIZE[0] * PX, SIZE[1] * PX], "angle_deg": ANGLE, "confidence": 0.9}
+    longer = [{**d, "size_um": [d["size_um"][0] * 1.2, d["size_um"][1]]} for d in dets[:3]]
+    passes = iter([([(whole, {fragment})], longer), ([], [])])
+    monkeypatch.setattr(ds, "_match", lambda *a: next(passes))
+    found = find_similar(overview, prob, dets, PX, (0.0, 0.0))
+    assert next(passes, None) is None                     # both passes ran
+    assert len(found) == len(dets)
+    assert any(d["center_um"] == whole["center_um"] for d in found)
+    assert not any(d["center_um"] == dets[fragment]["center_um"] for d in found)
