@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from common.geometry import normalise_rect  # noqa: F401  (callers use dd.normalise_rect)
+from common.geometry import normalise_rect
 from devices.setup_config import WaferParams
 from devices.sim.wafer import VirtualWafer
 

@@ -150,12 +150,17 @@ def _polarity(img: np.ndarray, center_px, angle: float, size_px) -> float:
     return 1.0 if inner > ring else -1.0
 
 
+def _edge_window(img: np.ndarray, center_px, size_px, angle: float, reach: float) -> np.ndarray:
+    """The upright window the edge fit searches: the section +-reach of its size, plus 4 px."""
+    return _upright(img, center_px, angle, (size_px[0] * (1 + 2 * reach) + 8, size_px[1] * (1 + 2 * reach) + 8))
+
+
 def _tilt(img: np.ndarray, center_px, size_px, angle: float, pol: float, reach: float) -> float:
     """Degrees to add to `angle` so that the long edges lie straight: each long edge,
     found on its whole length, is located again on SEGMENTS stretches (strongest step
     near it) and a robust line (median of pairwise slopes) fitted through them."""
     W, H = size_px
-    p = _upright(img, center_px, angle, (W * (1 + 2 * reach) + 8, H * (1 + 2 * reach) + 8))
+    p = _edge_window(img, center_px, size_px, angle, reach)
     cx, cy = p.shape[1] / 2, p.shape[0] / 2
     bounds = np.linspace(cx - 0.4 * W, cx + 0.4 * W, SEGMENTS + 1)
     mid = (bounds[:-1] + bounds[1:]) / 2
@@ -208,7 +213,7 @@ def _fit_edges(img: np.ndarray, center_px, size_px, angle: float, reach: float =
         if abs(angle + d - start) > MAX_TILT:
             break
         angle += d
-    p = _upright(img, center_px, angle, (W * (1 + 2 * reach) + 8, H * (1 + 2 * reach) + 8))
+    p = _edge_window(img, center_px, size_px, angle, reach)
     cx, cy = p.shape[1] / 2, p.shape[0] / 2
     cols = p[int(cy - H / 4):int(cy + H / 4) + 1].mean(0)
     rows = p[:, int(cx - W / 4):int(cx + W / 4) + 1].mean(1)
@@ -278,12 +283,16 @@ def _area(d: dict) -> float:
     return d["size_um"][0] * d["size_um"][1]
 
 
+def _median_size(sections: list[dict]) -> tuple[float, float]:
+    return (float(np.median([d["size_um"][0] for d in sections])),
+            float(np.median([d["size_um"][1] for d in sections])))
+
+
 def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin) -> tuple[list, list] | None:
     """One matching pass with the template learnt from `sources`: the matches, each as
     (section dict, indices of the `sections` it replaces), and the matches whose four
     edges the image confirmed; None when the template does not fit the image."""
-    W = float(np.median([d["size_um"][0] for d in sources]))
-    H = float(np.median([d["size_um"][1] for d in sources]))
+    W, H = _median_size(sources)
     box = ((W + 2 * MARGIN * H) / wpx, (H + 2 * MARGIN * H) / wpx)
     if min(box) < 6 or box[0] >= features[0].shape[1] or box[1] >= features[0].shape[0]:
         return None
@@ -346,8 +355,7 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
         return sections
     added, confirmed = first
     if len(confirmed) >= MIN_REFERENCES:
-        size = lambda ds, i: float(np.median([d["size_um"][i] for d in ds]))  # noqa: E731
-        if any(abs(size(confirmed, i) / size(refs, i) - 1) > RELEARN for i in (0, 1)):
+        if any(abs(c / r - 1) > RELEARN for c, r in zip(_median_size(confirmed), _median_size(refs))):
             second = _match(image01, prob, sections, features, confirmed, pixel_um, wpx, origin)
             if second is not None:
                 again = second[0]

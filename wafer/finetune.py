@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_write
+from common.geometry import normalise_rect
 from wafer import detect_data as dd
 from wafer.annotate import load_polygons, polygons_path
 from wafer.detect import DEFAULT_MODEL, as_unit_float, resample
@@ -165,7 +166,7 @@ def truth_in_block(polys, col: int, shape, pixel_um: float) -> list:
             continue
         inside = bool(q.min() >= 1 and q[:, 0].max() <= w - 2 and q[:, 1].max() <= h - 2)
         rect = cv2.minAreaRect((q * pixel_um).astype(np.float32))
-        out.append((k, *dd.normalise_rect(*rect), inside))
+        out.append((k, *normalise_rect(*rect), inside))
     return out
 
 

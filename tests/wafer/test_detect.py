@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from common.geometry import normalise_rect
 from wafer import detect_data as dd
 from wafer.detect import (DEFAULT_MODEL, detect_sections, load_model, match_sections, postprocess,
                           predict_proba, probability_map, rect_iou)
@@ -83,7 +84,7 @@ def test_postprocess_recovers_rotated_rectangles():
         d = min(dets, key=lambda d: math.dist(d["center_um"], tc))
         assert math.dist(d["center_um"], tc) < 1.0 * px
         assert abs(d["size_um"][0] - max(s) * px) < 1.0 * px and abs(d["size_um"][1] - min(s) * px) < 1.0 * px
-        ta = dd.normalise_rect(c, s, a)[2]
+        ta = normalise_rect(c, s, a)[2]
         assert abs((d["angle_deg"] - ta + 90) % 180 - 90) < 1.0
         assert 0.85 < d["confidence"] <= 0.9 + 1e-6
         assert len(d["polygon_um"]) == 4
