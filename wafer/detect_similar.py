@@ -24,7 +24,10 @@ inside one detection larger than MERGED x the template (neighbours the
 network joined) replace it. Each match's rectangle is re-segmented from the
 probability map around it (at half its own peak level, when that gives a
 plausible size), then its angle and four edges are fitted on the overview
-itself at native resolution (_fit_edges). When the network's confident
+itself at native resolution (_fit_edges), less the edge fit's own offset
+from the network on this overview's confident sections (_edge_bias: where a
+bright rim or blur puts the image's step outside the tissue edge the network
+learnt, the found sections would be wider than the network's). When the network's confident
 sections were fragments, the matches the image confirmed have another size:
 the template is then learnt again from them and the matching repeated once;
 its matches take precedence over the first pass's.
@@ -233,10 +236,23 @@ def _fit_edges(img: np.ndarray, center_px, size_px, angle: float, reach: float =
             (w, h), angle)
 
 
-def _candidate(image01, prob, center, size, angle, pixel_um, origin) -> tuple[dict, bool] | None:
+def _edge_bias(image01: np.ndarray, refs: list[dict], pixel_um: float, origin) -> float:
+    """How far (px, + outward) the image edge fit puts a section's edges beyond the
+    network's, as the median over the confident sections of this overview."""
+    out = []
+    for d in refs:
+        size = np.asarray(d["size_um"]) / pixel_um
+        fitted = _fit_edges(image01, (np.asarray(d["center_um"]) - origin) / pixel_um, size, d["angle_deg"])
+        if fitted is not None:
+            out += [(fitted[1][0] - size[0]) / 2, (fitted[1][1] - size[1]) / 2]
+    return float(np.median(out)) if len(out) >= 2 * MIN_REFERENCES else 0.0
+
+
+def _candidate(image01, prob, center, size, angle, pixel_um, origin, bias_px: float = 0.0) -> tuple[dict, bool] | None:
     """A section at a template match: re-segmented from the probability map when that
-    is plausible, then its edges fitted on the image; None without enough tissue
-    probability inside. The flag says whether the image confirmed all four edges."""
+    is plausible, then its edges fitted on the image and moved in by `bias_px`
+    (_edge_bias); None without enough tissue probability inside. The flag says
+    whether the image confirmed all four edges."""
     poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
     if _mean_inside(prob, (poly - origin) / pixel_um) < MIN_SUPPORT:
         return None
@@ -247,7 +263,8 @@ def _candidate(image01, prob, center, size, angle, pixel_um, origin) -> tuple[di
     fitted = _fit_edges(image01, (np.asarray(center) - origin) / pixel_um, np.asarray(size) / pixel_um, angle)
     if fitted is not None:
         center, size, angle = (origin + np.asarray(fitted[0]) * pixel_um,
-                               (fitted[1][0] * pixel_um, fitted[1][1] * pixel_um), fitted[2])
+                               ((fitted[1][0] - 2 * bias_px) * pixel_um, (fitted[1][1] - 2 * bias_px) * pixel_um),
+                               fitted[2])
     center, size, angle = normalise_rect(center, size, angle)      # angle in [-90, 90) as postprocess's
     poly = np.asarray(rectangle_polygon(tuple(center), size, angle))
     return {"id": -1, "center_um": [float(center[0]), float(center[1])], "size_um": [float(size[0]), float(size[1])],
@@ -288,7 +305,8 @@ def _median_size(sections: list[dict]) -> tuple[float, float]:
             float(np.median([d["size_um"][1] for d in sections])))
 
 
-def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin) -> tuple[list, list] | None:
+def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin,
+           bias_px: float = 0.0) -> tuple[list, list] | None:
     """One matching pass with the template learnt from `sources`: the matches, each as
     (section dict, indices of the `sections` it replaces), and the matches whose four
     edges the image confirmed; None when the template does not fit the image."""
@@ -306,7 +324,7 @@ def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin) ->
     longest = np.asarray([max(d["size_um"]) for d in sections], float)
     for r, c in peaks:
         found = _candidate(image01, prob, origin + (c * wpx, r * wpx), (W, H), float(score_angle[r, c]),
-                           pixel_um, origin)
+                           pixel_um, origin, bias_px)
         if found is None or any(rect_iou(_rect(found[0]), _rect(a)) > 0.1 for a, _ in added):
             continue
         cand, fitted = found
@@ -350,13 +368,14 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
     small = resample(np.asarray(image01, np.float32), factor).astype(np.float32)
     small = cv2.GaussianBlur(small, (0, 0), SMOOTH_PX)
     features = [small, resample(np.asarray(prob, np.float32), factor, shape=small.shape).astype(np.float32)]
-    first = _match(image01, prob, sections, features, refs, pixel_um, wpx, origin)
+    bias = _edge_bias(image01, refs, pixel_um, origin)
+    first = _match(image01, prob, sections, features, refs, pixel_um, wpx, origin, bias)
     if first is None:
         return sections
     added, confirmed = first
     if len(confirmed) >= MIN_REFERENCES:
         if any(abs(c / r - 1) > RELEARN for c, r in zip(_median_size(confirmed), _median_size(refs))):
-            second = _match(image01, prob, sections, features, confirmed, pixel_um, wpx, origin)
+            second = _match(image01, prob, sections, features, confirmed, pixel_um, wpx, origin, bias)
             if second is not None:
                 again = second[0]
                 added = again + [(c, hit) for c, hit in added

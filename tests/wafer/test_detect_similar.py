@@ -112,13 +112,13 @@ def test_neighbours_merged_into_one_blob_are_split():
     assert min(max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in found) for t in truth) > 0.8
 
 
-def _draw(centres, angles, seed):
+def _draw(centres, angles, seed, size=SIZE):
     """Sections in resin frames on a wafer, with tissue texture and noise."""
     rng = np.random.default_rng(seed)
     img = np.full((360, 600), 60.0, np.float32)
     for c, a in zip(centres, angles):
-        cv2.fillPoly(img, [np.round(_box(c, (SIZE[0] + 16, SIZE[1] + 16), a)).astype(np.int32)], 100.0)
-        cv2.fillPoly(img, [np.round(_box(c, SIZE, a)).astype(np.int32)], 150.0)
+        cv2.fillPoly(img, [np.round(_box(c, (size[0] + 16, size[1] + 16), a)).astype(np.int32)], 100.0)
+        cv2.fillPoly(img, [np.round(_box(c, size, a)).astype(np.int32)], 150.0)
     img += cv2.GaussianBlur(rng.normal(0, 25, img.shape).astype(np.float32), (0, 0), 2.0)
     return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8) / np.float32(255)
 
@@ -134,6 +134,22 @@ def test_a_section_laid_askew_is_found_at_its_own_angle():
     best = max(found, key=lambda d: rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), truth))
     assert abs(best["angle_deg"] - (ANGLE + 1.5)) < 0.5
     assert rect_iou((best["center_um"], best["size_um"], best["angle_deg"]), truth) > 0.9
+
+
+def test_found_sections_have_their_edges_where_the_network_puts_the_sure_ones():
+    """The image's step lies 2 px outside the edge the network draws (a bright rim, blur):
+    the sections found by likeness are measured like the network's own, not 2 px wider
+    on every side, so that all sections of a wafer get grids of one size."""
+    image = _draw(CENTRES, [ANGLE] * 6, 11, size=(SIZE[0] + 4, SIZE[1] + 4))
+    prob = _prob({4: 0.45, 5: 0.45})
+    found = find_similar(image, prob, postprocess(prob, PX), PX, (0.0, 0.0))
+    assert len(found) == 6
+    sure = [d["size_um"] for d in found if d["confidence"] > 0.9]
+    added = [d["size_um"] for d in found if d["confidence"] < 0.9]
+    assert len(sure) == 4 and len(added) == 2
+    for w, h in added:
+        assert abs(w - np.median([s[0] for s in sure])) < 1.5 * PX
+        assert abs(h - np.median([s[1] for s in sure])) < 1.5 * PX
 
 
 def test_fragments_as_references_do_not_make_the_found_sections_short():
