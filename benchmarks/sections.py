@@ -1,10 +1,12 @@
 """Section detection benchmark on simulated wafers never used in training.
 
-Three families (wafer/detect_families.py): ``training`` (the generator the
-model learnt, unseen seeds), ``validation`` (other layout ranges) and
-``test`` (layouts and looks outside the training ranges: 1-2 mm and narrow
-150-250 µm sections, up to 4:1, touching neighbours, thin resin rims,
-inverted or faint contrast under a strong gradient). A section counts as
+Four families (wafer/detect_families.py): ``training`` (the generator the
+model learnt, unseen seeds), ``validation`` (other layout ranges),
+``validation looks`` (those layouts under looks beyond the training's:
+stronger tile seams, detector gamma, dust) and ``test`` (layouts and looks
+outside the training ranges: 2-2.6 mm and narrow 4:1 sections, touching
+neighbours, thin resin rims, fainter tissue, a stronger ramp, more noise or
+blur, a third inverted). Thresholds are chosen on the two validation families. A section counts as
 found when the detected rectangle and the true tissue rectangle (minimum-area
 rectangle of the simulator's tissue outline) have IoU >= 0.5; sections cut by
 the image border are not counted either way. Edge error: the signed distance
