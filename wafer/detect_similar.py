@@ -19,7 +19,9 @@ sources and of the confident detections as wide as them, +-2 deg. A peak
 becomes a section when its likeness is >= MIN_NCC, the network gives it some
 tissue probability (>= MIN_SUPPORT, so the template cannot invent sections on
 bare resin), and it overlaps no detection except fragments (< FRAGMENT of the
-template's area), which it replaces; two or more matches that lie apart
+template's area), which it replaces if the part it adds to them is tissue
+(_extension_is_tissue: where the confident sections took their resin frames
+for tissue, a tight detection is not a fragment); two or more matches that lie apart
 inside one detection larger than MERGED x the template (neighbours the
 network joined) replace it. Each match's rectangle is re-segmented from the
 probability map around it (at half its own peak level, when that gives a
@@ -307,6 +309,39 @@ def _median_size(sections: list[dict]) -> tuple[float, float]:
             float(np.median([d["size_um"][1] for d in sections])))
 
 
+def _extension_is_tissue(image01, prob, cand: dict, parts: list[dict], pixel_um: float, origin) -> bool:
+    """Whether the part of `cand` that the fragments `parts` do not cover is tissue:
+    the network gives it some tissue probability (>= MIN_SUPPORT), or on the image
+    it is nearer the fragments' brightness than that of the band around `cand`
+    (the network may miss part of a section, but a resin frame looks like resin)."""
+    poly = (np.asarray(cand["polygon_um"]) - origin) / pixel_um
+    w, h = cand["size_um"]
+    band_um = MARGIN * min(w, h)                   # as wide as the template's border
+    grown = (np.asarray(rectangle_polygon(tuple(cand["center_um"]), (w + 2 * band_um, h + 2 * band_um),
+                                          cand["angle_deg"])) - origin) / pixel_um
+    x0, y0 = np.maximum(np.floor(grown.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(grown.max(0)).astype(int) + 1, prob.shape[::-1])
+    if x1 - x0 < 3 or y1 - y0 < 3:
+        return True
+
+    def mask(polys):
+        m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        for q in polys:
+            cv2.fillPoly(m, [np.round((q - (x0, y0)) * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
+        return m > 0
+
+    inside, band = mask([poly]), mask([grown])
+    frag = mask([(np.asarray(d["polygon_um"]) - origin) / pixel_um for d in parts]) & inside
+    ext, band = inside & ~frag, band & ~inside
+    if not ext.any() or not frag.any() or not band.any():
+        return True
+    if float(prob[y0:y1, x0:x1][ext].mean()) >= MIN_SUPPORT:
+        return True
+    img = image01[y0:y1, x0:x1]
+    e, t, b = (float(np.median(img[m])) for m in (ext, frag, band))
+    return abs(e - t) < abs(e - b)
+
+
 def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin,
            bias_px: float = 0.0) -> tuple[list, list] | None:
     """One matching pass with the template learnt from `sources`: the matches, each as
@@ -334,6 +369,8 @@ def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin,
         ious = {k: rect_iou(_rect(cand), _rect(sections[k])) for k in near if k not in removed}
         hits = [k for k, v in ious.items() if v > 0.1]
         if all(_area(sections[k]) < FRAGMENT * W * H for k in hits):
+            if hits and not _extension_is_tissue(image01, prob, cand, [sections[k] for k in hits], pixel_um, origin):
+                continue                 # the match would add a resin frame to a tight section
             removed.update(hits)
             added.append((cand, set(hits)))
             confirmed += [cand] if fitted else []

@@ -79,6 +79,20 @@ def test_a_fragment_gives_way_to_the_whole_section(overview):
     assert len(found) == 6 and min(_truth_hits(found)) > 0.85
 
 
+def test_a_tight_section_is_not_widened_to_the_frames_the_network_took_for_tissue(overview):
+    """On five sections the network took the resin frame for tissue, on the sixth it
+    outlined the tissue alone: the template (section and frame) must not replace it,
+    for the network sees no tissue in the frame around it."""
+    prob = np.full((360, 600), 0.02, np.float32)
+    for c in CENTRES[:5]:
+        cv2.fillPoly(prob, [np.round(_box(c, (SIZE[0] + 16, SIZE[1] + 16))).astype(np.int32)], 0.95)
+    cv2.fillPoly(prob, [np.round(_box(CENTRES[5])).astype(np.int32)], 0.95)
+    dets = postprocess(prob, PX)
+    assert len(dets) == 6 and _truth_hits(dets)[5] > 0.9
+    found = find_similar(overview, prob, dets, PX, (0.0, 0.0))
+    assert len(found) == 6 and _truth_hits(found)[5] > 0.9
+
+
 def test_too_few_confident_sections_change_nothing(overview):
     prob = _prob({k: 0.45 for k in range(2, 6)})       # two confident sections: no template
     dets = postprocess(prob, PX, min_confidence=0.4, threshold=0.4)
