@@ -21,11 +21,12 @@ tissue probability (>= MIN_SUPPORT, so the template cannot invent sections on
 bare resin), and it overlaps no detection except fragments (< FRAGMENT of the
 template's area), which it replaces if the part it adds to them is tissue
 (_extension_is_tissue: where the confident sections took their resin frames
-for tissue, a tight detection is not a fragment); two or more matches that lie apart
-inside one detection larger than MERGED x the template (neighbours the
-network joined) replace it. Each match's rectangle is re-segmented from the
-probability map around it (at half its own peak level, when that gives a
-plausible size), then its angle and four edges are fitted on the overview
+for tissue, a tight detection is not a fragment); two or more matches that
+lie apart inside one detection larger than MERGED x the template (neighbours
+the network joined) replace it where the image shows the boundary between
+them (_seam_contrast >= SEAM: a wafer may carry larger sections than most).
+Each match's rectangle is re-segmented from the probability map around it
+(at half its own peak level, when that gives a plausible size), then its angle and four edges are fitted on the overview
 itself at native resolution (_fit_edges), less the edge fit's own offset
 from the network on this overview's confident sections (_edge_bias: where a
 bright rim or blur puts the image's step outside the tissue edge the network
@@ -52,6 +53,7 @@ MIN_SUPPORT = 0.35        # mean tissue probability inside: the network must par
 MIN_REFERENCES = 3        # confident whole sections needed to build a template
 FRAGMENT = 0.7            # detections smaller than this x the template's area may be replaced
 MERGED = 1.7              # detections larger than this x the template's area may be neighbours merged
+SEAM = 8.0                # robust s.d.: the image must show the boundary between neighbours to split them
 MARGIN = 0.15             # template border around the section, x its short side
 ANGLE_STEPS = (-2.0, 0.0, 2.0)
 RELEARN = 0.05            # confirmed matches this much off the references' size: learn the template again
@@ -342,6 +344,37 @@ def _extension_is_tissue(image01, prob, cand: dict, parts: list[dict], pixel_um:
     return abs(e - t) < abs(e - b)
 
 
+def _seam_contrast(img: np.ndarray, cands: list[dict], pixel_um: float, origin) -> float:
+    """How clearly the image shows a boundary between neighbouring parts: on the profile
+    from one part's centre to the other's (averaged over half their short side), the
+    largest departure of its middle third from the outer thirds' median, in robust
+    s.d. (1.4826 MAD) of those thirds; the largest over all neighbouring pairs."""
+    best = 0.0
+    for i, a in enumerate(cands):
+        for b in cands[i + 1:]:
+            ca, cb = np.asarray(a["center_um"]), np.asarray(b["center_um"])
+            if np.hypot(*(ca - cb)) > 0.6 * (max(a["size_um"]) + max(b["size_um"])):
+                continue
+            n = max(8, int(np.hypot(*(ca - cb)) / pixel_um) * 2)
+            t = np.linspace(0, 1, n)
+            u = (cb - ca) / np.hypot(*(cb - ca))
+            v = np.array([-u[1], u[0]])
+            half = 0.25 * min(min(a["size_um"]), min(b["size_um"]))
+            prof = []
+            for off in np.linspace(-half, half, 9):
+                pts = (ca[None] + t[:, None] * (cb - ca)[None] + off * v[None] - origin) / pixel_um
+                xs = np.clip(np.round(pts[:, 0]).astype(int), 0, img.shape[1] - 1)
+                ys = np.clip(np.round(pts[:, 1]).astype(int), 0, img.shape[0] - 1)
+                prof.append(img[ys, xs])
+            prof = np.mean(prof, 0)
+            inner = np.concatenate([prof[: n // 3], prof[-(n // 3):]])
+            med = np.median(inner)
+            sd = 1.4826 * np.median(np.abs(inner - med)) + 1e-6
+            mid = prof[n // 3: -(n // 3)]
+            best = max(best, float(np.abs(mid - med).max() / sd))
+    return best
+
+
 def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin,
            bias_px: float = 0.0) -> tuple[list, list] | None:
     """One matching pass with the template learnt from `sources`: the matches, each as
@@ -381,7 +414,8 @@ def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin,
     for k, inside in parts.items():
         cands = [c for c, _ in inside]
         apart = all(rect_iou(_rect(a), _rect(b)) < 0.1 for i, a in enumerate(cands) for b in cands[i + 1:])
-        if len(cands) >= 2 and apart and sum(map(_area, cands)) > 0.6 * _area(sections[k]):
+        if (len(cands) >= 2 and apart and sum(map(_area, cands)) > 0.6 * _area(sections[k])
+                and _seam_contrast(image01, cands, pixel_um, origin) >= SEAM):
             added += [(c, {k}) for c in cands]
             confirmed += [c for c, fitted in inside if fitted]
     return added, confirmed

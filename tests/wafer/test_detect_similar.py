@@ -126,6 +126,29 @@ def test_neighbours_merged_into_one_blob_are_split():
     assert min(max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in found) for t in truth) > 0.8
 
 
+def test_a_section_twice_the_size_of_the_others_is_not_split():
+    """One section as long as two of its neighbours are wide, in one piece (no resin
+    between halves): the network's blob is that section, not two joined neighbours."""
+    rng = np.random.default_rng(5)
+    v = np.array([-np.sin(np.radians(ANGLE)), np.cos(np.radians(ANGLE))]) * (SIZE[1] + 4)
+    big_c, big_size = np.array((330.0, 250.0)) + v / 2, (SIZE[0], 2 * SIZE[1] + 4)
+    img = np.full((360, 600), 60.0, np.float32)
+    for c, size in [(c, SIZE) for c in CENTRES[:4]] + [(big_c, big_size)]:
+        cv2.fillPoly(img, [np.round(_box(c, (size[0] + 8, size[1] + 8))).astype(np.int32)], 100.0)
+        cv2.fillPoly(img, [np.round(_box(c, size)).astype(np.int32)], 150.0)
+    img += cv2.GaussianBlur(rng.normal(0, 25, img.shape).astype(np.float32), (0, 0), 2.0)
+    image = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8) / np.float32(255)
+    prob = np.full((360, 600), 0.02, np.float32)
+    for c, size in [(c, SIZE) for c in CENTRES[:4]] + [(big_c, big_size)]:
+        cv2.fillPoly(prob, [np.round(_box(c, size)).astype(np.int32)], 0.95)
+    dets = postprocess(prob, PX)
+    assert len(dets) == 5
+    found = find_similar(image, prob, dets, PX, (0.0, 0.0))
+    big = ((big_c[0] * PX, big_c[1] * PX), (big_size[0] * PX, big_size[1] * PX), ANGLE)
+    assert len(found) == 5
+    assert max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), big) for d in found) > 0.9
+
+
 def _draw(centres, angles, seed, size=SIZE):
     """Sections in resin frames on a wafer, with tissue texture and noise."""
     rng = np.random.default_rng(seed)
