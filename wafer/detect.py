@@ -220,13 +220,16 @@ def detect_sections(image: np.ndarray, pixel_size_um: float, origin_um=(0.0, 0.0
 
 def sections_from_probability(image: np.ndarray, prob: np.ndarray, pixel_size_um: float, origin_um,
                               model: torch.nn.Module, threshold: float = 0.5, similar: bool = True) -> list[dict]:
-    """postprocess, then (``similar``) the find-similar step at the network's pixel size."""
+    """postprocess, then (``similar``) resin frames taken off (wafer/detect_frames.py) and
+    the find-similar step at the network's pixel size (it also mends a frame cut wrong)."""
+    from wafer.detect_frames import strip_frames
     from wafer.detect_similar import find_similar
     dets = postprocess(prob, pixel_size_um, origin_um, threshold)
     if not similar:
         return dets
-    return find_similar(as_unit_float(image), prob, dets, pixel_size_um, origin_um,
-                        work_pixel_um=float(getattr(model, "net_pixel_um", pixel_size_um)))
+    image01 = as_unit_float(image)
+    return find_similar(image01, prob, strip_frames(image01, dets, pixel_size_um, origin_um), pixel_size_um,
+                        origin_um, work_pixel_um=float(getattr(model, "net_pixel_um", pixel_size_um)))
 
 
 # ---------------------------------------------------------------- evaluation
