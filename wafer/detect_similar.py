@@ -26,8 +26,9 @@ lie apart inside one detection larger than MERGED x the template (neighbours
 the network joined) replace it where the image shows the boundary between
 them (_seam_contrast >= SEAM: a wafer may carry larger sections than most).
 Each match's rectangle is re-segmented from the probability map around it
-(at half its own peak level, when that gives a plausible size), then its angle and four edges are fitted on the overview
-itself at native resolution (_fit_edges), less the edge fit's own offset
+(at half its own peak level, when that gives a plausible size), then its
+angle and four edges are fitted on the overview itself at native resolution
+(_fit_edges), less the edge fit's own offset
 from the network on this overview's confident sections (_edge_bias: where a
 bright rim or blur puts the image's step outside the tissue edge the network
 learnt, the found sections would be wider than the network's). When the network's confident
@@ -371,7 +372,7 @@ def _seam_contrast(img: np.ndarray, cands: list[dict], pixel_um: float, origin) 
             prof = np.mean(prof, 0)
             inner = np.concatenate([prof[: n // 3], prof[-(n // 3):]])
             med = np.median(inner)
-            sd = 1.4826 * np.median(np.abs(inner - med)) + 1e-6
+            sd = max(1.4826 * np.median(np.abs(inner - med)), 1 / 255)      # at least one grey level
             mid = prof[n // 3: -(n // 3)]
             best = max(best, float(np.abs(mid - med).max() / sd))
     return best

@@ -74,7 +74,7 @@ from acq.documents import CatchUp, DocumentRouter, RunStart, RunStop, SectionDon
 from acq.writers.layout import TileRecord, planes_for, plane_of
 from acq.writers.manifest import Manifest, WrittenFile, append_durably
 from acq.writers.stage_frame import AXES, footprint, ngff_datasets, resample
-from acq.writers.ome_zarr_repair import LAYOUT, SHARD_KEY, StoreRepair, _Section
+from acq.writers.ome_zarr_repair import LAYOUT, SHARD_KEY, StoreRepair, _Broken, _Section
 from acq.writers.zarr_shard import encode_shard
 from acq.writers.zarr_store import Volumes, buffer_prototype
 from common.atomic import ensure_dir

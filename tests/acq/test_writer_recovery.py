@@ -128,6 +128,20 @@ def test_broken_store_without_a_resumed_start_is_rebuilt_on_the_next_tile(tmp_pa
     assert_verified(out)
 
 
+def test_a_store_found_unusable_when_a_section_is_opened_is_discarded(tmp_path, monkeypatch):
+    """A store that appears after the writer started (or that it could not list then) is
+    checked when its section is opened; an unusable one is discarded, not raised."""
+    from acq.writers.ome_zarr_repair import _Broken
+    w = OmeZarrWriter(tmp_path, Manifest(tmp_path))
+    discarded = []
+    monkeypatch.setattr(w.volumes, "exists", lambda section: True)
+    monkeypatch.setattr(w, "_load", lambda section: (_ for _ in ()).throw(_Broken("no 'acq' attributes")))
+    monkeypatch.setattr(w, "_discard", lambda section, reason, latest=None: discarded.append((section, reason)))
+    assert w._open(3) is None
+    assert discarded == [(3, "no 'acq' attributes")]
+    w.close()
+
+
 def test_lost_chunk_file_is_pasted_again(tmp_path, clean):
     out = tmp_path / "o"
     shutil.copytree(clean, out)

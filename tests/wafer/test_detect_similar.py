@@ -93,6 +93,14 @@ def test_a_tight_section_is_not_widened_to_the_frames_the_network_took_for_tissu
     assert len(found) == 6 and _truth_hits(found)[5] > 0.9
 
 
+def test_two_confident_sections_are_enough_for_a_template(overview):
+    prob = _prob({k: 0.45 for k in range(2, 6)})       # the network is sure of two sections only
+    dets = postprocess(prob, PX)
+    assert len(dets) == 2
+    found = find_similar(overview, prob, dets, PX, (0.0, 0.0))
+    assert len(found) == 6 and min(_truth_hits(found)) > 0.85
+
+
 def test_too_few_confident_sections_change_nothing(overview):
     prob = _prob({k: 0.45 for k in range(1, 6)})       # one confident section: no template
     dets = postprocess(prob, PX, min_confidence=0.4, threshold=0.4)
