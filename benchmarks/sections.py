@@ -6,13 +6,14 @@ model learnt, unseen seeds), ``validation`` (other layout ranges),
 stronger tile seams, detector gamma, dust) and ``test`` (layouts and looks
 outside the training ranges: 2-2.6 mm and narrow 4:1 sections, touching
 neighbours, thin resin rims, fainter tissue, a stronger ramp, more noise or
-blur, a third inverted). Thresholds are chosen on the two validation families. A section counts as
-found when the detected rectangle and the true tissue rectangle (minimum-area
-rectangle of the simulator's tissue outline) have IoU >= 0.5; sections cut by
-the image border are not counted either way. Edge error: the signed distance
-of each of a found section's four edges from the true one (+ outside).
-Time: detection on the seed's 14 x 19-tile mosaic (14.3 x 14.6 mm at 4 µm).
-Every row runs the find-similar step (wafer/detect_similar.py) except
+blur, a third inverted). Thresholds are chosen on the two validation
+families. A section counts as found when the detected rectangle and the true
+tissue rectangle (minimum-area rectangle of the simulator's tissue outline)
+have IoU >= 0.5; sections cut by the image border are not counted either
+way. Edge error: the signed distance of each of a found section's four edges
+from the true one (+ outside). Time: detection on the seed's 14 x 19-tile
+mosaic (14.3 x 14.6 mm at 4 µm). Every row runs the frame step and the
+find-similar step (wafer/detect_frames.py, wafer/detect_similar.py) except
 "test (no similar)", the network and the seed's post-processing alone.
 
     .venv/bin/python benchmarks/sections.py [--model models/sections_unet.pt] [--per-family 24]

@@ -47,15 +47,20 @@ def _inner_steps(profile: np.ndarray) -> tuple[int, int]:
     return 2 + int(np.argmax(np.abs(g[2:hi]))), n - 3 - int(np.argmax(np.abs(g[::-1][2:hi])))
 
 
+def _to_image(c, angle_deg: float, w: int, h: int, pts) -> np.ndarray:
+    """Image px of points (x, y) of the upright w x h window at `c` (as _upright cuts it:
+    the centre at w/2, h/2, turned by angle_deg)."""
+    a = np.radians(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return np.asarray(c, float) + (np.asarray(pts, float).reshape(-1, 2) - (w / 2, h / 2)) @ rot.T
+
+
 def _sides_seen(c, angle_deg: float, w: int, h: int, shape) -> list[bool]:
     """Whether each side (left, right, top, bottom) of the upright w x h window at `c`
     lies inside the image (2 px in): a side beyond the border shows only its reflection."""
-    a = np.radians(angle_deg)
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    ends = {"left": [(0, 0), (0, h)], "right": [(w, 0), (w, h)], "top": [(0, 0), (w, 0)], "bottom": [(0, h), (w, h)]}
     seen = []
-    for side in ("left", "right", "top", "bottom"):
-        p = c + (np.asarray(ends[side], float) - (w / 2, h / 2)) @ rot.T
+    for ends in ([(0, 0), (0, h)], [(w, 0), (w, h)], [(0, 0), (w, 0)], [(0, h), (w, h)]):
+        p = _to_image(c, angle_deg, w, h, ends)
         seen.append(bool(p.min() >= 2 and p[:, 0].max() <= shape[1] - 3 and p[:, 1].max() <= shape[0] - 3))
     return seen
 
@@ -94,9 +99,7 @@ def strip_frame(image01: np.ndarray, d: dict, pixel_um: float, origin) -> dict:
             break
     else:
         return d                                         # as textured as the inside: tissue, not resin
-    dx, dy = (left + right) / 2 - w / 2, (top + bottom) / 2 - h / 2      # _upright puts the centre at w/2, h/2
-    a = np.radians(d["angle_deg"])
-    centre = origin + (c + (dx * np.cos(a) - dy * np.sin(a), dx * np.sin(a) + dy * np.cos(a))) * pixel_um
+    centre = origin + _to_image(c, d["angle_deg"], w, h, ((left + right) / 2, (top + bottom) / 2))[0] * pixel_um
     # the edges lie at the steps themselves: the tissue spans right - left pixels
     centre, size, angle = normalise_rect(centre, ((right - left) * pixel_um, (bottom - top) * pixel_um),
                                          d["angle_deg"])

@@ -28,10 +28,10 @@ them (_seam_contrast >= SEAM: a wafer may carry larger sections than most).
 Each match's rectangle is re-segmented from the probability map around it
 (at half its own peak level, when that gives a plausible size), then its
 angle and four edges are fitted on the overview itself at native resolution
-(_fit_edges), less the edge fit's own offset
-from the network on this overview's confident sections (_edge_bias: where a
-bright rim or blur puts the image's step outside the tissue edge the network
-learnt, the found sections would be wider than the network's). When the network's confident
+(_fit_edges), less the edge fit's own offset from the network on this
+overview's confident sections (_edge_bias: where a bright rim or blur puts
+the image's step outside the tissue edge the network learnt, the found
+sections would be wider than the network's). When the network's confident
 sections were fragments, the matches the image confirmed have another size:
 the template is then learnt again from them and the matching repeated once;
 its matches take precedence over the first pass's.
