@@ -16,9 +16,11 @@ normalised cross-correlations: the image alone fails where noise or tissue
 texture outweighs the section's contrast, the probability alone cannot tell
 touching neighbours apart. Matching runs at the angles of the template's
 sources and of the confident detections as wide as them, +-2 deg. A peak
-becomes a section when its likeness is >= MIN_NCC, the network gives it some
-tissue probability (>= MIN_SUPPORT, so the template cannot invent sections on
-bare resin), and it overlaps no detection except fragments (< FRAGMENT of the
+becomes a section when its likeness is >= MIN_NCC (or >= WEAK_NCC where the
+image shows its four edges at the template's size and about as strong as the
+sources' edges: a fold or scratch across a section lowers its likeness, not
+its outline), the network gives it some tissue probability (>= MIN_SUPPORT,
+so the template cannot invent sections on bare resin), and it overlaps no detection except fragments (< FRAGMENT of the
 template's area), which it replaces if the part it adds to them is tissue
 (_extension_is_tissue: where the confident sections took their resin frames
 for tissue, a tight detection is not a fragment); two or more matches that
@@ -50,6 +52,18 @@ from wafer.detect import MIN_CONFIDENCE, _mean_inside, rect_iou, resample
 # on "validation looks" 0.55 and 0.6 leave 28 false positives, 0.5 32, 0.45 56, 0.4 82
 # (sections put on bare wafer that the network, confused by the look, calls tissue).
 MIN_NCC = 0.55
+# A weaker likeness is enough where the image itself shows the section: four edges found
+# (_fit_edges), the template's size within WEAK_SIZE, the weakest edge WEAK_EDGE..1/WEAK_EDGE x as
+# strong as on the template's sources (_shows_edges). Chosen on the validation families, where the
+# edge test decides: without it a floor of 0.3 put 7 more false positives on "validation looks"
+# (0.4: 5 more; tile seams on bare wafer); with it both families are unchanged for floors 0.2-0.55
+# and edge ratios 0.1-0.5. They cannot choose the floor: 0.4 lies above the likeness of windows
+# half a section off a true one (mean of the two maps' p90, 0.20 and 0.57, measured when the
+# likeness took two maps). Asking every match for such edges (ratio >= 0.25) cost validation 3
+# sections: a network-backed likeness needs no edges.
+WEAK_NCC = 0.4
+WEAK_SIZE = 0.1
+WEAK_EDGE = 0.5
 MIN_SUPPORT = 0.35        # mean tissue probability inside: the network must partly agree
 MIN_REFERENCES = 2        # confident whole sections needed to build a template (3 -> 2: 9 more sections
                           # on overviews from an independently written generator, 1 more false positive;
@@ -347,6 +361,50 @@ def _extension_is_tissue(image01, prob, cand: dict, parts: list[dict], pixel_um:
     return abs(e - t) < abs(e - b)
 
 
+def _edge_strength(image01, d: dict, pixel_um: float, origin, pol: float) -> float:
+    """The weakest of the four edges of `d`: mean brightness 1-3 px inside less 1-3 px
+    outside, times `pol` (+1: sections brighter than their surroundings), on the median
+    profile across the middle half of each side (a fold across a side leaves it as
+    strong). Only 3 px out: where neighbours touch, the gap between them is narrow."""
+    c = (np.asarray(d["center_um"]) - origin) / pixel_um
+    W, H = np.asarray(d["size_um"]) / pixel_um
+    p = _upright(image01, c, d["angle_deg"], (W + 8, H + 8))
+    h, w = p.shape
+    cx, cy = w / 2, h / 2
+    rows = np.median(p[int(cy - H / 4):int(cy + H / 4) + 1], 0)
+    cols = np.median(p[:, int(cx - W / 4):int(cx + W / 4) + 1], 1)
+    out = []
+    for prof, lo, hi in ((rows, cx - W / 2, cx + W / 2), (cols, cy - H / 2, cy + H / 2)):
+        lo, hi = int(round(lo)), int(round(hi))
+        out.append(prof[lo + 1:lo + 4].mean() - prof[max(0, lo - 3):lo].mean())
+        out.append(prof[hi - 3:hi].mean() - prof[hi + 1:hi + 4].mean())
+    return float(min(pol * x for x in out))
+
+
+def _source_edges(image01, prob, sources: list[dict], pixel_um: float, origin,
+                  bias_px: float) -> tuple[float, float] | None:
+    """The sources' polarity (their majority's) and median weakest-edge strength, each
+    fitted as a match is (_candidate); None when the image confirmed none of them."""
+    found = [_candidate(image01, prob, d["center_um"], d["size_um"], d["angle_deg"], pixel_um, origin, bias_px)
+             for d in sources]
+    fitted = [f[0] for f in found if f is not None and f[1]]
+    if not fitted:
+        return None
+    pol = 1.0 if np.mean([_polarity(image01, (np.asarray(d["center_um"]) - origin) / pixel_um, d["angle_deg"],
+                                    np.asarray(d["size_um"]) / pixel_um) for d in fitted]) >= 0 else -1.0
+    edge = float(np.median([_edge_strength(image01, d, pixel_um, origin, pol) for d in fitted]))
+    return (pol, edge) if edge > 0 else None
+
+
+def _shows_edges(image01, cand: dict, size, edges: tuple[float, float] | None, pixel_um: float, origin) -> bool:
+    """Whether a weak match is confirmed by the image: the template's size within WEAK_SIZE
+    and its weakest edge WEAK_EDGE..1/WEAK_EDGE x the sources' (`edges`: _source_edges)."""
+    if edges is None or any(abs(x / y - 1) > WEAK_SIZE for x, y in zip(cand["size_um"], size)):
+        return False
+    pol, edge = edges
+    return WEAK_EDGE <= _edge_strength(image01, cand, pixel_um, origin, pol) / edge <= 1 / WEAK_EDGE
+
+
 def _seam_contrast(img: np.ndarray, cands: list[dict], pixel_um: float, origin) -> float:
     """How clearly the image shows a boundary between neighbouring parts: on the profile
     from one part's centre to the other's (averaged over half their short side), the
@@ -390,9 +448,10 @@ def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin,
     templates = [_template(f, sources, box, wpx, origin) for f in features]
     score, score_angle = _correlation(features, templates, _angles(sources, sections, (W, H)))
     peaks = np.argwhere((score >= ndimage.maximum_filter(score, size=max(3, int(0.6 * H / wpx))))
-                        & (score >= MIN_NCC))
+                        & (score >= WEAK_NCC))
     peaks = peaks[np.argsort(-score[peaks[:, 0], peaks[:, 1]])]
     removed, added, confirmed, parts = set(), [], [], {}
+    edge = _source_edges(image01, prob, sources, pixel_um, origin, bias_px)
     centres = np.asarray([d["center_um"] for d in sections], float).reshape(-1, 2)
     longest = np.asarray([max(d["size_um"]) for d in sections], float)
     for r, c in peaks:
@@ -401,6 +460,8 @@ def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin,
         if found is None or any(rect_iou(_rect(found[0]), _rect(a)) > 0.1 for a, _ in added):
             continue
         cand, fitted = found
+        if score[r, c] < MIN_NCC and not (fitted and _shows_edges(image01, cand, (W, H), edge, pixel_um, origin)):
+            continue
         near = np.flatnonzero(np.hypot(*(centres - cand["center_um"]).T) < max(cand["size_um"]) + longest)
         ious = {k: rect_iou(_rect(cand), _rect(sections[k])) for k in near if k not in removed}
         hits = [k for k, v in ious.items() if v > 0.1]

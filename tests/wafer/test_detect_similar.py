@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from wafer.detect import postprocess, rect_iou
+from wafer import detect_similar
 from wafer.detect_similar import find_similar
 
 PX = 4.0
@@ -69,6 +70,47 @@ def test_no_section_is_invented_where_the_network_sees_only_resin(overview):
     faint_everywhere = np.full_like(prob, 0.45)
     np.maximum(faint_everywhere, prob, out=faint_everywhere)
     assert len(find_similar(blank, faint_everywhere, dets, PX, (0.0, 0.0))) == 5
+
+
+def _stained(img: np.ndarray, k: int, level: float) -> np.ndarray:
+    """`img` with a stain of grey `level` over the middle of section k, its edges untouched."""
+    out = np.asarray(img * 255, np.float32)
+    cv2.ellipse(out, CENTRES[k], (45, 14), ANGLE, 0, 360, level, -1)
+    return out / np.float32(255)
+
+
+def test_a_stained_section_is_found_by_its_edges(overview, monkeypatch):
+    """A stain over a section lowers its likeness below MIN_NCC; its four edges are still
+    as strong as its neighbours', so it is found all the same."""
+    img = _stained(overview, 5, 0.0)
+    prob = _prob({5: 0.45})
+    dets = postprocess(prob, PX)
+    found = find_similar(img, prob, dets, PX, (0.0, 0.0))
+    assert len(found) == 6 and _truth_hits(found)[5] > 0.85
+    monkeypatch.setattr(detect_similar, "WEAK_NCC", detect_similar.MIN_NCC)      # the likeness alone
+    assert len(find_similar(img, prob, dets, PX, (0.0, 0.0))) == 5
+
+
+def test_a_weak_match_needs_edges_like_the_sections_at_their_size(overview):
+    """The image confirms a weak match only where it shows the sections' size and edges
+    about as strong as theirs: not on a patch a little brighter than the wafer between
+    the rows (a tile seam, a stain), nor on a box of another size."""
+    img = np.asarray(overview * 255, np.float32)
+    ghost = (300, 180)
+    cv2.fillPoly(img, [np.round(_box(ghost)).astype(np.int32)], 75.0)
+    img = img / np.float32(255)
+    prob = _prob({})
+    dets = postprocess(prob, PX)
+    edges = detect_similar._source_edges(img, prob, dets, PX, np.zeros(2), 0.0)
+    assert edges is not None and edges[0] == 1.0                 # the sections are the brighter
+    size = (SIZE[0] * PX, SIZE[1] * PX)
+
+    def at(c, size=size):
+        return {"center_um": [c[0] * PX, c[1] * PX], "size_um": list(size), "angle_deg": ANGLE}
+    assert detect_similar._shows_edges(img, at(CENTRES[4]), size, edges, PX, np.zeros(2))
+    assert not detect_similar._shows_edges(img, at(ghost), size, edges, PX, np.zeros(2))
+    assert not detect_similar._shows_edges(img, at(CENTRES[4], (size[0] * 1.2, size[1])), size, edges, PX,
+                                           np.zeros(2))
 
 
 def test_a_fragment_gives_way_to_the_whole_section(overview):
