@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import numpy as np
 import yaml
 from tests.support import ROOT
 from tests.support.engine_runs import records, write_plan, write_setup
@@ -203,6 +204,26 @@ def test_section_exhausted_ends_the_run_once_the_wafer_shows(run_tiny):
     assert {d.context["cycle"] for d in exhausted} == {1}
     assert len(records(engine.out_dir, "mill_done")) == 1            # no mill after the wafer showed
     assert max(d.cycle for d in docs if d.kind == "tile") == 1
+
+
+def test_an_exhausted_section_is_skipped_while_the_others_go_on(run_tiny):
+    """The ion beam's raster lies over section 0 only: it is cut through by the first
+    mill, reported, and not imaged again; section 1, never milled, is imaged in all
+    three cycles. The procedural neuropil: the tiny runs' three-slice texture has
+    too little contrast in 64 px blocks to tell tissue from wafer at 10 nm."""
+    def mill_section_0_only(engine, setup):
+        wafer = setup.world.wafer
+        mill = wafer.mill
+        wafer.mill = lambda depth, region=None: mill(np.array([depth, 0.0]), region=region)
+    engine, setup, docs, res = run_tiny(
+        plan_over={"irradiation": None, "cycles": {"section_exhausted": True, "max_cycles": 3}},
+        setup_kw={"mill_rate_nm_per_s_per_na": 1.0, "specimen": {"images": [], "slice_thickness_nm": 50.0, "seed": 0}},
+        before=mill_section_0_only)
+    assert res.status == "success", res.reason
+    exhausted = [d for d in docs if d.kind == "incident" and d.cause == "section_exhausted"]
+    assert [(d.context["section"], d.context["cycle"]) for d in exhausted] == [(0, 1)]
+    cycles = {k: sorted({d.cycle for d in docs if d.kind == "tile" and d.section_id == k}) for k in (0, 1)}
+    assert cycles == {0: [0, 1], 1: [0, 1, 2]}
 
 
 def test_a_plan_needs_sections_or_an_overview(tmp_path, setup_file, capsys):
