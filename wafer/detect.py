@@ -220,16 +220,24 @@ def detect_sections(image: np.ndarray, pixel_size_um: float, origin_um=(0.0, 0.0
 
 def sections_from_probability(image: np.ndarray, prob: np.ndarray, pixel_size_um: float, origin_um,
                               model: torch.nn.Module, threshold: float = 0.5, similar: bool = True) -> list[dict]:
-    """postprocess, then (``similar``) resin frames taken off (wafer/detect_frames.py) and
-    the find-similar step at the network's pixel size (it also mends a frame cut wrong)."""
+    """postprocess, then (``similar``) resin frames taken off (wafer/detect_frames.py),
+    ribbons drawn as one strip cut into sections where the network's own give no template
+    (wafer/detect_ribbons.py) and the find-similar step at the network's pixel size (it
+    also mends a frame cut wrong)."""
     from wafer.detect_frames import strip_frames
-    from wafer.detect_similar import find_similar
+    from wafer.detect_ribbons import split_ribbons
+    from wafer.detect_similar import find_similar, has_template
     dets = postprocess(prob, pixel_size_um, origin_um, threshold)
     if not similar:
         return dets
     image01 = as_unit_float(image)
-    return find_similar(image01, prob, strip_frames(image01, dets, pixel_size_um, origin_um), pixel_size_um,
-                        origin_um, work_pixel_um=float(getattr(model, "net_pixel_um", pixel_size_um)))
+    dets = strip_frames(image01, dets, pixel_size_um, origin_um)
+    if not has_template(dets, prob.shape, pixel_size_um, origin_um):
+        ribbons = strip_frames(image01, split_ribbons(image01, prob, pixel_size_um, origin_um), pixel_size_um, origin_um)
+        dets = [{**d, "id": i} for i, d in enumerate(sorted(dets + ribbons, key=lambda d: (d["center_um"][1],
+                                                                                              d["center_um"][0])))]
+    return find_similar(image01, prob, dets, pixel_size_um, origin_um,
+                        work_pixel_um=float(getattr(model, "net_pixel_um", pixel_size_um)))
 
 
 # ---------------------------------------------------------------- evaluation

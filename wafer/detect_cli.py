@@ -57,8 +57,9 @@ def detect_cmd(
     model_path: Optional[Path] = typer.Option(None, "--model", help="Weights (default: models/sections_unet.pt)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Tissue probability threshold."),
     similar: bool = typer.Option(True, "--similar/--no-similar", help="Also take resin frames off the network's "
-                                 "sections and find sections by their likeness to the confident ones on this "
-                                 "overview."),
+                                 "sections, cut ribbons it drew as one strip at their gaps (where it is sure of "
+                                 "no section) and find sections by their likeness to the confident ones on "
+                                 "this overview."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0: torch's default). On a busy "
                                 "shared CPU 1 is often fastest: idle OpenMP threads spin."),
 ) -> None:

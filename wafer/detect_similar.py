@@ -485,6 +485,11 @@ def _match(image01, prob, sections, features, sources, pixel_um, wpx, origin,
     return added, confirmed
 
 
+def has_template(sections: list[dict], shape, pixel_um: float, origin_um) -> bool:
+    """Whether `sections` hold enough confident whole ones for find_similar's template."""
+    return len(_references(sections, shape, pixel_um, np.asarray(origin_um, float))) >= MIN_REFERENCES
+
+
 def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pixel_um: float, origin_um,
                  work_pixel_um: float = 8.0) -> list[dict]:
     """`sections` (postprocess's dicts) plus the sections found by their likeness to the
