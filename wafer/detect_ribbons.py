@@ -9,8 +9,9 @@ across the strip, of the resin's grey, repeating at the sections' pitch.
 So along each strip too elongated for a section, the image's profile (the
 median across the strip, less its running median) is searched for a
 periodic train of narrow dips or peaks; where one is found at a clear
-contrast, the strip is cut there into sections. The find-similar step then
-learns its template from them.
+contrast, the strip is cut there into sections, and each section's edges are
+fitted on the image (the gaps' and the frame's steps). The find-similar step
+then learns its template from them.
 
 It runs only where the network's own sections give no template (fewer than
 MIN_REFERENCES confident whole ones): where they do, find similar already
@@ -21,7 +22,7 @@ benchmark families has an overview without a template, so they are
 unchanged. The limits below were set before it was first run, from the
 issue's section ranges (150 µm to 2 mm at up to 4:1); on overviews from a
 generator written outside this code (a third of them ribbons, the network
-drawing most as one strip) detection went from F1 0.685 to 0.837: the
+drawing most as one strip) detection went from F1 0.685 to 0.839: the
 sections of ribbons with visible gaps are found, touching ones (no gap to
 see) are not.
 """
@@ -34,7 +35,7 @@ from scipy import ndimage
 from common.geometry import normalise_rect, rectangle_polygon
 from wafer.detect import MAX_ASPECT, _mean_inside
 from wafer.detect_frames import _to_image
-from wafer.detect_similar import _upright
+from wafer.detect_similar import _fit_edges, _upright
 
 MIN_SECTION_UM = 100.0    # strips narrower than this are not ribbons of sections
 MIN_PITCH_UM = 35.0       # the shortest section side (150 µm at 4:1, less jitter); shorter is texture
@@ -113,8 +114,13 @@ def split_ribbons(image01: np.ndarray, prob: np.ndarray, pixel_um: float, origin
             if abs((b - a) / pitch - 1) > PITCH_TOLERANCE:
                 continue                                     # a piece cut off at the strip's end
             a, b = max(a, 0.0), min(b, float(w))
-            centre = origin + _to_image(c, angle, w, h, ((a + b) / 2, h / 2))[0] * pixel_um
-            cen, size, ang = normalise_rect(centre, ((b - a) * pixel_um, h * pixel_um), angle)
+            centre_px = _to_image(c, angle, w, h, ((a + b) / 2, h / 2))[0]
+            size_px, ang = (b - a, float(h)), angle
+            fitted = _fit_edges(image01, centre_px, size_px, ang, reach=0.15)
+            if fitted is not None:                           # the gaps' and the frame's steps
+                centre_px, size_px, ang = fitted
+            cen, size, ang = normalise_rect(origin + np.asarray(centre_px) * pixel_um,
+                                            (size_px[0] * pixel_um, size_px[1] * pixel_um), ang)
             poly = np.asarray(rectangle_polygon(tuple(cen), size, ang))
             out.append({"id": -1, "center_um": [float(cen[0]), float(cen[1])],
                         "size_um": [float(size[0]), float(size[1])], "angle_deg": float(ang),
