@@ -264,7 +264,8 @@ class StopRule(_Strict):
     section_exhausted: bool = False
     exhausted_flat_cv: float = Field(0.1, gt=0, le=1, description="a 64 px block with less relative contrast "
                                      "(after 8x8 binning) shows bare wafer or resin, no tissue")
-    exhausted_fraction: float = Field(0.9, gt=0, le=1, description="flat share of a section's tiles")
+    exhausted_fraction: float = Field(0.9, gt=0, le=1, description="flat share of a section's tiles, in two "
+                                      "consecutive cycles, for the section to be no longer imaged")
     max_cycles: int = Field(1000, ge=1, le=100_000)
 
     @model_validator(mode="after")

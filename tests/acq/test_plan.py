@@ -6,8 +6,9 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import pytest
+import cv2
 import numpy as np
+import pytest
 import yaml
 from tests.support import ROOT
 from tests.support.engine_runs import records, write_plan, write_setup
@@ -193,37 +194,68 @@ def test_plan_file_relative_setup_path(tmp_path):
 
 def test_section_exhausted_ends_the_run_once_the_wafer_shows(run_tiny):
     """A fast mill (simulated rate) cuts through the 250 nm sections in one
-    cycle: the next images show bare wafer, the sections drop out and the
-    run ends without milling again."""
+    cycle: the next images show bare wafer, the cycle after confirms it, the
+    sections drop out and the run ends without milling again."""
     engine, setup, docs, res = run_tiny(
         plan_over={"irradiation": None, "cycles": {"section_exhausted": True, "max_cycles": 6}},
         setup_kw={"mill_rate_nm_per_s_per_na": 1.0})
     assert res.status == "success", res.reason
     exhausted = [d for d in docs if d.kind == "incident" and d.cause == "section_exhausted"]
     assert sorted(d.context["section"] for d in exhausted) == [0, 1]
-    assert {d.context["cycle"] for d in exhausted} == {1}
-    assert len(records(engine.out_dir, "mill_done")) == 1            # no mill after the wafer showed
-    assert max(d.cycle for d in docs if d.kind == "tile") == 1
+    assert {d.context["cycle"] for d in exhausted} == {2}
+    assert len(records(engine.out_dir, "mill_done")) == 2            # no mill after it was confirmed
+    assert max(d.cycle for d in docs if d.kind == "tile") == 2
 
 
 def test_an_exhausted_section_is_skipped_while_the_others_go_on(run_tiny):
     """The ion beam's raster lies over section 0 only: it is cut through by the first
-    mill, reported, and not imaged again; section 1, never milled, is imaged in all
-    three cycles. The procedural neuropil: the tiny runs' three-slice texture has
-    too little contrast in 64 px blocks to tell tissue from wafer at 10 nm."""
+    mill, found so in cycles 1 and 2, reported, and not imaged again; section 1,
+    never milled, is imaged in all four cycles. The procedural neuropil: the tiny
+    runs' three-slice texture has too little contrast in 64 px blocks to tell
+    tissue from wafer at 10 nm."""
     def mill_section_0_only(engine, setup):
         wafer = setup.world.wafer
         mill = wafer.mill
         wafer.mill = lambda depth, region=None: mill(np.array([depth, 0.0]), region=region)
     engine, setup, docs, res = run_tiny(
-        plan_over={"irradiation": None, "cycles": {"section_exhausted": True, "max_cycles": 3}},
+        plan_over={"irradiation": None, "cycles": {"section_exhausted": True, "max_cycles": 4}},
         setup_kw={"mill_rate_nm_per_s_per_na": 1.0, "specimen": {"images": [], "slice_thickness_nm": 50.0, "seed": 0}},
         before=mill_section_0_only)
     assert res.status == "success", res.reason
     exhausted = [d for d in docs if d.kind == "incident" and d.cause == "section_exhausted"]
-    assert [(d.context["section"], d.context["cycle"]) for d in exhausted] == [(0, 1)]
+    assert [(d.context["section"], d.context["cycle"]) for d in exhausted] == [(0, 2)]
     cycles = {k: sorted({d.cycle for d in docs if d.kind == "tile" and d.section_id == k}) for k in (0, 1)}
-    assert cycles == {0: [0, 1], 1: [0, 1, 2]}
+    assert cycles == {0: [0, 1, 2], 1: [0, 1, 2, 3]}
+
+
+def test_one_flat_cycle_does_not_end_a_section(run_tiny):
+    """Every frame of cycle 1 comes back without tissue contrast (far out of focus; a
+    stage offset onto bare wafer looks the same), nothing is milled: no section is
+    given up, and both are imaged in every cycle."""
+    def flat_cycle_1(engine, setup):
+        setup.world.wafer.mill = lambda depth, region=None: None
+        cycle = [0]
+        engine.on_step(lambda ev: cycle.__setitem__(0, getattr(ev, "cycle", cycle[0])))
+        grab = setup.sem.acquire_frame
+
+        def acquire_frame():
+            frame = grab()
+            if cycle[0] == 1:                        # far out of focus, the detector's noise left
+                blurred = cv2.GaussianBlur(frame.image.astype(np.float32), (0, 0), 40)
+                noise = np.random.default_rng(len(cycle)).normal(0, 3, blurred.shape)
+                cycle.append(0)
+                frame.image[:] = np.clip(blurred + noise, 0, 255).astype(np.uint8)
+            return frame
+        setup.sem.acquire_frame = acquire_frame
+    engine, setup, docs, res = run_tiny(
+        plan_over={"irradiation": None, "cycles": {"section_exhausted": True, "max_cycles": 4}},
+        setup_kw={"specimen": {"images": [], "slice_thickness_nm": 50.0, "seed": 0}}, before=flat_cycle_1)
+    assert res.status == "success", res.reason
+    tiles = [d for d in docs if d.kind == "tile"]
+    assert min(d.qc["flat_fraction"] for d in tiles if d.cycle == 1) >= 0.9          # the bad cycle was seen
+    assert not [d for d in docs if d.kind == "incident" and d.cause == "section_exhausted"]
+    assert {k: sorted({d.cycle for d in tiles if d.section_id == k}) for k in (0, 1)} == {0: [0, 1, 2, 3],
+                                                                                          1: [0, 1, 2, 3]}
 
 
 def test_a_plan_needs_sections_or_an_overview(tmp_path, setup_file, capsys):
