@@ -14,6 +14,7 @@ from PyQt5.QtGui import QDesktopServices
 
 from common.paths import configs_dir, default_out_root
 from gui.incidents import IncidentList
+from gui.resume_dialog import ResumeDialog
 from gui.run_progress import pause_advice, report_folder
 from gui.widgets import Notice
 
@@ -146,7 +147,10 @@ class AcquisitionPanel(QWidget):
             return False
         return self.ctl.start(out)
 
-    def recover(self, folder=None) -> bool:
+    def recover(self, folder=None, accept_change=None, max_exposures: int | None = None) -> bool:
+        """Continue the run in ``folder``. Chosen here (no folder given), the operator is
+        also asked which parts may have changed and the exposure budget (ResumeDialog)."""
+        ask = not folder
         folder = folder or QFileDialog.getExistingDirectory(self, "Run folder to continue", str(OUT_ROOT))
         if not folder:
             return False
@@ -160,8 +164,14 @@ class AcquisitionPanel(QWidget):
         if self.ctl.plan is None:
             self.notice.show_notice("load the plan of that run first", "warning")
             return False
+        if ask:
+            from acq.dose_budget import budget_for
+            dialog = ResumeDialog(folder, budget_for(self.ctl.plan, self.session.setup.config), self)
+            if dialog.exec() != ResumeDialog.Accepted:
+                return False
+            accept_change, max_exposures = dialog.choices()
         self.out_dir.setText(str(folder))
-        return self.ctl.start(folder, resume=True)
+        return self.ctl.start(folder, resume=True, accept_change=accept_change or (), max_exposures=max_exposures)
 
     def open_report(self, folder=None) -> bool:
         """(Re)write the report of the run in ``folder`` (default: the output

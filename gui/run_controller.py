@@ -68,9 +68,11 @@ class RunController(QObject):
         return self.engine is not None and self.state in (RunState.RUNNING, RunState.PAUSED, RunState.STOPPING)
 
     # ------------------------------------------------------------ control
-    def start(self, out_dir, resume: bool = False, writers: bool = True) -> bool:
-        """New run into ``out_dir`` (or continue the run there). False, with
-        the reason on ``error``, when the engine refuses the plan or folder."""
+    def start(self, out_dir, resume: bool = False, writers: bool = True, accept_change=(),
+              max_exposures: int | None = None) -> bool:
+        """New run into ``out_dir`` (or continue the run there, allowing the parts named
+        in ``accept_change`` to differ, with ``max_exposures`` per tile and cycle). False,
+        with the reason on ``error``, when the engine refuses the plan or folder."""
         setup = self.session.setup
         if setup is None or self.plan is None or self.running:
             self.error.emit("open a setup and choose a plan first" if not self.running else "a run is active")
@@ -80,7 +82,8 @@ class RunController(QObject):
             from acq.engine import Engine
             from acq.notify import make_notifier
             notifier = make_notifier(setup.config)      # before the engine takes the folder: may refuse
-            engine = Engine(setup, self.plan, out_dir, resume=resume)
+            engine = Engine(setup, self.plan, out_dir, resume=resume, accept_change=accept_change,
+                            max_exposures=max_exposures)
             if writers:
                 from acq.plan import writer_options
                 from acq.writers import make_writers

@@ -103,7 +103,7 @@ _ADVICE = {
                                  "run ….",
     PauseReason.DOSE_BUDGET: "A tile has been scanned as often as the dose budget allows this cycle. Check why "
                              "(incidents: QC, grab errors, refocus); Resume allows it one more scan, Stop ends the "
-                             "run (resume later with a higher --max-exposures).",
+                             "run (continue it later with Resume run … and a higher exposure budget).",
     PauseReason.MILL_INTERRUPTED: "A mill was interrupted with the ion beam on. Inspect the sections; Resume accepts "
                                   "the mill as done, Stop ends the run.",
     PauseReason.OPERATOR: "Paused at your request between two steps (beams blanked). Resume to continue, Stop to "

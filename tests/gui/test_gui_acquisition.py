@@ -82,6 +82,41 @@ def test_stop_then_resume_the_run_from_its_folder(win, qtbot, tmp_path):
     assert res2.tiles_done == total and res2.tiles == total - done_first  # nothing acquired twice
 
 
+def test_resume_from_the_gui_may_allow_a_changed_part_and_a_higher_budget(win, qtbot, tmp_path):
+    """The run's plan copy edited (autofocus every 2 cycles): resuming refuses the
+    change, names it, and takes it when the operator allows it; the exposure budget
+    chosen for the resumed run is the engine's."""
+    import yaml
+    small_plan(win, rows=2, cols=2, frame=(256, 256), cycles=2)
+    acq, ctl = win.acquisition, win.controller
+    out = tmp_path / "run"
+    acq.out_dir.setText(str(out))
+    assert acq.start()
+    qtbot.waitUntil(lambda: ctl.progress.tiles >= 3, timeout=20000)
+    qtbot.mouseClick(acq.stop_button, 1)
+    assert finish(qtbot, win).status == "aborted"
+    saved = out / "gui_plan.yaml"
+    plan = yaml.safe_load(saved.read_text())
+    plan["autofocus"]["every_n_cycles"] = 2
+    saved.write_text(yaml.safe_dump(plan, sort_keys=False))
+    assert acq.recover(out) is False
+    assert "autofocus" in acq.notice.text() and "changed" in acq.notice.text()
+    assert acq.recover(out, accept_change=["autofocus"], max_exposures=5)
+    assert ctl.engine.budget == 5
+    assert finish(qtbot, win).status == "success"
+
+
+def test_resume_dialog_offers_every_part_that_may_change_and_the_budget(win):
+    from acq.fingerprint import OVERRIDABLE
+    from gui.resume_dialog import ResumeDialog
+    dialog = ResumeDialog("/data/run", budget=3, parent=win)
+    assert set(dialog.allow) == set(OVERRIDABLE)
+    assert dialog.choices() == ([], 3)                               # nothing allowed unless ticked
+    dialog.allow["writers"].setChecked(True)
+    dialog.budget.setValue(6)
+    assert dialog.choices() == (["writers"], 6)
+
+
 def test_demo_plan_runs(win, qtbot, tmp_path):
     acq, ctl = win.acquisition, win.controller
     assert acq.load_plan(ROOT / "configs" / "plans" / "demo_wafer.yaml")
