@@ -176,6 +176,34 @@ def test_neighbours_merged_into_one_blob_are_split():
     assert min(max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in found) for t in truth) > 0.8
 
 
+def test_neighbours_merged_across_a_gap_of_their_own_grey_are_split_by_their_edges(monkeypatch):
+    """Two sections 24 px apart on a wafer whose grey is near the tissue's, each in a
+    thin, faint resin rim, under strong noise: the network's blob covers both and the
+    gap. The profile from one to the other shows no clear seam (5 robust s.d.), but each
+    part has the sections' four edges, as strong as theirs: two sections."""
+    rng = np.random.default_rng(6)
+    v = np.array([-np.sin(np.radians(ANGLE)), np.cos(np.radians(ANGLE))]) * (SIZE[1] + 24)
+    centres = CENTRES[:4] + [np.array((330.0, 230.0)), np.array((330.0, 230.0)) + v]
+    img = np.full((360, 600), 140.0, np.float32)
+    for c in centres:
+        cv2.fillPoly(img, [np.round(_box(c, (SIZE[0] + 6, SIZE[1] + 6))).astype(np.int32)], 120.0)
+        cv2.fillPoly(img, [np.round(_box(c)).astype(np.int32)], 150.0)
+    img += cv2.GaussianBlur(rng.normal(0, 25, img.shape).astype(np.float32), (0, 0), 2.0)
+    image = np.clip(img + rng.normal(0, 25, img.shape), 0, 255).astype(np.uint8) / np.float32(255)
+    prob = np.full((360, 600), 0.02, np.float32)
+    for c in centres[:4]:
+        cv2.fillPoly(prob, [np.round(_box(c)).astype(np.int32)], 0.95)
+    cv2.fillPoly(prob, [np.round(_box(centres[4] + v / 2, (SIZE[0], 2 * SIZE[1] + 24))).astype(np.int32)], 0.95)
+    dets = postprocess(prob, PX)
+    assert len(dets) == 5
+    truth = [((c[0] * PX, c[1] * PX), (SIZE[0] * PX, SIZE[1] * PX), ANGLE) for c in centres]
+    found = find_similar(image, prob, dets, PX, (0.0, 0.0))
+    assert len(found) == 6
+    assert min(max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in found) for t in truth) > 0.8
+    monkeypatch.setattr(detect_similar, "_shows_edges", lambda *a: False)       # the seam alone: no split
+    assert len(find_similar(image, prob, dets, PX, (0.0, 0.0))) == 5
+
+
 def test_a_section_twice_the_size_of_the_others_is_not_split():
     """One section as long as two of its neighbours are wide, in one piece (no resin
     between halves): the network's blob is that section, not two joined neighbours."""
