@@ -233,7 +233,8 @@ def sections_from_probability(image: np.ndarray, prob: np.ndarray, pixel_size_um
     image01 = as_unit_float(image)
     dets = strip_frames(image01, dets, pixel_size_um, origin_um)
     if not has_template(dets, prob.shape, pixel_size_um, origin_um):
-        ribbons = strip_frames(image01, split_ribbons(image01, prob, pixel_size_um, origin_um), pixel_size_um, origin_um)
+        ribbons = strip_frames(image01, split_ribbons(image01, prob, pixel_size_um, origin_um), pixel_size_um,
+                               origin_um)
         dets = [{**d, "id": i} for i, d in enumerate(sorted(dets + ribbons, key=lambda d: (d["center_um"][1],
                                                                                               d["center_um"][0])))]
     return find_similar(image01, prob, dets, pixel_size_um, origin_um,

@@ -74,7 +74,8 @@ FRAGMENT = 0.7            # detections smaller than this x the template's area m
 MERGED = 1.7              # detections larger than this x the template's area may be neighbours merged
 SEAM = 8.0                # robust s.d.: the image must show the boundary between neighbours to split them
                           # (or every part its four edges; on the validation families that alternative
-                          # changes nothing; on the session-9 outside overviews, 4 more sections and 2 fewer false positives)
+                          # changes nothing; on the session-9 outside overviews, 4 more sections and
+                          # 2 fewer false positives)
 MARGIN = 0.15             # template border around the section, x its short side
 ANGLE_STEPS = (-2.0, 0.0, 2.0)
 RELEARN = 0.05            # confirmed matches this much off the references' size: learn the template again
