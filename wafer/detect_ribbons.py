@@ -49,12 +49,13 @@ def _strips(prob: np.ndarray, pixel_um: float, threshold: float = 0.5) -> list[t
     """(centre px, (long, short) px, angle) of the components of `prob` > threshold
     too elongated to be one section."""
     mask = ndimage.binary_closing(np.pad(prob > threshold, 1), iterations=1)[1:-1, 1:-1]
-    n, lab = cv2.connectedComponents(mask.astype(np.uint8))
+    lab, _ = ndimage.label(mask)
     out = []
-    for k in range(1, n):
-        ys, xs = np.nonzero(lab == k)
+    for k, box in enumerate(ndimage.find_objects(lab), 1):       # each component in its own box
+        ys, xs = np.nonzero(lab[box] == k)
         if len(xs) * pixel_um ** 2 < MIN_SECTION_UM ** 2:
             continue
+        ys, xs = ys + box[0].start, xs + box[1].start
         c, size, a = cv2.minAreaRect(np.stack([xs, ys], 1).astype(np.float32))
         c, size, a = normalise_rect(c, (size[0] + 1.0, size[1] + 1.0), a)
         if size[1] * pixel_um >= MIN_SECTION_UM and size[0] > MAX_ASPECT * size[1]:
