@@ -164,6 +164,9 @@ class AcquisitionPanel(QWidget):
         if self.ctl.plan is None:
             self.notice.show_notice("load the plan of that run first", "warning")
             return False
+        if self.session.setup is None:
+            self.notice.show_notice("open the run's setup first (File > Open setup file …)", "warning")
+            return False
         if ask:
             from acq.dose_budget import budget_for
             dialog = ResumeDialog(folder, budget_for(self.ctl.plan, self.session.setup.config), self)

@@ -225,7 +225,7 @@ def sections_from_probability(image: np.ndarray, prob: np.ndarray, pixel_size_um
     (wafer/detect_ribbons.py) and the find-similar step at the network's pixel size (it
     also mends a frame cut wrong)."""
     from wafer.detect_frames import strip_frames
-    from wafer.detect_ribbons import split_ribbons
+    from wafer.detect_ribbons import replace_strips, split_ribbons
     from wafer.detect_similar import find_similar, has_template
     dets = postprocess(prob, pixel_size_um, origin_um, threshold)
     if not similar:
@@ -233,10 +233,11 @@ def sections_from_probability(image: np.ndarray, prob: np.ndarray, pixel_size_um
     image01 = as_unit_float(image)
     dets = strip_frames(image01, dets, pixel_size_um, origin_um)
     if not has_template(dets, prob.shape, pixel_size_um, origin_um):
-        ribbons = strip_frames(image01, split_ribbons(image01, prob, pixel_size_um, origin_um), pixel_size_um,
-                               origin_um)
-        dets = [{**d, "id": i} for i, d in enumerate(sorted(dets + ribbons, key=lambda d: (d["center_um"][1],
-                                                                                              d["center_um"][0])))]
+        cuts = strip_frames(image01, split_ribbons(image01, prob, pixel_size_um, origin_um, threshold, dets),
+                            pixel_size_um, origin_um)
+        dets = sorted(replace_strips(dets, cuts, pixel_size_um, origin_um),
+                      key=lambda d: (d["center_um"][1], d["center_um"][0]))
+        dets = [{**d, "id": i} for i, d in enumerate(dets)]
     return find_similar(image01, prob, dets, pixel_size_um, origin_um,
                         work_pixel_um=float(getattr(model, "net_pixel_um", pixel_size_um)))
 

@@ -45,7 +45,7 @@ MIN_CONTRAST = 4.0        # each gap this many robust s.d. of the profile off it
 PITCH_TOLERANCE = 0.25    # consecutive gaps this close to the pitch
 
 
-def _strips(prob: np.ndarray, pixel_um: float, threshold: float = 0.5) -> list[tuple]:
+def _strips(prob: np.ndarray, pixel_um: float, threshold: float) -> list[tuple]:
     """(centre px, (long, short) px, angle) of the components of `prob` > threshold
     too elongated to be one section."""
     mask = ndimage.binary_closing(np.pad(prob > threshold, 1), iterations=1)[1:-1, 1:-1]
@@ -96,12 +96,17 @@ def _gaps(profile: np.ndarray, pixel_um: float, short_px: float) -> tuple[list[f
     return None if best is None else best[:2]
 
 
-def split_ribbons(image01: np.ndarray, prob: np.ndarray, pixel_um: float, origin_um) -> list[dict]:
+def split_ribbons(image01: np.ndarray, prob: np.ndarray, pixel_um: float, origin_um,
+                  threshold: float = 0.5, sections: list[dict] = ()) -> list[dict]:
     """Sections (postprocess's dicts, ids -1) cut from the strips the network drew over
-    whole ribbons; empty where no strip shows a periodic train of gaps."""
+    whole ribbons (its probability > `threshold`, as postprocess's) and from `sections`
+    (a short ribbon passes for one section); empty where none shows a periodic train of
+    gaps."""
     origin = np.asarray(origin_um, float)
     out = []
-    for c, (L, W), angle in _strips(prob, pixel_um):
+    kept = [((np.asarray(d["center_um"]) - origin) / pixel_um, np.asarray(d["size_um"]) / pixel_um, d["angle_deg"])
+            for d in sections]
+    for c, (L, W), angle in _strips(prob, pixel_um, threshold) + kept:
         win = _upright(np.asarray(image01, np.float32), c, angle, (L, W))
         h, w = win.shape
         profile = np.median(win[int(0.2 * h):max(int(0.8 * h), int(0.2 * h) + 1)], 0).astype(float)
@@ -128,3 +133,15 @@ def split_ribbons(image01: np.ndarray, prob: np.ndarray, pixel_um: float, origin
                         "polygon_um": [[float(x), float(y)] for x, y in poly],
                         "confidence": _mean_inside(prob, (poly - origin) / pixel_um)})
     return out
+
+
+def replace_strips(sections: list[dict], cuts: list[dict], pixel_um: float, origin_um) -> list[dict]:
+    """`sections` without those that two or more of the ribbon's `cuts` lie inside (a strip
+    postprocess kept as one section), plus the cuts."""
+    origin = np.asarray(origin_um, float)
+    centres = [tuple(map(float, (np.asarray(c["center_um"]) - origin) / pixel_um)) for c in cuts]
+
+    def tiled(d):
+        poly = ((np.asarray(d["polygon_um"]) - origin) / pixel_um).astype(np.float32)
+        return sum(cv2.pointPolygonTest(poly, p, False) >= 0 for p in centres) >= 2
+    return [d for d in sections if not tiled(d)] + cuts

@@ -66,6 +66,7 @@ MIN_NCC = 0.55
 WEAK_NCC = 0.4
 WEAK_SIZE = 0.1
 WEAK_EDGE = 0.5
+MIN_EDGE = 2 / 255        # sources' edges weaker than two grey levels: nothing to compare with
 MIN_SUPPORT = 0.35        # mean tissue probability inside: the network must partly agree
 MIN_REFERENCES = 2        # confident whole sections needed to build a template (3 -> 2: 9 more sections
                           # on overviews from an independently written generator, 1 more false positive;
@@ -366,13 +367,14 @@ def _extension_is_tissue(image01, prob, cand: dict, parts: list[dict], pixel_um:
     return abs(e - t) < abs(e - b)
 
 
-def _edge_strength(image01, d: dict, pixel_um: float, origin, pol: float) -> float:
-    """The weakest of the four edges of `d`: mean brightness 1-3 px inside less 1-3 px
-    outside, times `pol` (+1: sections brighter than their surroundings), on the median
-    profile across the middle half of each side (a fold across a side leaves it as
-    strong). Only 3 px out: where neighbours touch, the gap between them is narrow."""
+def _edge_strength(image01, d: dict, pixel_um: float, origin, pol: float, grow_px: float = 0.0) -> float:
+    """The weakest of the four edges of `d` grown by `grow_px` a side (where the image
+    put them: a match's edges are moved in by _edge_bias): mean brightness 1-3 px inside
+    less 1-3 px outside, times `pol` (+1: sections brighter than their surroundings), on
+    the median profile across the middle half of each side (a fold across a side leaves
+    it as strong). Only 3 px out: where neighbours touch, the gap between them is narrow."""
     c = (np.asarray(d["center_um"]) - origin) / pixel_um
-    W, H = np.asarray(d["size_um"]) / pixel_um
+    W, H = np.asarray(d["size_um"]) / pixel_um + 2 * grow_px
     p = _upright(image01, c, d["angle_deg"], (W + 8, H + 8))
     h, w = p.shape
     cx, cy = w / 2, h / 2
@@ -387,9 +389,10 @@ def _edge_strength(image01, d: dict, pixel_um: float, origin, pol: float) -> flo
 
 
 def _source_edges(image01, prob, sources: list[dict], pixel_um: float, origin,
-                  bias_px: float) -> tuple[float, float] | None:
-    """The sources' polarity (their majority's) and median weakest-edge strength, each
-    fitted as a match is (_candidate); None when the image confirmed none of them."""
+                  bias_px: float) -> tuple[float, float, float] | None:
+    """The sources' polarity (their majority's), median weakest-edge strength and
+    `bias_px`, each fitted as a match is (_candidate); None when the image confirmed
+    none of them or their edges are under MIN_EDGE (no edge to compare with)."""
     found = [_candidate(image01, prob, d["center_um"], d["size_um"], d["angle_deg"], pixel_um, origin, bias_px)
              for d in sources]
     fitted = [f[0] for f in found if f is not None and f[1]]
@@ -397,17 +400,18 @@ def _source_edges(image01, prob, sources: list[dict], pixel_um: float, origin,
         return None
     pol = 1.0 if np.mean([_polarity(image01, (np.asarray(d["center_um"]) - origin) / pixel_um, d["angle_deg"],
                                     np.asarray(d["size_um"]) / pixel_um) for d in fitted]) >= 0 else -1.0
-    edge = float(np.median([_edge_strength(image01, d, pixel_um, origin, pol) for d in fitted]))
-    return (pol, edge) if edge > 0 else None
+    edge = float(np.median([_edge_strength(image01, d, pixel_um, origin, pol, bias_px) for d in fitted]))
+    return (pol, edge, bias_px) if edge >= MIN_EDGE else None
 
 
-def _shows_edges(image01, cand: dict, size, edges: tuple[float, float] | None, pixel_um: float, origin) -> bool:
+def _shows_edges(image01, cand: dict, size, edges: tuple[float, float, float] | None, pixel_um: float,
+                 origin) -> bool:
     """Whether a weak match is confirmed by the image: the template's size within WEAK_SIZE
     and its weakest edge WEAK_EDGE..1/WEAK_EDGE x the sources' (`edges`: _source_edges)."""
     if edges is None or any(abs(x / y - 1) > WEAK_SIZE for x, y in zip(cand["size_um"], size)):
         return False
-    pol, edge = edges
-    return WEAK_EDGE <= _edge_strength(image01, cand, pixel_um, origin, pol) / edge <= 1 / WEAK_EDGE
+    pol, edge, grow = edges
+    return WEAK_EDGE <= _edge_strength(image01, cand, pixel_um, origin, pol, grow) / edge <= 1 / WEAK_EDGE
 
 
 def _seam_contrast(img: np.ndarray, cands: list[dict], pixel_um: float, origin) -> float:

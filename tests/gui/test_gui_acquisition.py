@@ -106,6 +106,36 @@ def test_resume_from_the_gui_may_allow_a_changed_part_and_a_higher_budget(win, q
     assert finish(qtbot, win).status == "success"
 
 
+def test_resume_run_chosen_in_the_gui_asks_then_continues(win, qtbot, tmp_path, monkeypatch):
+    """Resume run … with the folder chosen in the file dialog: the resume dialog is
+    asked, Cancel changes nothing, Resume continues the run with its choices."""
+    from PyQt5.QtWidgets import QFileDialog
+    from gui.resume_dialog import ResumeDialog
+    small_plan(win, rows=1, cols=2, frame=(256, 256), cycles=2)
+    acq, ctl = win.acquisition, win.controller
+    out = tmp_path / "run"
+    acq.out_dir.setText(str(out))
+    assert acq.start()
+    qtbot.waitUntil(lambda: ctl.progress.tiles >= 2, timeout=20000)
+    qtbot.mouseClick(acq.stop_button, 1)
+    assert finish(qtbot, win).status == "aborted"
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(out))
+    asked = []
+
+    def answer(result):
+        def exec_(dialog):
+            asked.append(dialog.budget.value())
+            dialog.budget.setValue(4)
+            return result
+        return exec_
+    monkeypatch.setattr(ResumeDialog, "exec", answer(ResumeDialog.Rejected))
+    assert acq.recover() is False and not ctl.running
+    monkeypatch.setattr(ResumeDialog, "exec", answer(ResumeDialog.Accepted))
+    assert acq.recover()
+    assert asked == [3, 3] and ctl.engine.budget == 4                 # the setup's budget offered
+    assert finish(qtbot, win).status == "success"
+
+
 def test_resume_dialog_offers_every_part_that_may_change_and_the_budget(win):
     from acq.fingerprint import OVERRIDABLE
     from gui.resume_dialog import ResumeDialog

@@ -79,3 +79,15 @@ def test_detection_finds_the_sections_of_a_ribbon_the_network_saw_as_one(gaps, f
     assert len(dets) == found
     if found:
         assert min(_ious(dets)) > 0.8 and [d["id"] for d in dets] == list(range(found))
+
+
+def test_a_strip_kept_whole_at_a_low_threshold_gives_way_to_its_sections():
+    """A faint halo around the ribbon, detection at threshold 0.3: the strip is short
+    enough to pass as one section, so it is replaced by the sections cut from it
+    (never both), and the cut follows the same threshold."""
+    img, prob = _overview(gaps=True)
+    halo = np.zeros_like(prob)
+    cv2.fillPoly(halo, [_strip_box(rim=12)], 0.4)
+    prob = np.maximum(prob, halo)
+    dets = sections_from_probability(img, prob, PX, (0.0, 0.0), SimpleNamespace(net_pixel_um=8.0), threshold=0.3)
+    assert len(dets) == N and min(_ious(dets)) > 0.8

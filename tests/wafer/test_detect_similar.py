@@ -111,6 +111,11 @@ def test_a_weak_match_needs_edges_like_the_sections_at_their_size(overview):
     assert not detect_similar._shows_edges(img, at(ghost), size, edges, PX, np.zeros(2))
     assert not detect_similar._shows_edges(img, at(CENTRES[4], (size[0] * 1.2, size[1])), size, edges, PX,
                                            np.zeros(2))
+    # where the image's step lies 3 px outside the network's edges, matches are moved in by
+    # 3 px (_edge_bias): their edges are measured where the image put them
+    inner = (size[0] - 6 * PX, size[1] - 6 * PX)
+    moved = detect_similar._source_edges(img, prob, dets, PX, np.zeros(2), 3.0)
+    assert detect_similar._shows_edges(img, at(CENTRES[4], inner), inner, moved, PX, np.zeros(2))
 
 
 def test_a_fragment_gives_way_to_the_whole_section(overview):
