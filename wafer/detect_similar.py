@@ -57,8 +57,8 @@ MIN_NCC = 0.55
 # A weaker likeness is enough where the image itself shows the section: four edges found
 # (_fit_edges), the template's size within WEAK_SIZE, the weakest edge WEAK_EDGE..1/WEAK_EDGE x as
 # strong as on the template's sources (_shows_edges). Chosen on the validation families, where the
-# edge test decides: without it a floor of 0.3 put 7 more false positives on "validation looks"
-# (0.4: 5 more; tile seams on bare wafer); with it both families are unchanged for floors 0.2-0.55
+# edge test decides: without it a floor of 0.3 put 5 more false positives on "validation looks"
+# (0.4: 3 more; tile seams on bare wafer); with it both families are unchanged for floors 0.2-0.55
 # and edge ratios 0.1-0.5. They cannot choose the floor: 0.4 lies above the likeness of windows
 # half a section off a true one (mean of the two maps' p90, 0.20 and 0.57, measured when the
 # likeness took two maps). Asking every match for such edges (ratio >= 0.25) cost validation 3
