@@ -35,7 +35,7 @@ from acq.documents import (CatchUp, CycleDone, FinishReason, Incident, IncidentC
 from acq.dose_budget import ExposureBook, autofocus_area, budget_for
 from acq.section_focus import SectionFocus
 from acq.events import AcquireTile, Autofocus, Configure, CycleEnd, Irradiate, Mill, MoveStage, PlanEvent, SectionEnd
-from acq.expand import ExpansionState, check_plan, expand
+from acq.expand import EXHAUSTED_CYCLES, ExpansionState, check_plan, expand
 from acq.journal import Journal, JournalBroken
 from acq.outdir_lock import OutdirLock
 from acq.plan import OVERVIEW_SECTION, Plan, Retries, dump_plan
@@ -54,11 +54,6 @@ from devices.setup_config import ConfigError
 
 log = logging.getLogger(__name__)
 SOFTWARE_VERSION = "0.1.0"
-# Consecutive cycles a section must look milled through before it is no longer imaged:
-# one bad cycle (a defocused or blanked scan, a stage offset after a re-home) must not end
-# a section the mill would go on cutting unseen. Counted in memory: a resume starts again
-# (one more cycle imaged, never one less).
-EXHAUSTED_CYCLES = 2
 
 
 StepHandler = Callable[[StepContext, PlanEvent], None]
@@ -170,7 +165,6 @@ class Engine:
         self._unwritten: list[tuple[AcquireTile, TileAck]] = []     # frames in memory a primary writer failed on
         self._unjournaled: list[tuple[str, dict]] = []              # records the disk refused, to append again
         self._write_tries: dict[str, int] = {}
-        self._flat_cycles: dict[int, list[int]] = {}                # section -> consecutive cycles seen flat
 
     def _release(self) -> None:
         unregister_root(self.out_dir)
@@ -583,14 +577,8 @@ class Engine:
             self.dispatcher.wait_idle(writers_only=True)
             qc = self.journal.state.tile_qc
             flat = [qc[t]["flat_fraction"] for t in ev.tile_ids if "flat_fraction" in qc.get(t, {})]
-            seen = self._flat_cycles.setdefault(ev.section, [])
-            if flat and sum(flat) / len(flat) >= rule.exhausted_fraction:
-                if seen and seen[-1] not in (ev.cycle - 1, ev.cycle):
-                    seen.clear()                             # not consecutive
-                if ev.cycle not in seen:
-                    seen.append(ev.cycle)
-            else:
-                seen.clear()
+            seen = self._xstate.seen_flat(ev.section, ev.cycle,
+                                          bool(flat) and sum(flat) / len(flat) >= rule.exhausted_fraction)
             if len(seen) >= EXHAUSTED_CYCLES:
                 self._xstate.exhausted.add(ev.section)
                 self.journal.append("exhausted", section=ev.section, cycle=ev.cycle)

@@ -23,11 +23,29 @@ from acq.section_focus import af_radius_um, choose_spots, forbidden_area_at, pin
 from devices.setup_config import ConfigError
 
 
+# Consecutive cycles a section must look milled through before it is no longer imaged:
+# one bad cycle (a defocused or blanked scan, a stage offset after a re-home) must not end
+# a section the mill would go on cutting unseen. Counted in memory: a resume starts again
+# (one more cycle imaged, never one less).
+EXHAUSTED_CYCLES = 2
+
+
 @dataclass
 class ExpansionState:
     """Feedback from the engine to the (lazy) expansion."""
     exhausted: set[int] = field(default_factory=set)
     focus: dict[int, dict] = field(default_factory=dict)   # the journal's section_focus (af_next per section)
+    flat_cycles: dict[int, list[int]] = field(default_factory=dict)   # section -> consecutive cycles seen flat
+
+    def seen_flat(self, section: int, cycle: int, flat: bool) -> list[int]:
+        """Record whether ``section`` looked milled through in ``cycle`` (a cycle counts
+        once); the consecutive cycles it has looked so, up to this one."""
+        seen = self.flat_cycles.setdefault(section, [])
+        if not flat or (seen and seen[-1] not in (cycle - 1, cycle)):
+            seen.clear()
+        if flat and cycle not in seen:
+            seen.append(cycle)
+        return seen
 
 
 # ---------------------------------------------------------------- sections
