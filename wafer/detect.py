@@ -218,6 +218,12 @@ def detect_sections(image: np.ndarray, pixel_size_um: float, origin_um=(0.0, 0.0
     return sections_from_probability(image, prob, pixel_size_um, origin_um, model, threshold, similar)
 
 
+def numbered(sections: list[dict]) -> list[dict]:
+    """`sections` in reading order (rows, then columns), ids 0, 1, ... in that order."""
+    ordered = sorted(sections, key=lambda d: (d["center_um"][1], d["center_um"][0]))
+    return [{**d, "id": i} for i, d in enumerate(ordered)]
+
+
 def sections_from_probability(image: np.ndarray, prob: np.ndarray, pixel_size_um: float, origin_um,
                               model: torch.nn.Module, threshold: float = 0.5, similar: bool = True) -> list[dict]:
     """postprocess, then (``similar``) resin frames taken off (wafer/detect_frames.py),
@@ -235,9 +241,7 @@ def sections_from_probability(image: np.ndarray, prob: np.ndarray, pixel_size_um
     if not has_template(dets, prob.shape, pixel_size_um, origin_um):
         cuts = strip_frames(image01, split_ribbons(image01, prob, pixel_size_um, origin_um, threshold, dets),
                             pixel_size_um, origin_um)
-        dets = sorted(replace_strips(dets, cuts, pixel_size_um, origin_um),
-                      key=lambda d: (d["center_um"][1], d["center_um"][0]))
-        dets = [{**d, "id": i} for i, d in enumerate(dets)]
+        dets = numbered(replace_strips(dets, cuts, pixel_size_um, origin_um))
     return find_similar(image01, prob, dets, pixel_size_um, origin_um,
                         work_pixel_um=float(getattr(model, "net_pixel_um", pixel_size_um)))
 

@@ -20,8 +20,9 @@ becomes a section when its likeness is >= MIN_NCC (or >= WEAK_NCC where the
 image shows its four edges at the template's size and about as strong as the
 sources' edges: a fold or scratch across a section lowers its likeness, not
 its outline), the network gives it some tissue probability (>= MIN_SUPPORT,
-so the template cannot invent sections on bare resin), and it overlaps no detection except fragments (< FRAGMENT of the
-template's area), which it replaces if the part it adds to them is tissue
+so the template cannot invent sections on bare resin), and it overlaps no
+detection except fragments (< FRAGMENT of the template's area), which it
+replaces if the part it adds to them is tissue
 (_extension_is_tissue: where the confident sections took their resin frames
 for tissue, a tight detection is not a fragment); two or more matches that
 lie apart inside one detection larger than MERGED x the template (neighbours
@@ -47,7 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 from common.geometry import normalise_rect, rectangle_polygon
-from wafer.detect import MIN_CONFIDENCE, _mean_inside, rect_iou, resample
+from wafer.detect import MIN_CONFIDENCE, _mean_inside, numbered, rect_iou, resample
 
 # Chosen on the validation families (wafer/detect_families.py), never on the test family:
 # on "validation" F1 is the same from 0.5 to 0.6 (at 0.4 one more false positive);
@@ -535,5 +536,4 @@ def find_similar(image01: np.ndarray, prob: np.ndarray, sections: list[dict], pi
                                  if all(rect_iou(_rect(c), _rect(a)) <= 0.1 for a, _ in again)]
     removed = set().union(*(hit for _, hit in added))
     out = [d for k, d in enumerate(sections) if k not in removed] + [c for c, _ in added]
-    out.sort(key=lambda d: (d["center_um"][1], d["center_um"][0]))
-    return [{**d, "id": i} for i, d in enumerate(out)]
+    return numbered(out)
