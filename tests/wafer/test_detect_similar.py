@@ -156,29 +156,43 @@ def test_too_few_confident_sections_change_nothing(overview):
     assert find_similar(overview, prob, dets, PX, (0.0, 0.0)) == dets
 
 
-def test_neighbours_merged_into_one_blob_are_split():
-    """Two sections side by side, 4 px of resin apart: the network's blob covers both."""
-    rng = np.random.default_rng(5)
-    v = np.array([-np.sin(np.radians(ANGLE)), np.cos(np.radians(ANGLE))]) * (SIZE[1] + 4)
-    centres = CENTRES[:4] + [np.array((330.0, 250.0)), np.array((330.0, 250.0)) + v]
-    img = np.full((360, 600), 60.0, np.float32)
+def _merged_pair(gap: int, first_y: float, wafer: float, rim: float, rim_px: int, noise: float, seed: int):
+    """(image, probability, section centres): four sections the network is sure of and
+    two more `gap` px apart (the first at x 330, y `first_y`) that its probability joins
+    into one blob with the gap.
+    Each section of grey 150 lies in a rim `rim_px` px wide of grey `rim` on a wafer
+    of grey `wafer`; tissue texture and detector noise of s.d. `noise`."""
+    rng = np.random.default_rng(seed)
+    v = np.array([-np.sin(np.radians(ANGLE)), np.cos(np.radians(ANGLE))]) * (SIZE[1] + gap)
+    first = np.array((330.0, first_y))
+    centres = CENTRES[:4] + [first, first + v]
+    img = np.full((360, 600), wafer, np.float32)
     for c in centres:
-        cv2.fillPoly(img, [np.round(_box(c, (SIZE[0] + 8, SIZE[1] + 8))).astype(np.int32)], 100.0)
+        cv2.fillPoly(img, [np.round(_box(c, (SIZE[0] + 2 * rim_px, SIZE[1] + 2 * rim_px))).astype(np.int32)], rim)
     for c in centres:
         cv2.fillPoly(img, [np.round(_box(c)).astype(np.int32)], 150.0)
     img += cv2.GaussianBlur(rng.normal(0, 25, img.shape).astype(np.float32), (0, 0), 2.0)
-    image = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8) / np.float32(255)
+    image = np.clip(img + rng.normal(0, noise, img.shape), 0, 255).astype(np.uint8) / np.float32(255)
     prob = np.full((360, 600), 0.02, np.float32)
     for c in centres[:4]:
         cv2.fillPoly(prob, [np.round(_box(c)).astype(np.int32)], 0.95)
-    blob = _box(centres[4] + v / 2, (SIZE[0], 2 * SIZE[1] + 4))
-    cv2.fillPoly(prob, [np.round(blob).astype(np.int32)], 0.95)
+    cv2.fillPoly(prob, [np.round(_box(first + v / 2, (SIZE[0], 2 * SIZE[1] + gap))).astype(np.int32)], 0.95)
+    return image, prob, centres
+
+
+def _all_found(found, centres) -> bool:
+    truth = [((c[0] * PX, c[1] * PX), (SIZE[0] * PX, SIZE[1] * PX), ANGLE) for c in centres]
+    return min(max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in found) for t in truth) > 0.8
+
+
+def test_neighbours_merged_into_one_blob_are_split():
+    """Two sections side by side, 4 px of resin apart: the network's blob covers both."""
+    image, prob, centres = _merged_pair(gap=4, first_y=250.0, wafer=60.0, rim=100.0, rim_px=4, noise=6, seed=5)
     dets = postprocess(prob, PX)
     assert len(dets) == 5                              # the two neighbours as one
     found = find_similar(image, prob, dets, PX, (0.0, 0.0))
     assert len(found) == 6
-    truth = [((c[0] * PX, c[1] * PX), (SIZE[0] * PX, SIZE[1] * PX), ANGLE) for c in centres]
-    assert min(max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in found) for t in truth) > 0.8
+    assert _all_found(found, centres)
 
 
 def test_neighbours_merged_across_a_gap_of_their_own_grey_are_split_by_their_edges(monkeypatch):
@@ -186,25 +200,12 @@ def test_neighbours_merged_across_a_gap_of_their_own_grey_are_split_by_their_edg
     thin, faint resin rim, under strong noise: the network's blob covers both and the
     gap. The profile from one to the other shows no clear seam (5 robust s.d.), but each
     part has the sections' four edges, as strong as theirs: two sections."""
-    rng = np.random.default_rng(6)
-    v = np.array([-np.sin(np.radians(ANGLE)), np.cos(np.radians(ANGLE))]) * (SIZE[1] + 24)
-    centres = CENTRES[:4] + [np.array((330.0, 230.0)), np.array((330.0, 230.0)) + v]
-    img = np.full((360, 600), 140.0, np.float32)
-    for c in centres:
-        cv2.fillPoly(img, [np.round(_box(c, (SIZE[0] + 6, SIZE[1] + 6))).astype(np.int32)], 120.0)
-        cv2.fillPoly(img, [np.round(_box(c)).astype(np.int32)], 150.0)
-    img += cv2.GaussianBlur(rng.normal(0, 25, img.shape).astype(np.float32), (0, 0), 2.0)
-    image = np.clip(img + rng.normal(0, 25, img.shape), 0, 255).astype(np.uint8) / np.float32(255)
-    prob = np.full((360, 600), 0.02, np.float32)
-    for c in centres[:4]:
-        cv2.fillPoly(prob, [np.round(_box(c)).astype(np.int32)], 0.95)
-    cv2.fillPoly(prob, [np.round(_box(centres[4] + v / 2, (SIZE[0], 2 * SIZE[1] + 24))).astype(np.int32)], 0.95)
+    image, prob, centres = _merged_pair(gap=24, first_y=230.0, wafer=140.0, rim=120.0, rim_px=3, noise=25, seed=6)
     dets = postprocess(prob, PX)
     assert len(dets) == 5
-    truth = [((c[0] * PX, c[1] * PX), (SIZE[0] * PX, SIZE[1] * PX), ANGLE) for c in centres]
     found = find_similar(image, prob, dets, PX, (0.0, 0.0))
     assert len(found) == 6
-    assert min(max(rect_iou((d["center_um"], d["size_um"], d["angle_deg"]), t) for d in found) for t in truth) > 0.8
+    assert _all_found(found, centres)
     monkeypatch.setattr(detect_similar, "_shows_edges", lambda *a: False)       # the seam alone: no split
     assert len(find_similar(image, prob, dets, PX, (0.0, 0.0))) == 5
 
