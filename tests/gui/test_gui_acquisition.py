@@ -18,6 +18,21 @@ def finish(qtbot, win, timeout=60000):
     return win.controller.engine.result
 
 
+def stopped_run(win, qtbot, tmp_path, rows: int, cols: int, tiles: int):
+    """(plan, run folder, result) of a two-cycle run of the small plan, stopped once `tiles`
+    tiles were taken."""
+    plan = small_plan(win, rows=rows, cols=cols, frame=(256, 256), cycles=2)
+    acq, ctl = win.acquisition, win.controller
+    out = tmp_path / "run"
+    acq.out_dir.setText(str(out))
+    assert acq.start()
+    qtbot.waitUntil(lambda: ctl.progress.tiles >= tiles, timeout=20000)
+    qtbot.mouseClick(acq.stop_button, 1)
+    res = finish(qtbot, win)
+    assert res.status == "aborted"
+    return plan, out, res
+
+
 def test_run_shows_progress_tiles_and_live_image(win, qtbot, tmp_path):
     small_plan(win, rows=1, cols=2, cycles=2)
     n_sec = len(win.layout_model.sections)
@@ -64,15 +79,9 @@ def test_pause_says_why_and_resume_continues(win, qtbot, tmp_path):
 
 
 def test_stop_then_resume_the_run_from_its_folder(win, qtbot, tmp_path):
-    plan = small_plan(win, rows=2, cols=2, frame=(256, 256), cycles=2)
+    plan, out, res = stopped_run(win, qtbot, tmp_path, rows=2, cols=2, tiles=5)
     acq, ctl = win.acquisition, win.controller
-    out = tmp_path / "run"
-    acq.out_dir.setText(str(out))
-    assert acq.start()
-    qtbot.waitUntil(lambda: ctl.progress.tiles >= 5, timeout=20000)
-    qtbot.mouseClick(acq.stop_button, 1)
-    res = finish(qtbot, win)
-    assert res.status == "aborted" and 0 < res.tiles_done < ctl.progress.total
+    assert 0 < res.tiles_done < ctl.progress.total
     done_first = res.tiles_done
     assert acq.start() is False and "not empty" in acq.notice.text()      # a new run never overwrites
     assert acq.recover(out)                                               # continue from the journal
@@ -87,14 +96,8 @@ def test_resume_from_the_gui_may_allow_a_changed_part_and_a_higher_budget(win, q
     change, names it, and takes it when the operator allows it; the exposure budget
     chosen for the resumed run is the engine's."""
     import yaml
-    small_plan(win, rows=2, cols=2, frame=(256, 256), cycles=2)
+    _, out, _ = stopped_run(win, qtbot, tmp_path, rows=2, cols=2, tiles=3)
     acq, ctl = win.acquisition, win.controller
-    out = tmp_path / "run"
-    acq.out_dir.setText(str(out))
-    assert acq.start()
-    qtbot.waitUntil(lambda: ctl.progress.tiles >= 3, timeout=20000)
-    qtbot.mouseClick(acq.stop_button, 1)
-    assert finish(qtbot, win).status == "aborted"
     saved = out / "gui_plan.yaml"
     plan = yaml.safe_load(saved.read_text())
     plan["autofocus"]["every_n_cycles"] = 2
@@ -111,14 +114,8 @@ def test_resume_run_chosen_in_the_gui_asks_then_continues(win, qtbot, tmp_path, 
     asked, Cancel changes nothing, Resume continues the run with its choices."""
     from PyQt5.QtWidgets import QFileDialog
     from gui.resume_dialog import ResumeDialog
-    small_plan(win, rows=1, cols=2, frame=(256, 256), cycles=2)
+    _, out, _ = stopped_run(win, qtbot, tmp_path, rows=1, cols=2, tiles=2)
     acq, ctl = win.acquisition, win.controller
-    out = tmp_path / "run"
-    acq.out_dir.setText(str(out))
-    assert acq.start()
-    qtbot.waitUntil(lambda: ctl.progress.tiles >= 2, timeout=20000)
-    qtbot.mouseClick(acq.stop_button, 1)
-    assert finish(qtbot, win).status == "aborted"
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(out))
     asked = []
 
