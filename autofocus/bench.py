@@ -52,6 +52,7 @@ class BenchSettings:
     specimen: Sequence[Path] = ()
     timing_calls: int = 20
     models_dir: Path = MODELS_DIR
+    column_alpha_mrad: Optional[float] = None      # the nominal α DeepFocus starts from (setup calibration)
 
     def as_dict(self) -> dict:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -142,7 +143,8 @@ def build_runner(name: str, bench: SimBench, *, n_patches: Optional[int] = None,
         bench.focus_by_hand(CALIBRATION_SPOT_M)
     method = make_pair_method(name, sem=sem, mapfost_calibration=st.mapfost_calibration,
                               microscope=bench.world.mp, perturbation_m=st.perturbation_m,
-                              n_patches=n_patches, patch_size=patch_size, seed=st.seed, models_dir=st.models_dir)
+                              n_patches=n_patches, patch_size=patch_size, seed=st.seed, models_dir=st.models_dir,
+                              column_alpha_mrad=st.column_alpha_mrad)
     thr = (0.2e-6, 0.05) if st.stop_at_threshold else (0.0, 0.0)
     runner = lambda: AutofocusLoop(sem, guard, method, perturbation_m=st.perturbation_m,  # noqa: E731
                                    max_iterations=st.iterations, threshold_wd_m=thr[0], threshold_stig=thr[1],
@@ -199,9 +201,11 @@ class MethodResult:
     seconds: float = 0.0
     calibration: Optional[dict] = None
     model: Optional[dict] = None
+    column: Optional[dict] = None                    # DeepFocus: the column's α, stated and learned from the moves
 
     def details(self) -> dict:
         return {"seconds": self.seconds, "timing": self.timing, "calibration": self.calibration, "model": self.model,
+                "column": self.column,
                 "status": [t.status for t in self.traces],
                 "frames": [t.evaluations for t in self.traces],
                 "final_error": [list(map(float, e[-1])) for e in self.errors]}
@@ -258,6 +262,13 @@ def run_method(name: str, bench: SimBench, locs, aberrations, progress=print, *,
                  f"({e[-1, 0]:+.2f} µm, {e[-1, 1]:+.3f}, {e[-1, 2]:+.3f})  {tr.status}, "
                  f"{tr.evaluations} frames")
     res.errors, res.dose = np.array(errs), np.array(doses)
+    method = getattr(runner, "method", None)
+    if getattr(method, "column", None) is not None:
+        ref = method.predictor.alpha_ref_mrad
+        res.column = {"stated_alpha_mrad": st.column_alpha_mrad, "alpha_ref_mrad": ref,
+                      "learned_alpha_mrad": method.column.alpha_mrad(ref)}
+        progress(f"  {name}: column probe half-angle {res.column['learned_alpha_mrad']:.1f} mrad learned from its "
+                 f"moves (stated: {st.column_alpha_mrad or 'none'})")
     if time_it:
         res.ms_per_pair, res.timing = time_per_pair(name, bench, st.timing_calls)
     res.seconds = time.perf_counter() - t0
@@ -300,7 +311,8 @@ def run_bench(cfg: SetupConfig, st: BenchSettings, *, json_out: Optional[Path] =
                     details={n: r.details() for n, r in results.items()},
                     available_methods=available_methods(st.models_dir),
                     margins={"wd_um": MARGIN_WD_UM, "stig": MARGIN_STIG})
-    out = {"methods": {n: {"ms_per_pair": r.ms_per_pair, "iterations": r.summary()} for n, r in results.items()},
+    out = {"methods": {n: {"ms_per_pair": r.ms_per_pair, "iterations": r.summary(), "column": r.column}
+                       for n, r in results.items()},
            "settings": settings}
     for line in speed_vs_mapfost(results):
         progress(line)

@@ -71,7 +71,8 @@ class ConnectedBench:
         set_focus(self.sem, self.operator)
         with self.sem.scanning(self.scan):
             method = make_pair_method(name, sem=self.sem, mapfost_calibration="induced",
-                                      perturbation_m=st.perturbation_m, seed=st.seed, models_dir=st.models_dir)
+                                      perturbation_m=st.perturbation_m, seed=st.seed, models_dir=st.models_dir,
+                                      column_alpha_mrad=st.column_alpha_mrad)
         thr = (0.2e-6, 0.05) if st.stop_at_threshold else (0.0, 0.0)
         return lambda: AutofocusLoop(self.sem, self.guard, method, perturbation_m=st.perturbation_m,
                                      max_iterations=st.iterations, threshold_wd_m=thr[0], threshold_stig=thr[1],

@@ -83,7 +83,8 @@ def bench(
                        iterations=iterations, nm_iterations=nm_iterations, dwell_s=dwell_ns * 1e-9,
                        frame=(frame[0], frame[1]), pixel_m=pixel_nm * 1e-9, initial=initial, seed=seed,
                        stop_at_threshold=stop, mapfost_calibration=mapfost_calibration,
-                       specimen=tuple(_specimens(specimen)), models_dir=models_dir)
+                       specimen=tuple(_specimens(specimen)), models_dir=models_dir,
+                       column_alpha_mrad=cfg.calibration.probe_half_angle_mrad)
     if cfg.devices.sem.driver != "sim":
         # a connected microscope: no hidden truth; convergence, sharpness against the operator's focus, dose
         if plot is not None or mapfost_calibration != "induced":

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from autofocus.column_scale import scale_of
 from autofocus.inference import resample
 from devices.setup_config import MicroscopeParams, Simulation
 from devices.sim import optics
@@ -104,6 +105,13 @@ class DataConfig:
     easy_wd_um: float = 5.0
     easy_stig: float = 3.0
     easy_dwell_ns: tuple[float, float] = (400.0, 800.0)
+    # pair targets referenced to a column of this probe half-angle: −aberration × (α/α_ref)².
+    # Why: a pair shows only Σ₊ − Σ₋ = α²·Δ·A (devices/sim/optics.py), so Δwd and α
+    # cannot be told apart from one pair (Δz at α looks like 25 µm²/Δz at α·Δz/5 µm);
+    # the referenced reading is what a pair does determine, and the column's α
+    # (setup, recalibration or the loop's own moves) turns it into µm. None = plain targets.
+    alpha_ref_mrad: Optional[float] = None
+    target_clip: tuple[float, float] = (160.0, 40.0)  # |referenced wd µm|, |stig|: far-off pairs read "far, this way"
 
     def card(self) -> dict:
         d = asdict(self)
@@ -286,11 +294,21 @@ class PairSimulator:
             target = np.array([abs(ab[0]), s], np.float32)
         else:
             imgs = list(self.pair(world, mp, center, ab, dwell_ns * 1e-9, (side, side), rng))
-            target = -np.asarray(ab, np.float32)
+            target = referenced_target(ab, mp.alpha_mrad, c.alpha_ref_mrad, c.target_clip)
         stack = np.stack(imgs)
         offs = rng.integers(0, side - P + 1, size=(N, 2))
         x = np.stack([stack[:, r:r + P, q:q + P] for r, q in offs])
         return x, target, {"ab": ab, "dwell_ns": dwell_ns, "alpha_mrad": mp.alpha_mrad}
+
+
+def referenced_target(ab, alpha_mrad: float, alpha_ref_mrad: Optional[float],
+                      clip: tuple[float, float]) -> np.ndarray:
+    """The correction −ab (µm, stig units) as the reference column would read it."""
+    t = -np.asarray(ab, np.float64)
+    if alpha_ref_mrad:
+        t = t * scale_of(alpha_mrad, alpha_ref_mrad)
+        t = np.clip(t, [-clip[0], -clip[1], -clip[1]], [clip[0], clip[1], clip[1]])
+    return t.astype(np.float32)
 
 
 class SampleStream:

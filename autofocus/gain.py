@@ -43,7 +43,9 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
     # a column-randomised model is calibrated over the columns it trained on, others on the base column
     microscopes = "columns" if trained.get("microscopes") == "columns" else "base"
     cfg = DataConfig(patch=PAIR_SIDE, n_patches=1, textures=[str(t) for t in textures], microscopes=microscopes,
-                     mixture=mixture, augment=False, pixel_nm=acquire_nm)
+                     mixture=mixture, augment=False, pixel_nm=acquire_nm,
+                     alpha_ref_mrad=trained.get("alpha_ref_mrad"),
+                     target_clip=tuple(trained.get("target_clip") or DataConfig.target_clip))
     sim = PairSimulator(cfg)
     rng = np.random.default_rng([seed, 0x6A1])
     n = pred.patches_to_tile(PAIR_SIDE, cfg.pixel_nm * 1e-9)

@@ -145,6 +145,8 @@ class DeepFocusPredictor:
         self.perturbation_m = float(self.card["perturbation_um"]) * 1e-6
         # post-hoc calibration of the outputs (autofocus/gain.py); 1 where none was fitted
         self.gain = np.asarray((self.card.get("output_gain") or {}).get("values", (1.0, 1.0, 1.0)), np.float64)
+        # readings referenced to a column of this α (autofocus/column_scale.py); None = this column's µm
+        self.alpha_ref_mrad = (self.card.get("training_data") or {}).get("alpha_ref_mrad")
 
     def check_image(self, shape: tuple[int, int], pixel_size_m: float) -> tuple[int, int]:
         """(h, w) of an image of ``shape`` taken at pixel_size_m once resampled to

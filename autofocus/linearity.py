@@ -1,14 +1,16 @@
 """Single-pair linearity (seed Fig. 3.4; issue 15): the first-step wd
 correction against the true defocus over |Δz| ≤ 20 µm, for columns of
-different probe half-angle. A model that learned one column's blur scale
-reads every other column's defocus too high or too low; one that reads the
-pair's own blur ratio stays on the diagonal at every α.
+different probe half-angle. One pair fixes only α²·Δz (autofocus/column_scale.py),
+so the first step is measured as a setup would take it: with the column's
+probe half-angle in its calibration (``method_for(α)``). A model that learned
+one column's blur scale still reads other columns too high or too low; one
+that reads the pair's relative blur stays on the diagonal at every α.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -36,14 +38,16 @@ def column(preset: str, alpha_mrad: Optional[float] = None) -> MicroscopeParams:
     return mp if alpha_mrad is None else mp.model_copy(update={"alpha_mrad": alpha_mrad})
 
 
-def measure(method, alphas: Sequence[float], *, specimen: Sequence[Path] = (), locations: int = 4,
+def measure(method_for: Callable[[float], object], alphas: Sequence[float], *, specimen: Sequence[Path] = (), locations: int = 4,
             defocus_um: Sequence[float] = DEFOCUS_UM, preset: str = "setup-a", dwell_s: float = 50e-9,
             pixel_m: float = 10e-9, frame: tuple[int, int] = (1024, 768), perturbation_m: float = 5e-6,
             seed: int = 0) -> list[LinearityRow]:
-    """First-step wd estimate of ``method`` (a CorrectionMethod) for pairs at
-    known defocus (no astigmatism) on the setup-A column with α replaced."""
+    """First-step wd estimate of ``method_for(α)`` (a fresh CorrectionMethod for
+    a column of α mrad) for pairs at known defocus (no astigmatism) on the
+    setup-A column with α replaced."""
     rows = []
     for a in alphas:
+        method = method_for(a)
         sim = Simulation(microscope=column(preset, a))
         world = specimen_world(sim, list(specimen), None)
         for dz in defocus_um:

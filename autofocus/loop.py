@@ -9,8 +9,9 @@ just moved centimetres, the loop is defensive:
   the ±Δ frames are centred inside the window so they never leave it;
 * it stops as soon as a correction is below the threshold;
 * it gives up and restores the starting state when the corrections grow for
-  ``patience`` iterations in a row, when the sharpness of the pair collapses
-  against the best pair seen, or when the method returns nonsense;
+  ``patience`` iterations in a row, when the sharpness of the pair (its
+  blurrier frame) collapses against the best pair seen, or when the method
+  returns nonsense;
 * dwell, frame size, pixel size and blanking are restored afterwards.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ class IterationRecord:
     clipped_to_window: bool = False      # value limited to the absolute window
     dose_e_per_nm2: float = 0.0          # dose of this iteration's frames (same area)
     images: int = 0
-    sharpness: float = 0.0               # mean sharpness of the pair
+    sharpness: float = 0.0               # sharpness of the pair's blurrier frame
     estimate_seconds: float = 0.0
     scan_seconds: float = 0.0            # beam time of the frames
     seconds: float = 0.0                 # wall time of the whole iteration
@@ -215,6 +216,9 @@ class AutofocusLoop:
             except ValueError as e:
                 trace.status, trace.message = "failed", f"refused before acquiring: {e}"
                 return
+        begin = getattr(self.method, "begin_location", None)
+        if begin is not None:                       # a method that learns from its own moves starts afresh here
+            begin()
         best_sharp, last_mag, grew = 0.0, math.inf, 0
         for k in range(1, self.max_iterations + 1):
             t0 = time.perf_counter()
@@ -222,9 +226,13 @@ class AutofocusLoop:
             if self.method.needs_pair:
                 rec.pair_center_wd_m = center = self.pair_center(wd)
                 img_p, img_m = self.acquire_pair(center, rec)
-                rec.sharpness = 0.5 * (tenengrad(img_p) + tenengrad(img_m))
+                # the blurrier frame: a pair centred c from focus has it at |c| + Δ, so it falls
+                # with every step away from focus; the mean does not (on a wide-aperture column a
+                # pair with one frame in focus is far sharper than the pair centred on focus)
+                rec.sharpness = min(tenengrad(img_p), tenengrad(img_m))
+                where = {"center_wd_m": center} if begin is not None else {}
                 est = self._estimate(lambda: self.method.estimate(img_p, img_m, sem.pixel_size(),
-                                                                  self.perturbation_m))
+                                                                  self.perturbation_m, **where))
             else:
                 rec.pair_center_wd_m = center = wd
                 est = self._estimate(lambda: self.method.run_on(sem))

@@ -22,6 +22,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 import cv2
 import numpy as np
 
+from autofocus.column_scale import ColumnScale, scale_of
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
 from common.paths import models_dir
@@ -209,7 +210,8 @@ class DeepFocusMethod:
 
     needs_pair = True
 
-    def __init__(self, model_path: Path, *, n_patches: int = 10, seed: int = 0, name: Optional[str] = None):
+    def __init__(self, model_path: Path, *, n_patches: int = 10, seed: int = 0, name: Optional[str] = None,
+                 column_alpha_mrad: Optional[float] = None):
         from autofocus.inference import DeepFocusPredictor
         self.model_path = Path(model_path)
         self.predictor = DeepFocusPredictor(self.model_path)
@@ -218,6 +220,18 @@ class DeepFocusMethod:
         self.name = name or self.model_path.stem
         trained = getattr(self.predictor, "perturbation_m", None)
         self.trained_perturbation_m = float(trained) if trained else None
+        # a model read against a reference column needs this column's scale (autofocus/column_scale.py)
+        ref = getattr(self.predictor, "alpha_ref_mrad", None)
+        self.column = None
+        if ref:
+            clip = (self.predictor.card.get("training_data") or {}).get("target_clip") or (160.0, 40.0)
+            # readings near the trained clip mean "far, this way" and carry no slope
+            self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]))
+
+    def begin_location(self) -> None:
+        """The loop starts at a new place: its readings get their own focus."""
+        if self.column is not None:
+            self.column.begin_location()
 
     def _check_perturbation(self, perturbation_m: float) -> None:
         if self.trained_perturbation_m and abs(perturbation_m - self.trained_perturbation_m) > 1e-9:
@@ -230,15 +244,23 @@ class DeepFocusMethod:
         self._check_perturbation(perturbation_m)
         self.predictor.check_image((frame_size[1], frame_size[0]), pixel_size_m)
 
-    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m) -> Estimate:
+    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m,
+                 center_wd_m: Optional[float] = None) -> Estimate:
+        """center_wd_m: the wd the pair was taken around; with it the readings
+        of one location teach the column scale (the loop passes it)."""
         self._check_perturbation(perturbation_m)        # predict checks the image size itself
         t0 = time.perf_counter()
         p = self.predictor.predict(img_plus, img_minus, pixel_size_m, n_patches=self.n_patches,
                                    seed_sequence=self.seed)
+        k = 1.0
+        if self.column is not None:
+            if center_wd_m is not None:
+                self.column.observe(center_wd_m * 1e6, float(p.d_wd_m) * 1e6)
+            k = self.column.value
         sd = getattr(p, "sd", None)
         if sd is not None:
-            sd = tuple(float(v) for v in np.ravel(sd)[:3])
-        return Estimate(float(p.d_wd_m), (float(p.d_stig[0]), float(p.d_stig[1])), sd,
+            sd = tuple(float(v) / k for v in np.ravel(sd)[:3])
+        return Estimate(float(p.d_wd_m) / k, (float(p.d_stig[0]) / k, float(p.d_stig[1]) / k), sd,
                         time.perf_counter() - t0, len(getattr(p, "per_patch", ())) or self.n_patches)
 
 
@@ -287,12 +309,14 @@ def available_methods(models_dir: Path = MODELS_DIR) -> list[str]:
 def make_pair_method(name: str, *, sem=None, mapfost_calibration: str | MapfostCalibration = "induced",
                      microscope=None, scan_rotation_rad: float = 0.0, perturbation_m: float = 5e-6,
                      n_patches: Optional[int] = None, patch_size: int = 512, seed: int = 0,
-                     models_dir: Path = MODELS_DIR):
+                     models_dir: Path = MODELS_DIR, column_alpha_mrad: Optional[float] = None):
     """Build a correction method by name.
 
     mapfost_calibration: "induced" calibrates on ``sem`` now (it must be in
     focus), "microscope" maps the simulator's hidden parameters (``microscope``
-    = MicroscopeParams; tests only), or a ready MapfostCalibration."""
+    = MicroscopeParams; tests only), or a ready MapfostCalibration.
+    column_alpha_mrad: the column's nominal probe half-angle (setup
+    calibration), the prior of a referenced DeepFocus model's column scale."""
     if name == "mapfost":
         if isinstance(mapfost_calibration, MapfostCalibration):
             cal = mapfost_calibration
@@ -312,7 +336,8 @@ def make_pair_method(name: str, *, sem=None, mapfost_calibration: str | MapfostC
         return SemBuiltinMethod()
     variants = deepfocus_variants(models_dir)
     if name in variants:
-        return DeepFocusMethod(variants[name], n_patches=n_patches or 10, seed=seed, name=name)
+        return DeepFocusMethod(variants[name], n_patches=n_patches or 10, seed=seed, name=name,
+                               column_alpha_mrad=column_alpha_mrad)
     if name.startswith("deepfocus"):
         raise ValueError(f"no shipped DeepFocus model {name!r} in {models_dir} (have {sorted(variants) or 'none'})")
     raise ValueError(f"unknown correction method {name!r}; available: {available_methods(models_dir)}")

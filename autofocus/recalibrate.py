@@ -19,6 +19,7 @@ interface alone (any driver: the simulator, the ZEISS fake, a real column):
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ import numpy as np
 from autofocus.bench import BenchSettings, MethodResult, SimBench, format_table, grid_locations, \
     initial_aberrations, run_method
 from autofocus.collect import CollectSettings, Collector, load_pairs, pairs_at_pixel, read_journal, set_focus
+from autofocus.column_scale import BOUNDS
+from autofocus.gain import l1_gain
 from autofocus.loop import AutofocusLoop
 from autofocus.methods import MODELS_DIR, DeepFocusMethod, deepfocus_variants, deepscore_model
 from common.atomic import atomic_write
@@ -173,6 +176,25 @@ def _single_step_errors(model: Path, triples, pixel_m: float, perturbation_m: fl
     return np.asarray(out)
 
 
+def column_alpha_mrad(model: Path, triples, pixel_m: float, perturbation_m: float) -> Optional[float]:
+    """The probe half-angle a referenced model reads this column's pairs at
+    (autofocus/column_scale.py): α_ref·√k with k the L1 slope of its wd
+    readings on the known corrections; None for a column-specific model."""
+    m = DeepFocusMethod(model, seed=0)
+    if m.column is None:
+        return None
+    truth, read = [], []
+    for plus, minus, target in triples:
+        r = m.estimate(plus, minus, pixel_m, perturbation_m).d_wd_m * 1e6      # no centre: the prior k = 1
+        if abs(target[0]) >= 1.0 and abs(r) < m.column.saturation:
+            truth.append(target[0])
+            read.append(r)
+    if len(truth) < 2:
+        return None
+    k = l1_gain(np.asarray(read), np.asarray(truth))          # read ≈ k·truth
+    return m.predictor.alpha_ref_mrad * math.sqrt(min(max(k, BOUNDS[0]), BOUNDS[1]))
+
+
 def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus", steps: int = 2000,
                         seed: int = 0, models_dir: Path = MODELS_DIR, progress=print,
                         json_out: Optional[Path] = None) -> dict:
@@ -200,6 +222,10 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
     card = load_card(base_path)
     want = float(card.get("pixel_size_nm", st["pixel_nm"])) * 1e-9
     before = _single_step_errors(base_path, test_t, pixel_m, pert_m)
+    alpha = column_alpha_mrad(base_path, train_t, pixel_m, pert_m)
+    if alpha is not None:
+        progress(f"{base_model} reads this column's pairs as a probe half-angle of {alpha:.1f} mrad "
+                 "(calibration.probe_half_angle_mrad; the recalibrated model reads this column directly)")
     progress(f"{len(train_t)} training pairs, {len(test_t)} held out (location {held}); fine-tuning the last "
              f"three FC layers of {base_model} for {steps} steps")
     info = train_on_samples(card["variant"], pairs_at_pixel(train_t, pixel_m, want), steps, out, init=base_path,
@@ -207,14 +233,14 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
                             perturbation_um=st["perturbation_um"])
     after = _single_step_errors(out, test_t, pixel_m, pert_m)
     report = {"data": str(data), "sem": manifest.get("sem"), "base_model": str(base_path), "out": str(out),
-              "steps": steps, "train_pairs": len(train_t), "held_out_pairs": len(test_t), "held_out_location": held,
+              "steps": steps, "column_alpha_mrad": alpha, "train_pairs": len(train_t), "held_out_pairs": len(test_t), "held_out_location": held,
               "train_validation": info.get("validation"),
               "before": {"mae_wd_um": float(before[:, 0].mean()), "mae_stig": float(before[:, 1:].mean())},
               "after": {"mae_wd_um": float(after[:, 0].mean()), "mae_stig": float(after[:, 1:].mean())}}
     card_path = Path(out).with_suffix(".json")
     c = json.loads(card_path.read_text())
-    c["recalibration"] = {k: report[k] for k in ("data", "sem", "base_model", "train_pairs", "held_out_pairs",
-                                                 "before", "after")}
+    c["recalibration"] = {k: report[k] for k in ("data", "sem", "base_model", "column_alpha_mrad", "train_pairs",
+                                                 "held_out_pairs", "before", "after")}
     atomic_write(card_path, json.dumps(c, indent=1, default=str).encode(), overwrite=True)
     b, a = report["before"], report["after"]
     report["summary"] = (f"recalibrated {base_model} -> {out} on {len(train_t)} pairs from {data}: single-pair "

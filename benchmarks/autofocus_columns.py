@@ -50,16 +50,18 @@ def columns(cfg) -> list[tuple[str, MicroscopeParams]]:
             ("alpha 15 mrad", a.model_copy(update={"alpha_mrad": 15.0}))]
 
 
-def cell(cfg, mp, model_dir: Path, specimen, initial: str, methods, locations: int, seed: int) -> dict:
+def cell(cfg, mp, model_dir: Path, specimen, initial: str, methods, locations: int, seed: int,
+         nominal_alpha_mrad) -> dict:
     st = BenchSettings(methods=methods, locations=locations, iterations=3, dwell_s=50e-9, frame=(1024, 768),
                        pixel_m=10e-9, initial=initial, seed=seed, stop_at_threshold=False,
-                       specimen=tuple(specimen), models_dir=model_dir)
+                       specimen=tuple(specimen), models_dir=model_dir, column_alpha_mrad=nominal_alpha_mrad)
     out = run_bench(cfg, st, progress=lambda s: None, microscope=mp)
     res = {}
     for name, m in out["methods"].items():
         its = m["iterations"]
         res[name] = {"in_margin_it3": its[3]["in_margin_fraction"], "mae_wd_it2_um": its[2]["mae_wd_um"],
-                     "mae_stig_it2": its[2]["mae_stig"], "ms_per_pair": m["ms_per_pair"]}
+                     "mae_stig_it2": its[2]["mae_stig"], "ms_per_pair": m["ms_per_pair"],
+                     "learned_alpha_mrad": (m.get("column") or {}).get("learned_alpha_mrad")}
     return res
 
 
@@ -83,6 +85,11 @@ def main() -> int:
     ap.add_argument("--recal-steps", type=int, default=1500)
     ap.add_argument("--quick", action="store_true", help="3 locations, procedural specimen only, no setup B")
     ap.add_argument("--no-linearity", action="store_true")
+    ap.add_argument("--nominal", choices=("column", "none"), default="column",
+                    help="the probe half-angle each column's setup states (calibration.probe_half_angle_mrad): "
+                         "the column's own, times 1 + --nominal-error; or none (DeepFocus starts from its "
+                         "reference column and learns the scale from its moves)")
+    ap.add_argument("--nominal-error", type=float, default=0.0, help="relative error of the stated α, e.g. 0.25")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -104,14 +111,17 @@ def main() -> int:
                      .model_dump(include={"wd_focus_mm", "stig_x0", "stig_y0"})),
                      recalibrated_model(cfg, model, tmp, args.recal_steps)))
     rows, t0 = [], time.perf_counter()
-    print(f"model {model} ({name}); {locations} locations, 50 ns, 1024x768 at 10 nm, 3 iterations")
+    print(f"model {model} ({name}); {locations} locations, 50 ns, 1024x768 at 10 nm, 3 iterations; stated "
+          f"probe half-angle: " + ("none" if args.nominal == "none" else
+                                   f"the column's x {1 + args.nominal_error:g}"))
     print(f"{'column':32s} {'specimen':34s} {'in margin it3':>13s} {'MAE wd it2':>10s} {'large it3':>9s}"
-          f" {'ms/pair':>8s}")
+          f" {'ms/pair':>8s} {'α learned':>9s}")
     for ci, (cname, mp, m) in enumerate(cols):
         for si, (sname, spec) in enumerate(specimens):
             methods = (m.stem, "mapfost") if ci == 0 and si == 0 else (m.stem,)
-            seed_run = cell(cfg, mp, m.parent, spec, "seed", methods, locations, args.seed)
-            large = cell(cfg, mp, m.parent, spec, "large", (m.stem,), locations, args.seed)
+            nominal = mp.alpha_mrad * (1 + args.nominal_error) if args.nominal == "column" else None
+            seed_run = cell(cfg, mp, m.parent, spec, "seed", methods, locations, args.seed, nominal)
+            large = cell(cfg, mp, m.parent, spec, "large", (m.stem,), locations, args.seed, nominal)
             r = seed_run[m.stem]
             row = {"column": cname, "specimen": sname, **r, "large_in_margin_it3": large[m.stem]["in_margin_it3"]}
             if "mapfost" in seed_run:
@@ -120,7 +130,8 @@ def main() -> int:
             rows.append(row)
             n = locations
             print(f"{cname:32s} {sname:34s} {round(r['in_margin_it3'] * n):>9d}/{n:<3d} {r['mae_wd_it2_um']:8.2f} µm"
-                  f" {round(row['large_in_margin_it3'] * n):>5d}/{n:<3d} {r['ms_per_pair']:8.1f}", flush=True)
+                  f" {round(row['large_in_margin_it3'] * n):>5d}/{n:<3d} {r['ms_per_pair']:8.1f}"
+                  + (f" {r['learned_alpha_mrad']:7.1f}" if r.get("learned_alpha_mrad") else ""), flush=True)
             if "mapfost" in row:
                 mf = row["mapfost"]
                 print(f"{'  (mapfost, same states)':32s} {'':34s} {round(mf['in_margin_it3'] * n):>9d}/{n:<3d} "
@@ -134,8 +145,8 @@ def main() -> int:
         print(f"speed: DeepFocus {sp[0]:.1f}x faster than MAPFoSt per 512² pair (target >= {TARGETS['speedup']:.0f}x)")
     lin = None
     if not args.no_linearity:
-        method = DeepFocusMethod(model, seed=0)
-        lin = linearity.measure(method, (3.0, 8.0, 15.0, 22.0), locations=2 if args.quick else 4)
+        lin = linearity.measure(lambda a: DeepFocusMethod(model, seed=0, column_alpha_mrad=a), (3.0, 8.0, 15.0, 22.0),
+                                locations=2 if args.quick else 4)
         print(linearity.format_table(lin, name))
     print(f"{time.perf_counter() - t0:.0f} s")
     if args.json:

@@ -380,6 +380,11 @@ class Calibration(_Strict):
     ion_raster_mm_per_vpp: tuple[Annotated[float, Field(gt=0, le=100)],
                                  Annotated[float, Field(gt=0, le=100)]] = (1.1, 1.1)
     stage_to_image_rotation_deg: float = Field(0.0, ge=-360, le=360)
+    # the column's probe half-angle where autofocus images (aperture radius over its distance to
+    # the focus, or the value `autofocus recalibrate` reports): a DeepFocus model read against a
+    # reference column starts from it and refines it from its own moves (autofocus/column_scale.py);
+    # None = assume the model's reference column. 2-25 mrad is what the model trained on.
+    probe_half_angle_mrad: Optional[float] = Field(None, ge=2.0, le=25.0)
 
 
 # ---------------------------------------------------------- notifications

@@ -45,10 +45,10 @@ class _Reporting:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m):
+    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m, **where):
         if self.token is not None:
             self.token.check()              # between iterations: the loop restores the start on an exception
-        est = self.inner.estimate(img_plus, img_minus, pixel_size_m, perturbation_m)
+        est = self.inner.estimate(img_plus, img_minus, pixel_size_m, perturbation_m, **where)
         self.k += 1
         if self.cb:
             stig = tuple(self.sem.stig())
@@ -68,7 +68,8 @@ def _make_method(setup, name: str, perturbation_m: float, patch: int):
                                     patch_size=patch)
         return make_pair_method("mapfost", sem=sem, mapfost_calibration="induced", perturbation_m=perturbation_m,
                                 patch_size=patch)
-    return make_pair_method(name, sem=sem, perturbation_m=perturbation_m, patch_size=patch)
+    return make_pair_method(name, sem=sem, perturbation_m=perturbation_m, patch_size=patch,
+                            column_alpha_mrad=setup.config.calibration.probe_half_angle_mrad)
 
 
 def run_focus(setup, name: str, *, perturbation_um: float = 5.0, max_iterations: int = 5, frame: int = 512,

@@ -57,6 +57,16 @@ STAGES = {
     # J: I continued with the learning rate restarted (I's schedule had decayed it tenfold)
     "J": dict(steps=4500, seed=37, lr=2e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
                                                   **AT_20NM}, pool_refresh=4, em_textures=True),
+    # K: J continued on targets referenced to an 8 mrad column, −aberration × (α/8 mrad)²
+    # (autofocus.data.referenced_target): what one pair determines whatever the column. Stopped by
+    # hand at 900 steps: its clip at 60 µm cut a 22 mrad column's reading off at 8 µm of defocus
+    "K": dict(steps=900, seed=41, lr=3e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
+                                                 "alpha_ref_mrad": 8.0, "target_clip": (60.0, 15.0), **AT_20NM},
+              pool_refresh=4, em_textures=True),
+    # L: K continued with the clip at 160 referenced µm (20 µm of defocus at 22 mrad)
+    "L": dict(steps=6000, seed=43, lr=2.5e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
+                                                    "alpha_ref_mrad": 8.0, "target_clip": (160.0, 40.0),
+                                                    **AT_20NM}, pool_refresh=4, em_textures=True),
 }
 EM_TEXTURE_COPIES = 4       # each package image listed 4x: ~40 % of texture draws against ISBI's 24 slices
 
@@ -130,7 +140,7 @@ def write_lineage(final: Path, folder: Path, stages: list[str], em_folder: Path 
             "made_by": "scripts/em_textures.py (package wheels read once before training; role held_out never "
                        "trained on)"}
     card["recipe"] = ("python scripts/em_textures.py --out T; python scripts/train_deepfocus_128.py --shared "
-                      "../shared --out DIR --em-textures T --stages A B C D E F G H I")
+                      "../shared --out DIR --em-textures T --stages A B C D E F G H I J K L")
     atomic_write(final.with_suffix(".json"), json.dumps(card, indent=1).encode(), overwrite=True)
 
 

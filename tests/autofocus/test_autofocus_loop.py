@@ -15,7 +15,7 @@ from autofocus.nelder_mead import NelderMeadAutofocus, SharpnessObjective
 from devices.errors import LimitViolation
 from devices.interfaces import ScanParams
 from devices.safety import GuardedSEM, SafetyGuard
-from devices.setup_config import Safety, Simulation
+from devices.setup_config import MicroscopeParams, Safety, Simulation
 from devices.sim.frames import specimen_world
 from devices.sim.sem import SimSEM
 
@@ -79,6 +79,19 @@ class Oracle:
                         (-ab.stig_x + self.rng.normal(0, 0.01), -ab.stig_y + self.rng.normal(0, 0.01)))
 
 
+class Overshooting(Oracle):
+    """The first step 1.7x too long (a column wider than the one assumed), then right."""
+
+    def __init__(self, raw, rng):
+        super().__init__(raw, rng)
+        self.calls = 0
+
+    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m):
+        est = super().estimate(img_plus, img_minus, pixel_size_m, perturbation_m)
+        self.calls += 1
+        return Estimate(est.d_wd_m * (1.7 if self.calls == 1 else 1.0), est.d_stig)
+
+
 class Wrong:
     name, needs_pair = "wrong", True
 
@@ -126,6 +139,23 @@ def test_wrong_model_is_clamped_clipped_and_never_leaves_the_windows(rig):
     # the guard itself refuses anything outside, so the loop cannot even try
     with pytest.raises(LimitViolation):
         sem.set_working_distance(hi + 1e-6)
+
+
+def test_a_first_step_past_focus_on_a_wide_aperture_column_is_not_a_divergence():
+    # at 15 mrad the pair centred on focus (both frames 5 µm off) is blurrier than a pair with one
+    # frame in focus, so the mean sharpness of the pair "collapsed" there and the start was restored
+    wide = specimen_world(Simulation(microscope=MicroscopeParams(preset="setup-a", alpha_mrad=15.0,
+                                                                 wd_focus_mm=WD0 * 1e3)), [], None)
+    raw = SimSEM(wide)
+    raw.connect()
+    raw.set_blanked(False)
+    guard = SafetyGuard(SAFETY)
+    sem = GuardedSEM(raw, guard)
+    sem.set_working_distance(WD0 + 10e-6)
+    tr = AutofocusLoop(sem, guard, Overshooting(raw, np.random.default_rng(0)), max_iterations=3,
+                       threshold_wd_m=0.0, threshold_stig=0.0, **SCAN).run()
+    assert tr.status == "max_iterations", tr.message
+    assert abs(sem.working_distance() - WD0) < 0.3e-6
 
 
 def test_divergence_restores_the_starting_state(rig):
