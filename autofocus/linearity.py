@@ -38,7 +38,8 @@ def column(preset: str, alpha_mrad: Optional[float] = None) -> MicroscopeParams:
     return mp if alpha_mrad is None else mp.model_copy(update={"alpha_mrad": alpha_mrad})
 
 
-def measure(method_for: Callable[[float], object], alphas: Sequence[float], *, specimen: Sequence[Path] = (), locations: int = 4,
+def measure(method_for: Callable[[float], object], alphas: Sequence[float], *, specimen: Sequence[Path] = (),
+            locations: int = 4,
             defocus_um: Sequence[float] = DEFOCUS_UM, preset: str = "setup-a", dwell_s: float = 50e-9,
             pixel_m: float = 10e-9, frame: tuple[int, int] = (1024, 768), perturbation_m: float = 5e-6,
             seed: int = 0) -> list[LinearityRow]:

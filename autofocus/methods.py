@@ -22,7 +22,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 import cv2
 import numpy as np
 
-from autofocus.column_scale import ColumnScale, scale_of
+from autofocus.column_scale import ALPHA_SPREAD, ColumnScale, scale_of
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
 from common.paths import models_dir
@@ -221,17 +221,17 @@ class DeepFocusMethod:
         trained = getattr(self.predictor, "perturbation_m", None)
         self.trained_perturbation_m = float(trained) if trained else None
         # a model read against a reference column needs this column's scale (autofocus/column_scale.py)
+        # and learns it from its moves; a column-specific model (recalibrated) only refines its own gain
         ref = getattr(self.predictor, "alpha_ref_mrad", None)
-        self.column = None
-        if ref:
-            clip = (self.predictor.card.get("training_data") or {}).get("target_clip") or (160.0, 40.0)
-            # readings near the trained clip mean "far, this way" and carry no slope
-            self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]))
+        clip = (self.predictor.card.get("training_data") or {}).get("target_clip") or (160.0, 40.0)
+        known = column_alpha_mrad is not None or not ref
+        # readings near the trained clip mean "far, this way" and carry no slope
+        self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]),
+                                  alpha_spread=ALPHA_SPREAD if known else None)
 
     def begin_location(self) -> None:
         """The loop starts at a new place: its readings get their own focus."""
-        if self.column is not None:
-            self.column.begin_location()
+        self.column.begin_location()
 
     def _check_perturbation(self, perturbation_m: float) -> None:
         if self.trained_perturbation_m and abs(perturbation_m - self.trained_perturbation_m) > 1e-9:
@@ -252,11 +252,9 @@ class DeepFocusMethod:
         t0 = time.perf_counter()
         p = self.predictor.predict(img_plus, img_minus, pixel_size_m, n_patches=self.n_patches,
                                    seed_sequence=self.seed)
-        k = 1.0
-        if self.column is not None:
-            if center_wd_m is not None:
-                self.column.observe(center_wd_m * 1e6, float(p.d_wd_m) * 1e6)
-            k = self.column.value
+        if center_wd_m is not None:
+            self.column.observe(center_wd_m * 1e6, float(p.d_wd_m) * 1e6)
+        k = self.column.value
         sd = getattr(p, "sd", None)
         if sd is not None:
             sd = tuple(float(v) / k for v in np.ravel(sd)[:3])

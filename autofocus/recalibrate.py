@@ -181,7 +181,7 @@ def column_alpha_mrad(model: Path, triples, pixel_m: float, perturbation_m: floa
     (autofocus/column_scale.py): α_ref·√k with k the L1 slope of its wd
     readings on the known corrections; None for a column-specific model."""
     m = DeepFocusMethod(model, seed=0)
-    if m.column is None:
+    if not m.predictor.alpha_ref_mrad:
         return None
     truth, read = [], []
     for plus, minus, target in triples:
@@ -233,7 +233,8 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
                             perturbation_um=st["perturbation_um"])
     after = _single_step_errors(out, test_t, pixel_m, pert_m)
     report = {"data": str(data), "sem": manifest.get("sem"), "base_model": str(base_path), "out": str(out),
-              "steps": steps, "column_alpha_mrad": alpha, "train_pairs": len(train_t), "held_out_pairs": len(test_t), "held_out_location": held,
+              "steps": steps, "column_alpha_mrad": alpha, "train_pairs": len(train_t),
+              "held_out_pairs": len(test_t), "held_out_location": held,
               "train_validation": info.get("validation"),
               "before": {"mae_wd_um": float(before[:, 0].mean()), "mae_stig": float(before[:, 1:].mean())},
               "after": {"mae_wd_um": float(after[:, 0].mean()), "mae_stig": float(after[:, 1:].mean())}}

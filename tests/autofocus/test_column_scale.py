@@ -19,7 +19,8 @@ def _pair_difference(alpha_mrad: float, dz_um: float, stig=(0.0, 0.0), p_um: flo
 
 
 def test_a_pair_fixes_alpha_squared_times_defocus_not_defocus():
-    # the two frames differ by Σ₊ − Σ₋ = α²·Δ·A: 20 µm at 3 mrad and 1.25 µm at 12 mrad give the same pair
+    # the two frames differ by Σ₊ − Σ₋ = α²·Δ·A: 20 µm at 3 mrad and 1.25 µm at 12 mrad give the
+    # same pair
     # blur difference and the same absolute blurs, so no model can tell them apart from one pair
     a = [optics.probe_covariance(optics.Aberration((20 + s * 5) * 1e-6, 0, 0), 3e-3, 0) for s in (1, -1)]
     b = [optics.probe_covariance(optics.Aberration((1.25 + s * 5) * 1e-6, 0, 0), 12e-3, 0) for s in (1, -1)]
@@ -86,11 +87,26 @@ def test_saturated_readings_teach_nothing_and_the_scale_stays_in_the_trained_col
     col.observe(20.0, 149.0)             # "far, this way" twice: no slope
     assert col.value == 1.0
     col.begin_location()
-    col.observe(0.0, 10.0)
-    col.observe(1.0, -30.0)              # nonsense slope of 40: held at the largest trained column
+    col.observe(0.0, 40.0)
+    col.observe(2.0, 0.0)                # a slope of 20: held at the widest trained column
     assert col.value == pytest.approx(BOUNDS[1])
+    stated = ColumnScale(1.0, alpha_spread=1.5)
+    stated.observe(0.0, 40.0)
+    stated.observe(2.0, 0.0)             # a stated α moves 1.5x at most
+    assert stated.value == pytest.approx(2.25)
     with pytest.raises(ValueError, match="outside the trained columns"):
         ColumnScale(20.0)
+
+
+def test_pairs_far_from_focus_do_not_set_the_slope():
+    # k = 1; the pair 30 µm out reads half its defocus, as the network does there with astigmatism
+    col = ColumnScale(1.0)
+    for c, r in [(30.0, -15.0), (5.0, -5.0), (0.5, -0.5)]:
+        col.observe(c, r)
+    assert col.value == pytest.approx(1.0, abs=0.05)
+    cs = np.array([30.0, 5.0, 0.5])
+    rs = np.array([-15.0, -5.0, -0.5])
+    assert -np.polyfit(cs, rs, 1)[0] < 0.6         # an unweighted slope would shrink k to about half
 
 
 def test_the_setup_states_the_probe_half_angle_inside_the_trained_range():
