@@ -185,7 +185,9 @@ def column_alpha_mrad(model: Path, triples, pixel_m: float, perturbation_m: floa
         return None
     truth, read = [], []
     for plus, minus, target in triples:
-        r = m.estimate(plus, minus, pixel_m, perturbation_m).d_wd_m * 1e6      # no centre: the prior k = 1
+        # the model's own (referenced) reading, not the method's: that divides by an assumed column
+        r = m.predictor.predict(plus, minus, pixel_m, n_patches=m.n_patches, seed_sequence=m.seed,
+                                perturbation_m=perturbation_m).d_wd_m * 1e6
         if abs(target[0]) >= 1.0 and abs(r) < m.column.saturation:
             truth.append(target[0])
             read.append(r)

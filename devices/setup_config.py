@@ -383,7 +383,7 @@ class Calibration(_Strict):
     # the column's probe half-angle where autofocus images (aperture radius over its distance to
     # the focus, or the value `autofocus recalibrate` reports): a DeepFocus model read against a
     # reference column starts from it and refines it from its own moves (autofocus/column_scale.py);
-    # None = assume the model's reference column. 2-25 mrad is what the model trained on.
+    # None = assume 10.6 mrad (column_scale.UNSTATED_ALPHA_MRAD). 2-25 mrad is what the model trained on.
     probe_half_angle_mrad: Optional[float] = Field(None, ge=2.0, le=25.0)
 
 

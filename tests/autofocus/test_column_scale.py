@@ -41,12 +41,13 @@ def test_referenced_targets_read_as_the_reference_column_and_clip_far_pairs():
     assert scale_of(None, 8.0) == pytest.approx((15 / math.sqrt(2) / 8) ** 2)              # no α stated
 
 
-def _run_locations(k_true: float, prior: float, starts, noise_um: float, seed: int = 0, iterations: int = 3):
+def _run_locations(k_true: float, prior: float, starts, noise_um: float, seed: int = 0, iterations: int = 3,
+                   alpha_spread=None):
     """The loop's use of the scale: at each location read r = k(f − c) + noise,
     clipped at ±160 as the network's targets are, and move by r / k̂. Returns
     the remaining defocus after each iteration."""
     rng = np.random.default_rng(seed)
-    col, left = ColumnScale(prior), []
+    col, left = ColumnScale(prior, alpha_spread=alpha_spread), []
     for dz in starts:
         col.begin_location()
         focus = 1000.0 + 37.0 * len(left)
@@ -76,7 +77,8 @@ def test_with_no_stated_alpha_the_loop_learns_a_real_column_from_its_own_moves(a
 @pytest.mark.parametrize("alpha,stated", [(3.0, 3.75), (8.0, 10.0), (15.0, 12.0), (15.0, 18.75)])
 def test_a_stated_alpha_off_by_a_quarter_is_corrected_by_the_moves(alpha, stated):
     k = scale_of(alpha, 8.0)
-    col, left = _run_locations(k, prior=scale_of(stated, 8.0), starts=[10.0, -10.0, 30.0, -9.0], noise_um=0.02 * k)
+    col, left = _run_locations(k, prior=scale_of(stated, 8.0), starts=[10.0, -10.0, 30.0, -9.0], noise_um=0.02 * k,
+                               alpha_spread=1.5)
     assert col.value == pytest.approx(k, rel=0.05)
     assert np.all(np.abs(left[:, 2]) < 0.3)
 
@@ -103,10 +105,7 @@ def test_pairs_far_from_focus_do_not_set_the_slope():
     col = ColumnScale(1.0)
     for c, r in [(30.0, -15.0), (5.0, -5.0), (0.5, -0.5)]:
         col.observe(c, r)
-    assert col.value == pytest.approx(1.0, abs=0.05)
-    cs = np.array([30.0, 5.0, 0.5])
-    rs = np.array([-15.0, -5.0, -0.5])
-    assert -np.polyfit(cs, rs, 1)[0] < 0.6         # an unweighted slope would shrink k to about half
+    assert col.value == pytest.approx(1.0, abs=0.05)     # through all three the slope would be 0.5
 
 
 def test_the_setup_states_the_probe_half_angle_inside_the_trained_range():
