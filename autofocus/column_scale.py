@@ -29,6 +29,8 @@ UNSTATED_ALPHA_MRAD = 15.0 / math.sqrt(2.0)
 ALPHA_SPREAD = 1.5
 # only pairs within this distance of focus (µm) count towards the slope
 NEAR_UM = 12.0
+# referenced targets are clipped here (wd µm, stig units): farther pairs read "far, this way"
+TARGET_CLIP = (160.0, 40.0)
 
 
 class ColumnScale:

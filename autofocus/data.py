@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from autofocus.column_scale import scale_of
+from autofocus.column_scale import TARGET_CLIP, scale_of
 from autofocus.inference import resample
 from devices.setup_config import MicroscopeParams, Simulation
 from devices.sim import optics
@@ -111,7 +111,7 @@ class DataConfig:
     # the referenced reading is what a pair does determine, and the column's α
     # (setup, recalibration or the loop's own moves) turns it into µm. None = plain targets.
     alpha_ref_mrad: Optional[float] = None
-    target_clip: tuple[float, float] = (160.0, 40.0)  # |referenced wd µm|, |stig|: far-off pairs read "far, this way"
+    target_clip: tuple[float, float] = TARGET_CLIP    # |referenced wd µm|, |stig|
 
     def card(self) -> dict:
         d = asdict(self)

@@ -57,19 +57,13 @@ def built_for(sem) -> dict:
     return _BUILT.setdefault(sem, {})
 
 
-def _stated_alpha(setup):
-    """The setup's nominal probe half-angle (None where it states none)."""
-    cfg = getattr(setup, "config", None)
-    return cfg.calibration.probe_half_angle_mrad if cfg is not None else None
-
-
 def _pair_method(setup, name: str, req: AutofocusRequest):
     opts = req.options or {}
     cache, key = built_for(setup.sem), (name, json.dumps(opts, sort_keys=True, default=str))
     if key not in cache:
         kw = dict(sem=setup.sem, perturbation_m=float(opts.get("perturbation_um", 5.0)) * 1e-6,
                   n_patches=opts.get("n_patches"), seed=int(opts.get("seed", 0)),
-                  column_alpha_mrad=_stated_alpha(setup))
+                  column_alpha_mrad=setup.config.calibration.probe_half_angle_mrad)
         if name == "mapfost":
             world = getattr(setup, "world", None)
             kw.update(mapfost_calibration=_mapfost_calibration(setup, opts),

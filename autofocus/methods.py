@@ -22,7 +22,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 import cv2
 import numpy as np
 
-from autofocus.column_scale import ALPHA_SPREAD, ColumnScale, scale_of
+from autofocus.column_scale import ALPHA_SPREAD, TARGET_CLIP, ColumnScale, scale_of
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
 from common.paths import models_dir
@@ -223,7 +223,7 @@ class DeepFocusMethod:
         # a model read against a reference column needs this column's scale (autofocus/column_scale.py)
         # and learns it from its moves; a column-specific model (recalibrated) only refines its own gain
         ref = getattr(self.predictor, "alpha_ref_mrad", None)
-        clip = (self.predictor.card.get("training_data") or {}).get("target_clip") or (160.0, 40.0)
+        clip = (self.predictor.card.get("training_data") or {}).get("target_clip") or TARGET_CLIP
         known = column_alpha_mrad is not None or not ref
         # readings near the trained clip mean "far, this way" and carry no slope
         self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]),

@@ -165,10 +165,9 @@ def run_recalibration(cfg: SetupConfig, st: RecalSettings, *, progress=print,
     return report
 
 
-def _single_step_errors(model: Path, triples, pixel_m: float, perturbation_m: float) -> np.ndarray:
+def _single_step_errors(m: DeepFocusMethod, triples, pixel_m: float, perturbation_m: float) -> np.ndarray:
     """|predicted − target| of one pair each (µm, stig): on a real microscope,
     where no hidden truth exists, how well the model reads pairs of known aberration."""
-    m = DeepFocusMethod(model, seed=0)
     out = []
     for plus, minus, target in triples:
         e = m.estimate(plus, minus, pixel_m, perturbation_m)
@@ -176,11 +175,10 @@ def _single_step_errors(model: Path, triples, pixel_m: float, perturbation_m: fl
     return np.asarray(out)
 
 
-def column_alpha_mrad(model: Path, triples, pixel_m: float, perturbation_m: float) -> Optional[float]:
+def column_alpha_mrad(m: DeepFocusMethod, triples, pixel_m: float, perturbation_m: float) -> Optional[float]:
     """The probe half-angle a referenced model reads this column's pairs at
     (autofocus/column_scale.py): α_ref·√k with k the L1 slope of its wd
     readings on the known corrections; None for a column-specific model."""
-    m = DeepFocusMethod(model, seed=0)
     if not m.predictor.alpha_ref_mrad:
         return None
     truth, read = [], []
@@ -223,8 +221,9 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
                          "(the last one is held out to score the recalibration)")
     card = load_card(base_path)
     want = float(card.get("pixel_size_nm", st["pixel_nm"])) * 1e-9
-    before = _single_step_errors(base_path, test_t, pixel_m, pert_m)
-    alpha = column_alpha_mrad(base_path, train_t, pixel_m, pert_m)
+    base = DeepFocusMethod(base_path, seed=0)
+    before = _single_step_errors(base, test_t, pixel_m, pert_m)
+    alpha = column_alpha_mrad(base, train_t, pixel_m, pert_m)
     if alpha is not None:
         progress(f"{base_model} reads this column's pairs as a probe half-angle of {alpha:.1f} mrad "
                  "(calibration.probe_half_angle_mrad; the recalibrated model reads this column directly)")
@@ -233,7 +232,7 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
     info = train_on_samples(card["variant"], pairs_at_pixel(train_t, pixel_m, want), steps, out, init=base_path,
                             freeze_all_but_fc=True, seed=seed, log=progress, log_every=max(1, steps // 10),
                             perturbation_um=st["perturbation_um"])
-    after = _single_step_errors(out, test_t, pixel_m, pert_m)
+    after = _single_step_errors(DeepFocusMethod(out, seed=0), test_t, pixel_m, pert_m)
     report = {"data": str(data), "sem": manifest.get("sem"), "base_model": str(base_path), "out": str(out),
               "steps": steps, "column_alpha_mrad": alpha, "train_pairs": len(train_t),
               "held_out_pairs": len(test_t), "held_out_location": held,

@@ -15,7 +15,7 @@ from autofocus.nelder_mead import NelderMeadAutofocus, SharpnessObjective
 from devices.errors import LimitViolation
 from devices.interfaces import ScanParams
 from devices.safety import GuardedSEM, SafetyGuard
-from devices.setup_config import MicroscopeParams, Safety, Simulation
+from devices.setup_config import Calibration, MicroscopeParams, Safety, Simulation
 from devices.sim.frames import specimen_world
 from devices.sim.sem import SimSEM
 
@@ -265,7 +265,8 @@ def test_engine_adapter_registers_and_focuses(world):
     raw.connect()
     raw.set_blanked(False)
     guard = SafetyGuard(SAFETY)
-    setup = SimpleNamespace(sem=GuardedSEM(raw, guard), guard=guard, world=world)
+    setup = SimpleNamespace(sem=GuardedSEM(raw, guard), guard=guard, world=world,
+                            config=SimpleNamespace(calibration=Calibration()))
     setup.sem.set_working_distance(WD0 - 6e-6)
     setup.sem.set_stig(0.6, -0.4)
     res = AUTOFOCUS_METHODS["mapfost"](setup, AutofocusRequest(center_um=(0, 0), pixel_size_m=10e-9,
@@ -307,7 +308,8 @@ def test_methods_are_built_once_per_microscope_and_go_with_it(world, monkeypatch
     guard = SafetyGuard(SAFETY)
     raw = SimSEM(world)
     raw.connect()
-    setup = SimpleNamespace(sem=GuardedSEM(raw, guard), guard=guard, world=world)
+    setup = SimpleNamespace(sem=GuardedSEM(raw, guard), guard=guard, world=world,
+                            config=SimpleNamespace(calibration=Calibration()))
     req = AutofocusRequest(center_um=(0, 0), pixel_size_m=10e-9, frame_size=(256, 256), dwell_s=200e-9)
     gc.collect()
     before = len(engine_adapter._BUILT)

@@ -65,7 +65,7 @@ def test_recalibrate_reads_the_probe_half_angle_of_a_column_from_its_pairs():
     for dz in (-9.0, -6.0, -4.0, 4.0, 6.0, 9.0):
         x, y, _ = sim.sample(rng, ab=(dz, 0.5, -0.5), mp=col, dwell_ns=200.0)
         triples.append((x[0, 0], x[0, 1], y))
-    assert column_alpha_mrad(MODEL, triples, 10e-9, 5e-6) == pytest.approx(12.0, rel=0.2)
+    assert column_alpha_mrad(DeepFocusMethod(MODEL), triples, 10e-9, 5e-6) == pytest.approx(12.0, rel=0.2)
 
 
 def test_on_a_column_the_setup_says_nothing_about_the_loop_learns_its_alpha_and_focuses():
