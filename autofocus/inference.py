@@ -148,14 +148,17 @@ class DeepFocusPredictor:
         # readings referenced to a column of this α (autofocus/column_scale.py); None = this column's µm
         self.alpha_ref_mrad = (self.card.get("training_data") or {}).get("alpha_ref_mrad")
 
-    def check_image(self, shape: tuple[int, int], pixel_size_m: float) -> tuple[int, int]:
+    def check_image(self, shape: tuple[int, int], pixel_size_m: float,
+                    model_pixel_m: Optional[float] = None) -> tuple[int, int]:
         """(h, w) of an image of ``shape`` taken at pixel_size_m once resampled to
-        the model's pixels; ValueError when that is smaller than one patch (so a
-        caller can refuse before it spends dose on the pair)."""
-        h, w = resampled_shape(shape, pixel_size_m, self.pixel_size_m)
+        the model's pixels (the card's unless model_pixel_m); ValueError when that
+        is smaller than one patch (so a caller can refuse before it spends dose
+        on the pair)."""
+        model_pixel_m = model_pixel_m or self.pixel_size_m
+        h, w = resampled_shape(shape, pixel_size_m, model_pixel_m)
         if h < self.patch or w < self.patch:
             raise ValueError(f"image {w}x{h} px (at the model pixel size) is smaller than the {self.patch}² patch: "
-                             f"frames must span {self.patch * self.pixel_size_m * 1e6:.2f} µm")
+                             f"frames must span {self.patch * model_pixel_m * 1e6:.2f} µm")
         return h, w
 
     def patches_to_tile(self, side_px: int, pixel_size_m: float) -> int:
@@ -171,9 +174,12 @@ class DeepFocusPredictor:
 
     def predict(self, img_plus: np.ndarray, img_minus: np.ndarray, pixel_size_m: float,
                 n_patches: Optional[int] = None, seed_sequence: Optional[int] = 0,
-                perturbation_m: Optional[float] = None) -> Prediction:
+                perturbation_m: Optional[float] = None, model_pixel_m: Optional[float] = None) -> Prediction:
         """img_plus at wd + Δ, img_minus at wd − Δ (Δ = card perturbation), aligned.
 
+        model_pixel_m: resample to this pixel size instead of the card's (a
+        referenced model reading another column, autofocus.column_scale.model_pixel);
+        the outputs are then the model's readings at that pixel, as they come.
         n_patches: None = the card's recommendation (default_n_patches).
         seed_sequence: int for a fixed set of patch offsets (reproducible
         iterations), None for fresh random ones."""
@@ -185,9 +191,10 @@ class DeepFocusPredictor:
         a, b = np.asarray(img_plus), np.asarray(img_minus)
         if a.shape != b.shape or a.ndim != 2:
             raise ValueError(f"need two equal 2-D images, got {a.shape} and {b.shape}")
-        self.check_image(a.shape, pixel_size_m)
-        a = resample(a, pixel_size_m, self.pixel_size_m)
-        b = resample(b, pixel_size_m, self.pixel_size_m)
+        model_pixel_m = model_pixel_m or self.pixel_size_m
+        self.check_image(a.shape, pixel_size_m, model_pixel_m)
+        a = resample(a, pixel_size_m, model_pixel_m)
+        b = resample(b, pixel_size_m, model_pixel_m)
         P = self.patch
         offs = patch_offsets(a.shape, P, int(n_patches), seed_sequence)
         x = np.empty((len(offs), 2, P, P), np.float32)

@@ -22,7 +22,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 import cv2
 import numpy as np
 
-from autofocus.column_scale import ALPHA_SPREAD, TARGET_CLIP, ColumnScale, scale_of
+from autofocus.column_scale import ALPHA_SPREAD, TARGET_CLIP, ColumnScale, model_pixel, scale_of
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
 from common.paths import models_dir
@@ -222,8 +222,9 @@ class DeepFocusMethod:
         self.trained_perturbation_m = float(trained) if trained else None
         # a model read against a reference column needs this column's scale (autofocus/column_scale.py)
         # and learns it from its moves; a column-specific model (recalibrated) only refines its own gain
-        ref = getattr(self.predictor, "alpha_ref_mrad", None)
+        ref = self.alpha_ref_mrad = getattr(self.predictor, "alpha_ref_mrad", None)
         clip = (self.predictor.card.get("training_data") or {}).get("target_clip") or TARGET_CLIP
+        self.stated_alpha_mrad = column_alpha_mrad
         known = column_alpha_mrad is not None or not ref
         # readings near the trained clip mean "far, this way" and carry no slope
         self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]),
@@ -250,16 +251,36 @@ class DeepFocusMethod:
         of one location teach the column scale (the loop passes it)."""
         self._check_perturbation(perturbation_m)        # predict checks the image size itself
         t0 = time.perf_counter()
+        px = self.model_pixel_m(np.shape(img_plus), pixel_size_m)
         p = self.predictor.predict(img_plus, img_minus, pixel_size_m, n_patches=self.n_patches,
-                                   seed_sequence=self.seed)
+                                   seed_sequence=self.seed, model_pixel_m=px)
+        g = (px / self.predictor.pixel_size_m) ** 2          # back to readings at the card's pixel
         if center_wd_m is not None:
-            self.column.observe(center_wd_m * 1e6, float(p.d_wd_m) * 1e6)
-        k = self.column.value
+            self.column.observe(center_wd_m * 1e6, float(p.d_wd_m) * 1e6 * g, float(p.d_wd_m) * 1e6)
+        f = g / self.column.value
         sd = getattr(p, "sd", None)
         if sd is not None:
-            sd = tuple(float(v) / k for v in np.ravel(sd)[:3])
-        return Estimate(float(p.d_wd_m) / k, (float(p.d_stig[0]) / k, float(p.d_stig[1]) / k), sd,
+            sd = tuple(float(v) * f for v in np.ravel(sd)[:3])
+        return Estimate(float(p.d_wd_m) * f, (float(p.d_stig[0]) * f, float(p.d_stig[1]) * f), sd,
                         time.perf_counter() - t0, len(getattr(p, "per_patch", ())) or self.n_patches)
+
+    def model_pixel_m(self, shape: tuple[int, ...], pixel_size_m: float) -> float:
+        """Where this column's pair is fed to the model (autofocus.column_scale.model_pixel).
+        From the α the setup states: one pixel for the session, so the readings the column
+        scale fits keep one gain (fed where the learned α put it, the default column's MAE
+        after iteration 2 rose from 0.16 to 0.25 µm). With none stated, from the α learned
+        from the moves; before any, the card's pixel: there the first step on a 15 mrad column
+        overshoots twofold and the next pair still reads its slope (fed at the assumed
+        column's 26.5 nm it overshot 2.5x and oscillated)."""
+        card_px = self.predictor.pixel_size_m
+        ref = self.alpha_ref_mrad
+        if not ref:
+            return card_px
+        if self.stated_alpha_mrad is not None:
+            alpha = self.stated_alpha_mrad
+        else:
+            alpha = self.column.alpha_mrad(ref) if self.column.has_slope else ref
+        return model_pixel(alpha, ref, card_px, pixel_size_m, min(shape[:2]), self.predictor.patch)
 
 
 # ------------------------------------------------------ SEM's own routine

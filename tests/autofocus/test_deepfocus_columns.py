@@ -10,7 +10,8 @@ from autofocus.inference import Prediction
 from autofocus.recalibrate import column_alpha_mrad
 from autofocus.bench import BenchSettings, SimBench, build_runner, run_method
 from autofocus.methods import MODELS_DIR, DeepFocusMethod
-from devices.setup_config import MicroscopeParams, load_setup
+from devices.setup_config import MicroscopeParams, Simulation, load_setup
+from devices.sim.frames import render_frame, specimen_world
 from tests.support import ROOT
 
 MODEL = MODELS_DIR / "deepfocus_128.pt"
@@ -31,6 +32,8 @@ def test_a_stated_probe_half_angle_makes_the_first_step_read_the_defocus(alpha):
 class _Reading:
     """Stands in for the network: a fixed referenced reading."""
     alpha_ref_mrad = 8.0
+    pixel_size_m = 20e-9
+    patch = 128
 
     def predict(self, *a, **k):
         return Prediction(d_wd_m=9e-6, d_stig=(4.5, -2.25), sd=(0.9e-6, 0.45, 0.45), per_patch=np.zeros((4, 3)),
@@ -81,3 +84,32 @@ def test_on_a_column_the_setup_says_nothing_about_the_loop_learns_its_alpha_and_
     assert res.column["learned_alpha_mrad"] == pytest.approx(15.0, rel=0.25)
     last = res.summary()[-1]
     assert last["in_margin_fraction"] == 1.0, res.summary()
+
+
+def test_a_narrow_column_is_read_at_its_own_frame_pixel_and_errs_less_near_focus():
+    """3 mrad: a ±5 µm pair blurs by ~1 px at the card's 20 nm; fed at the
+    frame's 10 nm the first step near focus errs about a third as much."""
+    world = specimen_world(Simulation(microscope=_column(3.0)), [], None)
+    m = DeepFocusMethod(MODEL, column_alpha_mrad=3.0)
+    card_px = m.predictor.pixel_size_m
+    assert m.model_pixel_m((768, 1024), 10e-9) == pytest.approx(10e-9)        # never finer than the frame
+    fed_at_card = DeepFocusMethod(MODEL, column_alpha_mrad=3.0)
+    fed_at_card.model_pixel_m = lambda shape, px: card_px
+    own, card = [], []
+    for dz in (-3.0, -1.0, 1.0, 3.0):
+        for loc in range(4):
+            plus, minus = (render_frame(world, defocus_m=(dz + s * 5.0) * 1e-6, stig=(0.0, 0.0), dwell_s=50e-9,
+                                        pixel_m=10e-9, size=(768, 768), seed=loc)[0] for s in (1, -1))
+            own.append(m.estimate(plus, minus, 10e-9, 5e-6).d_wd_m * 1e6 + dz)       # the correction is −dz
+            card.append(fed_at_card.estimate(plus, minus, 10e-9, 5e-6).d_wd_m * 1e6 + dz)
+    rms_own, rms_card = np.sqrt(np.mean(np.square(own))), np.sqrt(np.mean(np.square(card)))
+    assert rms_own < 0.6 and rms_own < 0.6 * rms_card, (rms_own, rms_card)
+
+
+def test_a_wide_column_is_fed_coarser_but_keeps_two_patches_across_the_frame():
+    m = DeepFocusMethod(MODEL, column_alpha_mrad=15.0)
+    px = m.model_pixel_m((768, 1024), 10e-9)
+    assert m.predictor.pixel_size_m < px <= 768 * 10e-9 / (2 * m.predictor.patch) + 1e-15
+    # a recalibrated (column-specific) model reads at its card's pixel whatever the column
+    m.alpha_ref_mrad = None
+    assert m.model_pixel_m((768, 1024), 10e-9) == m.predictor.pixel_size_m
