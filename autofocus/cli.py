@@ -137,9 +137,11 @@ def recalibrate(
 ) -> None:
     """Recalibrate DeepFocus for a microscope: DeepScore (or sharpness) +
     Nelder–Mead finds the focus at each location, known aberrations around it
-    are the training pairs (as `autofocus collect`), the last three FC layers
-    are fine-tuned. On a simulated setup the column is setup B's and the
-    convergence before and after is scored against the hidden focus."""
+    are the training pairs (as `autofocus collect`). The shipped model keeps
+    its network and learns this column's probe half-angle and stigmator axes
+    (a column-specific model has its last three FC layers fine-tuned). On a
+    simulated setup the column is setup B's and the convergence before and
+    after is scored against the hidden focus."""
     from autofocus.collect import DatasetError
     from autofocus.recalibrate import RecalSettings, recalibrate_on_data, run_recalibration
 

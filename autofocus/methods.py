@@ -22,6 +22,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 import cv2
 import numpy as np
 
+from autofocus import stig_map
 from autofocus.column_scale import ALPHA_SPREAD, TARGET_CLIP, ColumnScale, model_pixel, scale_of
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
@@ -224,6 +225,11 @@ class DeepFocusMethod:
         # and learns it from its moves; a column-specific model (recalibrated) only refines its own gain
         ref = self.alpha_ref_mrad = getattr(self.predictor, "alpha_ref_mrad", None)
         clip = (self.predictor.card.get("training_data") or {}).get("target_clip") or TARGET_CLIP
+        # recalibrated on a column (autofocus/stig_map.py): its stigmator axes, and the α measured
+        # there, which beats a nominal one from an aperture table
+        self.stig_map = stig_map.from_card(self.predictor.card)
+        if ref and self.stig_map is not None:
+            column_alpha_mrad = self.predictor.card["recalibration"]["column_alpha_mrad"]
         self.stated_alpha_mrad = column_alpha_mrad
         known = column_alpha_mrad is not None or not ref
         # readings near the trained clip mean "far, this way" and carry no slope
@@ -261,8 +267,13 @@ class DeepFocusMethod:
         sd = getattr(p, "sd", None)
         if sd is not None:
             sd = tuple(float(v) * f for v in np.ravel(sd)[:3])
-        return Estimate(float(p.d_wd_m) * f, (float(p.d_stig[0]) * f, float(p.d_stig[1]) * f), sd,
-                        time.perf_counter() - t0, len(getattr(p, "per_patch", ())) or self.n_patches)
+        d_wd, d_stig = float(p.d_wd_m) * f, (float(p.d_stig[0]) * f, float(p.d_stig[1]) * f)
+        if self.stig_map is not None:
+            d_stig = stig_map.apply(self.stig_map, d_wd * 1e6, d_stig)
+            if sd is not None:      # the spread of the mapped stig, from the read stig's (wd row left out)
+                sd = (sd[0], *np.sqrt(np.square(self.stig_map[:2]).T @ np.square(sd[1:])).tolist())
+        return Estimate(d_wd, d_stig, sd, time.perf_counter() - t0,
+                        len(getattr(p, "per_patch", ())) or self.n_patches)
 
     def model_pixel_m(self, shape: tuple[int, ...], pixel_size_m: float) -> float:
         """Where this column's pair is fed to the model (autofocus.column_scale.model_pixel).

@@ -10,9 +10,15 @@ interface alone (any driver: the simulator, the ZEISS fake, a real column):
    operator focuses once, coarsely, at the start); around each baseline known
    aberrations U(±20 µm, ±5, ±5) (half of them near focus) are set and a
    ±5 µm pair is acquired at 100 or 200 ns: target = −aberration;
-2. the last three fully connected layers of the shipped model are fine-tuned
-   on them (recalibrate_on_data), the last location held out and scored
-   before and after (single-pair error against the known aberration);
+2. recalibrate_on_data, the last location held out and scored before and
+   after (single-pair error against the known aberration): a referenced
+   model (the shipped one) reads the column's α from the pairs and gets this
+   column's stigmator axes as a linear map on its readings
+   (autofocus/stig_map.py; the network stays as shipped, so it keeps its
+   range); a column-specific model, or fewer than stig_map.MIN_PAIRS pairs,
+   has its last three fully connected layers fine-tuned instead (the seed's
+   way: on setup B it read the large start at 40 % and never reached the
+   margins from it);
 3. on the simulator, whose column is replaced by setup B, convergence
    before and after is also scored against the hidden truth.
 """
@@ -30,6 +36,7 @@ import numpy as np
 from autofocus.bench import BenchSettings, MethodResult, SimBench, format_table, grid_locations, \
     initial_aberrations, run_method
 from autofocus.collect import CollectSettings, Collector, load_pairs, pairs_at_pixel, read_journal, set_focus
+from autofocus import stig_map
 from autofocus.column_scale import BOUNDS
 from autofocus.gain import l1_gain
 from autofocus.loop import AutofocusLoop
@@ -195,6 +202,26 @@ def column_alpha_mrad(m: DeepFocusMethod, triples, pixel_m: float, perturbation_
     return m.predictor.alpha_ref_mrad * math.sqrt(min(max(k, BOUNDS[0]), BOUNDS[1]))
 
 
+def _map_recalibration(base_path: Path, train_t, alpha_mrad: float, pixel_m: float, perturbation_m: float,
+                       out: Path) -> dict:
+    """The base network (its bytes, so its card's hash still holds) with a card that
+    knows this column: its α and its stigmator axes (autofocus/stig_map.py)."""
+    m = DeepFocusMethod(base_path, seed=0, column_alpha_mrad=alpha_mrad)
+    read, truth = [], []
+    for plus, minus, target in train_t:
+        e = m.estimate(plus, minus, pixel_m, perturbation_m)
+        read.append((e.d_wd_m * 1e6, *e.d_stig))
+        truth.append(target)
+    s = stig_map.fit(np.asarray(read), np.asarray(truth))
+    card = json.loads(Path(base_path).with_suffix(".json").read_text())
+    card["recalibration"] = {"method": "stigmator map on the base network (autofocus/stig_map.py)",
+                             "column_alpha_mrad": round(alpha_mrad, 3), "stig_map": stig_map.to_card(s)}
+    # the card first: a model file is only ever listed with its card beside it
+    atomic_write(Path(out).with_suffix(".json"), json.dumps(card, indent=1, default=str).encode())
+    atomic_write(Path(out), Path(base_path).read_bytes())
+    return {"validation": None}
+
+
 def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus", steps: int = 2000,
                         seed: int = 0, models_dir: Path = MODELS_DIR, progress=print,
                         json_out: Optional[Path] = None) -> dict:
@@ -226,12 +253,21 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
     alpha = column_alpha_mrad(base, train_t, pixel_m, pert_m)
     if alpha is not None:
         progress(f"{base_model} reads this column's pairs as a probe half-angle of {alpha:.1f} mrad "
-                 "(calibration.probe_half_angle_mrad; the recalibrated model reads this column directly)")
-    progress(f"{len(train_t)} training pairs, {len(test_t)} held out (location {held}); fine-tuning the last "
-             f"three FC layers of {base_model} for {steps} steps")
-    info = train_on_samples(card["variant"], pairs_at_pixel(train_t, pixel_m, want), steps, out, init=base_path,
-                            freeze_all_but_fc=True, seed=seed, log=progress, log_every=max(1, steps // 10),
-                            perturbation_um=st["perturbation_um"])
+                 "(calibration.probe_half_angle_mrad)")
+    if alpha is not None and len(train_t) >= stig_map.MIN_PAIRS:
+        progress(f"{len(train_t)} training pairs, {len(test_t)} held out (location {held}); fitting this "
+                 f"column's stigmator axes to {base_model}'s readings (the network stays as shipped)")
+        info = _map_recalibration(base_path, train_t, alpha, pixel_m, pert_m, out)
+        steps = 0
+    else:
+        if alpha is not None:
+            progress(f"only {len(train_t)} training pairs (a stigmator map needs {stig_map.MIN_PAIRS}): "
+                     "fine-tuning instead, and the recalibrated model reads this column directly")
+        progress(f"{len(train_t)} training pairs, {len(test_t)} held out (location {held}); fine-tuning the last "
+                 f"three FC layers of {base_model} for {steps} steps")
+        info = train_on_samples(card["variant"], pairs_at_pixel(train_t, pixel_m, want), steps, out, init=base_path,
+                                freeze_all_but_fc=True, seed=seed, log=progress, log_every=max(1, steps // 10),
+                                perturbation_um=st["perturbation_um"])
     after = _single_step_errors(DeepFocusMethod(out, seed=0), test_t, pixel_m, pert_m)
     report = {"data": str(data), "sem": manifest.get("sem"), "base_model": str(base_path), "out": str(out),
               "steps": steps, "column_alpha_mrad": alpha, "train_pairs": len(train_t),
@@ -241,8 +277,9 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
               "after": {"mae_wd_um": float(after[:, 0].mean()), "mae_stig": float(after[:, 1:].mean())}}
     card_path = Path(out).with_suffix(".json")
     c = json.loads(card_path.read_text())
-    c["recalibration"] = {k: report[k] for k in ("data", "sem", "base_model", "column_alpha_mrad", "train_pairs",
-                                                 "held_out_pairs", "before", "after")}
+    c["recalibration"] = {**(c.get("recalibration") or {}),
+                          **{k: report[k] for k in ("data", "sem", "base_model", "column_alpha_mrad", "train_pairs",
+                                                    "held_out_pairs", "before", "after")}}
     atomic_write(card_path, json.dumps(c, indent=1, default=str).encode(), overwrite=True)
     b, a = report["before"], report["after"]
     report["summary"] = (f"recalibrated {base_model} -> {out} on {len(train_t)} pairs from {data}: single-pair "

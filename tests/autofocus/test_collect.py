@@ -250,3 +250,22 @@ def test_known_aberrations_are_half_near_focus_and_never_leave_the_windows(tmp_p
         assert all(r["wd_plus_m"] <= hi for r in recs)
         # the microscope is left as the operator had it
         assert setup.sem.working_distance() != edge[0]
+
+
+def test_recalibrating_the_shipped_model_maps_a_rotated_columns_stigmators_and_keeps_the_network(tmp_path):
+    """Setup B's scan is rotated 90°: the shipped model's stig readings come out
+    in the wrong axes. Recalibration on its collected pairs fits this column's
+    axes (and α) onto the unchanged network."""
+    from autofocus.recalibrate import RecalSettings, run_recalibration
+    cfg = load_setup(write_setup(tmp_path))
+    out = tmp_path / "setupB.pt"
+    st = RecalSettings(locations=5, aberrations_per_location=8, out=out, base_model="deepfocus_128",
+                       test_locations=2, iterations=3, frame=(768, 768), nm_iterations=20)
+    rep = run_recalibration(cfg, st, progress=lambda s: None)
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert out.read_bytes() == (ROOT / "models" / "deepfocus_128.pt").read_bytes()
+    assert card["recalibration"]["stig_map"] and card["recalibration"]["train_pairs"] == 32
+    assert 10 <= card["recalibration"]["column_alpha_mrad"] <= 17                  # setup B: 12 mrad
+    assert rep["after"]["mae_stig"] < 0.5 * rep["before"]["mae_stig"], rep["summary"]
+    before, after = rep["before_convergence"][-1], rep["after_convergence"][-1]
+    assert after["mae_stig"] < 0.25 < before["mae_stig"] and after["in_margin_fraction"] == 1.0, rep["summary"]
