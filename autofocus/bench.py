@@ -263,13 +263,10 @@ def run_method(name: str, bench: SimBench, locs, aberrations, progress=print, *,
                  f"{tr.evaluations} frames")
     res.errors, res.dose = np.array(errs), np.array(doses)
     method = getattr(runner, "method", None)
-    if getattr(method, "column", None) is not None:
-        ref = method.predictor.alpha_ref_mrad
-        res.column = {"stated_alpha_mrad": st.column_alpha_mrad, "alpha_ref_mrad": ref, "scale": method.column.value,
-                      "learned_alpha_mrad": method.column.alpha_mrad(ref) if ref else None}
-        if ref:
-            progress(f"  {name}: column probe half-angle {res.column['learned_alpha_mrad']:.1f} mrad learned from "
-                     f"its moves (stated: {st.column_alpha_mrad or 'none'})")
+    if hasattr(method, "column_report"):
+        res.column = method.column_report()
+        if "line" in res.column:
+            progress(f"  {name}: {res.column['line']}")
     if time_it:
         res.ms_per_pair, res.timing = time_per_pair(name, bench, st.timing_calls)
     res.seconds = time.perf_counter() - t0

@@ -74,9 +74,13 @@ class ConnectedBench:
                                       perturbation_m=st.perturbation_m, seed=st.seed, models_dir=st.models_dir,
                                       column_alpha_mrad=st.column_alpha_mrad)
         thr = (0.2e-6, 0.05) if st.stop_at_threshold else (0.0, 0.0)
-        return lambda: AutofocusLoop(self.sem, self.guard, method, perturbation_m=st.perturbation_m,
-                                     max_iterations=st.iterations, threshold_wd_m=thr[0], threshold_stig=thr[1],
-                                     **scan).run()
+
+        def run():
+            return AutofocusLoop(self.sem, self.guard, method, perturbation_m=st.perturbation_m,
+                                 max_iterations=st.iterations, threshold_wd_m=thr[0], threshold_stig=thr[1],
+                                 **scan).run()
+        run.method = method
+        return run
 
     def _sharpness(self, state) -> tuple[float, float]:
         set_focus(self.sem, state)
@@ -112,7 +116,13 @@ class ConnectedBench:
             self.progress(f"  {name} location {i + 1}/{len(locs)}: {tr.status}, {tr.evaluations} frames, last "
                           f"correction {last[0]:.2f} µm / {last[1]:.3f}, sharpness x{rows[-1]['sharpness_ratio']:.2f} "
                           f"of the operator's")
-        return {"locations": rows, "summary": summarise(rows)}
+        out = {"locations": rows, "summary": summarise(rows)}
+        method = getattr(runner, "method", None)
+        if hasattr(method, "column_report"):        # DeepFocus: the α to write into the setup file
+            out["column"] = method.column_report()
+            if "line" in out["column"]:
+                self.progress(f"  {name}: {out['column']['line']}")
+        return out
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -275,6 +275,18 @@ class DeepFocusMethod:
         return Estimate(d_wd, d_stig, sd, time.perf_counter() - t0,
                         len(getattr(p, "per_patch", ())) or self.n_patches)
 
+    def column_report(self) -> dict:
+        """The column as this method knows it now: the α it started from (setup, or
+        measured by recalibration), the one its moves taught, and a line saying so."""
+        ref = self.alpha_ref_mrad
+        learned = self.column.alpha_mrad(ref) if ref else None
+        rep = {"stated_alpha_mrad": self.stated_alpha_mrad, "alpha_ref_mrad": ref, "scale": self.column.value,
+               "learned_alpha_mrad": learned}
+        if learned:
+            rep["line"] = (f"column probe half-angle {learned:.1f} mrad learned from its moves (stated: "
+                           f"{self.stated_alpha_mrad or 'none'}; calibration.probe_half_angle_mrad in the setup)")
+        return rep
+
     def model_pixel_m(self, shape: tuple[int, ...], pixel_size_m: float) -> float:
         """Where this column's pair is fed to the model (autofocus.column_scale.model_pixel).
         From the α the setup states: one pixel for the session, so the readings the column

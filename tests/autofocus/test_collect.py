@@ -228,6 +228,9 @@ def test_bench_on_a_connected_microscope_reports_convergence_sharpness_and_dose(
     assert 0.9 < m["summary"]["median_sharpness_ratio"] < 1.2
     assert all(r["dose_e_per_nm2"] > 0 and r["scoring_dose_e_per_nm2"] > 0 for r in m["locations"])
     assert "of the operator's" in res.output
+    # the α DeepFocus learned, to write into the setup file (the fake renders the setup-A column, 8 mrad)
+    assert m["column"]["learned_alpha_mrad"] == pytest.approx(8.0, rel=0.2)
+    assert "mrad learned from its moves" in res.output
 
 
 def test_known_aberrations_are_half_near_focus_and_never_leave_the_windows(tmp_path):
