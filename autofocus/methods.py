@@ -283,8 +283,9 @@ class DeepFocusMethod:
         rep = {"stated_alpha_mrad": self.stated_alpha_mrad, "alpha_ref_mrad": ref, "scale": self.column.value,
                "learned_alpha_mrad": learned}
         if learned:
-            rep["line"] = (f"column probe half-angle {learned:.1f} mrad learned from its moves (stated: "
-                           f"{self.stated_alpha_mrad or 'none'}; calibration.probe_half_angle_mrad in the setup)")
+            stated = f"{self.stated_alpha_mrad:.1f} mrad" if self.stated_alpha_mrad else "none"
+            rep["line"] = (f"column probe half-angle {learned:.1f} mrad learned from its moves (stated: {stated}; "
+                           "calibration.probe_half_angle_mrad in the setup)")
         return rep
 
     def model_pixel_m(self, shape: tuple[int, ...], pixel_size_m: float) -> float:
