@@ -124,7 +124,7 @@ def recalibrate(
     aberrations: int = typer.Option(10, "--aberrations", min=1, max=100, help="known aberrations per location"),
     steps: int = typer.Option(2000, "--steps", min=1, help="fine-tuning steps (seed: 50 000)"),
     out: Path = typer.Option(Path("models/deepfocus_recal.pt"), "--out"),
-    base_model: str = typer.Option("deepfocus", "--model", help="shipped DeepFocus variant to fine-tune"),
+    base_model: str = typer.Option("deepfocus", "--model", help="shipped DeepFocus variant to recalibrate"),
     test_locations: int = typer.Option(5, "--test-locations", min=1, max=100,
                                        help="simulated setups: locations of the before/after traces"),
     iterations: int = typer.Option(5, "--iterations", min=1, max=50, help="simulated setups: trace iterations"),
@@ -159,7 +159,7 @@ def recalibrate(
                                seed=seed, models_dir=models_dir)
             report = run_recalibration(_config(config, simulated=False), st, progress=typer.echo,
                                        json_out=json_out, at_m=_metres(at))
-    except (DatasetError, DeviceError, ValueError, FileNotFoundError) as e:
+    except (DatasetError, DeviceError, ValueError, FileNotFoundError, FileExistsError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(report["summary"])

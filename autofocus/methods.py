@@ -228,8 +228,10 @@ class DeepFocusMethod:
         # recalibrated on a column (autofocus/stig_map.py): its stigmator axes, and the α measured
         # there, which beats a nominal one from an aperture table
         self.stig_map = stig_map.from_card(self.predictor.card)
+        self.alpha_source = "stated"
         if ref and self.stig_map is not None:
             column_alpha_mrad = self.predictor.card["recalibration"]["column_alpha_mrad"]
+            self.alpha_source = "recalibrated"
         self.stated_alpha_mrad = column_alpha_mrad
         known = column_alpha_mrad is not None or not ref
         # readings near the trained clip mean "far, this way" and carry no slope
@@ -284,8 +286,8 @@ class DeepFocusMethod:
                "learned_alpha_mrad": learned}
         if learned:
             stated = f"{self.stated_alpha_mrad:.1f} mrad" if self.stated_alpha_mrad else "none"
-            rep["line"] = (f"column probe half-angle {learned:.1f} mrad learned from its moves (stated: {stated}; "
-                           "calibration.probe_half_angle_mrad in the setup)")
+            rep["line"] = (f"column probe half-angle {learned:.1f} mrad learned from its moves ({self.alpha_source}: "
+                           f"{stated}; calibration.probe_half_angle_mrad in the setup)")
         return rep
 
     def model_pixel_m(self, shape: tuple[int, ...], pixel_size_m: float) -> float:

@@ -249,6 +249,10 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
     card = load_card(base_path)
     want = float(card.get("pixel_size_nm", st["pixel_nm"])) * 1e-9
     base = DeepFocusMethod(base_path, seed=0)
+    if base.stig_map is not None:
+        raise ValueError(f"{base_model} is already recalibrated for a column "
+                         f"(from {card['recalibration'].get('base_model', 'a shipped model')}): recalibrate "
+                         "the shipped model again instead (--model)")
     before = _single_step_errors(base, test_t, pixel_m, pert_m)
     alpha = column_alpha_mrad(base, train_t, pixel_m, pert_m)
     if alpha is not None:

@@ -272,3 +272,9 @@ def test_recalibrating_the_shipped_model_maps_a_rotated_columns_stigmators_and_k
     assert rep["after"]["mae_stig"] < 0.5 * rep["before"]["mae_stig"], rep["summary"]
     before, after = rep["before_convergence"][-1], rep["after_convergence"][-1]
     assert after["mae_stig"] < 0.25 < before["mae_stig"] and after["in_margin_fraction"] == 1.0, rep["summary"]
+    # a map on top of a map would be fitted to readings the model never gives: refused, naming the way out
+    from autofocus.recalibrate import recalibrate_on_data
+    with pytest.raises(ValueError, match="already recalibrated.*--model"):
+        recalibrate_on_data(st.data_dir(), tmp_path / "again.pt", base_model="setupB", models_dir=tmp_path,
+                            progress=lambda s: None)
+    assert not (tmp_path / "again.pt").exists() and not (tmp_path / "again.json").exists()
