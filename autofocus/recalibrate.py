@@ -202,10 +202,10 @@ def column_alpha_mrad(m: DeepFocusMethod, triples, pixel_m: float, perturbation_
     return m.predictor.alpha_ref_mrad * math.sqrt(min(max(k, BOUNDS[0]), BOUNDS[1]))
 
 
-def _map_recalibration(base_path: Path, train_t, alpha_mrad: float, pixel_m: float, perturbation_m: float,
-                       out: Path) -> dict:
-    """The base network (its bytes, so its card's hash still holds) with a card that
-    knows this column: its α and its stigmator axes (autofocus/stig_map.py)."""
+def _map_recalibration(base_path: Path, card: dict, train_t, alpha_mrad: float, pixel_m: float,
+                       perturbation_m: float, out: Path) -> dict:
+    """The base network (its bytes, so its card's hash still holds) with a copy of its
+    card that knows this column: its α and its stigmator axes (autofocus/stig_map.py)."""
     m = DeepFocusMethod(base_path, seed=0, column_alpha_mrad=alpha_mrad)
     read, truth = [], []
     for plus, minus, target in train_t:
@@ -213,9 +213,8 @@ def _map_recalibration(base_path: Path, train_t, alpha_mrad: float, pixel_m: flo
         read.append((e.d_wd_m * 1e6, *e.d_stig))
         truth.append(target)
     s = stig_map.fit(np.asarray(read), np.asarray(truth))
-    card = json.loads(Path(base_path).with_suffix(".json").read_text())
-    card["recalibration"] = {"method": "stigmator map on the base network (autofocus/stig_map.py)",
-                             "column_alpha_mrad": round(alpha_mrad, 3), "stig_map": stig_map.to_card(s)}
+    card = {**card, "recalibration": {"method": "stigmator map on the base network (autofocus/stig_map.py)",
+                                      "column_alpha_mrad": round(alpha_mrad, 3), "stig_map": stig_map.to_card(s)}}
     # the card first: a model file is only ever listed with its card beside it
     atomic_write(Path(out).with_suffix(".json"), json.dumps(card, indent=1, default=str).encode())
     atomic_write(Path(out), Path(base_path).read_bytes())
@@ -261,7 +260,7 @@ def recalibrate_on_data(data: Path, out: Path, *, base_model: str = "deepfocus",
     if alpha is not None and len(train_t) >= stig_map.MIN_PAIRS:
         progress(f"{len(train_t)} training pairs, {len(test_t)} held out (location {held}); fitting this "
                  f"column's stigmator axes to {base_model}'s readings (the network stays as shipped)")
-        info = _map_recalibration(base_path, train_t, alpha, pixel_m, pert_m, out)
+        info = _map_recalibration(base_path, card, train_t, alpha, pixel_m, pert_m, out)
         steps = 0
     else:
         if alpha is not None:

@@ -16,7 +16,7 @@ does. On setup B (scan rotated 90°) the map reads stig x from the model's
 stig y (0.97) and stig y from minus its stig x (-0.73). Unlike fine-tuning
 the last layers on the ~90 collected pairs, it keeps the network's whole
 range: the seed's large start (30 µm, -6, 6) on setup B reaches the margins
-at 5-8 of 9 locations instead of none.
+at 4-7 of 9 locations instead of none.
 """
 from __future__ import annotations
 
