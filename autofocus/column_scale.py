@@ -35,6 +35,12 @@ UNSTATED_ALPHA_MRAD = 15.0 / math.sqrt(2.0)
 # how far the moves may take a known α (stated by the setup to the precision of an aperture
 # table, or a recalibrated model's own column): 1.5x either way
 ALPHA_SPREAD = 1.5
+# what a known α (stated by the setup, or measured by recalibration) is worth against the moves, in
+# µm² of pair-centre spread: it gives k to about ±40 %, and a near-focus reading at 50 ns scatters
+# ~0.4 µm, so moves spread by about 1 µm² teach as much. At the unknown-α weight (0.25) two
+# iterations 0.5 µm apart at the first location taught a 5.7 mrad column for 8 and every later
+# large start overshot by 20 µm (stage O, setup A)
+KNOWN_PRIOR_WEIGHT_UM2 = 1.0
 # only pairs within this distance of focus (µm) count towards the slope
 NEAR_UM = 12.0
 # resampling to the model pixel keeps at least this many patches across the frame's short side

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from autofocus.column_scale import TARGET_CLIP, scale_of
+from autofocus.column_scale import TARGET_CLIP, model_pixel, scale_of
 from autofocus.inference import resample
 from devices.setup_config import MicroscopeParams, Simulation
 from devices.sim import optics
@@ -112,6 +112,13 @@ class DataConfig:
     # (setup, recalibration or the loop's own moves) turns it into µm. None = plain targets.
     alpha_ref_mrad: Optional[float] = None
     target_clip: tuple[float, float] = TARGET_CLIP    # |referenced wd µm|, |stig|
+    # fraction of pairs fed as DeepFocusMethod feeds a column whose setup states its α
+    # (autofocus.column_scale.model_pixel): resampled to the pixel where the stated α looks
+    # like alpha_ref (the statement off by up to column_feed_error either way, frames of a
+    # short side in column_feed_frames), the target referenced at the α the model then sees
+    column_feed: float = 0.0
+    column_feed_error: float = 1.25
+    column_feed_frames: tuple[int, ...] = (768, 1536)
 
     def card(self) -> dict:
         d = asdict(self)
@@ -249,33 +256,47 @@ class PairSimulator:
 
     # -------------------------------------------------------------- rendering
     def render(self, world, mp: MicroscopeParams, center, dz_um: float, stig, dwell_s: float,
-               shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+               shape: tuple[int, int], rng: np.random.Generator, pixel_nm: Optional[float] = None) -> np.ndarray:
+        """pixel_nm: the model pixel of this sample where it is not the config's (column_feed)."""
         saved = world.mp
         world.mp = mp          # render() reads the hidden optics from world.mp
         c = self.cfg
-        acq_nm = c.acquire_pixel_nm or c.pixel_nm
-        f = c.pixel_nm / acq_nm
+        px = pixel_nm or c.pixel_nm
+        acq_nm = c.acquire_pixel_nm or px
+        if acq_nm > px * 1.001:
+            raise ValueError(f"model pixel {px:g} nm is finer than the {acq_nm:g} nm frames: training upsamples nothing "
+                             f"(inference never feeds a model finer than the frame)")
+        f = px / acq_nm
         try:
             ab = optics.Aberration(dz_um * 1e-6, float(stig[0]), float(stig[1]))
-            img = render(world, center, acq_nm * 1e-9, (round(shape[0] * f), round(shape[1] * f)), 0.0, ab,
-                         c.current_a, dwell_s, rng)
+            img = render(world, center, acq_nm * 1e-9, (math.ceil(shape[0] * f), math.ceil(shape[1] * f)), 0.0,
+                         ab, c.current_a, dwell_s, rng)
         finally:
             world.mp = saved
-        if acq_nm == c.pixel_nm:
+        if acq_nm == px:
             return img
-        out = np.rint(resample(img, acq_nm * 1e-9, c.pixel_nm * 1e-9)).astype(np.uint8)
-        if out.shape != tuple(shape):
-            raise ValueError(f"pixel sizes {acq_nm} -> {c.pixel_nm} nm do not map {shape} onto whole pixels")
-        return out
+        out = np.rint(resample(img, acq_nm * 1e-9, px * 1e-9)).astype(np.uint8)
+        return out[:shape[0], :shape[1]]         # rendered a pixel larger where px/acq_nm is not whole
 
-    def pair(self, world, mp, center, ab, dwell_s, shape, rng) -> tuple[np.ndarray, np.ndarray]:
+    def pair(self, world, mp, center, ab, dwell_s, shape, rng,
+             pixel_nm: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
         """(img at wd + Δ, img at wd − Δ) around aberration ab = (Δwd µm, sx, sy)."""
         d = self.cfg.perturbation_um
-        plus = self.render(world, mp, center, ab[0] + d, ab[1:], dwell_s, shape, rng)
+        plus = self.render(world, mp, center, ab[0] + d, ab[1:], dwell_s, shape, rng, pixel_nm)
         j = rng.normal(0.0, self.cfg.pair_jitter_nm * 1e-9, 2)
         minus = self.render(world, mp, (center[0] + j[0], center[1] + j[1]), ab[0] - d, ab[1:], dwell_s,
-                            shape, rng)
+                            shape, rng, pixel_nm)
         return plus, minus
+
+    def feed_pixel_nm(self, alpha_mrad: float, rng: np.random.Generator) -> Optional[float]:
+        """The model pixel of a column_feed sample (None: the config's pixel)."""
+        c = self.cfg
+        if not (c.column_feed > 0 and c.alpha_ref_mrad and c.acquire_pixel_nm and rng.random() < c.column_feed):
+            return None
+        stated = alpha_mrad * math.exp(rng.uniform(-1.0, 1.0) * math.log(c.column_feed_error))
+        short = int(rng.choice(c.column_feed_frames))
+        return model_pixel(stated, c.alpha_ref_mrad, c.pixel_nm * 1e-9, c.acquire_pixel_nm * 1e-9, short,
+                           c.patch) * 1e9
 
     def sample(self, rng: np.random.Generator, ab=None, mp=None, dwell_ns=None,
                world=None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -288,17 +309,22 @@ class PairSimulator:
         center = tuple(rng.uniform(-20e-6, 20e-6, 2))
         P, N = c.patch, c.n_patches
         side = P if N == 1 else int(P * 1.75)      # room for N aligned random offsets
+        px = None
         if c.single_image:
             imgs = [self.render(world, mp, center, ab[0], ab[1:], dwell_ns * 1e-9, (side, side), rng)]
             s = np.hypot(ab[1], ab[2]) if c.stig_norm == "l2" else abs(ab[1]) + abs(ab[2])
             target = np.array([abs(ab[0]), s], np.float32)
         else:
-            imgs = list(self.pair(world, mp, center, ab, dwell_ns * 1e-9, (side, side), rng))
-            target = referenced_target(ab, mp.alpha_mrad, c.alpha_ref_mrad, c.target_clip)
+            px = self.feed_pixel_nm(mp.alpha_mrad, rng)
+            imgs = list(self.pair(world, mp, center, ab, dwell_ns * 1e-9, (side, side), rng, px))
+            # fed at px the column looks like α·pixel/px at the model's pixel
+            seen = mp.alpha_mrad * (c.pixel_nm / px if px else 1.0)
+            target = referenced_target(ab, seen, c.alpha_ref_mrad, c.target_clip)
         stack = np.stack(imgs)
         offs = rng.integers(0, side - P + 1, size=(N, 2))
         x = np.stack([stack[:, r:r + P, q:q + P] for r, q in offs])
-        return x, target, {"ab": ab, "dwell_ns": dwell_ns, "alpha_mrad": mp.alpha_mrad}
+        return x, target, {"ab": ab, "dwell_ns": dwell_ns, "alpha_mrad": mp.alpha_mrad,
+                           "model_pixel_nm": px or c.pixel_nm}
 
 
 def referenced_target(ab, alpha_mrad: float, alpha_ref_mrad: Optional[float],

@@ -12,6 +12,16 @@ aberration mixture, training textures and procedural seeds, dwell over the
 training range; the benchmark's specimen and locations are never used). The
 card stores it as ``output_gain``; DeepFocusPredictor multiplies by it.
 
+A model referenced to one column (alpha_ref) has its wd gain fitted only on
+columns within FED_ALPHA of that column: DeepFocusMethod feeds every column
+whose α it knows at the pixel where it looks like the reference
+(autofocus.column_scale.model_pixel), so that is where the µm scale must
+hold. Over all columns (2-25 mrad) the wide ones, which the network reads
+low, pulled the wd gain to 1.13 and the reference column then read 13 µm of
+defocus as 15-16 µm. The stigmator gains stay fitted over all columns: their
+units are per microscope anyway (recalibration), and they make up for the
+shrinkage at strong astigmatism that the loop's large starts depend on.
+
     .venv/bin/python -m autofocus.gain models/deepfocus_128.pt --shared ../shared [--samples 400]
 """
 from __future__ import annotations
@@ -29,6 +39,8 @@ from autofocus.data import DataConfig, PairSimulator, training_textures
 from autofocus.inference import DeepFocusPredictor, load_card
 
 PAIR_SIDE = 512
+FED_ALPHA = (0.75, 1.25)        # x alpha_ref: the columns a referenced model's wd gain is fitted on
+SEED_RANGE_UM = 20.0            # ... and the defocus: the seed's range (ch. 3, Fig. 3.4)
 
 
 def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 400, seed: int = 2026) -> dict:
@@ -49,19 +61,27 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
     sim = PairSimulator(cfg)
     rng = np.random.default_rng([seed, 0x6A1])
     n = pred.patches_to_tile(PAIR_SIDE, cfg.pixel_nm * 1e-9)
-    truth, out = [], []
+    truth, out, alpha, defocus = [], [], [], []
     for _ in range(int(samples)):
-        x, y, _ = sim.sample(rng)                   # dwell log-uniform over the training range
+        x, y, meta = sim.sample(rng)                # dwell log-uniform over the training range
         est = pred.predict(x[0, 0], x[0, 1], cfg.pixel_nm * 1e-9, n_patches=n)
         truth.append(y)
         out.append((est.d_wd_m * 1e6, *est.d_stig))
+        alpha.append(meta["alpha_mrad"])
+        defocus.append(abs(meta["ab"][0]))
     t, p = np.asarray(truth, float), np.asarray(out, float)
-    gain = np.array([l1_gain(t[:, k], p[:, k]) for k in range(3)])
+    ref = cfg.alpha_ref_mrad
+    a = np.asarray(alpha)
+    wd_rows = ((a >= FED_ALPHA[0] * ref) & (a <= FED_ALPHA[1] * ref) & (np.asarray(defocus) <= SEED_RANGE_UM)
+               if ref else np.ones(len(t), bool))
+    gain = np.array([l1_gain(t[wd_rows, 0], p[wd_rows, 0])] + [l1_gain(t[:, k], p[:, k]) for k in (1, 2)])
     mae_raw = np.abs(t - p).mean(0)
     mae_gain = np.abs(t - gain * p).mean(0)
     return {"values": [round(float(g), 4) for g in gain],
             "outputs": ["d_wd_um", "d_stig_x", "d_stig_y"],
             "method": "min mean |truth - g x prediction| (weighted median of truth/prediction)",
+            "wd_fitted_on": (f"columns of alpha {FED_ALPHA[0] * ref:g}-{FED_ALPHA[1] * ref:g} mrad, |defocus| <= "
+                             f"{SEED_RANGE_UM:g} µm ({int(wd_rows.sum())} pairs)" if ref else "all pairs"),
             "samples": int(samples), "seed": seed, "pair_px": PAIR_SIDE, "patches_per_pair": n,
             "data": {"mixture": [list(m) for m in cfg.mixture], "dwell_ns": list(cfg.dwell_ns),
                      "microscope": microscopes, "textures": [Path(x).name for x in textures],

@@ -19,6 +19,7 @@ from devices.sim.frames import render_frame, specimen_world
 
 DEFOCUS_UM = (-20.0, -15.0, -10.0, -6.0, -3.0, 3.0, 6.0, 10.0, 15.0, 20.0)
 TOLERANCE = 0.15          # issue 15: within 15 % of the truth at every α
+SEED_DWELL_S = 200e-9     # seed Fig. 3.4: 9 locations, 200 ns
 
 
 @dataclass
@@ -39,8 +40,8 @@ def column(preset: str, alpha_mrad: Optional[float] = None) -> MicroscopeParams:
 
 
 def measure(method_for: Callable[[float], object], alphas: Sequence[float], *, specimen: Sequence[Path] = (),
-            locations: int = 4,
-            defocus_um: Sequence[float] = DEFOCUS_UM, preset: str = "setup-a", dwell_s: float = 50e-9,
+            locations: int = 9,
+            defocus_um: Sequence[float] = DEFOCUS_UM, preset: str = "setup-a", dwell_s: float = SEED_DWELL_S,
             pixel_m: float = 10e-9, frame: tuple[int, int] = (1024, 768), perturbation_m: float = 5e-6,
             seed: int = 0) -> list[LinearityRow]:
     """First-step wd estimate of ``method_for(α)`` (a fresh CorrectionMethod for

@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 
 from autofocus import stig_map
-from autofocus.column_scale import ALPHA_SPREAD, TARGET_CLIP, ColumnScale, model_pixel, scale_of
+from autofocus.column_scale import (ALPHA_SPREAD, KNOWN_PRIOR_WEIGHT_UM2, TARGET_CLIP, ColumnScale, model_pixel,
+                                    scale_of)
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
 from common.paths import models_dir
@@ -236,7 +237,8 @@ class DeepFocusMethod:
         known = column_alpha_mrad is not None or not ref
         # readings near the trained clip mean "far, this way" and carry no slope
         self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]),
-                                  alpha_spread=ALPHA_SPREAD if known else None)
+                                  alpha_spread=ALPHA_SPREAD if known else None,
+                                  **({"prior_weight_um2": KNOWN_PRIOR_WEIGHT_UM2} if known else {}))
 
     def begin_location(self) -> None:
         """The loop starts at a new place: its readings get their own focus."""

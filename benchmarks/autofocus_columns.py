@@ -1,7 +1,7 @@
 """DeepFocus on columns other than the one it trained on (issue 15).
 
-The seed's protocol (ch. 3, Fig. 3.9) at 50 ns, 9 locations, 1024x768 frames
-at 10 nm, on
+The seed's protocol (ch. 3, Fig. 3.9) at 50 ns, 9 locations, 2048x1536 frames
+at 10 nm (--frame 1024 768: the half-size frames of earlier runs), on
   columns:   the setup-A preset (Zeiss Merlin: alpha 8 mrad), setup A with
              alpha replaced by 3, 8 (= setup A) and 15 mrad, and the setup-B
              preset (UltraPlus, 12 mrad, scan rotated 90 degrees) after
@@ -16,11 +16,12 @@ Targets per cell: 9/9 inside the margins (1 µm, 0.25) by iteration 3; MAE wd
 runs on the first column/specimen of the list for the speed ratio (DeepFocus
 >= 3x faster per 512² pair, same run) and as a reference.
 
-Then single-pair linearity (seed Fig. 3.4): first-step wd reading over
-|dz| <= 20 µm at alpha 3, 8, 15 and 22 mrad, within 15 % at every alpha.
+Then single-pair linearity (seed Fig. 3.4: 9 locations, 200 ns, the 1024x768
+frames of its Fig. 3.3): first-step wd reading over |dz| <= 20 µm at alpha 3,
+8, 15 and 22 mrad, within 15 % at every alpha.
 
     .venv/bin/python benchmarks/autofocus_columns.py [--shared ../shared] [--heldout-texture F ...]
-        [--model models/deepfocus_128.pt] [--quick] [--json out.json] [--plot out.png]
+        [--model models/deepfocus_128.pt] [--quick] [--frame W H] [--json out.json]
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ from autofocus.methods import DeepFocusMethod  # noqa: E402
 from devices.setup_config import MicroscopeParams, load_setup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# the seed's traces (ch. 3, Fig. 3.9, both methods) take 2048x1536 frames at 10 nm
+SEED_FRAME = (2048, 1536)
 TARGETS = {"in_margin_it3": 1.0, "mae_wd_it2_um": 0.3, "large_in_margin_it3": 1.0, "speedup": 3.0}
 
 
@@ -51,8 +54,8 @@ def columns(cfg) -> list[tuple[str, MicroscopeParams]]:
 
 
 def cell(cfg, mp, model_dir: Path, specimen, initial: str, methods, locations: int, seed: int,
-         nominal_alpha_mrad) -> dict:
-    st = BenchSettings(methods=methods, locations=locations, iterations=3, dwell_s=50e-9, frame=(1024, 768),
+         nominal_alpha_mrad, frame: tuple[int, int] = SEED_FRAME) -> dict:
+    st = BenchSettings(methods=methods, locations=locations, iterations=3, dwell_s=50e-9, frame=frame,
                        pixel_m=10e-9, initial=initial, seed=seed, stop_at_threshold=False,
                        specimen=tuple(specimen), models_dir=model_dir, column_alpha_mrad=nominal_alpha_mrad)
     out = run_bench(cfg, st, progress=lambda s: None, microscope=mp)
@@ -90,6 +93,8 @@ def main() -> int:
                          "the column's own, times 1 + --nominal-error; or none (DeepFocus starts from its "
                          "reference column and learns the scale from its moves)")
     ap.add_argument("--nominal-error", type=float, default=0.0, help="relative error of the stated α, e.g. 0.25")
+    ap.add_argument("--frame", type=int, nargs=2, default=SEED_FRAME, metavar=("W", "H"),
+                    help="frame of the loop's pairs (seed Fig. 3.9: 2048 1536)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -111,7 +116,7 @@ def main() -> int:
                      .model_dump(include={"wd_focus_mm", "stig_x0", "stig_y0"})),
                      recalibrated_model(cfg, model, tmp, args.recal_steps)))
     rows, t0 = [], time.perf_counter()
-    print(f"model {model} ({name}); {locations} locations, 50 ns, 1024x768 at 10 nm, 3 iterations; stated "
+    print(f"model {model} ({name}); {locations} locations, 50 ns, {args.frame[0]}x{args.frame[1]} at 10 nm, 3 iterations; stated "
           f"probe half-angle: " + ("none" if args.nominal == "none" else
                                    f"the column's x {1 + args.nominal_error:g}"))
     print(f"{'column':32s} {'specimen':34s} {'in margin it3':>13s} {'MAE wd it2':>10s} {'large it3':>9s}"
@@ -120,8 +125,8 @@ def main() -> int:
         for si, (sname, spec) in enumerate(specimens):
             methods = (m.stem, "mapfost") if ci == 0 and si == 0 else (m.stem,)
             nominal = mp.alpha_mrad * (1 + args.nominal_error) if args.nominal == "column" else None
-            seed_run = cell(cfg, mp, m.parent, spec, "seed", methods, locations, args.seed, nominal)
-            large = cell(cfg, mp, m.parent, spec, "large", (m.stem,), locations, args.seed, nominal)
+            seed_run = cell(cfg, mp, m.parent, spec, "seed", methods, locations, args.seed, nominal, tuple(args.frame))
+            large = cell(cfg, mp, m.parent, spec, "large", (m.stem,), locations, args.seed, nominal, tuple(args.frame))
             r = seed_run[m.stem]
             row = {"column": cname, "specimen": sname, **r, "large_in_margin_it3": large[m.stem]["in_margin_it3"]}
             if "mapfost" in seed_run:
@@ -146,7 +151,7 @@ def main() -> int:
     lin = None
     if not args.no_linearity:
         lin = linearity.measure(lambda a: DeepFocusMethod(model, seed=0, column_alpha_mrad=a), (3.0, 8.0, 15.0, 22.0),
-                                locations=2 if args.quick else 4)
+                                locations=2 if args.quick else 9)
         print(linearity.format_table(lin, name))
     print(f"{time.perf_counter() - t0:.0f} s")
     if args.json:

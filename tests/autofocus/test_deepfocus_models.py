@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autofocus import models as M
-from autofocus.data import BASE_MICROSCOPE, DataConfig, PairSimulator
+from autofocus.data import BASE_MICROSCOPE, DataConfig, PairSimulator, referenced_target
 from autofocus.inference import (DEFAULT_MODEL, DEFAULT_SCORE_MODEL, DeepFocusPredictor, DeepScorePredictor,
                                  resample)
 from autofocus.train import train, train_on_samples
@@ -115,7 +115,7 @@ def test_coarse_model_trains_on_frames_resampled_as_at_inference():
         assert a.shape == (128, 128) and a.dtype == np.uint8
         return np.std(a.astype(float) - b.astype(float))
     assert noise(resampled) < 0.7 * noise(direct)
-    with pytest.raises(ValueError, match="whole pixels"):
+    with pytest.raises(ValueError, match="finer than the 15 nm frames"):
         PairSimulator(DataConfig(**{**kw, "pixel_nm": 10.0}, acquire_pixel_nm=15.0)).render(
             direct.worlds[0][0], BASE_MICROSCOPE, flat, 0.0, flat, 100e-9, (127, 127), np.random.default_rng(0))
 
@@ -134,6 +134,30 @@ def _pair(sim, ab, size=640, seed=0):
     rng = np.random.default_rng(seed)
     world = sim.worlds[0][0]
     return sim.pair(world, SETUP_A, (3e-6 * seed, -2e-6 * seed), ab, 200e-9, (size, size), rng)
+
+
+def test_column_feed_pairs_are_fed_as_deepfocus_feeds_a_column_of_stated_alpha():
+    """Stage O's pairs: resampled where the (stated) column looks like the 8 mrad
+    reference, never finer than the 10 nm frames, the target referenced at the
+    column the model then sees."""
+    cfg = DataConfig(patch=64, pixel_nm=20.0, acquire_pixel_nm=10.0, microscopes="columns", alpha_ref_mrad=8.0,
+                     column_feed=1.0, procedural_seeds=(0,), procedural_slices=(0,))
+    sim, rng = PairSimulator(cfg), np.random.default_rng(3)
+    ab = (6.0, 1.0, -0.5)
+    for alpha in (3.0, 15.0):
+        mp = BASE_MICROSCOPE.model_copy(update={"alpha_mrad": alpha})
+        for _ in range(4):
+            x, y, meta = sim.sample(rng, ab=ab, mp=mp, dwell_ns=200.0)
+            px = meta["model_pixel_nm"]
+            assert x.shape == (1, 2, 64, 64) and x.dtype == np.uint8
+            if alpha == 3.0:        # 20 nm x 3/8 is finer than the frame: fed at the frame's 10 nm
+                assert px == pytest.approx(10.0)
+            else:                   # 37.5 nm, the statement up to 25 % off, within 2 patches across 768 px
+                assert 37.5 / 1.25 - 1e-6 <= px <= 37.5 * 1.25 + 1e-6 and (px <= 60.0)
+            np.testing.assert_allclose(y, referenced_target(ab, alpha * 20.0 / px, 8.0, cfg.target_clip), rtol=1e-5)
+    plain = PairSimulator(DataConfig(patch=64, pixel_nm=20.0, acquire_pixel_nm=10.0, alpha_ref_mrad=8.0,
+                                     procedural_seeds=(0,), procedural_slices=(0,)))
+    assert plain.sample(rng, ab=ab, mp=BASE_MICROSCOPE)[2]["model_pixel_nm"] == 20.0
 
 
 def test_shipped_model_corrects_moderate_aberrations(sim):
