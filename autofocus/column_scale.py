@@ -35,7 +35,8 @@ UNSTATED_ALPHA_MRAD = 15.0 / math.sqrt(2.0)
 # how far the moves may take a known α (stated by the setup to the precision of an aperture
 # table, or a recalibrated model's own column): 1.5x either way
 ALPHA_SPREAD = 1.5
-# what a known α (stated by the setup, or measured by recalibration) is worth against the moves, in
+# what a known α (stated by the setup, measured by recalibration, or a column-specific model's own
+# column) is worth against the moves, in
 # µm² of pair-centre spread: it gives k to about ±40 %, and a near-focus reading at 50 ns scatters
 # ~0.4 µm, so moves spread by about 1 µm² teach as much. At the unknown-α weight (0.25) two
 # iterations 0.5 µm apart at the first location taught a 5.7 mrad column for 8 and every later

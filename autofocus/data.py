@@ -265,11 +265,11 @@ class PairSimulator:
         acq_nm = c.acquire_pixel_nm or px
         if acq_nm > px * 1.001:
             raise ValueError(f"model pixel {px:g} nm is finer than the {acq_nm:g} nm frames: training upsamples nothing "
-                             f"(inference never feeds a model finer than the frame)")
+                             f"(DeepFocusMethod never feeds a referenced model finer than the frame)")
         f = px / acq_nm
         try:
             ab = optics.Aberration(dz_um * 1e-6, float(stig[0]), float(stig[1]))
-            img = render(world, center, acq_nm * 1e-9, (math.ceil(shape[0] * f), math.ceil(shape[1] * f)), 0.0,
+            img = render(world, center, acq_nm * 1e-9, (math.ceil(shape[0] * f - 1e-6), math.ceil(shape[1] * f - 1e-6)), 0.0,
                          ab, c.current_a, dwell_s, rng)
         finally:
             world.mp = saved

@@ -14,9 +14,9 @@ card stores it as ``output_gain``; DeepFocusPredictor multiplies by it.
 
 A model referenced to one column (alpha_ref) has its wd gain fitted only on
 columns within FED_ALPHA of that column: DeepFocusMethod feeds every column
-whose α it knows at the pixel where it looks like the reference
-(autofocus.column_scale.model_pixel), so that is where the µm scale must
-hold. Over all columns (2-25 mrad) the wide ones, which the network reads
+whose α it knows at the pixel where it looks like the reference, within the
+clamps of autofocus.column_scale.model_pixel, so that is where the µm scale
+must hold (fewer than MIN_FED_PAIRS such pairs: all pairs, and the card says so). Over all columns (2-25 mrad) the wide ones, which the network reads
 low, pulled the wd gain to 1.13 and the reference column then read 13 µm of
 defocus as 15-16 µm. The stigmator gains stay fitted over all columns: their
 units are per microscope anyway (recalibration), and they make up for the
@@ -41,6 +41,7 @@ from autofocus.inference import DeepFocusPredictor, load_card
 PAIR_SIDE = 512
 FED_ALPHA = (0.75, 1.25)        # x alpha_ref: the columns a referenced model's wd gain is fitted on
 SEED_RANGE_UM = 20.0            # ... and the defocus: the seed's range (ch. 3, Fig. 3.4)
+MIN_FED_PAIRS = 20
 
 
 def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 400, seed: int = 2026) -> dict:
@@ -74,6 +75,9 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
     a = np.asarray(alpha)
     wd_rows = ((a >= FED_ALPHA[0] * ref) & (a <= FED_ALPHA[1] * ref) & (np.asarray(defocus) <= SEED_RANGE_UM)
                if ref else np.ones(len(t), bool))
+    fed = bool(ref) and int(wd_rows.sum()) >= MIN_FED_PAIRS
+    if not fed:
+        wd_rows = np.ones(len(t), bool)
     gain = np.array([l1_gain(t[wd_rows, 0], p[wd_rows, 0])] + [l1_gain(t[:, k], p[:, k]) for k in (1, 2)])
     mae_raw = np.abs(t - p).mean(0)
     mae_gain = np.abs(t - gain * p).mean(0)
@@ -81,7 +85,8 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
             "outputs": ["d_wd_um", "d_stig_x", "d_stig_y"],
             "method": "min mean |truth - g x prediction| (weighted median of truth/prediction)",
             "wd_fitted_on": (f"columns of alpha {FED_ALPHA[0] * ref:g}-{FED_ALPHA[1] * ref:g} mrad, |defocus| <= "
-                             f"{SEED_RANGE_UM:g} µm ({int(wd_rows.sum())} pairs)" if ref else "all pairs"),
+                             f"{SEED_RANGE_UM:g} µm ({int(wd_rows.sum())} pairs)" if fed else
+                             f"all pairs ({len(t)})"),
             "samples": int(samples), "seed": seed, "pair_px": PAIR_SIDE, "patches_per_pair": n,
             "data": {"mixture": [list(m) for m in cfg.mixture], "dwell_ns": list(cfg.dwell_ns),
                      "microscope": microscopes, "textures": [Path(x).name for x in textures],

@@ -11,7 +11,7 @@ at 20 nm on 10 nm frames averaged 2x2 as the predictor does at inference
 (four patches per 512² pair instead of sixteen). Textures: the first 24 ISBI
 2012 images (the rest are held out for the unseen-texture benchmark).
 
-    .venv/bin/python scripts/train_deepfocus_128.py --shared ../shared --out /tmp/df [--stages A B C D E F G]
+    .venv/bin/python scripts/train_deepfocus_128.py --shared ../shared --out /tmp/df --em-textures T [--stages A ... L O]
 
 After the last stage the output gain is fitted (autofocus/gain.py: 800 fresh
 pairs from the training distribution; the stigmation gains come out 1.1-1.3;
@@ -135,6 +135,7 @@ def write_lineage(final: Path, folder: Path, stages: list[str], em_folder: Path 
         lineage.append({"stage": name, "init": f"stage {list(STAGES)[list(STAGES).index(name) - 1]}"
                         if name != "A" else None, "steps": log[-1].get("step"), "seed": st["seed"], "lr": st["lr"],
                         "microscopes": st["data"].get("microscopes", "train"),
+                        "column_feed": st["data"].get("column_feed", 0.0),
                         "pixel_size_nm": st["data"].get("pixel_nm", 10.0),
                         "em_textures": bool(st.get("em_textures")), "train_s": round(log[-1].get("elapsed_s", 0)),
                         "validation_mae_wd_um": round(c["validation"]["mae_wd_um"], 3),
@@ -151,7 +152,7 @@ def write_lineage(final: Path, folder: Path, stages: list[str], em_folder: Path 
             "made_by": "scripts/em_textures.py (package wheels read once before training; role held_out never "
                        "trained on)"}
     card["recipe"] = ("python scripts/em_textures.py --out T; python scripts/train_deepfocus_128.py --shared "
-                      "../shared --out DIR --em-textures T --stages A B C D E F G H I J K L")
+                      "../shared --out DIR --em-textures T --stages A B C D E F G H I J K L O")
     atomic_write(final.with_suffix(".json"), json.dumps(card, indent=1).encode(), overwrite=True)
 
 

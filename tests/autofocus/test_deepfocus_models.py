@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import cv2
 import numpy as np
@@ -136,10 +137,18 @@ def _pair(sim, ab, size=640, seed=0):
     return sim.pair(world, SETUP_A, (3e-6 * seed, -2e-6 * seed), ab, 200e-9, (size, size), rng)
 
 
-def test_column_feed_pairs_are_fed_as_deepfocus_feeds_a_column_of_stated_alpha():
+def test_column_feed_pairs_are_fed_as_deepfocus_feeds_a_column_of_stated_alpha(monkeypatch):
     """Stage O's pairs: resampled where the (stated) column looks like the 8 mrad
     reference, never finer than the 10 nm frames, the target referenced at the
     column the model then sees."""
+    import autofocus.data as data
+    rendered = []                   # (frame pixel m, frame shape) of every scan the simulator makes
+
+    def render(world, center, pixel_m, shape, *a):
+        rendered.append((pixel_m, shape))
+        return real_render(world, center, pixel_m, shape, *a)
+    real_render = data.render
+    monkeypatch.setattr(data, "render", render)
     cfg = DataConfig(patch=64, pixel_nm=20.0, acquire_pixel_nm=10.0, microscopes="columns", alpha_ref_mrad=8.0,
                      column_feed=1.0, procedural_seeds=(0,), procedural_slices=(0,))
     sim, rng = PairSimulator(cfg), np.random.default_rng(3)
@@ -150,6 +159,8 @@ def test_column_feed_pairs_are_fed_as_deepfocus_feeds_a_column_of_stated_alpha()
             x, y, meta = sim.sample(rng, ab=ab, mp=mp, dwell_ns=200.0)
             px = meta["model_pixel_nm"]
             assert x.shape == (1, 2, 64, 64) and x.dtype == np.uint8
+            # both frames scanned at 10 nm over the field of 64 pixels of px (rounded up), then averaged down
+            assert rendered[-2:] == [(10e-9, (math.ceil(64 * px / 10 - 1e-6),) * 2)] * 2
             if alpha == 3.0:        # 20 nm x 3/8 is finer than the frame: fed at the frame's 10 nm
                 assert px == pytest.approx(10.0)
             else:                   # 37.5 nm, the statement up to 25 % off, within 2 patches across 768 px
