@@ -264,9 +264,7 @@ def run_method(name: str, bench: SimBench, locs, aberrations, progress=print, *,
     res.errors, res.dose = np.array(errs), np.array(doses)
     method = getattr(runner, "method", None)
     if hasattr(method, "column_report"):
-        res.column = method.column_report()
-        if "line" in res.column:
-            progress(f"  {name}: {res.column['line']}")
+        res.column = method.column_report(progress, name)
     if time_it:
         res.ms_per_pair, res.timing = time_per_pair(name, bench, st.timing_calls)
     res.seconds = time.perf_counter() - t0

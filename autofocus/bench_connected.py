@@ -119,9 +119,7 @@ class ConnectedBench:
         out = {"locations": rows, "summary": summarise(rows)}
         method = getattr(runner, "method", None)
         if hasattr(method, "column_report"):        # DeepFocus: the α to write into the setup file
-            out["column"] = method.column_report()
-            if "line" in out["column"]:
-                self.progress(f"  {name}: {out['column']['line']}")
+            out["column"] = method.column_report(self.progress, name)
         return out
 
 

@@ -42,6 +42,8 @@ ALPHA_SPREAD = 1.5
 # iterations 0.5 µm apart at the first location taught a 5.7 mrad column for 8 and every later
 # large start overshot by 20 µm (stage O, setup A)
 KNOWN_PRIOR_WEIGHT_UM2 = 1.0
+# an assumed α (none stated) is worth a 0.7 µm move: the first moves take over
+UNKNOWN_PRIOR_WEIGHT_UM2 = 0.25
 # only pairs within this distance of focus (µm) count towards the slope
 NEAR_UM = 12.0
 # resampling to the model pixel keeps at least this many patches across the frame's short side
@@ -54,12 +56,14 @@ class ColumnScale:
     """k = (α/α_ref)² of the column in use: prior, then the loop's own moves.
 
     prior_weight_um2: how much spread of pair centres (µm², summed squares
-    about each location's mean) the prior is worth; a 0.7 µm move equals it.
+    about each location's mean) the prior is worth; by default
+    KNOWN_PRIOR_WEIGHT_UM2 for a known α (alpha_spread given), else
+    UNKNOWN_PRIOR_WEIGHT_UM2.
     saturation_um: readings this large (referenced µm) are the model's "far,
     this way" and carry no slope."""
 
-    def __init__(self, prior: float = 1.0, *, prior_weight_um2: float = 0.25, saturation_um: float = 120.0,
-                 alpha_spread: Optional[float] = None):
+    def __init__(self, prior: float = 1.0, *, prior_weight_um2: Optional[float] = None,
+                 saturation_um: float = 120.0, alpha_spread: Optional[float] = None):
         if not (BOUNDS[0] <= prior <= BOUNDS[1]):
             raise ValueError(f"column scale prior {prior:.3g} is outside the trained columns "
                              f"({BOUNDS[0]:.3g}..{BOUNDS[1]:.3g}, 2-25 mrad at the 8 mrad reference)")
@@ -68,6 +72,8 @@ class ColumnScale:
         # focus read low, and a slope through them would make a wide column look narrow
         self.bounds = BOUNDS if alpha_spread is None else (max(BOUNDS[0], prior / alpha_spread ** 2),
                                                            min(BOUNDS[1], prior * alpha_spread ** 2))
+        if prior_weight_um2 is None:
+            prior_weight_um2 = UNKNOWN_PRIOR_WEIGHT_UM2 if alpha_spread is None else KNOWN_PRIOR_WEIGHT_UM2
         self.prior_weight = float(prior_weight_um2)
         self.saturation = float(saturation_um)
         self.locations: list[list[tuple[float, float]]] = [[]]

@@ -264,19 +264,19 @@ class PairSimulator:
         px = pixel_nm or c.pixel_nm
         acq_nm = c.acquire_pixel_nm or px
         if acq_nm > px * 1.001:
-            raise ValueError(f"model pixel {px:g} nm is finer than the {acq_nm:g} nm frames: training upsamples nothing "
-                             f"(DeepFocusMethod never feeds a referenced model finer than the frame)")
-        f = px / acq_nm
+            raise ValueError(f"model pixel {px:g} nm is finer than the {acq_nm:g} nm frames: training upsamples "
+                             f"nothing (DeepFocusMethod never feeds a referenced model finer than the frame)")
+        # the field of ``shape`` model pixels, a frame pixel larger where px/acq_nm is not whole
+        scan = tuple(math.ceil(v * px / acq_nm - 1e-6) for v in shape)
         try:
             ab = optics.Aberration(dz_um * 1e-6, float(stig[0]), float(stig[1]))
-            img = render(world, center, acq_nm * 1e-9, (math.ceil(shape[0] * f - 1e-6), math.ceil(shape[1] * f - 1e-6)), 0.0,
-                         ab, c.current_a, dwell_s, rng)
+            img = render(world, center, acq_nm * 1e-9, scan, 0.0, ab, c.current_a, dwell_s, rng)
         finally:
             world.mp = saved
         if acq_nm == px:
             return img
         out = np.rint(resample(img, acq_nm * 1e-9, px * 1e-9)).astype(np.uint8)
-        return out[:shape[0], :shape[1]]         # rendered a pixel larger where px/acq_nm is not whole
+        return out[:shape[0], :shape[1]]
 
     def pair(self, world, mp, center, ab, dwell_s, shape, rng,
              pixel_nm: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,9 @@ A model referenced to one column (alpha_ref) has its wd gain fitted only on
 columns within FED_ALPHA of that column: DeepFocusMethod feeds every column
 whose α it knows at the pixel where it looks like the reference, within the
 clamps of autofocus.column_scale.model_pixel, so that is where the µm scale
-must hold (fewer than MIN_FED_PAIRS such pairs: all pairs, and the card says so). Over all columns (2-25 mrad) the wide ones, which the network reads
-low, pulled the wd gain to 1.13 and the reference column then read 13 µm of
+must hold (fewer than MIN_FED_PAIRS such pairs: all pairs, and the card says
+so). Over all columns (2-25 mrad) the wide ones, which the network reads low,
+pulled the wd gain to 1.13 and the reference column then read 13 µm of
 defocus as 15-16 µm. The stigmator gains stay fitted over all columns: their
 units are per microscope anyway (recalibration), and they make up for the
 shrinkage at strong astigmatism that the loop's large starts depend on.
@@ -71,13 +72,11 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
         alpha.append(meta["alpha_mrad"])
         defocus.append(abs(meta["ab"][0]))
     t, p = np.asarray(truth, float), np.asarray(out, float)
-    ref = cfg.alpha_ref_mrad
-    a = np.asarray(alpha)
-    wd_rows = ((a >= FED_ALPHA[0] * ref) & (a <= FED_ALPHA[1] * ref) & (np.asarray(defocus) <= SEED_RANGE_UM)
-               if ref else np.ones(len(t), bool))
-    fed = bool(ref) and int(wd_rows.sum()) >= MIN_FED_PAIRS
-    if not fed:
-        wd_rows = np.ones(len(t), bool)
+    ref, a = cfg.alpha_ref_mrad, np.asarray(alpha)
+    fed_rows = ((a >= FED_ALPHA[0] * ref) & (a <= FED_ALPHA[1] * ref) & (np.asarray(defocus) <= SEED_RANGE_UM)
+                if ref else None)
+    fed = fed_rows is not None and int(fed_rows.sum()) >= MIN_FED_PAIRS
+    wd_rows = fed_rows if fed else np.ones(len(t), bool)
     gain = np.array([l1_gain(t[wd_rows, 0], p[wd_rows, 0])] + [l1_gain(t[:, k], p[:, k]) for k in (1, 2)])
     mae_raw = np.abs(t - p).mean(0)
     mae_gain = np.abs(t - gain * p).mean(0)

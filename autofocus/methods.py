@@ -23,8 +23,7 @@ import cv2
 import numpy as np
 
 from autofocus import stig_map
-from autofocus.column_scale import (ALPHA_SPREAD, KNOWN_PRIOR_WEIGHT_UM2, TARGET_CLIP, ColumnScale, model_pixel,
-                                    scale_of)
+from autofocus.column_scale import ALPHA_SPREAD, TARGET_CLIP, ColumnScale, model_pixel, scale_of
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
 from common.paths import models_dir
@@ -237,8 +236,7 @@ class DeepFocusMethod:
         known = column_alpha_mrad is not None or not ref
         # readings near the trained clip mean "far, this way" and carry no slope
         self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]),
-                                  alpha_spread=ALPHA_SPREAD if known else None,
-                                  **({"prior_weight_um2": KNOWN_PRIOR_WEIGHT_UM2} if known else {}))
+                                  alpha_spread=ALPHA_SPREAD if known else None)
 
     def begin_location(self) -> None:
         """The loop starts at a new place: its readings get their own focus."""
@@ -279,9 +277,10 @@ class DeepFocusMethod:
         return Estimate(d_wd, d_stig, sd, time.perf_counter() - t0,
                         len(getattr(p, "per_patch", ())) or self.n_patches)
 
-    def column_report(self) -> dict:
+    def column_report(self, progress=None, name: str = "") -> dict:
         """The column as this method knows it now: the α it started from (setup, or
-        measured by recalibration), the one its moves taught, and a line saying so."""
+        measured by recalibration), the one its moves taught, and a line saying so
+        (passed to ``progress`` too, as the benches print it)."""
         ref = self.alpha_ref_mrad
         learned = self.column.alpha_mrad(ref) if ref else None
         rep = {"stated_alpha_mrad": self.stated_alpha_mrad, "alpha_ref_mrad": ref, "scale": self.column.value,
@@ -290,6 +289,8 @@ class DeepFocusMethod:
             stated = f"{self.stated_alpha_mrad:.1f} mrad" if self.stated_alpha_mrad else "none"
             rep["line"] = (f"column probe half-angle {learned:.1f} mrad learned from its moves ({self.alpha_source}: "
                            f"{stated}; calibration.probe_half_angle_mrad in the setup)")
+            if progress is not None:
+                progress(f"  {name}: {rep['line']}")
         return rep
 
     def model_pixel_m(self, shape: tuple[int, ...], pixel_size_m: float) -> float:

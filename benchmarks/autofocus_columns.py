@@ -116,8 +116,8 @@ def main() -> int:
                      .model_dump(include={"wd_focus_mm", "stig_x0", "stig_y0"})),
                      recalibrated_model(cfg, model, tmp, args.recal_steps)))
     rows, t0 = [], time.perf_counter()
-    print(f"model {model} ({name}); {locations} locations, 50 ns, {args.frame[0]}x{args.frame[1]} at 10 nm, 3 iterations; stated "
-          f"probe half-angle: " + ("none" if args.nominal == "none" else
+    print(f"model {model} ({name}); {locations} locations, 50 ns, {args.frame[0]}x{args.frame[1]} at 10 nm, "
+          f"3 iterations; stated probe half-angle: " + ("none" if args.nominal == "none" else
                                    f"the column's x {1 + args.nominal_error:g}"))
     print(f"{'column':32s} {'specimen':34s} {'in margin it3':>13s} {'MAE wd it2':>10s} {'large it3':>9s}"
           f" {'ms/pair':>8s} {'α learned':>9s}")

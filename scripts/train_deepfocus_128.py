@@ -11,7 +11,8 @@ at 20 nm on 10 nm frames averaged 2x2 as the predictor does at inference
 (four patches per 512² pair instead of sixteen). Textures: the first 24 ISBI
 2012 images (the rest are held out for the unseen-texture benchmark).
 
-    .venv/bin/python scripts/train_deepfocus_128.py --shared ../shared --out /tmp/df --em-textures T [--stages A ... L O]
+    .venv/bin/python scripts/train_deepfocus_128.py --shared ../shared --out /tmp/df --em-textures T \
+        [--stages A ... L O]
 
 After the last stage the output gain is fitted (autofocus/gain.py: 800 fresh
 pairs from the training distribution; the stigmation gains come out 1.1-1.3;

@@ -42,7 +42,7 @@ def test_referenced_targets_read_as_the_reference_column_and_clip_far_pairs():
 
 
 def _run_locations(k_true: float, prior: float, starts, noise_um: float, seed: int = 0, iterations: int = 3,
-                   alpha_spread=None, prior_weight_um2: float = 0.25):
+                   alpha_spread=None, prior_weight_um2=None):
     """The loop's use of the scale: at each location read r = k(f − c) + noise,
     clipped at ±160 as the network's targets are, and move by r / k̂. Returns
     the remaining defocus after each iteration."""
