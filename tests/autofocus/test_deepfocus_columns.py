@@ -113,3 +113,22 @@ def test_a_wide_column_is_fed_coarser_but_keeps_two_patches_across_the_frame():
     # a recalibrated (column-specific) model reads at its card's pixel whatever the column
     m.alpha_ref_mrad = None
     assert m.model_pixel_m((768, 1024), 10e-9) == m.predictor.pixel_size_m
+
+
+def test_the_stigmator_map_is_fitted_where_the_loop_ends_near_focus():
+    """A network reads stig 1.3x stronger on pairs far from focus than near it:
+    the map must correct the near-focus readings in full (the loop's last
+    steps decide the margin), not the average over both."""
+    from autofocus import stig_map
+    rng = np.random.default_rng(0)
+    axes = np.array([[0.0, 1.4], [-1.1, 0.0]])           # this column's stig -> the model's reading
+    wd = np.r_[rng.uniform(-3, 3, 40), rng.uniform(-20, 20, 40)]
+    stig = np.r_[rng.uniform(-0.75, 0.75, (40, 2)), rng.uniform(-5, 5, (40, 2))]
+    over = np.where(np.abs(wd) > 8, 1.3, 1.0)[:, None]
+    read = np.c_[wd, stig @ axes * over + rng.normal(0, 0.02, (80, 2))]
+    truth = np.c_[wd, stig]
+    near_gain = stig_map.apply(stig_map.fit(read, truth), 0.0, (0.0, 1.4))   # the model's reading of stig x = 1
+    assert near_gain[0] == pytest.approx(1.0, abs=0.05) and abs(near_gain[1]) < 0.05
+    # with too few pairs near focus it falls back to all of them, rather than refuse
+    few = np.r_[np.arange(stig_map.MIN_NEAR_PAIRS - 1), np.arange(40, 80)]
+    assert stig_map.fit(read[few], truth[few]).shape == (3, 2)
