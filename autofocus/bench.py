@@ -156,8 +156,9 @@ def build_runner(name: str, bench: SimBench, *, n_patches: Optional[int] = None,
 def time_per_pair(name: str, bench: SimBench, calls: int) -> tuple[float, dict]:
     """Median ms to process one 512² pair after warm-up: one 512² MAPFoSt
     patch; for DeepFocus as many model patches as cover the 512² pair once it
-    is resampled to the model's pixel size (sixteen 128² at the frame's pixel
-    size, four at twice it); for the image scores one 512² frame."""
+    is resampled to the pixel the method feeds this column at (sixteen 128² at
+    the frame's pixel size, four at twice it: a narrow column read at its
+    frame pixel costs more per pair); for the image scores one 512² frame."""
     st, sem = bench.st, bench.sem
     base = bench.goto(CALIBRATION_SPOT_M, (998,))
     bench.set_relative(base, (3.0, 0.5, -0.5))
@@ -173,11 +174,13 @@ def time_per_pair(name: str, bench: SimBench, calls: int) -> tuple[float, dict]:
     else:
         # the calibration does not change the work per pair: skip the induced one here
         m = make_pair_method(name, sem=sem, mapfost_calibration="microscope", microscope=bench.world.mp,
-                             n_patches=1, patch_size=side, seed=st.seed, models_dir=st.models_dir)
+                             n_patches=1, patch_size=side, seed=st.seed, models_dir=st.models_dir,
+                             column_alpha_mrad=st.column_alpha_mrad)
         pred = getattr(m, "predictor", None)
-        if pred is not None:            # the patches that tile the pair at the model's pixel size
-            m.n_patches = pred.patches_to_tile(side, st.pixel_m)
-            info.update(patch_px=pred.patch, patches=m.n_patches, model_pixel_nm=pred.pixel_size_m * 1e9)
+        if pred is not None:            # the patches that tile the pair at the pixel the method feeds
+            px = m.model_pixel_m(imgs[0].shape, st.pixel_m)
+            m.n_patches = pred.patches_to_tile(imgs[0].shape, st.pixel_m, px)
+            info.update(patch_px=pred.patch, patches=m.n_patches, model_pixel_nm=px * 1e9)
         fn = lambda: m.estimate(imgs[0], imgs[1], st.pixel_m, st.perturbation_m)  # noqa: E731
     for _ in range(2):
         fn()

@@ -40,7 +40,8 @@ ALPHA_SPREAD = 1.5
 # µm² of pair-centre spread: it gives k to about ±40 %, and a near-focus reading at 50 ns scatters
 # ~0.4 µm, so moves spread by about 1 µm² teach as much. At the unknown-α weight (0.25) two
 # iterations 0.5 µm apart at the first location taught a 5.7 mrad column for 8 and every later
-# large start overshot by 20 µm (stage O, setup A)
+# large start overshot by 20 µm (stage O, setup A). This is for pairs fed where the column looks
+# like the reference; see ColumnScale.feed_at for the others
 KNOWN_PRIOR_WEIGHT_UM2 = 1.0
 # an assumed α (none stated) is worth a 0.7 µm move: the first moves take over
 UNKNOWN_PRIOR_WEIGHT_UM2 = 0.25
@@ -75,8 +76,27 @@ class ColumnScale:
         if prior_weight_um2 is None:
             prior_weight_um2 = UNKNOWN_PRIOR_WEIGHT_UM2 if alpha_spread is None else KNOWN_PRIOR_WEIGHT_UM2
         self.prior_weight = float(prior_weight_um2)
+        self.known = alpha_spread is not None
+        self.feed_gain = self.prior          # (feed pixel / card pixel)²: see feed_at
         self.saturation = float(saturation_um)
         self.locations: list[list[tuple[float, float]]] = [[]]
+
+    def feed_at(self, gain: float) -> None:
+        """Readings come from pairs fed at (feed pixel / card pixel)² = ``gain``.
+        The model's own scatter (raw µm) is about the same at any feed, so a
+        referenced reading scatters gain times it while its slope is k: a
+        known α is worth (gain/k)² times its weight against the moves. Fed
+        where the column looks like the reference, gain = k and nothing
+        changes; a 3 mrad column fed at its 10 nm frames (gain 0.25, k 0.14)
+        reads near focus 1.8x noisier against its slope, and at weight 1 two
+        near-focus pairs 2 µm apart taught it as 4 mrad at the first location,
+        so later large starts stopped 16 µm short (1 of 9 in the margins on
+        a micrograph never trained on; 5 of 9 at (gain/k)² = 3.2)."""
+        self.feed_gain = float(gain)
+
+    @property
+    def _weight(self) -> float:
+        return self.prior_weight * (self.feed_gain / self.prior) ** 2 if self.known else self.prior_weight
 
     def begin_location(self) -> None:
         if self.locations[-1]:
@@ -118,7 +138,8 @@ class ColumnScale:
     @property
     def value(self) -> float:
         sxx, sxy = self.moments()
-        k = (self.prior_weight * self.prior - sxy) / (self.prior_weight + sxx)
+        w = self._weight
+        k = (w * self.prior - sxy) / (w + sxx)
         return min(max(k, self.bounds[0]), self.bounds[1])
 
     def alpha_mrad(self, alpha_ref_mrad: float) -> float:

@@ -62,7 +62,7 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
                      target_clip=tuple(trained.get("target_clip") or DataConfig.target_clip))
     sim = PairSimulator(cfg)
     rng = np.random.default_rng([seed, 0x6A1])
-    n = pred.patches_to_tile(PAIR_SIDE, cfg.pixel_nm * 1e-9)
+    n = pred.patches_to_tile((PAIR_SIDE, PAIR_SIDE), cfg.pixel_nm * 1e-9)
     truth, out, alpha, defocus = [], [], [], []
     for _ in range(int(samples)):
         x, y, meta = sim.sample(rng)                # dwell log-uniform over the training range

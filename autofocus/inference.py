@@ -161,11 +161,12 @@ class DeepFocusPredictor:
                              f"frames must span {self.patch * model_pixel_m * 1e6:.2f} µm")
         return h, w
 
-    def patches_to_tile(self, side_px: int, pixel_size_m: float) -> int:
-        """Patches that tile a side_px² image taken at pixel_size_m once it is
+    def patches_to_tile(self, shape: tuple[int, int], pixel_size_m: float,
+                        model_pixel_m: Optional[float] = None) -> int:
+        """Patches that tile an image of ``shape`` taken at pixel_size_m once it is
         resampled to the model's pixels (16 for 512² at the model's size)."""
-        side = min(self.check_image((side_px, side_px), pixel_size_m))
-        return (side // self.patch) ** 2
+        h, w = self.check_image(shape, pixel_size_m, model_pixel_m)
+        return (h // self.patch) * (w // self.patch)
 
     @property
     def default_n_patches(self) -> int:

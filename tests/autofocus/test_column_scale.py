@@ -42,12 +42,15 @@ def test_referenced_targets_read_as_the_reference_column_and_clip_far_pairs():
 
 
 def _run_locations(k_true: float, prior: float, starts, noise_um: float, seed: int = 0, iterations: int = 3,
-                   alpha_spread=None, prior_weight_um2=None):
+                   alpha_spread=None, prior_weight_um2=None, feed_gain=None):
     """The loop's use of the scale: at each location read r = k(f − c) + noise,
     clipped at ±160 as the network's targets are, and move by r / k̂. Returns
-    the remaining defocus after each iteration."""
+    the remaining defocus after each iteration. feed_gain: the pairs' (feed
+    pixel / card pixel)², told to the scale as DeepFocusMethod does."""
     rng = np.random.default_rng(seed)
     col, left = ColumnScale(prior, alpha_spread=alpha_spread, prior_weight_um2=prior_weight_um2), []
+    if feed_gain is not None:
+        col.feed_at(feed_gain)
     for dz in starts:
         col.begin_location()
         focus = 1000.0 + 37.0 * len(left)
@@ -99,6 +102,24 @@ def test_a_stated_alpha_holds_against_noisy_readings_from_a_short_move():
     # move, and its later locations end microns out
     alpha_err, left = worst(runs(0.25))
     assert alpha_err > 0.25 and left > 2.0
+
+
+def test_a_narrow_column_read_at_its_frame_pixel_keeps_its_stated_alpha():
+    # 3 mrad (k 0.14) fed at its 10 nm frames, not at the 7.5 nm where it would look like the reference:
+    # each referenced reading is the model's scatter (0.4 µm raw near focus, as at 50 ns) times
+    # (10/20)², against a slope of only 0.14 per µm. Large starts, α stated, 20 sessions.
+    k = scale_of(3.0, 8.0)
+    def worst(**feed):
+        results = [_run_locations(k, prior=k, starts=[30.0] * 9, noise_um=0.4 * 0.25, seed=s, alpha_spread=1.5,
+                                  prior_weight_um2=KNOWN_PRIOR_WEIGHT_UM2, **feed) for s in range(20)]
+        return (max(abs(col.alpha_mrad(8.0) / 3.0 - 1.0) for col, _ in results),
+                max(float(np.abs(left[:, 2]).max()) for _, left in results))
+    alpha_err, left = worst(feed_gain=0.25)
+    assert alpha_err < 0.1 and left < 2.0, (alpha_err, left)
+    # weighed as if fed where the column looks like the reference, near-focus scatter teaches an α
+    # a quarter off, and some later location ends microns out
+    alpha_err, left = worst()
+    assert alpha_err > 0.2 and left > 5.0, (alpha_err, left)
 
 
 def test_saturated_readings_teach_nothing_and_the_scale_stays_in_the_trained_columns():

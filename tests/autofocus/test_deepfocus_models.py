@@ -200,7 +200,8 @@ def test_fixed_seed_sequence_and_resampling(sim):
     assert resample(big_p, 8e-9, 10e-9).shape == (600, 600)
     d = p.predict(big_p, big_m, 8e-9, n_patches=6, seed_sequence=3)
     assert d.offsets.max() <= round(750 * 8e-9 / p.pixel_size_m) - p.patch
-    assert p.patches_to_tile(512, p.pixel_size_m) == 16 and p.patches_to_tile(512, p.pixel_size_m / 2) == 4
+    assert p.patches_to_tile((512, 512), p.pixel_size_m) == 16
+    assert p.patches_to_tile((512, 512), p.pixel_size_m / 2) == 4
     assert np.sign(d.d_wd_m) == np.sign(a.d_wd_m)
 
 
