@@ -205,22 +205,11 @@ def deepscore_model(models_dir: Path = MODELS_DIR) -> Optional[Path]:
     return cands[0] if cands else None
 
 
-# seed Fig. 3.9: its DeepFocus read ten 384² patch pairs of each 2048x1536 frame at 10 nm
-SEED_READ_PX = 10 * 384 ** 2
-MIN_PATCHES = 10
-
-
 class DeepFocusMethod:
     """A DeepFocus model: the same N patch offsets at every call (fixed seed
     sequence, as in the seed's traces), mean (or score-weighted mean).
-
-    n_patches None: as many model patches as read the seed's frame area
-    (SEED_READ_PX frame pixels), at least MIN_PATCHES and at most those that
-    tile the frame once. Why: the noise of a reading goes with the frame
-    pixels (electrons) behind it, and a narrow column fed at its 10 nm frame
-    pixel read a quarter of the area that ten patches read at 20 nm; at
-    3 mrad on a micrograph never trained on its MAE after 2 iterations was
-    0.72 µm (10 patches) and 0.35 µm (40)."""
+    n_patches None: as many as cover the seed's frame area
+    (DeepFocusPredictor.patches_for)."""
 
     needs_pair = True
 
@@ -273,9 +262,8 @@ class DeepFocusMethod:
         self._check_perturbation(perturbation_m)        # predict checks the image size itself
         t0 = time.perf_counter()
         px = self.model_pixel_m(np.shape(img_plus), pixel_size_m)
-        n = self.patches_for(np.shape(img_plus), pixel_size_m, px)
-        p = self.predictor.predict(img_plus, img_minus, pixel_size_m, n_patches=n, seed_sequence=self.seed,
-                                   model_pixel_m=px)
+        p = self.predictor.predict(img_plus, img_minus, pixel_size_m, n_patches=self.n_patches,
+                                   seed_sequence=self.seed, model_pixel_m=px)
         g = (px / self.predictor.pixel_size_m) ** 2          # back to readings at the card's pixel
         if center_wd_m is not None:
             self.column.feed_at(g)
@@ -289,15 +277,7 @@ class DeepFocusMethod:
             d_stig = stig_map.apply(self.stig_map, d_wd * 1e6, d_stig)
             if sd is not None:      # the spread of the mapped stig, from the read stig's (wd row left out)
                 sd = (sd[0], *np.sqrt(np.square(self.stig_map[:2]).T @ np.square(sd[1:])).tolist())
-        return Estimate(d_wd, d_stig, sd, time.perf_counter() - t0, len(getattr(p, "per_patch", ())) or n)
-
-    def patches_for(self, shape: tuple[int, ...], pixel_size_m: float, model_pixel_m: float) -> int:
-        """Patches read from a frame of ``shape`` fed at ``model_pixel_m`` (class docstring)."""
-        if self.n_patches is not None:
-            return self.n_patches
-        f = pixel_size_m / model_pixel_m
-        tiles = self.predictor.patches_to_tile(tuple(shape[:2]), pixel_size_m, model_pixel_m)
-        return max(MIN_PATCHES, min(math.ceil(SEED_READ_PX * f * f / self.predictor.patch ** 2), tiles))
+        return Estimate(d_wd, d_stig, sd, time.perf_counter() - t0, len(p.per_patch))
 
     def column_report(self, progress=None, name: str = "") -> dict:
         """The column as this method knows it now: the α it started from (setup, or

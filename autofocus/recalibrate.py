@@ -191,8 +191,7 @@ def column_alpha_mrad(m: DeepFocusMethod, triples, pixel_m: float, perturbation_
     truth, read = [], []
     for plus, minus, target in triples:
         # the model's own (referenced) reading, not the method's: that divides by an assumed column
-        n = m.patches_for(np.shape(plus), pixel_m, m.predictor.pixel_size_m)
-        r = m.predictor.predict(plus, minus, pixel_m, n_patches=n, seed_sequence=m.seed,
+        r = m.predictor.predict(plus, minus, pixel_m, n_patches=m.n_patches, seed_sequence=m.seed,
                                 perturbation_m=perturbation_m).d_wd_m * 1e6
         if abs(target[0]) >= 1.0 and abs(r) < m.column.saturation:
             truth.append(target[0])

@@ -35,9 +35,6 @@ class _Reading:
     pixel_size_m = 20e-9
     patch = 128
 
-    def patches_to_tile(self, *a):
-        return 4
-
     def predict(self, *a, **k):
         return Prediction(d_wd_m=9e-6, d_stig=(4.5, -2.25), sd=(0.9e-6, 0.45, 0.45), per_patch=np.zeros((4, 3)),
                           weights=np.full(4, 0.25))
@@ -140,18 +137,18 @@ def test_the_stigmator_map_is_fitted_where_the_loop_ends_near_focus():
 def test_every_column_reads_as_much_of_the_frame_as_the_seeds_traces():
     """A narrow column is fed at its frame pixel, a reference one at twice it: each reads at least the
     seed's ten 384² patch pairs of frame, so the narrow one averages as many electrons."""
-    from autofocus.methods import MIN_PATCHES, SEED_READ_PX
+    from autofocus.inference import MIN_PATCHES, SEED_READ_PX
     shape, px = (1536, 2048), 10e-9
+    frame = np.zeros(shape, np.uint8)
     read = {}
     for alpha in (3.0, 8.0):
         m = DeepFocusMethod(MODEL, column_alpha_mrad=alpha)
         feed = m.model_pixel_m(shape, px)
-        n = m.patches_for(shape, px, feed)
+        n = m.estimate(frame, frame, px, 5e-6).patches
         read[alpha] = (n, n * (m.predictor.patch * feed / px) ** 2)
     assert read[3.0][1] >= SEED_READ_PX and read[8.0][1] >= SEED_READ_PX
     assert read[3.0][0] >= 3.5 * read[8.0][0]
     # a small frame: the patches that tile it once, never fewer than MIN_PATCHES; a count asked for wins
-    m = DeepFocusMethod(MODEL, column_alpha_mrad=3.0)
-    assert m.patches_for((768, 768), px, 10e-9) == 36
-    assert m.patches_for((256, 256), px, 20e-9) == MIN_PATCHES
-    assert DeepFocusMethod(MODEL, n_patches=7).patches_for(shape, px, 10e-9) == 7
+    p = DeepFocusMethod(MODEL).predictor
+    assert p.patches_for((768, 768), px, 10e-9) == 36 and p.patches_for((256, 256), px, 20e-9) == MIN_PATCHES
+    assert DeepFocusMethod(MODEL, n_patches=7).estimate(frame, frame, px, 5e-6).patches == 7
