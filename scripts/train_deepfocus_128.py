@@ -12,12 +12,12 @@ at 20 nm on 10 nm frames averaged 2x2 as the predictor does at inference
 2012 images (the rest are held out for the unseen-texture benchmark).
 
     .venv/bin/python scripts/train_deepfocus_128.py --shared ../shared --out /tmp/df --em-textures T \
-        [--stages A ... L O]
+        [--stages A ... L O P]
 
 After the last stage the output gain is fitted (autofocus/gain.py: 800 fresh
 pairs from the training distribution; the stigmation gains come out 1.1-1.3;
 a referenced model's wd gain on the columns DeepFocusMethod feeds it as, ~1).
-H-L and O are described beside their entries in STAGES.
+H-L, O and P are described beside their entries in STAGES.
 
 Steps are the ones the shipped stages ran (their time limits cut A and B
 short; G ran 3000 steps in 20 min); thread scheduling makes a rerun close
@@ -78,6 +78,11 @@ STAGES = {
     "O": dict(steps=8000, seed=53, lr=2e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
                                                   "alpha_ref_mrad": 8.0, "target_clip": (160.0, 40.0),
                                                   "column_feed": 0.7, **AT_20NM}, pool_refresh=4, em_textures=True),
+    # P: O continued on the same data at a lower rate (its schedule had decayed the rate tenfold):
+    # single-pair linearity 6/7/19/27 % at 3/8/15/22 mrad instead of 16/14/26/36 %
+    "P": dict(steps=8000, seed=59, lr=1.5e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
+                                                    "alpha_ref_mrad": 8.0, "target_clip": (160.0, 40.0),
+                                                    "column_feed": 0.7, **AT_20NM}, pool_refresh=4, em_textures=True),
 }
 GAIN_SAMPLES = 800          # the wd gain of a referenced model is fitted on about a third of them
 EM_TEXTURE_COPIES = 4       # each package image listed 4x: ~40 % of texture draws against ISBI's 24 slices
@@ -153,7 +158,7 @@ def write_lineage(final: Path, folder: Path, stages: list[str], em_folder: Path 
             "made_by": "scripts/em_textures.py (package wheels read once before training; role held_out never "
                        "trained on)"}
     card["recipe"] = ("python scripts/em_textures.py --out T; python scripts/train_deepfocus_128.py --shared "
-                      "../shared --out DIR --em-textures T --stages A B C D E F G H I J K L O")
+                      "../shared --out DIR --em-textures T --stages " + " ".join(STAGES))
     atomic_write(final.with_suffix(".json"), json.dumps(card, indent=1).encode(), overwrite=True)
 
 
