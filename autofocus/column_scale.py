@@ -41,7 +41,7 @@ ALPHA_SPREAD = 1.5
 # ~0.4 µm, so moves spread by about 1 µm² teach as much. At the unknown-α weight (0.25) two
 # iterations 0.5 µm apart at the first location taught a 5.7 mrad column for 8 and every later
 # large start overshot by 20 µm (stage O, setup A). This is for pairs fed where the column looks
-# like the reference; see ColumnScale.feed_at for the others
+# like the reference; see ColumnScale.observe for the others
 KNOWN_PRIOR_WEIGHT_UM2 = 1.0
 # an assumed α (none stated) is worth a 0.7 µm move: the first moves take over
 UNKNOWN_PRIOR_WEIGHT_UM2 = 0.25
@@ -77,22 +77,9 @@ class ColumnScale:
             prior_weight_um2 = UNKNOWN_PRIOR_WEIGHT_UM2 if alpha_spread is None else KNOWN_PRIOR_WEIGHT_UM2
         self.prior_weight = float(prior_weight_um2)
         self.known = alpha_spread is not None
-        self.feed_gain = self.prior          # (feed pixel / card pixel)²: see feed_at
+        self.feed_gain = self.prior          # (feed pixel / card pixel)² of the pairs: see observe
         self.saturation = float(saturation_um)
         self.locations: list[list[tuple[float, float]]] = [[]]
-
-    def feed_at(self, gain: float) -> None:
-        """Readings come from pairs fed at (feed pixel / card pixel)² = ``gain``.
-        The model's own scatter (raw µm) is about the same at any feed, so a
-        referenced reading scatters gain times it while its slope is k: a
-        known α is worth (gain/k)² times its weight against the moves. Fed
-        where the column looks like the reference, gain = k and nothing
-        changes; a 3 mrad column fed at its 10 nm frames (gain 0.25, k 0.14)
-        reads near focus 1.8x noisier against its slope, and at weight 1 two
-        near-focus pairs 2 µm apart taught it as 4 mrad at the first location,
-        so later large starts stopped 16 µm short (1 of 9 in the margins on
-        a micrograph never trained on; 5 of 9 at (gain/k)² = 3.2)."""
-        self.feed_gain = float(gain)
 
     @property
     def _weight(self) -> float:
@@ -102,11 +89,25 @@ class ColumnScale:
         if self.locations[-1]:
             self.locations.append([])
 
-    def observe(self, center_um: float, reading_um: float, model_reading_um: Optional[float] = None) -> None:
-        """A pair centred at ``center_um`` (the wd, µm) read ``reading_um`` (referenced µm);
-        ``model_reading_um``: the model's own output where it was fed at another pixel (the
-        saturation is the model's)."""
-        raw = reading_um if model_reading_um is None else model_reading_um
+    def observe(self, center_um: float, reading_um: float, feed_gain: Optional[float] = None) -> None:
+        """A pair centred at ``center_um`` (the wd, µm) read ``reading_um`` (referenced µm),
+        fed to the model at (feed pixel / card pixel)² = ``feed_gain``: the model's own
+        output was reading_um / feed_gain (the saturation is the model's). None: the
+        model's own output, fed where the column looks like the reference.
+
+        The model's scatter (raw µm) is about the same at any feed, so a
+        referenced reading scatters feed_gain times it while its slope is k: a
+        known α is worth (feed_gain/k)² times its weight against the moves. Fed
+        where the column looks like the reference, feed_gain = k and nothing
+        changes; a 3 mrad column fed at its 10 nm frames (0.25, k 0.14) reads
+        near focus 1.8x noisier against its slope, and at weight 1 two
+        near-focus pairs 2 µm apart taught it as 4 mrad at the first location,
+        so later large starts stopped 16 µm short (1 of 9 in the margins on a
+        micrograph never trained on; 5 of 9 at (feed_gain/k)² = 3.2)."""
+        raw = reading_um
+        if feed_gain is not None:
+            self.feed_gain = float(feed_gain)
+            raw = reading_um / self.feed_gain
         if math.isfinite(center_um) and math.isfinite(reading_um) and abs(raw) < self.saturation:
             self.locations[-1].append((float(center_um), float(reading_um)))
 

@@ -266,8 +266,7 @@ class DeepFocusMethod:
                                    seed_sequence=self.seed, model_pixel_m=px)
         g = (px / self.predictor.pixel_size_m) ** 2          # back to readings at the card's pixel
         if center_wd_m is not None:
-            self.column.feed_at(g)
-            self.column.observe(center_wd_m * 1e6, float(p.d_wd_m) * 1e6 * g, float(p.d_wd_m) * 1e6)
+            self.column.observe(center_wd_m * 1e6, float(p.d_wd_m) * 1e6 * g, g)
         f = g / self.column.value
         sd = getattr(p, "sd", None)
         if sd is not None:

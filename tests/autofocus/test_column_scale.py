@@ -49,15 +49,13 @@ def _run_locations(k_true: float, prior: float, starts, noise_um: float, seed: i
     pixel / card pixel)², told to the scale as DeepFocusMethod does."""
     rng = np.random.default_rng(seed)
     col, left = ColumnScale(prior, alpha_spread=alpha_spread, prior_weight_um2=prior_weight_um2), []
-    if feed_gain is not None:
-        col.feed_at(feed_gain)
     for dz in starts:
         col.begin_location()
         focus = 1000.0 + 37.0 * len(left)
         c, row = focus - dz, []
         for _ in range(iterations):
             r = float(np.clip(k_true * (focus - c) + rng.normal(0, noise_um), -160, 160))
-            col.observe(c, r)
+            col.observe(c, r, feed_gain)
             c += r / col.value
             row.append(focus - c)
         left.append(row)
