@@ -205,6 +205,23 @@ def test_fixed_seed_sequence_and_resampling(sim):
     assert np.sign(d.d_wd_m) == np.sign(a.d_wd_m)
 
 
+def test_a_reading_the_network_gives_alike_for_both_frame_orders_moves_nothing(sim):
+    # swapping a pair's frames is the pair of the opposite aberration; whatever the network reads
+    # the same both ways round (a texture's bias) must not reach the beam
+    p = DeepFocusPredictor(DEFAULT_MODEL, device="cpu")
+    plus, minus = _pair(sim, (4.0, 0.5, -0.5), size=600)
+    clean = p.predict(plus, minus, 10e-9, n_patches=8, seed_sequence=1)
+    run = p._r.run
+    p._r.run = lambda x: run(x) + np.float32([0.8, 0.3, -0.5])
+    biased = p.predict(plus, minus, 10e-9, n_patches=8, seed_sequence=1)
+    assert biased.d_wd_m == pytest.approx(clean.d_wd_m, abs=1e-12)
+    assert biased.d_stig == pytest.approx(clean.d_stig, abs=1e-6)
+    # and the reading of the swapped pair is the opposite correction
+    p._r.run = run
+    swapped = p.predict(minus, plus, 10e-9, n_patches=8, seed_sequence=1)
+    assert np.sign(swapped.d_wd_m) == -np.sign(clean.d_wd_m) == 1
+
+
 @pytest.mark.skip(reason="no finished DeepScore is shipped yet (issue 4 note)")
 def test_shipped_deepscore_ranks_sharpness(sim):
     s = DeepScorePredictor(DEFAULT_SCORE_MODEL, device="cpu")
