@@ -28,6 +28,7 @@ import torch
 
 from autofocus.column_scale import TARGET_CLIP, model_pixel, scale_of
 from autofocus.inference import resample
+from autofocus.models import column_input
 from devices.setup_config import MicroscopeParams, Simulation
 from devices.sim import optics
 from devices.sim.frames import specimen_world
@@ -118,6 +119,9 @@ class DataConfig:
     # short side in column_feed_frames), the target referenced at the α the model then sees
     column_feed: float = 0.0
     column_feed_error: float = 1.25
+    # fraction of pairs whose column (the stated α, the same statement that picked the feed
+    # pixel, as seen at the model pixel) is given to a ColumnDeepFocusNet; the rest read unknown
+    column_known: float = 0.0
     column_feed_frames: tuple[int, ...] = (768, 1536)
 
     def card(self) -> dict:
@@ -288,15 +292,19 @@ class PairSimulator:
                             shape, rng, pixel_nm)
         return plus, minus
 
-    def feed_pixel_nm(self, alpha_mrad: float, rng: np.random.Generator) -> Optional[float]:
-        """The model pixel of a column_feed sample (None: the config's pixel)."""
+    def stated_alpha(self, alpha_mrad: float, rng: np.random.Generator) -> float:
+        """The α a setup states for a column of alpha_mrad: off by up to column_feed_error."""
+        return alpha_mrad * math.exp(rng.uniform(-1.0, 1.0) * math.log(self.cfg.column_feed_error))
+
+    def feed_pixel_nm(self, alpha_mrad: float, rng: np.random.Generator) -> tuple[Optional[float], Optional[float]]:
+        """(model pixel, stated α) of a column_feed sample; (None, None): the config's pixel."""
         c = self.cfg
         if not (c.column_feed > 0 and c.alpha_ref_mrad and c.acquire_pixel_nm and rng.random() < c.column_feed):
-            return None
-        stated = alpha_mrad * math.exp(rng.uniform(-1.0, 1.0) * math.log(c.column_feed_error))
+            return None, None
+        stated = self.stated_alpha(alpha_mrad, rng)
         short = int(rng.choice(c.column_feed_frames))
         return model_pixel(stated, c.alpha_ref_mrad, c.pixel_nm * 1e-9, c.acquire_pixel_nm * 1e-9, short,
-                           c.patch) * 1e9
+                           c.patch) * 1e9, stated
 
     def sample(self, rng: np.random.Generator, ab=None, mp=None, dwell_ns=None,
                world=None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -309,22 +317,25 @@ class PairSimulator:
         center = tuple(rng.uniform(-20e-6, 20e-6, 2))
         P, N = c.patch, c.n_patches
         side = P if N == 1 else int(P * 1.75)      # room for N aligned random offsets
-        px = None
+        px, column = None, (0.0, 0.0)
         if c.single_image:
             imgs = [self.render(world, mp, center, ab[0], ab[1:], dwell_ns * 1e-9, (side, side), rng)]
             s = np.hypot(ab[1], ab[2]) if c.stig_norm == "l2" else abs(ab[1]) + abs(ab[2])
             target = np.array([abs(ab[0]), s], np.float32)
         else:
-            px = self.feed_pixel_nm(mp.alpha_mrad, rng)
+            px, stated = self.feed_pixel_nm(mp.alpha_mrad, rng)
             imgs = list(self.pair(world, mp, center, ab, dwell_ns * 1e-9, (side, side), rng, px))
             # fed at px the column looks like α·pixel/px at the model's pixel
             seen = mp.alpha_mrad * (c.pixel_nm / px if px else 1.0)
             target = referenced_target(ab, seen, c.alpha_ref_mrad, c.target_clip)
+            if c.column_known > 0 and rng.random() < c.column_known:
+                stated = stated or self.stated_alpha(mp.alpha_mrad, rng)
+                column = column_input(stated * (c.pixel_nm / px if px else 1.0), c.alpha_ref_mrad)
         stack = np.stack(imgs)
         offs = rng.integers(0, side - P + 1, size=(N, 2))
         x = np.stack([stack[:, r:r + P, q:q + P] for r, q in offs])
         return x, target, {"ab": ab, "dwell_ns": dwell_ns, "alpha_mrad": mp.alpha_mrad,
-                           "model_pixel_nm": px or c.pixel_nm}
+                           "model_pixel_nm": px or c.pixel_nm, "column": column}
 
 
 def referenced_target(ab, alpha_mrad: float, alpha_ref_mrad: Optional[float],
@@ -349,18 +360,18 @@ class SampleStream:
         self.augment = Augmenter(cfg) if (cfg.augment if augment is None else augment) else None
         self.count = 0
 
-    def raw(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        """One unaugmented sample (uint8 x, target, drawn from the easy curriculum)."""
+    def raw(self) -> tuple[np.ndarray, np.ndarray, bool, tuple[float, float]]:
+        """One unaugmented sample (uint8 x, target, drawn from the easy curriculum, column input)."""
         c = self.cfg
         easy = self.count < c.easy_samples or (c.easy_tail > 0 and self.rng.random() < c.easy_tail)
         self.count += 1
         if easy:
             ab = (float(self.rng.uniform(-c.easy_wd_um, c.easy_wd_um)),
                   *map(float, self.rng.uniform(-c.easy_stig, c.easy_stig, 2)))
-            x, y, _ = self.sim.sample(self.rng, ab=ab, dwell_ns=float(self.rng.uniform(*c.easy_dwell_ns)))
+            x, y, meta = self.sim.sample(self.rng, ab=ab, dwell_ns=float(self.rng.uniform(*c.easy_dwell_ns)))
         else:
-            x, y, _ = self.sim.sample(self.rng)
-        return x, y, easy
+            x, y, meta = self.sim.sample(self.rng)
+        return x, y, easy, meta.get("column", (0.0, 0.0))
 
     def _prepare(self, x: np.ndarray, easy: bool) -> np.ndarray:
         x = to_unit(x)
@@ -368,13 +379,18 @@ class SampleStream:
             x = self.augment(x, self.rng)
         return x[0] if self.cfg.n_patches == 1 else x
 
-    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
-        for _ in range(b):
-            x, y, easy = self.raw()
-            xs.append(self._prepare(x, easy))
-            ys.append(y)
-        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, column input (B, 2))."""
+        raws, xs = [], []
+        for _ in range(b):          # each sample augmented as it is drawn (the stream's rng order)
+            raws.append(self.raw())
+            xs.append(self._prepare(raws[-1][0], raws[-1][2]))
+        return self.collate(raws, xs)
+
+    def collate(self, raws: Sequence, xs: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs = [self._prepare(x, easy) for x, _, easy, _ in raws] if xs is None else xs
+        return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack([r[1] for r in raws])),
+                torch.tensor([r[3] for r in raws], dtype=torch.float32))
 
 
 class ReplayPool:
@@ -391,14 +407,12 @@ class ReplayPool:
         self.s, self.refresh = stream, refresh
         self.pool = [stream.raw() for _ in range(size)]
 
-    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = self.s.rng
         for i in rng.integers(0, len(self.pool), self.refresh):
             self.pool[int(i)] = self.s.raw()
         pick = rng.integers(0, len(self.pool), b)
-        xs = [self.s._prepare(self.pool[int(i)][0], self.pool[int(i)][2]) for i in pick]
-        ys = [self.pool[int(i)][1] for i in pick]
-        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        return self.s.collate([self.pool[int(i)] for i in pick])
 
 
 class Prefetcher:

@@ -66,7 +66,8 @@ def fit_output_gain(model_path: Path, textures: Sequence[Path], samples: int = 4
     truth, out, alpha, defocus = [], [], [], []
     for _ in range(int(samples)):
         x, y, meta = sim.sample(rng)                # dwell log-uniform over the training range
-        est = pred.predict(x[0, 0], x[0, 1], cfg.pixel_nm * 1e-9, n_patches=n)
+        # a column-conditioned model is told the column, as DeepFocusMethod tells it a stated one
+        est = pred.predict(x[0, 0], x[0, 1], cfg.pixel_nm * 1e-9, n_patches=n, column_alpha_mrad=meta["alpha_mrad"])
         truth.append(y)
         out.append((est.d_wd_m * 1e6, *est.d_stig))
         alpha.append(meta["alpha_mrad"])

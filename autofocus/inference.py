@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import torch
 
-from autofocus.models import read_card, read_verified_model
+from autofocus.models import column_input, read_card, read_verified_model, takes_column
 from common.paths import models_dir
 
 MODELS_DIR = models_dir()
@@ -126,15 +126,19 @@ class _Runner:
         self.pixel_m = float(self.card["pixel_size_nm"]) * 1e-9
         self._lock = threading.Lock()       # one forward at a time (thread pools are shared)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, column: Optional[tuple[float, float]] = None) -> np.ndarray:
+        """column: a ColumnDeepFocusNet's column input, the same for every patch (None: plain model)."""
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        c = None if column is None else torch.tensor([column], dtype=torch.float32, device=self.device)
         # On the CPU, batches of <= 1 MB input: the first activation (~20x the
         # input) then stays below glibc's 32 MB mmap threshold and is reused
         # from the heap instead of page-faulted afresh on every call (16
         # 128-px pairs: 75 -> 52 ms per 512-px pair in a fresh process).
         step = len(t) if self.device.type != "cpu" else max(1, (1 << 20) // max(1, t[0].numel() * 4))
         with self._lock, torch.inference_mode():
-            return torch.cat([self.model(t[i:i + step]) for i in range(0, len(t), step)]).float().cpu().numpy()
+            outs = [self.model(t[i:i + step]) if c is None else
+                    self.model(t[i:i + step], c.expand(len(t[i:i + step]), -1)) for i in range(0, len(t), step)]
+            return torch.cat(outs).float().cpu().numpy()
 
 
 class DeepFocusPredictor:
@@ -154,6 +158,8 @@ class DeepFocusPredictor:
         self.gain = np.asarray((self.card.get("output_gain") or {}).get("values", (1.0, 1.0, 1.0)), np.float64)
         # readings referenced to a column of this α (autofocus/column_scale.py); None = this column's µm
         self.alpha_ref_mrad = (self.card.get("training_data") or {}).get("alpha_ref_mrad")
+        # told the column it reads (autofocus.models.ColumnDeepFocusNet): predict's column_alpha_mrad
+        self.takes_column = takes_column(str(self.card.get("variant", "")))
 
     def check_image(self, shape: tuple[int, int], pixel_size_m: float,
                     model_pixel_m: Optional[float] = None) -> tuple[int, int]:
@@ -191,12 +197,17 @@ class DeepFocusPredictor:
 
     def predict(self, img_plus: np.ndarray, img_minus: np.ndarray, pixel_size_m: float,
                 n_patches: Optional[int] = None, seed_sequence: Optional[int] = 0,
-                perturbation_m: Optional[float] = None, model_pixel_m: Optional[float] = None) -> Prediction:
+                perturbation_m: Optional[float] = None, model_pixel_m: Optional[float] = None,
+                column_alpha_mrad: Optional[float] = None) -> Prediction:
         """img_plus at wd + Δ, img_minus at wd − Δ (Δ = card perturbation), aligned.
 
         model_pixel_m: resample to this pixel size instead of the card's (a
         referenced model reading another column, autofocus.column_scale.model_pixel);
         the outputs are then the model's readings at that pixel, as they come.
+        column_alpha_mrad: the probe half-angle of the column the pair comes from
+        (stated, recalibrated or learned), told to a column-conditioned model as
+        the α it has at the model pixel; None: unknown, the model reads as
+        plain P did (autofocus.models.ColumnDeepFocusNet). Others ignore it.
         n_patches: None = patches_for the image.
         seed_sequence: int for a fixed set of patch offsets (reproducible
         iterations), None for fresh random ones."""
@@ -226,7 +237,11 @@ class DeepFocusPredictor:
             x[i, 1] = _to_unit(b[r:r + P, c:c + P])
         flip = np.arange(len(offs)) % 2 == 1
         x[flip] = x[flip, ::-1]
-        out = self._r.run(x)
+        column = None
+        if self.takes_column:
+            seen = column_alpha_mrad and column_alpha_mrad * self.pixel_size_m / model_pixel_m
+            column = column_input(seen, self.alpha_ref_mrad)
+        out = self._r.run(x, column)
         out[flip, :3] *= -1
         corr = out[:, :3].astype(np.float64) * self.gain
         if out.shape[1] == 4:

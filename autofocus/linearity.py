@@ -80,6 +80,6 @@ def format_table(rows: Sequence[LinearityRow], name: str) -> str:
     for dz in dzs:
         lines.append(f"  {dz:+10.1f} " + "".join(f"  {by[(a, dz)].predicted_um:+11.2f}" for a in alphas))
     worst = worst_by_alpha(rows)
-    lines.append("  worst error " + "".join(f"  {worst[a] * 100:10.0f}%" for a in alphas)
+    lines.append("  worst error " + "".join(f"  {worst[a] * 100:10.1f}%" for a in alphas)
                  + f"   (target <= {TOLERANCE * 100:.0f}% at every α)")
     return "\n".join(lines)

@@ -263,7 +263,8 @@ class DeepFocusMethod:
         t0 = time.perf_counter()
         px = self.model_pixel_m(np.shape(img_plus), pixel_size_m)
         p = self.predictor.predict(img_plus, img_minus, pixel_size_m, n_patches=self.n_patches,
-                                   seed_sequence=self.seed, model_pixel_m=px)
+                                   seed_sequence=self.seed, model_pixel_m=px,
+                                   column_alpha_mrad=self.column_alpha_mrad())
         g = (px / self.predictor.pixel_size_m) ** 2          # back to readings at the card's pixel
         if center_wd_m is not None:
             self.column.observe(center_wd_m * 1e6, float(p.d_wd_m) * 1e6 * g, g)
@@ -306,11 +307,17 @@ class DeepFocusMethod:
         ref = self.alpha_ref_mrad
         if not ref:
             return card_px
+        return model_pixel(self.column_alpha_mrad() or ref, ref, card_px, pixel_size_m, min(shape[:2]),
+                           self.predictor.patch)
+
+    def column_alpha_mrad(self) -> Optional[float]:
+        """The column's α as this method uses it (the feed pixel, and the column a
+        column-conditioned model is told): stated or recalibrated, else learned
+        from the moves once they have taught a slope, else None (unknown)."""
         if self.stated_alpha_mrad is not None:
-            alpha = self.stated_alpha_mrad
-        else:
-            alpha = self.column.alpha_mrad(ref) if self.column.has_slope else ref
-        return model_pixel(alpha, ref, card_px, pixel_size_m, min(shape[:2]), self.predictor.patch)
+            return self.stated_alpha_mrad
+        ref = self.alpha_ref_mrad
+        return self.column.alpha_mrad(ref) if ref and self.column.has_slope else None
 
 
 # ------------------------------------------------------ SEM's own routine

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ DROPOUT = 0.1
 # median plateau within a CPU budget (the seed had 10⁶ GPU steps). A
 # reparametrisation only: outputs stay in µm / stig units.
 OUTPUT_SCALE = (10.0, 2.0, 2.0, 1.0)
+COLUMN_INPUTS = 2          # ColumnDeepFocusNet: [known, known·ln(α_seen/α_ref)]
+COLUMN_INPUT_CARD = ("[known, known * ln(alpha_seen / alpha_ref)] per pair, alpha_seen = the column's probe "
+                     "half-angle x card pixel / feed pixel (stated, recalibrated or learned); [0, 0] = unknown")
 PATCH_SCORE_ALPHA = 0.25
 
 
@@ -99,6 +103,50 @@ class DeepFocusNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x)) * self.out_scale
+
+
+class ColumnDeepFocusNet(DeepFocusNet):
+    """DeepFocusNet told which column it reads (issue 15): ``column`` (B, 2) =
+    [known, known·ln(α_seen/α_ref)], α_seen the probe half-angle the column has
+    at the model pixel (stated by the setup, recalibrated or learned from the
+    loop's moves), zeros where none is known. Why: one pair fixes α²·Δz only
+    loosely for a wide column, and an L1 network reads the median over the
+    columns it trained on (P fine-tuned on 18-25 mrad alone read 22 mrad within
+    12 % but 15 mrad 27 % high); told the column, the prior narrows to it.
+    The column enters every fully connected layer through its own map,
+    zero-initialised, so the network starts as the one it is fine-tuned from
+    and an unknown column reads as that one did."""
+
+    def __init__(self, patch: int, n_out: int = 3, dropout: float = DROPOUT):
+        super().__init__(patch, n_out, dropout)
+        _, hidden = DEEPFOCUS_FC[patch]
+        self.column = nn.ModuleList([nn.Linear(COLUMN_INPUTS, n, bias=False) for n in (hidden, 50, n_out)])
+        for lin in self.column:
+            nn.init.zeros_(lin.weight)
+
+    def forward(self, x: torch.Tensor, column: Optional[torch.Tensor] = None) -> torch.Tensor:
+        f = self.features(x)
+        if column is None:
+            c = torch.zeros(f.shape[0], 2, dtype=f.dtype, device=f.device)      # COLUMN_INPUTS: unknown
+        else:
+            c = column.to(f.dtype)
+        h = F.relu(self.fc[0](f) + self.column[0](c))
+        h = F.relu(self.fc[2](h) + self.column[1](c))
+        return (self.fc[4](h) + self.column[2](c)) * self.out_scale
+
+
+def takes_column(variant: str) -> bool:
+    """Whether a model of this variant takes the column input (ColumnDeepFocusNet)."""
+    v = VARIANTS.get(variant)
+    return v is not None and v.name.startswith("deepfocus-column-")
+
+
+def column_input(alpha_seen_mrad: Optional[float], alpha_ref_mrad: Optional[float]) -> tuple[float, float]:
+    """ColumnDeepFocusNet's column input for a column seen at α (mrad) by a model referenced
+    to α_ref; (0, 0) where either is unknown."""
+    if not alpha_seen_mrad or not alpha_ref_mrad:
+        return 0.0, 0.0
+    return 1.0, math.log(float(alpha_seen_mrad) / float(alpha_ref_mrad))
 
 
 class DeepScoreNet(nn.Module):
@@ -209,13 +257,17 @@ def score_loss(mean_pred: torch.Tensor, individual: torch.Tensor, target: torch.
     return (1 - alpha) * F.l1_loss(mean_pred, target) + ind
 
 
-def batch_loss(kind: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
+def batch_loss(kind: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+               column: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and (B, 3 or 2) aggregated prediction for one batch.
 
     x: scalar/deepscore (B, C, H, W); patch- and pixel-score (B, N, 2, H, W)
     with N aligned patch pairs of one aberration per sample.
+    column: (B, COLUMN_INPUTS) for a ColumnDeepFocusNet (ignored by the others).
     """
+    if isinstance(model, ColumnDeepFocusNet):
+        pred = model(x, column)
+        return F.l1_loss(pred, target), pred
     if kind in ("scalar", "deepscore"):
         pred = model(x)
         return F.l1_loss(pred, target), pred
@@ -249,6 +301,8 @@ def _register() -> dict[str, Variant]:
     v: dict[str, Variant] = {}
     for p in DEEPFOCUS_FC:
         v[f"deepfocus-{p}"] = Variant(f"deepfocus-{p}", "scalar", p, lambda p=p, **kw: DeepFocusNet(p, 3, **kw))
+        v[f"deepfocus-column-{p}"] = Variant(f"deepfocus-column-{p}", "scalar", p,
+                                             lambda p=p, **kw: ColumnDeepFocusNet(p, 3, **kw))
         v[f"deepfocus-patchscore-{p}"] = Variant(f"deepfocus-patchscore-{p}", "patchscore", p,
                                                  lambda p=p, **kw: DeepFocusNet(p, 4, **kw))
     for p in (128, 256, 384):

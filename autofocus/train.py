@@ -28,8 +28,9 @@ import typer
 
 from common.atomic import atomic_write
 from autofocus.data import Augmenter, DataConfig, Prefetcher, ReplayPool, SampleStream, samples_to_tensors
-from autofocus.models import (VARIANTS, UnverifiedModel, Variant, batch_loss, build, count_parameters,
-                              export_module, read_card, read_verified_model, sha256_bytes)
+from autofocus.models import (COLUMN_INPUT_CARD, VARIANTS, UnverifiedModel, Variant, batch_loss, build,
+                              count_parameters, export_module, read_card, read_verified_model, sha256_bytes,
+                              takes_column)
 
 SEED_DECAYS = 250            # 0.99^250 ≈ 0.08 of the initial rate at the end
 FINETUNE_DECAYS, FINETUNE_GAMMA = 50, 0.95
@@ -90,7 +91,14 @@ def load_weights(model: torch.nn.Module, path: str | Path, features_only: bool =
         if any(k.startswith("features.") for k in missing.missing_keys):
             raise ValueError(f"{path}: convolution stack does not match")
         return
-    model.load_state_dict(sd)
+    # a column-conditioned network (ColumnDeepFocusNet) starts from a plain one: its zero-initialised
+    # column maps are the only weights that file lacks
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:           # shapes differ
+        raise ValueError(f"{path}: weights do not match this network ({e})") from None
+    if unexpected or any(not k.startswith("column.") for k in missing):
+        raise ValueError(f"{path}: weights do not match this network (missing {missing}, unexpected {unexpected})")
 
 
 def freeze_features(model: torch.nn.Module) -> list:
@@ -99,9 +107,11 @@ def freeze_features(model: torch.nn.Module) -> list:
         p.requires_grad_(False)
     if not hasattr(model, "fc"):
         raise ValueError("freeze_all_but_fc needs an image-to-scalar model (with .fc)")
-    for p in model.fc.parameters():
+    # a column-conditioned network's column maps feed those layers: they learn with them
+    head = list(model.fc.parameters()) + (list(model.column.parameters()) if hasattr(model, "column") else [])
+    for p in head:
         p.requires_grad_(True)
-    return list(model.fc.parameters())
+    return head
 
 
 def export(model: torch.nn.Module, variant: str, out: Path, card: dict) -> None:
@@ -125,13 +135,15 @@ def export(model: torch.nn.Module, variant: str, out: Path, card: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor, chunk: int = 8) -> dict:
+def evaluate(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor,
+             column: Optional[torch.Tensor] = None, chunk: int = 8) -> dict:
     """Mean absolute error of the aggregated predictions (eval mode)."""
     was = model.training
     model.eval()
     dev, preds = _device_of(model), []
     for i in range(0, len(x), chunk):
-        preds.append(batch_loss(kind, model, x[i:i + chunk].to(dev), y[i:i + chunk].to(dev))[1].cpu())
+        col = None if column is None else column[i:i + chunk].to(dev)
+        preds.append(batch_loss(kind, model, x[i:i + chunk].to(dev), y[i:i + chunk].to(dev), col)[1].cpu())
     model.train(was)
     err = (torch.cat(preds) - y).abs()
     if kind == "deepscore":
@@ -151,10 +163,10 @@ def _fit(model, kind: str, next_batch: Callable, val: tuple, steps: int, lr: flo
         model.features.eval()        # keep batch-norm statistics of the frozen stack
     dev = _device_of(model)
     for step in range(1, steps + 1):
-        x, y = next_batch()
+        x, y, col = next_batch()
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-        loss, _ = batch_loss(kind, model, x, y)
+        loss, _ = batch_loss(kind, model, x, y, None if col is None else col.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -193,6 +205,7 @@ def _card(variant: str, v: Variant, cfg: DataConfig, res: dict, batch: int, lr: 
         "normalisation": "x/127.5 - 1 (8-bit grey to [-1, 1])",
         "pixel_size_nm": cfg.pixel_nm, "perturbation_um": cfg.perturbation_um,
         "n_patches_train": cfg.n_patches, "parameters": n_params, "training_data": cfg.card(),
+        **({"column_input": COLUMN_INPUT_CARD} if takes_column(variant) else {}),
         "steps": res["steps_done"], "batch": batch, "seed": seed,
         "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": 1e-2},
         "scheduler": {"name": "StepLR", "gamma": extra.get("gamma", 0.99),
@@ -309,11 +322,12 @@ def train_on_samples(variant: str, samples: Sequence, steps: int, out: str | Pat
                      perturbation_um=perturbation_um or base.get("perturbation_um", 5.0),
                      procedural_seeds=(), augment=augment)
     aug = Augmenter(cfg) if augment else None
-    val = samples_to_tensors(val_s, v.patch, N, np.random.default_rng([seed, 0xCA2]))
+    # no column input: a model fine-tuned on one column's pairs reads that column's µm (no alpha_ref)
+    val = (*samples_to_tensors(val_s, v.patch, N, np.random.default_rng([seed, 0xCA2])), None)
 
     def next_batch():
         pick = rng.integers(0, len(train_s), batch)
-        return samples_to_tensors([train_s[i] for i in pick], v.patch, N, rng, aug)
+        return (*samples_to_tensors([train_s[i] for i in pick], v.patch, N, rng, aug), None)
     gamma, decays = (FINETUNE_GAMMA, FINETUNE_DECAYS) if init else (0.99, SEED_DECAYS)
     res = _fit(model, v.kind, next_batch, val, steps, lr, params, decays, gamma, log_every,
                None if max_minutes is None else max_minutes * 60, log, None, freeze_all_but_fc)

@@ -212,7 +212,7 @@ def test_a_reading_the_network_gives_alike_for_both_frame_orders_moves_nothing(s
     plus, minus = _pair(sim, (4.0, 0.5, -0.5), size=600)
     clean = p.predict(plus, minus, 10e-9, n_patches=8, seed_sequence=1)
     run = p._r.run
-    p._r.run = lambda x: run(x) + np.float32([0.8, 0.3, -0.5])
+    p._r.run = lambda x, column=None: run(x, column) + np.float32([0.8, 0.3, -0.5])
     biased = p.predict(plus, minus, 10e-9, n_patches=8, seed_sequence=1)
     assert biased.d_wd_m == pytest.approx(clean.d_wd_m, abs=1e-12)
     assert biased.d_stig == pytest.approx(clean.d_stig, abs=1e-6)
