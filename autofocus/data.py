@@ -326,11 +326,11 @@ class PairSimulator:
             px, stated = self.feed_pixel_nm(mp.alpha_mrad, rng)
             imgs = list(self.pair(world, mp, center, ab, dwell_ns * 1e-9, (side, side), rng, px))
             # fed at px the column looks like α·pixel/px at the model's pixel
-            seen = mp.alpha_mrad * (c.pixel_nm / px if px else 1.0)
-            target = referenced_target(ab, seen, c.alpha_ref_mrad, c.target_clip)
+            looks = c.pixel_nm / px if px else 1.0
+            target = referenced_target(ab, mp.alpha_mrad * looks, c.alpha_ref_mrad, c.target_clip)
             if c.column_known > 0 and rng.random() < c.column_known:
                 stated = stated or self.stated_alpha(mp.alpha_mrad, rng)
-                column = column_input(stated * (c.pixel_nm / px if px else 1.0), c.alpha_ref_mrad)
+                column = column_input(stated * looks, c.alpha_ref_mrad)
         stack = np.stack(imgs)
         offs = rng.integers(0, side - P + 1, size=(N, 2))
         x = np.stack([stack[:, r:r + P, q:q + P] for r, q in offs])
