@@ -49,6 +49,11 @@ UNKNOWN_PRIOR_WEIGHT_UM2 = 0.25
 NEAR_UM = 12.0
 # resampling to the model pixel keeps at least this many patches across the frame's short side
 MIN_PATCHES_ACROSS = 2
+# and feeds no coarser than this times the card's pixel: resampled further, a wide column looks
+# like the reference one, but its specimen and noise do not look like the card pixel's. The first
+# step of a 22 mrad column at 6 µm of defocus read 4.0 µm fed at 55 nm (2048x1536 frames) and
+# 5.2-5.3 µm at 30 nm (1024x768 frames); capped, both frame sizes read alike (stage V)
+MAX_FEED_COARSENING = 1.5
 # referenced targets are clipped here (wd µm, stig units): farther pairs read "far, this way"
 TARGET_CLIP = (160.0, 40.0)
 
@@ -162,14 +167,16 @@ def scale_of(alpha_mrad: Optional[float], alpha_ref_mrad: Optional[float]) -> fl
 
 
 def model_pixel(alpha_mrad: float, alpha_ref_mrad: Optional[float], card_pixel_m: float, pixel_m: float,
-                short_side_px: int, patch: int) -> float:
+                short_side_px: int, patch: int, max_coarsening: Optional[float] = MAX_FEED_COARSENING) -> float:
     """Pixel size (m) to feed a pair of a column of ``alpha_mrad``, taken at
     ``pixel_m``, to a model read at ``alpha_ref_mrad`` on ``card_pixel_m``
     pixels: the one where the column looks like the reference column, never
     finer than the frame (interpolation adds its own blur: a 3 mrad column
     upsampled to 6 nm read 88 % low) and never so coarse that fewer than
     MIN_PATCHES_ACROSS patches fit across the short side (unless the card's
-    own pixel is coarser). A column-specific model (no α_ref): its card pixel.
+    own pixel is coarser) or coarser than max_coarsening x the card's pixel
+    (None: as coarse as the frame allows). A column-specific model (no α_ref):
+    its card pixel.
 
     Why the reference and not where the reading is most linear: fed where an
     8 mrad column looks like 10 mrad (16 nm) the first step's worst error over
@@ -178,5 +185,8 @@ def model_pixel(alpha_mrad: float, alpha_ref_mrad: Optional[float], card_pixel_m
     held-out micrograph fell from 7 to 1 of 9."""
     if not alpha_ref_mrad:
         return card_pixel_m
-    coarsest = max(card_pixel_m, short_side_px * pixel_m / (MIN_PATCHES_ACROSS * patch))
+    coarsest = short_side_px * pixel_m / (MIN_PATCHES_ACROSS * patch)
+    if max_coarsening is not None:
+        coarsest = min(coarsest, max_coarsening * card_pixel_m)
+    coarsest = max(card_pixel_m, coarsest)
     return max(pixel_m, min(card_pixel_m * alpha_mrad / alpha_ref_mrad, coarsest))

@@ -160,6 +160,7 @@ class DeepFocusPredictor:
         self.alpha_ref_mrad = (self.card.get("training_data") or {}).get("alpha_ref_mrad")
         # told the column it reads (autofocus.models.ColumnDeepFocusNet): predict's column_alpha_mrad
         self.takes_column = takes_column(str(self.card.get("variant", "")))
+        self.column_inputs = int(self.card.get("column_inputs", 2))     # stage T's cards predate the key
 
     def check_image(self, shape: tuple[int, int], pixel_size_m: float,
                     model_pixel_m: Optional[float] = None) -> tuple[int, int]:
@@ -240,7 +241,7 @@ class DeepFocusPredictor:
         column = None
         if self.takes_column:
             seen = column_alpha_mrad and column_alpha_mrad * self.pixel_size_m / model_pixel_m
-            column = column_input(seen, self.alpha_ref_mrad)
+            column = column_input(seen, self.alpha_ref_mrad, model_pixel_m / self.pixel_size_m)[:self.column_inputs]
         out = self._r.run(x, column)
         out[flip, :3] *= -1
         corr = out[:, :3].astype(np.float64) * self.gain

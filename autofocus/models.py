@@ -35,9 +35,11 @@ DROPOUT = 0.1
 # median plateau within a CPU budget (the seed had 10⁶ GPU steps). A
 # reparametrisation only: outputs stay in µm / stig units.
 OUTPUT_SCALE = (10.0, 2.0, 2.0, 1.0)
-COLUMN_INPUTS = 2          # ColumnDeepFocusNet: [known, known·ln(α_seen/α_ref)]
-COLUMN_INPUT_CARD = ("[known, known * ln(alpha_seen / alpha_ref)] per pair, alpha_seen = the column's probe "
-                     "half-angle x card pixel / feed pixel (stated, recalibrated or learned); [0, 0] = unknown")
+COLUMN_INPUTS = 3          # ColumnDeepFocusNet: [known, known·ln(α_seen/α_ref), known·ln(feed pixel/card pixel)]
+COLUMN_INPUT_CARD = ("[known, known * ln(alpha_seen / alpha_ref), known * ln(feed pixel / card pixel)] per pair, "
+                     "alpha_seen = the column's probe half-angle x card pixel / feed pixel (stated, recalibrated "
+                     "or learned); zeros = unknown. Models of stage T take the first two only (card "
+                     "column_inputs)")
 PATCH_SCORE_ALPHA = 0.25
 
 
@@ -126,8 +128,8 @@ class ColumnDeepFocusNet(DeepFocusNet):
 
     def forward(self, x: torch.Tensor, column: Optional[torch.Tensor] = None) -> torch.Tensor:
         f = self.features(x)
-        if column is None:
-            c = torch.zeros(f.shape[0], 2, dtype=f.dtype, device=f.device)      # COLUMN_INPUTS: unknown
+        if column is None:           # unknown column
+            c = torch.zeros(f.shape[0], self.column[0].in_features, dtype=f.dtype, device=f.device)
         else:
             c = column.to(f.dtype)
         h = F.relu(self.fc[0](f) + self.column[0](c))
@@ -141,12 +143,16 @@ def takes_column(variant: str) -> bool:
     return v is not None and v.name.startswith("deepfocus-column-")
 
 
-def column_input(alpha_seen_mrad: Optional[float], alpha_ref_mrad: Optional[float]) -> tuple[float, float]:
+def column_input(alpha_seen_mrad: Optional[float], alpha_ref_mrad: Optional[float],
+                 feed_ratio: float = 1.0) -> tuple[float, float, float]:
     """ColumnDeepFocusNet's column input for a column seen at α (mrad) by a model referenced
-    to α_ref; (0, 0) where either is unknown."""
+    to α_ref, fed at feed_ratio x the card's pixel; zeros where α or α_ref is unknown.
+    Why the feed pixel too: a column looks like α_ref wherever it is fed coarse enough, but a
+    specimen and a probe waist seen coarser are not the reference column's (fed to look
+    like 8 mrad, stage T read a 22 mrad column's 6 µm of defocus as 4 µm)."""
     if not alpha_seen_mrad or not alpha_ref_mrad:
-        return 0.0, 0.0
-    return 1.0, math.log(float(alpha_seen_mrad) / float(alpha_ref_mrad))
+        return 0.0, 0.0, 0.0
+    return 1.0, math.log(float(alpha_seen_mrad) / float(alpha_ref_mrad)), math.log(float(feed_ratio))
 
 
 class DeepScoreNet(nn.Module):

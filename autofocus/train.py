@@ -28,7 +28,7 @@ import typer
 
 from common.atomic import atomic_write
 from autofocus.data import Augmenter, DataConfig, Prefetcher, ReplayPool, SampleStream, samples_to_tensors
-from autofocus.models import (COLUMN_INPUT_CARD, VARIANTS, UnverifiedModel, Variant, batch_loss, build,
+from autofocus.models import (COLUMN_INPUT_CARD, COLUMN_INPUTS, VARIANTS, UnverifiedModel, Variant, batch_loss, build,
                               count_parameters, export_module, read_card, read_verified_model, sha256_bytes,
                               takes_column)
 
@@ -92,7 +92,13 @@ def load_weights(model: torch.nn.Module, path: str | Path, features_only: bool =
             raise ValueError(f"{path}: convolution stack does not match")
         return
     # a column-conditioned network (ColumnDeepFocusNet) starts from a plain one: its zero-initialised
-    # column maps are the only weights that file lacks
+    # column maps are the only weights that file lacks; from one told fewer column inputs, the
+    # maps of the inputs it lacks start at zero (it then reads as that model did)
+    own = model.state_dict()
+    for k, w in list(sd.items()):
+        if k.startswith("column.") and k in own and w.dim() == 2 and w.shape[0] == own[k].shape[0] \
+                and w.shape[1] < own[k].shape[1]:
+            sd[k] = torch.cat([w, torch.zeros(w.shape[0], own[k].shape[1] - w.shape[1], dtype=w.dtype)], 1)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:           # shapes differ
@@ -101,14 +107,20 @@ def load_weights(model: torch.nn.Module, path: str | Path, features_only: bool =
         raise ValueError(f"{path}: weights do not match this network (missing {missing}, unexpected {unexpected})")
 
 
-def freeze_features(model: torch.nn.Module) -> list:
-    """Recalibration (seed): only the last three fully connected layers learn."""
+def freeze_features(model: torch.nn.Module, conv_layers: int = 0) -> list:
+    """Recalibration (seed): only the last three fully connected layers learn,
+    and the last ``conv_layers`` convolution blocks with them (their batch-norm
+    statistics stay frozen: the training loop keeps the stack in eval mode)."""
     for p in model.parameters():
         p.requires_grad_(False)
     if not hasattr(model, "fc"):
         raise ValueError("freeze_all_but_fc needs an image-to-scalar model (with .fc)")
+    blocks = list(model.features.layers)
+    if not 0 <= conv_layers <= len(blocks):
+        raise ValueError(f"trainable_conv_layers must be 0..{len(blocks)}, got {conv_layers}")
     # a column-conditioned network's column maps feed those layers: they learn with them
     head = list(model.fc.parameters()) + (list(model.column.parameters()) if hasattr(model, "column") else [])
+    head += [p for b in blocks[len(blocks) - conv_layers:] for p in b.parameters()]
     for p in head:
         p.requires_grad_(True)
     return head
@@ -205,7 +217,7 @@ def _card(variant: str, v: Variant, cfg: DataConfig, res: dict, batch: int, lr: 
         "normalisation": "x/127.5 - 1 (8-bit grey to [-1, 1])",
         "pixel_size_nm": cfg.pixel_nm, "perturbation_um": cfg.perturbation_um,
         "n_patches_train": cfg.n_patches, "parameters": n_params, "training_data": cfg.card(),
-        **({"column_input": COLUMN_INPUT_CARD} if takes_column(variant) else {}),
+        **({"column_input": COLUMN_INPUT_CARD, "column_inputs": COLUMN_INPUTS} if takes_column(variant) else {}),
         "steps": res["steps_done"], "batch": batch, "seed": seed,
         "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": 1e-2},
         "scheduler": {"name": "StepLR", "gamma": extra.get("gamma", 0.99),
@@ -229,7 +241,8 @@ def pick_device(device: Optional[str]) -> torch.device:
 
 
 def _setup(variant: str, seed: int, threads: Optional[int], init, freeze_all_but_fc: bool,
-           init_features: Optional[str | Path] = None, dropout: float = 0.1, device: Optional[str] = None):
+           init_features: Optional[str | Path] = None, dropout: float = 0.1, device: Optional[str] = None,
+           trainable_conv_layers: int = 0):
     if variant not in VARIANTS:
         raise KeyError(f"unknown variant {variant!r}; known: {', '.join(sorted(VARIANTS))}")
     torch.set_num_threads(pick_threads(threads))
@@ -241,7 +254,8 @@ def _setup(variant: str, seed: int, threads: Optional[int], init, freeze_all_but
     elif init_features:
         load_weights(model, init_features, features_only=True)
     model = model.to(pick_device(device), memory_format=torch.channels_last)
-    params = freeze_features(model) if freeze_all_but_fc else [p for p in model.parameters()]
+    params = (freeze_features(model, trainable_conv_layers) if freeze_all_but_fc
+              else [p for p in model.parameters()])
     return v, model, params
 
 
@@ -250,15 +264,19 @@ def train(variant: str, steps: int, out: str | Path, seed: int = 0, textures: Se
           freeze_all_but_fc: bool = False, n_patches: Optional[int] = None, max_minutes: Optional[float] = None,
           threads: Optional[int] = None, val_samples: int = 48, data: Optional[dict] = None,
           init_features: Optional[str | Path] = None, dropout: float = 0.1, pool_size: int = 0,
-          pool_refresh: int = 4, device: Optional[str] = None, log: Callable = print) -> dict:
+          pool_refresh: int = 4, device: Optional[str] = None, trainable_conv_layers: int = 0,
+          log: Callable = print) -> dict:
     """Train ``variant`` on freshly simulated samples; returns the card.
 
     init: all weights from a model of the same variant (fine-tuning, seed
     recalibration schedule); init_features: only the convolution stack from
     any DeepFocus model (e.g. a fast 128² pre-training), seed schedule.
     dropout: seed 0.1; on a CPU budget 0 learns the stigmation cue several
-    times faster (measured: stig starts to fit after ~150 vs >1500 steps)."""
-    v, model, params = _setup(variant, seed, threads, init, freeze_all_but_fc, init_features, dropout, device)
+    times faster (measured: stig starts to fit after ~150 vs >1500 steps).
+    trainable_conv_layers: with freeze_all_but_fc, the last N convolution
+    blocks learn too (batch-norm statistics kept)."""
+    v, model, params = _setup(variant, seed, threads, init, freeze_all_but_fc, init_features, dropout, device,
+                              trainable_conv_layers)
     kw = dict(data or {})
     if v.kind == "deepscore":
         kw.setdefault("single_image", True)
@@ -277,6 +295,7 @@ def train(variant: str, steps: int, out: str | Path, seed: int = 0, textures: Se
     extra = {"gamma": gamma, "decays": decays, "init": str(init) if init else None,
              "init_features": Path(init_features).name if init_features else None,
              "freeze_all_but_fc": freeze_all_but_fc, "dropout_train": dropout, "device": str(_device_of(model)),
+             "trainable_conv_layers": trainable_conv_layers if freeze_all_but_fc else None,
              "replay_pool": {"size": pool_size, "refresh_per_batch": pool_refresh} if pool_size else None}
 
     def checkpoint(history):

@@ -12,12 +12,12 @@ at 20 nm on 10 nm frames averaged 2x2 as the predictor does at inference
 2012 images (the rest are held out for the unseen-texture benchmark).
 
     .venv/bin/python scripts/train_deepfocus_128.py --shared ../shared --out /tmp/df --em-textures T \
-        [--stages A ... L O P T]
+        [--stages A ... L O P T U V]
 
 After the last stage the output gain is fitted (autofocus/gain.py: 800 fresh
 pairs from the training distribution; the stigmation gains come out 1.1-1.3;
 a referenced model's wd gain on the columns DeepFocusMethod feeds it as, ~1).
-H-L, O, P and T are described beside their entries in STAGES.
+H-L, O, P, T, U and V are described beside their entries in STAGES.
 
 Steps are the ones the shipped stages ran (their time limits cut A and B
 short; G ran 3000 steps in 20 min); thread scheduling makes a rerun close
@@ -94,6 +94,20 @@ STAGES = {
               data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns", "alpha_ref_mrad": 8.0,
                     "target_clip": (160.0, 40.0), "column_feed": 0.7, "column_known": 0.75, **AT_20NM},
               pool_refresh=4, em_textures=True),
+    # U: T continued with its last two convolution blocks (the 1x1 mixes of the two frames' features)
+    # learning beside the head, batch-norm statistics kept, on T's data at a quarter of its rate
+    "U": dict(steps=7000, seed=67, lr=5e-5, variant="deepfocus-column-128", head_only=True, conv_layers=2,
+              data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns", "alpha_ref_mrad": 8.0,
+                    "target_clip": (160.0, 40.0), "column_feed": 0.7, "column_known": 0.75, **AT_20NM},
+              pool_refresh=4, em_textures=True),
+    # V: U with a third column input, the feed pixel over the card's (autofocus.models.column_input; its
+    # maps zero-initialised), trained as U at twice U's rate. (The loop now feeds no coarser than 1.5x
+    # the card's pixel, autofocus.column_scale.MAX_FEED_COARSENING; V trained with that cap as well
+    # read 15 and 22 mrad 19 and 18 % off, and is not the shipped V)
+    "V": dict(steps=7000, seed=73, lr=1e-4, variant="deepfocus-column-128", head_only=True, conv_layers=2,
+              data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns", "alpha_ref_mrad": 8.0,
+                    "target_clip": (160.0, 40.0), "column_feed": 0.7, "column_known": 0.75, **AT_20NM},
+              pool_refresh=4, em_textures=True),
 }
 GAIN_SAMPLES = 800          # the wd gain of a referenced model is fitted on about a third of them
 EM_TEXTURE_COPIES = 4       # each package image listed 4x: ~40 % of texture draws against ISBI's 24 slices
@@ -130,7 +144,7 @@ def main() -> int:
         train(st.get("variant", "deepfocus-128"), st["steps"], out, seed=st["seed"], textures=stage_tex, batch=16, log_every=100,
               lr=st["lr"], val_samples=64, dropout=0.0, threads=args.threads, init=init, data=st["data"],
               pool_size=1024, pool_refresh=st["pool_refresh"], max_minutes=args.max_minutes, device=args.device,
-              freeze_all_but_fc=st.get("head_only", False))
+              freeze_all_but_fc=st.get("head_only", False), trainable_conv_layers=st.get("conv_layers", 0))
         prev = out
     final = args.out / "deepfocus_128.pt"
     shutil.copy(prev, final)
@@ -157,8 +171,16 @@ def write_lineage(final: Path, folder: Path, stages: list[str], em_folder: Path 
                         "pixel_size_nm": st["data"].get("pixel_nm", 10.0),
                         "em_textures": bool(st.get("em_textures")), "train_s": round(log[-1].get("elapsed_s", 0)),
                         "validation_mae_wd_um": round(c["validation"]["mae_wd_um"], 3),
-                        "validation_mae_stig": round(c["validation"]["mae_stig"], 3)})
+                        "validation_mae_stig": round(c["validation"]["mae_stig"], 3)}
+                       | ({"variant": st["variant"], "head_only": st.get("head_only", False),
+                           "conv_layers_trained": st.get("conv_layers", 0),
+                           "column_known": st["data"].get("column_known", 0.0)} if "variant" in st else {}))
     card["lineage"] = lineage
+    card["init"] = lineage[-1]["init"]          # the stage, not the folder it was trained in
+    # the last stage's own card keeps the lineage too, for a later run that continues from it
+    last = folder / f"deepfocus_128_stage{stages[-1]}.json"
+    atomic_write(last, json.dumps(json.loads(last.read_text()) | {"lineage": lineage}, indent=1).encode(),
+                 overwrite=True)
     if em_folder is not None:
         sources = json.loads((em_folder / "SOURCES.json").read_text())
         card["texture_sources"] = {

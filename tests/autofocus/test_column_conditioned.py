@@ -14,7 +14,7 @@ from autofocus.methods import MODELS_DIR, DeepFocusMethod
 from autofocus.models import build, column_input, takes_column
 from autofocus.train import export, load_weights
 
-CARD = {"patch_size": 128, "pixel_size_nm": 20.0, "perturbation_um": 5.0,
+CARD = {"patch_size": 128, "pixel_size_nm": 20.0, "perturbation_um": 5.0, "column_inputs": 3,
         "training_data": {"alpha_ref_mrad": 8.0}}
 
 
@@ -28,13 +28,39 @@ def test_a_conditioned_network_started_from_a_plain_one_reads_as_it_did_whatever
     x = torch.randn(3, 2, 128, 128)
     with torch.no_grad():
         want = plain(x)
-        for column in (None, torch.tensor([[1.0, 0.7]] * 3), torch.zeros(3, 2)):
+        for column in (None, torch.tensor([[1.0, 0.7, 0.4]] * 3), torch.zeros(3, 3)):
             assert torch.allclose(told(x, column), want, atol=1e-5)
     # weights of another network are still refused
     other = build("deepfocus-256").eval()
     export(other, "deepfocus-256", tmp_path / "other.pt", {"variant": "deepfocus-256"})
     with pytest.raises(ValueError, match="do not match"):
         load_weights(build("deepfocus-column-128"), tmp_path / "other.pt")
+
+
+def test_a_model_told_two_column_inputs_still_reads_and_starts_a_three_input_one(tmp_path):
+    """Stage T's network (and a setup's recalibration of it) takes [known, ln α_seen/α_ref]
+    only: the predictor tells it those two, and a three-input network fine-tuned from
+    it reads as it did until the feed-pixel input has learned something."""
+    torch.manual_seed(9)
+    two = build("deepfocus-column-128")
+    two.column = torch.nn.ModuleList([torch.nn.Linear(2, lin.out_features, bias=False) for lin in two.column])
+    for lin in two.column:
+        torch.nn.init.normal_(lin.weight, 0.0, 0.5)
+    two.eval()
+    path = tmp_path / "two.pt"
+    export(two, "deepfocus-column-128", path, {**CARD, "column_inputs": 2, "variant": "deepfocus-column-128"})
+    pred = DeepFocusPredictor(path, optimize=False)
+    rng = np.random.default_rng(2)
+    a, b = (rng.integers(0, 255, (512, 512)).astype(np.uint8) for _ in range(2))
+    fed = pred.predict(a, b, 10e-9, model_pixel_m=40e-9, column_alpha_mrad=16.0)
+    assert fed.d_wd_m == fed.d_wd_m
+    three = build("deepfocus-column-128")
+    load_weights(three, path)
+    three.eval()
+    x = torch.randn(2, 2, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(three(x, torch.tensor([[1.0, 0.3, 0.5]] * 2)),
+                              two(x, torch.tensor([[1.0, 0.3]] * 2)), atol=1e-5)
 
 
 def _conditioned_model(tmp_path, variant="deepfocus-column-128"):
@@ -58,10 +84,10 @@ def test_the_predictor_tells_the_model_the_column_it_has_at_the_feed_pixel(tmp_p
     unknown = pred.predict(a, b, 10e-9)
     fed = pred.predict(a, b, 10e-9, model_pixel_m=40e-9, column_alpha_mrad=16.0)
     # 16 mrad fed at 40 nm looks like 8 mrad at the card's 20 nm: the reference column
-    assert told == [(0.0, 0.0), (1.0, pytest.approx(0.0, abs=1e-12))]
+    assert told == [(0.0, 0.0, 0.0), (1.0, pytest.approx(0.0, abs=1e-12), pytest.approx(math.log(2.0)))]
     assert pred.predict(a, b, 10e-9, column_alpha_mrad=16.0).per_patch[:, 0] != pytest.approx(
         unknown.per_patch[:, 0])
-    assert told[-1] == (1.0, pytest.approx(math.log(2.0)))
+    assert told[-1] == (1.0, pytest.approx(math.log(2.0)), 0.0)
     assert fed.d_wd_m == fed.d_wd_m           # finite
     plain = DeepFocusPredictor(_conditioned_model(tmp_path, "deepfocus-128"), optimize=False)
     assert not plain.takes_column
@@ -111,11 +137,13 @@ def test_training_tells_the_column_as_a_setup_states_it_where_asked():
     rng = np.random.default_rng(4)
     for _ in range(6):
         _, _, meta = told.sample(rng)
-        known, log_seen = meta["column"]
+        known, log_seen, _ = meta["column"]
         seen_true = meta["alpha_mrad"] * 20.0 / meta["model_pixel_nm"]
         assert known == 1.0
         # the statement is the column's α up to column_feed_error (1.25) either way
         assert 1 / 1.25 - 1e-9 <= 8.0 * math.exp(log_seen) / seen_true <= 1.25 + 1e-9
+        # and the pixel it is fed at, against the card's
+        assert meta["column"][2] == pytest.approx(math.log(meta["model_pixel_nm"] / 20.0))
     silent = PairSimulator(DataConfig(**base), )
-    assert silent.sample(np.random.default_rng(4))[2]["column"] == (0.0, 0.0)
-    assert column_input(None, 8.0) == (0.0, 0.0) and column_input(8.0, None) == (0.0, 0.0)
+    assert silent.sample(np.random.default_rng(4))[2]["column"] == (0.0, 0.0, 0.0)
+    assert column_input(None, 8.0) == (0.0, 0.0, 0.0) and column_input(8.0, None) == (0.0, 0.0, 0.0)

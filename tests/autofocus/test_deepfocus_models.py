@@ -96,6 +96,30 @@ def test_three_step_training_exports_and_is_reproducible(tmp_path):
     assert not all(torch.equal(a[k], r[k]) for k in a if k.startswith("fc."))
 
 
+def test_head_fine_tune_with_the_last_convolution_blocks_keeps_the_rest(tmp_path):
+    """Stage U of the shipped model: the head and the last two convolution
+    blocks learn; the earlier blocks and every batch-norm statistic stay as
+    the model it started from, so an unknown column still reads as before."""
+    tex = tmp_path / "tex.png"
+    cv2.imwrite(str(tex), (np.random.default_rng(3).random((320, 320)) * 255).astype(np.uint8))
+    kw = dict(seed=5, textures=[tex], batch=2, log_every=2, val_samples=2, threads=1, dropout=0.0,
+              data={"procedural_seeds": ()}, log=lambda s: None)
+    train("deepfocus-128", 2, tmp_path / "a.pt", **kw)
+    card = train("deepfocus-128", 2, tmp_path / "u.pt", init=tmp_path / "a.pt", freeze_all_but_fc=True,
+                 trainable_conv_layers=2, **kw)
+    assert card["trainable_conv_layers"] == 2
+    a, u = torch.jit.load(str(tmp_path / "a.pt")).state_dict(), torch.jit.load(str(tmp_path / "u.pt")).state_dict()
+    last = len(M.DEEPFOCUS_CONV) - 2
+    changed = {k for k in a if not torch.equal(a[k], u[k])}
+    assert any(k.startswith(f"features.layers.{last}.") for k in changed)
+    assert any(k.startswith("fc.") for k in changed)
+    assert not [k for k in changed if k.startswith("features.")
+                and (int(k.split(".")[2]) < last or "running_" in k or "num_batches" in k)]
+    with pytest.raises(ValueError, match="trainable_conv_layers must be 0..7"):
+        train("deepfocus-128", 1, tmp_path / "x.pt", init=tmp_path / "a.pt", freeze_all_but_fc=True,
+              trainable_conv_layers=8, **kw)
+
+
 def test_coarse_model_trains_on_frames_resampled_as_at_inference():
     """A 20 nm model is fed 10 nm frames averaged 2x2 by the predictor's own
     resampling: same patch shape, four times the dose per pixel (half the
