@@ -332,7 +332,7 @@ class PairSimulator:
             target = referenced_target(ab, mp.alpha_mrad * looks, c.alpha_ref_mrad, c.target_clip)
             if c.column_known > 0 and rng.random() < c.column_known:
                 stated = stated or self.stated_alpha(mp.alpha_mrad, rng)
-                column = column_input(stated * looks, c.alpha_ref_mrad, 1.0 / looks)
+                column = column_input(stated, c.alpha_ref_mrad, 1.0 / looks)
         stack = np.stack(imgs)
         offs = rng.integers(0, side - P + 1, size=(N, 2))
         x = np.stack([stack[:, r:r + P, q:q + P] for r, q in offs])
@@ -362,7 +362,7 @@ class SampleStream:
         self.augment = Augmenter(cfg) if (cfg.augment if augment is None else augment) else None
         self.count = 0
 
-    def raw(self) -> tuple[np.ndarray, np.ndarray, bool, tuple[float, float]]:
+    def raw(self) -> tuple[np.ndarray, np.ndarray, bool, tuple[float, ...]]:
         """One unaugmented sample (uint8 x, target, drawn from the easy curriculum, column input)."""
         c = self.cfg
         easy = self.count < c.easy_samples or (c.easy_tail > 0 and self.rng.random() < c.easy_tail)
@@ -373,7 +373,7 @@ class SampleStream:
             x, y, meta = self.sim.sample(self.rng, ab=ab, dwell_ns=float(self.rng.uniform(*c.easy_dwell_ns)))
         else:
             x, y, meta = self.sim.sample(self.rng)
-        return x, y, easy, meta.get("column", (0.0, 0.0))
+        return x, y, easy, meta["column"]
 
     def _prepare(self, x: np.ndarray, easy: bool) -> np.ndarray:
         x = to_unit(x)
@@ -382,7 +382,7 @@ class SampleStream:
         return x[0] if self.cfg.n_patches == 1 else x
 
     def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, y, column input (B, 2))."""
+        """(x, y, column input (B, COLUMN_INPUTS))."""
         raws, xs = [], []
         for _ in range(b):          # each sample augmented as it is drawn (the stream's rng order)
             raws.append(self.raw())

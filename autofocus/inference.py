@@ -126,7 +126,7 @@ class _Runner:
         self.pixel_m = float(self.card["pixel_size_nm"]) * 1e-9
         self._lock = threading.Lock()       # one forward at a time (thread pools are shared)
 
-    def run(self, x: np.ndarray, column: Optional[tuple[float, float]] = None) -> np.ndarray:
+    def run(self, x: np.ndarray, column: Optional[tuple[float, ...]] = None) -> np.ndarray:
         """column: a ColumnDeepFocusNet's column input, the same for every patch (None: plain model)."""
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         c = None if column is None else torch.tensor([column], dtype=torch.float32, device=self.device)
@@ -240,8 +240,8 @@ class DeepFocusPredictor:
         x[flip] = x[flip, ::-1]
         column = None
         if self.takes_column:
-            seen = column_alpha_mrad and column_alpha_mrad * self.pixel_size_m / model_pixel_m
-            column = column_input(seen, self.alpha_ref_mrad, model_pixel_m / self.pixel_size_m)[:self.column_inputs]
+            column = column_input(column_alpha_mrad, self.alpha_ref_mrad,
+                                  model_pixel_m / self.pixel_size_m)[:self.column_inputs]
         out = self._r.run(x, column)
         out[flip, :3] *= -1
         corr = out[:, :3].astype(np.float64) * self.gain

@@ -108,10 +108,11 @@ class DeepFocusNet(nn.Module):
 
 
 class ColumnDeepFocusNet(DeepFocusNet):
-    """DeepFocusNet told which column it reads (issue 15): ``column`` (B, 2) =
-    [known, known·ln(α_seen/α_ref)], α_seen the probe half-angle the column has
-    at the model pixel (stated by the setup, recalibrated or learned from the
-    loop's moves), zeros where none is known. Why: one pair fixes α²·Δz only
+    """DeepFocusNet told which column it reads (issue 15): ``column`` (B,
+    COLUMN_INPUTS) from column_input(): whether the column is known, the probe
+    half-angle it has at the model pixel (stated by the setup, recalibrated or
+    learned from the loop's moves) and the pixel it is fed at; zeros where
+    none is known. Why: one pair fixes α²·Δz only
     loosely for a wide column, and an L1 network reads the median over the
     columns it trained on (P fine-tuned on 18-25 mrad alone read 22 mrad within
     12 % but 15 mrad 27 % high); told the column, the prior narrows to it.
@@ -143,16 +144,18 @@ def takes_column(variant: str) -> bool:
     return v is not None and v.name.startswith("deepfocus-column-")
 
 
-def column_input(alpha_seen_mrad: Optional[float], alpha_ref_mrad: Optional[float],
+def column_input(alpha_mrad: Optional[float], alpha_ref_mrad: Optional[float],
                  feed_ratio: float = 1.0) -> tuple[float, float, float]:
-    """ColumnDeepFocusNet's column input for a column seen at α (mrad) by a model referenced
-    to α_ref, fed at feed_ratio x the card's pixel; zeros where α or α_ref is unknown.
-    Why the feed pixel too: a column looks like α_ref wherever it is fed coarse enough, but a
-    specimen and a probe waist seen coarser are not the reference column's (fed to look
-    like 8 mrad, stage T read a 22 mrad column's 6 µm of defocus as 4 µm)."""
-    if not alpha_seen_mrad or not alpha_ref_mrad:
+    """ColumnDeepFocusNet's column input for a column of α (mrad) fed at feed_ratio x the
+    card's pixel, where it looks like α / feed_ratio, to a model referenced to α_ref; zeros
+    where α or α_ref is unknown. Why the feed pixel too: a column looks like α_ref wherever
+    it is fed coarse enough, but a specimen and a probe waist seen coarser are not the
+    reference column's (fed to look like 8 mrad, stage U read a 22 mrad column's 6 µm of
+    defocus as 4 µm)."""
+    if not alpha_mrad or not alpha_ref_mrad:
         return 0.0, 0.0, 0.0
-    return 1.0, math.log(float(alpha_seen_mrad) / float(alpha_ref_mrad)), math.log(float(feed_ratio))
+    ratio = float(feed_ratio)
+    return 1.0, math.log(float(alpha_mrad) / ratio / float(alpha_ref_mrad)), math.log(ratio)
 
 
 class DeepScoreNet(nn.Module):

@@ -41,6 +41,9 @@ from autofocus.train import train
 NEAR_FOCUS = ((0.2, 20.0, 5.0), (0.1, 20.0, 0.5), (0.45, 3.0, 0.75), (0.25, 1.5, 0.3))
 WIDE = ((0.15, 20.0, 5.0), (0.05, 20.0, 0.5), (0.25, 3.0, 0.75), (0.15, 1.5, 0.3), (0.4, 32.0, 6.5))
 AT_20NM = {"pixel_nm": 20.0, "acquire_pixel_nm": 10.0}
+# O onwards: columns fed as DeepFocusMethod feeds them, targets referenced to 8 mrad (see O)
+FED = {"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns", "alpha_ref_mrad": 8.0,
+       "target_clip": (160.0, 40.0), "column_feed": 0.7, **AT_20NM}
 STAGES = {
     "A": dict(steps=1206, seed=2, lr=1e-3, data={"easy_samples": 1600, "easy_tail": 0.2}, pool_refresh=3),
     "B": dict(steps=350, seed=5, lr=4e-4, data={"easy_tail": 0.1}, pool_refresh=4),
@@ -75,14 +78,10 @@ STAGES = {
     # like the 8 mrad reference, the statement up to 25 % off, 768- or 1536-px frames), so the
     # model learns the pixel sizes and apparent columns it is used at. (M, more pairs near focus,
     # and N, a box half as wide again, were tried from L and not kept: README)
-    "O": dict(steps=8000, seed=53, lr=2e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
-                                                  "alpha_ref_mrad": 8.0, "target_clip": (160.0, 40.0),
-                                                  "column_feed": 0.7, **AT_20NM}, pool_refresh=4, em_textures=True),
+    "O": dict(steps=8000, seed=53, lr=2e-4, data=FED, pool_refresh=4, em_textures=True),
     # P: O continued on the same data at a lower rate (its schedule had decayed the rate tenfold):
     # single-pair linearity 6/7/19/27 % at 3/8/15/22 mrad instead of 16/14/26/36 %
-    "P": dict(steps=8000, seed=59, lr=1.5e-4, data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns",
-                                                    "alpha_ref_mrad": 8.0, "target_clip": (160.0, 40.0),
-                                                    "column_feed": 0.7, **AT_20NM}, pool_refresh=4, em_textures=True),
+    "P": dict(steps=8000, seed=59, lr=1.5e-4, data=FED, pool_refresh=4, em_textures=True),
     # T: P as a column-conditioned network (autofocus.models.ColumnDeepFocusNet, its column maps
     # zero-initialised from P's weights), told the stated column (the statement that picked the
     # feed pixel, up to 25 % off) on 75 % of the pairs and nothing on the rest; P's convolutions
@@ -91,23 +90,17 @@ STAGES = {
     # Linearity 9/5/16/15 % at 3/8/15/22 mrad (P: 6/7/17/26), 12 of 12 benchmark cells (P: 11);
     # 9000 steps at lr 1e-4 read 7/4/16/18 % and met 11
     "T": dict(steps=12000, seed=61, lr=2e-4, variant="deepfocus-column-128", head_only=True,
-              data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns", "alpha_ref_mrad": 8.0,
-                    "target_clip": (160.0, 40.0), "column_feed": 0.7, "column_known": 0.75, **AT_20NM},
-              pool_refresh=4, em_textures=True),
+              data={**FED, "column_known": 0.75}, pool_refresh=4, em_textures=True),
     # U: T continued with its last two convolution blocks (the 1x1 mixes of the two frames' features)
     # learning beside the head, batch-norm statistics kept, on T's data at a quarter of its rate
     "U": dict(steps=7000, seed=67, lr=5e-5, variant="deepfocus-column-128", head_only=True, conv_layers=2,
-              data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns", "alpha_ref_mrad": 8.0,
-                    "target_clip": (160.0, 40.0), "column_feed": 0.7, "column_known": 0.75, **AT_20NM},
-              pool_refresh=4, em_textures=True),
+              data={**FED, "column_known": 0.75}, pool_refresh=4, em_textures=True),
     # V: U with a third column input, the feed pixel over the card's (autofocus.models.column_input; its
     # maps zero-initialised), trained as U at twice U's rate. (The loop now feeds no coarser than 1.5x
     # the card's pixel, autofocus.column_scale.MAX_FEED_COARSENING; V trained with that cap as well
     # read 15 and 22 mrad 19 and 18 % off, and is not the shipped V)
     "V": dict(steps=7000, seed=73, lr=1e-4, variant="deepfocus-column-128", head_only=True, conv_layers=2,
-              data={"easy_tail": 0.1, "mixture": WIDE, "microscopes": "columns", "alpha_ref_mrad": 8.0,
-                    "target_clip": (160.0, 40.0), "column_feed": 0.7, "column_known": 0.75, **AT_20NM},
-              pool_refresh=4, em_textures=True),
+              data={**FED, "column_known": 0.75}, pool_refresh=4, em_textures=True),
 }
 GAIN_SAMPLES = 800          # the wd gain of a referenced model is fitted on about a third of them
 EM_TEXTURE_COPIES = 4       # each package image listed 4x: ~40 % of texture draws against ISBI's 24 slices
