@@ -9,10 +9,9 @@ k = (α/α_ref)², and the correction is the reading over k.
 
 k comes from the setup (calibration.probe_half_angle_mrad, the column's
 nominal α; UNSTATED_ALPHA_MRAD where it says none) as a prior, and from the
-loop's own moves: at one location the
-readings r at pair centres c follow r = k·(focus − c), so their slope against
-c is −k whatever the location's focus. The slopes of all locations seen are
-pooled (one column per session) with a ridge towards the prior.
+loop's own moves (autofocus/move_slope.py): at one location the readings r
+at pair centres c follow r = k·(focus − c), so their slope against c is −k
+whatever the location's focus.
 
 Where the frames allow, the pair is fed to the model at the pixel size that
 makes the column look like the reference column at the card's pixel
@@ -26,6 +25,8 @@ from __future__ import annotations
 
 import math
 from typing import Optional
+
+from autofocus.move_slope import MoveSlope
 
 # the columns the model trained on (autofocus.data.COLUMN_RANGES: 2-25 mrad) at the 8 mrad reference
 BOUNDS = ((2.0 / 8.0) ** 2, (25.0 / 8.0) ** 2)
@@ -58,41 +59,38 @@ MAX_FEED_COARSENING = 1.5
 TARGET_CLIP = (160.0, 40.0)
 
 
-class ColumnScale:
-    """k = (α/α_ref)² of the column in use: prior, then the loop's own moves.
+class ColumnScale(MoveSlope):
+    """k = (α/α_ref)² of the column in use: prior, then the loop's own moves
+    (pair centres in µm against referenced readings in µm).
 
     prior_weight_um2: how much spread of pair centres (µm², summed squares
     about each location's mean) the prior is worth; by default
     KNOWN_PRIOR_WEIGHT_UM2 for a known α (alpha_spread given), else
     UNKNOWN_PRIOR_WEIGHT_UM2.
     saturation_um: readings this large (referenced µm) are the model's "far,
-    this way" and carry no slope."""
+    this way" and carry no slope. Only pairs within NEAR_UM of the location's
+    focus count: pairs far out read their defocus low (at 15 mrad a 30 µm
+    start with 6 units of astigmatism reads half of it)."""
 
     def __init__(self, prior: float = 1.0, *, prior_weight_um2: Optional[float] = None,
                  saturation_um: float = 120.0, alpha_spread: Optional[float] = None):
         if not (BOUNDS[0] <= prior <= BOUNDS[1]):
             raise ValueError(f"column scale prior {prior:.3g} is outside the trained columns "
                              f"({BOUNDS[0]:.3g}..{BOUNDS[1]:.3g}, 2-25 mrad at the 8 mrad reference)")
-        self.prior = float(prior)
         # a known α (stated, or the model's own column) is kept within this factor: pairs far from
         # focus read low, and a slope through them would make a wide column look narrow
-        self.bounds = BOUNDS if alpha_spread is None else (max(BOUNDS[0], prior / alpha_spread ** 2),
-                                                           min(BOUNDS[1], prior * alpha_spread ** 2))
+        bounds = BOUNDS if alpha_spread is None else (max(BOUNDS[0], prior / alpha_spread ** 2),
+                                                      min(BOUNDS[1], prior * alpha_spread ** 2))
         if prior_weight_um2 is None:
             prior_weight_um2 = UNKNOWN_PRIOR_WEIGHT_UM2 if alpha_spread is None else KNOWN_PRIOR_WEIGHT_UM2
-        self.prior_weight = float(prior_weight_um2)
+        super().__init__(prior, prior_weight=prior_weight_um2, bounds=bounds, near=NEAR_UM,
+                         saturation=saturation_um)
         self.known = alpha_spread is not None
         self.feed_gain = self.prior          # (feed pixel / card pixel)² of the pairs: see observe
-        self.saturation = float(saturation_um)
-        self.locations: list[list[tuple[float, float]]] = [[]]
 
     @property
     def _weight(self) -> float:
         return self.prior_weight * (self.feed_gain / self.prior) ** 2 if self.known else self.prior_weight
-
-    def begin_location(self) -> None:
-        if self.locations[-1]:
-            self.locations.append([])
 
     def observe(self, center_um: float, reading_um: float, feed_gain: Optional[float] = None) -> None:
         """A pair centred at ``center_um`` (the wd, µm) read ``reading_um`` (referenced µm),
@@ -113,50 +111,10 @@ class ColumnScale:
         if feed_gain is not None:
             self.feed_gain = float(feed_gain)
             raw = reading_um / self.feed_gain
-        if math.isfinite(center_um) and math.isfinite(reading_um) and abs(raw) < self.saturation:
-            self.locations[-1].append((float(center_um), float(reading_um)))
-
-    def moments(self) -> tuple[float, float]:
-        """(Σ(c − c̄)², Σ(c − c̄)(r − r̄)) pooled over locations, over the pairs
-        within NEAR_UM of the location's focus: pairs far out read their
-        defocus low (at 15 mrad a 30 µm start with 6 units of astigmatism
-        reads half of it), and by their leverage they would set the slope
-        alone."""
-        sxx = sxy = 0.0
-        for pts in self.locations:
-            if len(pts) < 2:
-                continue
-            # the location's focus from all its pairs (their own slope where it has the right sign)
-            cm, rm, lxx, lxy = _centred(pts)
-            k = min(max(-lxy / lxx, self.bounds[0]), self.bounds[1]) if lxx > 0 and lxy < 0 else self.prior
-            focus = cm + rm / k
-            near = [(c, r) for c, r in pts if abs(c - focus) <= NEAR_UM]
-            if len(near) >= 2:
-                _, _, nxx, nxy = _centred(near)
-                sxx, sxy = sxx + nxx, sxy + nxy
-        return sxx, sxy
-
-    @property
-    def has_slope(self) -> bool:
-        """Whether any location's moves have counted towards the scale yet."""
-        return self.moments()[0] > 0
-
-    @property
-    def value(self) -> float:
-        sxx, sxy = self.moments()
-        w = self._weight
-        k = (w * self.prior - sxy) / (w + sxx)
-        return min(max(k, self.bounds[0]), self.bounds[1])
+        super().observe(center_um, reading_um, raw)
 
     def alpha_mrad(self, alpha_ref_mrad: float) -> float:
         return alpha_ref_mrad * math.sqrt(self.value)
-
-
-def _centred(pts) -> tuple[float, float, float, float]:
-    """(c̄, r̄, Σ(c − c̄)², Σ(c − c̄)(r − r̄))."""
-    cm = sum(c for c, _ in pts) / len(pts)
-    rm = sum(r for _, r in pts) / len(pts)
-    return cm, rm, sum((c - cm) ** 2 for c, _ in pts), sum((c - cm) * (r - rm) for c, r in pts)
 
 
 def scale_of(alpha_mrad: Optional[float], alpha_ref_mrad: Optional[float]) -> float:

@@ -230,7 +230,7 @@ class AutofocusLoop:
                 # with every step away from focus; the mean does not (on a wide-aperture column a
                 # pair with one frame in focus is far sharper than the pair centred on focus)
                 rec.sharpness = min(tenengrad(img_p), tenengrad(img_m))
-                where = {"center_wd_m": center} if begin is not None else {}
+                where = {"center_wd_m": center, "center_stig": stig} if begin is not None else {}
                 est = self._estimate(lambda: self.method.estimate(img_p, img_m, sem.pixel_size(),
                                                                   self.perturbation_m, **where))
             else:

@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 
 from autofocus import stig_map
-from autofocus.column_scale import ALPHA_SPREAD, TARGET_CLIP, ColumnScale, model_pixel, scale_of
+from autofocus.column_scale import ALPHA_SPREAD, NEAR_UM, TARGET_CLIP, ColumnScale, model_pixel, scale_of
+from autofocus.move_slope import stig_gains
 from autofocus.mapfost_method import (MapfostCalibration, calibrate_mapfost, calibration_from_microscope,
                                       estimate_aberration)
 from common.paths import models_dir
@@ -239,10 +240,13 @@ class DeepFocusMethod:
         # readings near the trained clip mean "far, this way" and carry no slope
         self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]),
                                   alpha_spread=ALPHA_SPREAD if known else None)
+        # how strongly this specimen shows each stigmator axis, from the moves (autofocus/move_slope.py)
+        self.stig_gain = stig_gains(saturation=0.75 * float(clip[1]))
 
     def begin_location(self) -> None:
         """The loop starts at a new place: its readings get their own focus."""
-        self.column.begin_location()
+        for learner in (self.column, *self.stig_gain):
+            learner.begin_location()
 
     def _check_perturbation(self, perturbation_m: float) -> None:
         if self.trained_perturbation_m and abs(perturbation_m - self.trained_perturbation_m) > 1e-9:
@@ -256,9 +260,11 @@ class DeepFocusMethod:
         self.predictor.check_image((frame_size[1], frame_size[0]), pixel_size_m)
 
     def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m,
-                 center_wd_m: Optional[float] = None) -> Estimate:
+                 center_wd_m: Optional[float] = None, center_stig: Optional[Sequence[float]] = None) -> Estimate:
         """center_wd_m: the wd the pair was taken around; with it the readings
-        of one location teach the column scale (the loop passes it)."""
+        of one location teach the column scale. center_stig: the stigmator it
+        was taken at; with it the readings within NEAR_UM of focus teach each
+        axis's gain (the loop passes both)."""
         self._check_perturbation(perturbation_m)        # predict checks the image size itself
         t0 = time.perf_counter()
         px = self.model_pixel_m(np.shape(img_plus), pixel_size_m)
@@ -277,6 +283,13 @@ class DeepFocusMethod:
             d_stig = stig_map.apply(self.stig_map, d_wd * 1e6, d_stig)
             if sd is not None:      # the spread of the mapped stig, from the read stig's (wd row left out)
                 sd = (sd[0], *np.sqrt(np.square(self.stig_map[:2]).T @ np.square(sd[1:])).tolist())
+        if center_stig is not None and abs(d_wd) * 1e6 <= NEAR_UM:
+            for gain, c, r in zip(self.stig_gain, center_stig, d_stig):
+                gain.observe(float(c), r)
+        gains = [g.value for g in self.stig_gain]
+        d_stig = (d_stig[0] / gains[0], d_stig[1] / gains[1])
+        if sd is not None:
+            sd = (sd[0], sd[1] / gains[0], sd[2] / gains[1])
         return Estimate(d_wd, d_stig, sd, time.perf_counter() - t0, len(p.per_patch))
 
     def column_report(self, progress=None, name: str = "") -> dict:
@@ -285,12 +298,14 @@ class DeepFocusMethod:
         (passed to ``progress`` too, as the benches print it)."""
         ref = self.alpha_ref_mrad
         learned = self.column.alpha_mrad(ref) if ref else None
+        gains = [round(g.value, 3) for g in self.stig_gain]
         rep = {"stated_alpha_mrad": self.stated_alpha_mrad, "alpha_ref_mrad": ref, "scale": self.column.value,
-               "learned_alpha_mrad": learned}
+               "learned_alpha_mrad": learned, "stig_gain": gains}
         if learned:
             stated = f"{self.stated_alpha_mrad:.1f} mrad" if self.stated_alpha_mrad else "none"
             rep["line"] = (f"column probe half-angle {learned:.1f} mrad learned from its moves ({self.alpha_source}: "
-                           f"{stated}; calibration.probe_half_angle_mrad in the setup)")
+                           f"{stated}; calibration.probe_half_angle_mrad in the setup); stigmator read at "
+                           f"{gains[0]:.2f}/{gains[1]:.2f} of its moves (x/y)")
             if progress is not None:
                 progress(f"  {name}: {rep['line']}")
         return rep

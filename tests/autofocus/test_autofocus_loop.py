@@ -97,13 +97,14 @@ class Learning(Oracle):
 
     def __init__(self, raw, rng):
         super().__init__(raw, rng)
-        self.begun, self.centres = 0, []
+        self.begun, self.centres, self.stigs = 0, [], []
 
     def begin_location(self):
         self.begun += 1
 
-    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m, center_wd_m=None):
+    def estimate(self, img_plus, img_minus, pixel_size_m, perturbation_m, center_wd_m=None, center_stig=None):
         self.centres.append(center_wd_m)
+        self.stigs.append(center_stig)
         return super().estimate(img_plus, img_minus, pixel_size_m, perturbation_m)
 
 
@@ -173,13 +174,14 @@ def test_a_first_step_past_focus_on_a_wide_aperture_column_is_not_a_divergence()
     assert abs(sem.working_distance() - WD0) < 0.3e-6
 
 
-def test_a_learning_method_is_told_each_location_and_pair_centre(rig):
+def test_a_learning_method_is_told_each_location_and_where_each_pair_was_taken(rig):
     raw, guard, sem = rig
     m = Learning(raw, np.random.default_rng(1))
     for dz in (4.0, -3.0):
         start_at(sem, dz, 0.2, -0.1)
         tr = AutofocusLoop(sem, guard, m, max_iterations=3, threshold_wd_m=0.0, threshold_stig=0.0, **SCAN).run()
         assert m.centres[-3:] == [r.pair_center_wd_m for r in tr.iterations]
+        assert m.stigs[-3:] == [r.stig for r in tr.iterations]
     assert m.begun == 2 and m.centres[0] == pytest.approx(WD0 + 4e-6)
 
 
