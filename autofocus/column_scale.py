@@ -111,7 +111,7 @@ class ColumnScale(MoveSlope):
         if feed_gain is not None:
             self.feed_gain = float(feed_gain)
             raw = reading_um / self.feed_gain
-        super().observe(center_um, reading_um, raw)
+        super().observe(center_um, reading_um, raw=raw)
 
     def alpha_mrad(self, alpha_ref_mrad: float) -> float:
         return alpha_ref_mrad * math.sqrt(self.value)

@@ -241,11 +241,11 @@ class DeepFocusMethod:
         self.column = ColumnScale(scale_of(column_alpha_mrad, ref), saturation_um=0.75 * float(clip[0]),
                                   alpha_spread=ALPHA_SPREAD if known else None)
         # how strongly this specimen shows each stigmator axis, from the moves (autofocus/move_slope.py)
-        self.stig_gain = stig_gains(saturation=0.75 * float(clip[1]))
+        self.stig_gains = stig_gains()
 
     def begin_location(self) -> None:
         """The loop starts at a new place: its readings get their own focus."""
-        for learner in (self.column, *self.stig_gain):
+        for learner in (self.column, *self.stig_gains):
             learner.begin_location()
 
     def _check_perturbation(self, perturbation_m: float) -> None:
@@ -284,12 +284,12 @@ class DeepFocusMethod:
             if sd is not None:      # the spread of the mapped stig, from the read stig's (wd row left out)
                 sd = (sd[0], *np.sqrt(np.square(self.stig_map[:2]).T @ np.square(sd[1:])).tolist())
         if center_stig is not None and abs(d_wd) * 1e6 <= NEAR_UM:
-            for gain, c, r in zip(self.stig_gain, center_stig, d_stig):
-                gain.observe(float(c), r)
-        gains = [g.value for g in self.stig_gain]
-        d_stig = (d_stig[0] / gains[0], d_stig[1] / gains[1])
+            for learner, c, r in zip(self.stig_gains, center_stig, d_stig):
+                learner.observe(float(c), r)
+        kx, ky = (learner.value for learner in self.stig_gains)
+        d_stig = (d_stig[0] / kx, d_stig[1] / ky)
         if sd is not None:
-            sd = (sd[0], sd[1] / gains[0], sd[2] / gains[1])
+            sd = (sd[0], sd[1] / kx, sd[2] / ky)
         return Estimate(d_wd, d_stig, sd, time.perf_counter() - t0, len(p.per_patch))
 
     def column_report(self, progress=None, name: str = "") -> dict:
@@ -298,7 +298,7 @@ class DeepFocusMethod:
         (passed to ``progress`` too, as the benches print it)."""
         ref = self.alpha_ref_mrad
         learned = self.column.alpha_mrad(ref) if ref else None
-        gains = [round(g.value, 3) for g in self.stig_gain]
+        gains = [round(learner.value, 3) for learner in self.stig_gains]
         rep = {"stated_alpha_mrad": self.stated_alpha_mrad, "alpha_ref_mrad": ref, "scale": self.column.value,
                "learned_alpha_mrad": learned, "stig_gain": gains}
         if learned:

@@ -3,8 +3,9 @@
 At one location the loop sets states c (a wd, a stigmator value) and the
 method reads corrections r that follow r = k·(focus − c): the slope of r
 against c is −k whatever the location's focus. The slopes of all locations
-seen are pooled (one microscope and specimen per session) with a ridge
-towards a prior, and the correction is the reading over k.
+seen are pooled with a ridge towards a prior (all of them for the column,
+which does not change; the latest few for the specimen's stigmator gain),
+and the correction is the reading over k.
 
 Two users: the column's defocus scale (autofocus/column_scale.py, k =
 (α/α_ref)²) and the stigmator gain per axis (``stig_gains``). DeepFocus reads
@@ -27,6 +28,9 @@ STIG_GAIN_BOUNDS = (0.4, 2.5)
 # values at a location: the large start's moves (3 units) outweigh it, a near-focus touch-up's
 # (0.1 units) and the readings' scatter (~0.05 at 50 ns) do not
 STIG_PRIOR_WEIGHT = 1.0
+# the stig gain follows the specimen, which changes over a weeks-long run (section to section,
+# wafer to wafer), so it pools only the latest locations (one seed grid); the column does not change
+STIG_RECENT_LOCATIONS = 9
 
 
 class MoveSlope:
@@ -35,15 +39,17 @@ class MoveSlope:
     prior_weight: how much spread of set states (summed squares about each
     location's mean) the prior is worth. near: only states within this
     distance of the location's own zero count (its zero from all its pairs).
-    saturation: readings (``raw`` where given) this large carry no slope."""
+    saturation: readings (``raw`` where given) this large carry no slope.
+    recent: pool only this many latest locations (None: all)."""
 
     def __init__(self, prior: float, *, prior_weight: float, bounds: tuple[float, float],
-                 near: float = math.inf, saturation: float = math.inf):
+                 near: float = math.inf, saturation: float = math.inf, recent: Optional[int] = None):
         self.prior = float(prior)
         self.prior_weight = float(prior_weight)
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.near = float(near)
         self.saturation = float(saturation)
+        self.recent = recent
         self.locations: list[list[tuple[float, float]]] = [[]]
 
     @property
@@ -53,8 +59,10 @@ class MoveSlope:
     def begin_location(self) -> None:
         if self.locations[-1]:
             self.locations.append([])
+        if self.recent is not None:
+            del self.locations[:-self.recent]
 
-    def observe(self, state: float, reading: float, raw: Optional[float] = None) -> None:
+    def observe(self, state: float, reading: float, *, raw: Optional[float] = None) -> None:
         raw = reading if raw is None else raw
         if math.isfinite(state) and math.isfinite(reading) and abs(raw) < self.saturation:
             self.locations[-1].append((float(state), float(reading)))
@@ -97,7 +105,13 @@ def _centred(pts) -> tuple[float, float, float, float]:
     return cm, rm, sum((c - cm) ** 2 for c, _ in pts), sum((c - cm) * (r - rm) for c, r in pts)
 
 
-def stig_gains(saturation: float) -> tuple[MoveSlope, MoveSlope]:
-    """The stigmator gain of x and y, each learned from its own axis's moves."""
-    return tuple(MoveSlope(1.0, prior_weight=STIG_PRIOR_WEIGHT, bounds=STIG_GAIN_BOUNDS, saturation=saturation)
-                 for _ in range(2))
+def stig_gains() -> tuple[MoveSlope, MoveSlope]:
+    """The stigmator gain of x and y, each learned from its own axis's moves.
+    Which pairs count is the caller's choice (DeepFocusMethod.estimate: those
+    whose wd reading is within column_scale.NEAR_UM of focus); their readings
+    are in the units the corrections are applied in (after the column scale
+    and a recalibrated stigmator map), so a column scale still being learned
+    (no α stated) is partly taken up here."""
+    def axis() -> MoveSlope:
+        return MoveSlope(1.0, prior_weight=STIG_PRIOR_WEIGHT, bounds=STIG_GAIN_BOUNDS, recent=STIG_RECENT_LOCATIONS)
+    return axis(), axis()

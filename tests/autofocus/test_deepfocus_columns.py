@@ -10,6 +10,7 @@ from autofocus.inference import Prediction
 from autofocus.recalibrate import column_alpha_mrad
 from autofocus.bench import BenchSettings, SimBench, build_runner, run_method
 from autofocus.methods import MODELS_DIR, DeepFocusMethod
+from autofocus.move_slope import STIG_RECENT_LOCATIONS
 from devices.setup_config import MicroscopeParams, Simulation, load_setup
 from devices.sim.frames import render_frame, specimen_world
 from tests.support import ROOT
@@ -93,19 +94,33 @@ def test_the_method_learns_how_strongly_the_specimen_shows_each_stigmator_axis()
     fixed = (1 - 0.6) ** 3 * 3.0                  # what three steps leave of stig y at the model's own gain
     m = DeepFocusMethod(MODEL, column_alpha_mrad=8.0)
     m.predictor = spec
-    assert [g.value for g in m.stig_gain] == [1.0, 1.0]
+    assert [g.value for g in m.stig_gains] == [1.0, 1.0]
     # a near-focus touch-up (moves of 0.05) teaches next to nothing: the readings' scatter is that size
     _focus_stig(m, spec, (0.05, -0.05))
-    assert [g.value for g in m.stig_gain] == pytest.approx([1.0, 1.0], abs=0.01)
+    assert [g.value for g in m.stig_gains] == pytest.approx([1.0, 1.0], abs=0.01)
     # the seed's large start (after the clamped first step): the first location's moves teach both
     # axes, and the next location starts with them
     first = _focus_stig(m, spec, (-3.0, 3.0))
     assert first[1] < fixed / 2
     second = _focus_stig(m, spec, (-3.0, 3.0))
     assert np.all(second < 0.05) and second[1] < fixed / 10
-    assert [g.value for g in m.stig_gain] == pytest.approx(spec.show, rel=0.15)
+    assert [g.value for g in m.stig_gains] == pytest.approx(spec.show, rel=0.15)
     rep = m.column_report()
     assert rep["stig_gain"] == pytest.approx(spec.show, rel=0.15) and "stigmator read at" in rep["line"]
+
+
+def test_the_stigmator_gain_follows_a_new_specimen():
+    """A weeks-long run moves on to other sections and wafers: the gain pools the latest locations."""
+    spec = _Specimen()
+    m = DeepFocusMethod(MODEL, column_alpha_mrad=8.0)
+    m.predictor = spec
+    for _ in range(5):
+        _focus_stig(m, spec, (-3.0, 3.0))
+    spec.show = (0.7, 1.0)
+    for _ in range(STIG_RECENT_LOCATIONS):
+        _focus_stig(m, spec, (-3.0, 3.0))
+    assert [g.value for g in m.stig_gains] == pytest.approx(spec.show, rel=0.05)
+    assert len(m.stig_gains[0].locations) == STIG_RECENT_LOCATIONS
 
 
 def test_stigmator_readings_far_from_focus_teach_no_gain():
@@ -113,8 +128,8 @@ def test_stigmator_readings_far_from_focus_teach_no_gain():
     m = DeepFocusMethod(MODEL, column_alpha_mrad=8.0)
     m.predictor = spec
     _focus_stig(m, spec, (-3.0, 3.0), wd_error_m=30e-6)     # 30 µm out: astigmatism reads unlike near focus
-    assert [g.value for g in m.stig_gain] == [1.0, 1.0]
-    assert not any(g.has_slope for g in m.stig_gain)
+    assert [g.value for g in m.stig_gains] == [1.0, 1.0]
+    assert not any(g.has_slope for g in m.stig_gains)
 
 
 def test_recalibrate_reads_the_probe_half_angle_of_a_column_from_its_pairs():
