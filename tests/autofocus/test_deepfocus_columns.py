@@ -60,12 +60,9 @@ def test_the_method_divides_readings_by_the_column_scale_and_learns_from_pair_ce
     assert DeepFocusMethod(MODEL).column.bounds[0] < 2.25 / 2.25 ** 2          # unstated: the trained range
 
 
-class _Specimen:
+class _Specimen(_Reading):
     """Stands in for the network on a specimen that shows stig x at 1.3 and stig y
     at 0.6 of the error (astigmatism shows only along directions with edges)."""
-    alpha_ref_mrad = 8.0
-    pixel_size_m = 20e-9
-    patch = 128
     show = (1.3, 0.6)
 
     def __init__(self):
